@@ -1,0 +1,2 @@
+from .dida import DidaModule, kernel_basis
+from .dida_branch import DidaBranch, DidaStage

@@ -1,0 +1,100 @@
+"""The DIDA branch: a stack of DIDA units added in parallel to a static stage.
+
+Paper: `Dynamic Instance Domain Adaptation` - https://arxiv.org/abs/2203.05028
+
+DIDA-Net keeps the static network and adds a light dynamic branch beside one of its stages:
+Z = stage(X) + branch(X). In the authors' released code the branch has one unit per residual block of the
+stage it accompanies; a unit is DIDA module -> BN -> ReLU, followed by 1x1 conv -> BN -> ReLU when the stage
+widens its output (bottleneck ResNets). The branch has no shortcut. The paper's text describes a single
+unit (`depth=1`).
+
+Putting the static blocks and the branch inside one `DidaStage` module means every way timm has of reading a
+stage's output (forward hooks, the flattened feature list, FX node names, `forward_intermediates`) sees the
+sum, never the branch-less blocks.
+"""
+from collections import OrderedDict
+from typing import Sequence, Type, Union
+
+import torch
+import torch.nn as nn
+
+from .dida import DidaModule
+
+__all__ = ['DidaBranch', 'DidaStage']
+
+
+class DidaBranch(nn.Sequential):
+    """Units of DIDA module -> norm -> act (-> 1x1 conv -> norm -> act when `out_chs` != `hidden_chs`).
+
+    Args:
+        in_chs: Channels of the stage input.
+        hidden_chs: Output channels P of each DIDA module.
+        out_chs: Channels of the stage output the branch is added to.
+        depth: Number of units.
+        stride: Stride of the first unit (the stage's stride).
+        reduction: Channel reduction m of the DIDA modules.
+        dilations: Dilations of the DIDA modules.
+        kernel_size: Generated kernel size(s) of the DIDA modules.
+        shared_reduction: Share the reduction conv between features and kernel generators.
+        dynamic: Per-sample kernels (True) or the static-kernel ablation (False).
+        norm_layer: Normalization layer.
+        act_layer: Activation layer.
+    """
+
+    def __init__(
+            self,
+            in_chs: int,
+            hidden_chs: int,
+            out_chs: int,
+            depth: int = 1,
+            stride: int = 1,
+            reduction: int = 16,
+            dilations: Sequence[int] = (1, 2),
+            kernel_size: Union[int, Sequence[int]] = 3,
+            shared_reduction: bool = True,
+            dynamic: bool = True,
+            norm_layer: Type[nn.Module] = nn.BatchNorm2d,
+            act_layer: Type[nn.Module] = nn.ReLU,
+            device=None,
+            dtype=None,
+    ):
+        dd = {'device': device, 'dtype': dtype}
+        if depth < 1:
+            raise ValueError(f'DidaBranch depth must be >= 1, got {depth}')
+        units = []
+        for i in range(depth):
+            layers = OrderedDict(
+                dida=DidaModule(
+                    in_chs if i == 0 else out_chs,
+                    hidden_chs,
+                    stride=stride if i == 0 else 1,
+                    reduction=reduction,
+                    dilations=dilations,
+                    kernel_size=kernel_size,
+                    shared_reduction=shared_reduction,
+                    dynamic=dynamic,
+                    **dd,
+                ),
+                bn=norm_layer(hidden_chs, **dd),
+                act=act_layer(inplace=True),
+            )
+            if out_chs != hidden_chs:
+                layers.update(
+                    conv=nn.Conv2d(hidden_chs, out_chs, 1, bias=False, **dd),
+                    bn2=norm_layer(out_chs, **dd),
+                    act2=act_layer(inplace=True),
+                )
+            units.append(nn.Sequential(layers))
+        super().__init__(*units)
+
+
+class DidaStage(nn.Module):
+    """A static stage with a DIDA branch beside it: blocks(x) + branch(x)."""
+
+    def __init__(self, blocks: nn.Module, branch: nn.Module):
+        super().__init__()
+        self.blocks = blocks
+        self.branch = branch
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.blocks(x) + self.branch(x)

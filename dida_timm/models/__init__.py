@@ -1,0 +1,1 @@
+from .dida_resnet import DidaResNet
