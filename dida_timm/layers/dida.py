@@ -25,7 +25,7 @@ released code so that checkpoints stay convertible. Differences from that code: 
 detached (gradients reach `conv_kernel*`, `conv_k*` and `conv`), and the ablations of the paper (static
 kernels, unshared reduction convs, one dilation, a 1x1 kernel on the dilation-1 path) are options.
 """
-from typing import Final, List, Sequence, Tuple, Union
+from typing import Final, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
@@ -43,9 +43,9 @@ def _per_dilation(value: Union[int, Sequence[int]], num: int, name: str) -> Tupl
 
 def kernel_basis(
         kernel_weight: torch.Tensor,
-        kernel_bias: torch.Tensor,
+        kernel_bias: Optional[torch.Tensor],
         scale_weight: torch.Tensor,
-        scale_bias: torch.Tensor,
+        scale_bias: Optional[torch.Tensor],
         kernel_size: int,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """Fold a generator (1 -> k*k conv, then scalar affine) into (u, v), the kernel of code g being g * u + v.
@@ -60,6 +60,7 @@ def kernel_basis(
     Returns:
         u and v, each [k, k].
     """
+    assert kernel_bias is not None and scale_bias is not None  # the generator convs always have biases
     a = scale_weight.reshape(())
     u = a * kernel_weight.reshape(kernel_size, kernel_size)
     v = a * kernel_bias.reshape(kernel_size, kernel_size) + scale_bias.reshape(())

@@ -106,7 +106,8 @@ class DidaResNet(ResNet):
             blocks=[
                 (r'^layer(\d+)\.blocks\.(\d+)', None),
                 (r'^layer(\d+)\.(\d+)', None),
-                (r'^layer(\d+)\.branch', (99999,)),
+                # ordinal suffix sorts the branch after any block index of its stage (99999 would merge groups)
+                (r'^layer(\d+)\.branch', (1000,)),
             ],
         )
 

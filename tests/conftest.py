@@ -1,0 +1,27 @@
+import os
+
+import pytest
+
+import dida_timm  # noqa: F401  registers the models with timm
+import timm
+
+from hf_cache import build_backbone_cache
+
+
+@pytest.fixture(scope='session')
+def hf_cache(tmp_path_factory):
+    """A local Hugging Face cache holding the ImageNet checkpoints of every dida_resnet18 tag."""
+    cache = tmp_path_factory.mktemp('hf_cache')
+    build_backbone_cache(cache, timm.list_pretrained('dida_resnet18.*'))
+    return cache
+
+
+@pytest.fixture
+def offline_hub(hf_cache, monkeypatch):
+    """Route timm's hub downloads to the local cache, with the network forbidden."""
+    import huggingface_hub.constants as hf_constants
+    monkeypatch.setenv('HF_HUB_OFFLINE', '1')
+    monkeypatch.setenv('HF_HUB_CACHE', str(hf_cache))
+    monkeypatch.setattr(hf_constants, 'HF_HUB_OFFLINE', True)
+    monkeypatch.setattr(hf_constants, 'HF_HUB_CACHE', str(hf_cache))
+    return hf_cache

@@ -1,0 +1,114 @@
+"""The DIDA module (SPEC section 1): equations, parameter counts, gradients and per-sample kernels."""
+import pytest
+import torch
+
+from dida_timm.layers import DidaModule
+from dida_timm.layers.dida_reference import dida_forward_per_sample
+
+
+def _randomise(module: DidaModule, seed: int = 0) -> DidaModule:
+    """Random weights everywhere (biases included), at a scale where float32 keeps 1e-5 absolute precision."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.copy_(torch.rand(p.shape, generator=gen) * 0.6 - 0.3)
+    return module
+
+
+@pytest.mark.parametrize('stride', [1, 2])
+@pytest.mark.parametrize('dilations', [(1,), (2,), (1, 2)])
+@pytest.mark.parametrize('shared_reduction', [True, False])
+def test_factored_forward_equals_per_sample_loop(stride, dilations, shared_reduction):
+    module = _randomise(DidaModule(32, 16, stride=stride, reduction=4, dilations=dilations,
+                                   shared_reduction=shared_reduction))
+    x = torch.randn(6, 32, 11, 11)
+    factored, loop = module(x), dida_forward_per_sample(module, x)
+    assert factored.shape == loop.shape == (6, 16, (11 - 1) // stride + 1, (11 - 1) // stride + 1)
+    assert (factored - loop).abs().max().item() <= 1e-5
+
+
+def test_factored_forward_equals_loop_with_1x1_kernel_on_dilation_1_path():
+    module = _randomise(DidaModule(32, 16, reduction=4, kernel_size=(1, 3)))
+    x = torch.randn(3, 32, 8, 8)
+    assert (module(x) - dida_forward_per_sample(module, x)).abs().max().item() <= 1e-5
+
+
+@pytest.mark.parametrize('in_chs, out_chs, reduction, expected', [
+    (512, 512, 16, 24_904),  # SPEC: C = P = 512, with biases (paper footnote ~24.6K weights)
+    (256, 512, 16, 8_504),
+    (64, 128, 16, 620),  # Digit-Five CNN
+])
+def test_parameter_count_matches_spec(in_chs, out_chs, reduction, expected):
+    module = DidaModule(in_chs, out_chs, reduction=reduction)
+    assert sum(p.numel() for p in module.parameters()) == expected
+
+
+def test_weight_only_count_matches_paper_footnote():
+    module = DidaModule(512, 512)
+    assert sum(p.numel() for n, p in module.named_parameters() if n.endswith('weight')) == 24_596
+
+
+def test_released_code_parameter_names():
+    names = {n.split('.')[0] for n, _ in DidaModule(64, 64).named_parameters()}
+    assert names == {'conv', 'conv_kernel', 'conv_kernel2', 'conv_k', 'conv_k2', 'fuse'}
+
+
+@pytest.mark.parametrize('shared_reduction', [True, False])
+def test_gradients_reach_every_generator_parameter(shared_reduction):
+    module = _randomise(DidaModule(32, 32, reduction=4, shared_reduction=shared_reduction))
+    module(torch.randn(4, 32, 6, 6)).square().mean().backward()
+    for name, p in module.named_parameters():
+        assert p.grad is not None and p.grad.abs().sum() > 0, f'no gradient reaches {name}'
+
+
+def test_generated_kernels_depend_on_the_input():
+    module = _randomise(DidaModule(32, 32, reduction=4))
+    k1, = module.generate_kernels(torch.randn(1, 32, 6, 6))[:1]
+    k2, = module.generate_kernels(torch.randn(1, 32, 6, 6))[:1]
+    assert k1.shape == (1, 8, 3, 3)
+    assert not torch.allclose(k1, k2)
+
+
+def test_kernels_follow_their_sample_when_batch_is_permuted():
+    module = _randomise(DidaModule(32, 32, reduction=4))
+    x = torch.randn(5, 32, 6, 6)
+    swapped = x[[3, 1, 2, 0, 4]]
+    for kernels, kernels_swapped in zip(module.generate_kernels(x), module.generate_kernels(swapped)):
+        torch.testing.assert_close(kernels_swapped, kernels[[3, 1, 2, 0, 4]])
+    torch.testing.assert_close(module(swapped), module(x)[[3, 1, 2, 0, 4]])
+
+
+def test_single_sample_output_does_not_depend_on_the_rest_of_the_batch():
+    module = _randomise(DidaModule(32, 32, reduction=4))
+    x = torch.randn(4, 32, 6, 6)
+    torch.testing.assert_close(module(x[:1]), module(x)[:1], rtol=1e-5, atol=1e-6)
+
+
+def test_static_ablation_has_no_generator_and_learns_depthwise_kernels():
+    module = DidaModule(64, 64, reduction=8, dynamic=False)
+    names = {n.split('.')[0] for n, _ in module.named_parameters()}
+    assert names == {'conv', 'conv_kernel', 'conv_kernel2', 'fuse'}
+    assert module.conv_kernel.weight.shape == (8, 1, 3, 3) and module.conv_kernel.groups == 8
+    x = torch.randn(2, 64, 8, 8)
+    # a static branch gives every sample the same kernels: a sample's output ignores the other samples
+    torch.testing.assert_close(module(x)[1:], module(x[1:]))
+    with pytest.raises(RuntimeError, match='static'):
+        module.generate_kernels(x)
+
+
+@pytest.mark.parametrize('kwargs, message', [
+    (dict(dilations=(1, 2, 3)), 'one or two dilations'),
+    (dict(kernel_size=2), 'odd'),
+    (dict(kernel_size=(3, 3, 3)), 'one entry per dilation'),
+    (dict(reduction=128), 'leaves no channels'),
+])
+def test_bad_options_are_refused_with_a_clear_message(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        DidaModule(64, 64, **kwargs)
+
+
+def test_module_scripts_and_traces():
+    module = _randomise(DidaModule(32, 32, reduction=4)).eval()
+    x = torch.randn(2, 32, 7, 7)
+    torch.testing.assert_close(torch.jit.script(module)(x), module(x))
+    torch.testing.assert_close(torch.fx.symbolic_trace(module)(x), module(x))

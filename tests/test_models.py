@@ -1,0 +1,220 @@
+"""DIDA-ResNets as timm models (SPEC section 2): registration, weights, the timm API and export paths."""
+import pytest
+import safetensors.torch
+import timm
+import torch
+import torch.nn.functional as F
+
+from dida_timm.layers import DidaStage
+from dida_timm.models import DidaResNet
+
+DEPTHS = (18, 34, 50, 101, 152)
+SMALL_INPUT = (2, 3, 64, 64)
+
+
+def _silence_branch(model: DidaResNet) -> None:
+    """Zero the last norm of every branch unit, so the branch adds exactly zero."""
+    for stage in model.modules():
+        if isinstance(stage, DidaStage):
+            for unit in stage.branch:
+                last_norm = unit.bn2 if hasattr(unit, 'bn2') else unit.bn
+                torch.nn.init.zeros_(last_norm.weight)
+                torch.nn.init.zeros_(last_norm.bias)
+
+
+def test_every_depth_is_registered_with_its_pretrained_tags():
+    assert timm.list_models('dida_resnet*') == [f'dida_resnet{d}' for d in DEPTHS]
+    for depth in DEPTHS:
+        tags = timm.list_models(f'dida_resnet{depth}', include_tags=True)
+        assert set(tags) == {f'dida_resnet{depth}.{t}' for t in ('tv_in1k', 'a1_in1k', 'untrained')}
+        assert timm.list_pretrained(f'dida_resnet{depth}.*') == [
+            f'dida_resnet{depth}.a1_in1k', f'dida_resnet{depth}.tv_in1k']
+
+
+def test_pretrained_tags_name_existing_timm_checkpoints():
+    for name in timm.list_pretrained('dida_resnet*'):
+        hub_id = timm.models.get_pretrained_cfg(name).hf_hub_id
+        assert hub_id.startswith('timm/') and hub_id[len('timm/'):] in timm.list_pretrained('resnet*')
+
+
+def test_untrained_tag_refuses_pretrained_loading():
+    with pytest.raises(RuntimeError, match='No pretrained weights'):
+        timm.create_model('dida_resnet18.untrained', pretrained=True)
+
+
+def test_released_layout_has_one_unit_per_layer4_block():
+    for depth, units in zip(DEPTHS, (2, 3, 3, 3, 3)):
+        model = timm.create_model(f'dida_resnet{depth}', device='meta')
+        assert isinstance(model.layer4, DidaStage) and len(model.layer4.branch) == units
+        assert not any(isinstance(getattr(model, f'layer{s}'), DidaStage) for s in (1, 2, 3))
+
+
+def test_resnet18_with_seven_classes_matches_paper_parameter_count():
+    # paper: 11.22M parameters with the 7-class PACS head
+    model = timm.create_model('dida_resnet18', num_classes=7)
+    assert round(sum(p.numel() for p in model.parameters()) / 1e6, 2) == 11.22
+
+
+def test_pretrained_tag_loads_imagenet_weights_into_static_network(offline_hub):
+    torch.manual_seed(0)
+    fresh = timm.create_model('dida_resnet18')
+    torch.manual_seed(0)
+    model = timm.create_model('dida_resnet18.tv_in1k', pretrained=True)
+    plain = timm.create_model('resnet18.tv_in1k', pretrained=True)
+    for name, value in plain.state_dict().items():
+        key = name.replace('layer4.', 'layer4.blocks.', 1)
+        torch.testing.assert_close(model.state_dict()[key], value, msg=f'{key} not loaded')
+    for name, value in model.layer4.branch.state_dict().items():
+        torch.testing.assert_close(value, fresh.layer4.branch.state_dict()[name])
+
+
+def test_pretrained_adapts_head_and_input_channels(offline_hub):
+    model = timm.create_model('dida_resnet18.tv_in1k', pretrained=True, in_chans=1, num_classes=5)
+    assert model(torch.randn(1, 1, 64, 64)).shape == (1, 5)
+
+
+def test_checkpoint_of_another_architecture_is_refused(tmp_path):
+    path = tmp_path / 'resnet34.safetensors'
+    safetensors.torch.save_file(timm.create_model('resnet34').state_dict(), str(path))
+    with pytest.raises(RuntimeError, match='do not match the static ResNet'):
+        timm.create_model('dida_resnet18', pretrained=True, pretrained_cfg_overlay=dict(file=str(path)))
+
+
+def test_dida_checkpoint_round_trips_through_a_file(tmp_path):
+    model = timm.create_model('dida_resnet18', num_classes=7).eval()
+    path = tmp_path / 'dida.safetensors'
+    safetensors.torch.save_file(model.state_dict(), str(path))
+    loaded = timm.create_model(
+        'dida_resnet18', num_classes=7, pretrained=True,
+        pretrained_cfg_overlay=dict(file=str(path), num_classes=7)).eval()
+    x = torch.randn(SMALL_INPUT)
+    torch.testing.assert_close(loaded(x), model(x))
+
+
+def test_branch_gets_nonzero_gradients_after_loading_imagenet_weights(offline_hub):
+    model = timm.create_model('dida_resnet18.tv_in1k', pretrained=True, num_classes=7).train()
+    logits = model(torch.randn(4, 3, 96, 96))
+    F.cross_entropy(logits, torch.tensor([0, 1, 2, 3])).backward()
+    for name, p in model.named_parameters():
+        if '.branch.' in name:
+            assert p.grad is not None and p.grad.abs().sum() > 0, f'branch parameter {name} gets no gradient'
+
+
+@pytest.mark.parametrize('feature_cls', ['list', 'dict', 'hook', 'fx', 'getter'])
+def test_every_feature_extractor_includes_the_branch(feature_cls):
+    x = torch.randn(SMALL_INPUT)
+    torch.manual_seed(0)
+    model = timm.create_model('dida_resnet18').eval()
+    torch.manual_seed(0)
+    features = timm.create_model('dida_resnet18', features_only=True, feature_cls=feature_cls).eval()
+    out = features(x)
+    out = list(out.values()) if isinstance(out, dict) else out
+    assert [o.shape[1] for o in out] == [64, 64, 128, 256, 512]
+    torch.testing.assert_close(out[-1], model.forward_features(x))
+    _silence_branch(model)
+    assert not torch.allclose(out[-1], model.forward_features(x)), 'last feature map misses the DIDA branch'
+
+
+def test_forward_intermediates_include_the_branch_and_match_forward_features():
+    model = timm.create_model('dida_resnet18').eval()
+    x = torch.randn(SMALL_INPUT)
+    final, intermediates = model.forward_intermediates(x)
+    torch.testing.assert_close(final, model.forward_features(x))
+    torch.testing.assert_close(intermediates[-1], final)
+    assert model.forward_intermediates(x, indices=[1], stop_early=True, intermediates_only=True)[0].shape[1] == 64
+
+
+def test_prune_intermediate_layers_keeps_requested_features():
+    model = timm.create_model('dida_resnet18').eval()
+    x = torch.randn(SMALL_INPUT)
+    expected = model.forward_intermediates(x, indices=[3], intermediates_only=True)[0]
+    model.prune_intermediate_layers(indices=[3])
+    torch.testing.assert_close(model.forward_intermediates(x, indices=[3], intermediates_only=True)[0], expected)
+
+
+@pytest.mark.parametrize('output_stride', [8, 16])
+def test_output_stride_dilates_layer4_and_keeps_branch_aligned(output_stride):
+    model = timm.create_model('dida_resnet18', output_stride=output_stride).eval()
+    assert model.forward_features(torch.randn(1, 3, 64, 64)).shape == (1, 512, 64 // output_stride, 64 // output_stride)
+    assert model.layer4.branch[0].dida.stride == 1
+
+
+def test_branch_placement_and_depth_options():
+    model = timm.create_model('dida_resnet50', dida_stages=(1, 3), branch_depth=1)
+    assert [isinstance(getattr(model, f'layer{s}'), DidaStage) for s in (1, 2, 3, 4)] == [True, False, True, False]
+    assert len(model.layer1.branch) == 1 and model.layer1.branch[0].dida.stride == 1
+    assert model.layer3.branch[0].dida.stride == 2
+    assert model(torch.randn(SMALL_INPUT)).shape == (2, 1000)
+    with pytest.raises(ValueError, match='dida_stages'):
+        timm.create_model('dida_resnet18', dida_stages=(5,))
+
+
+def test_dida_module_options_reach_the_branch():
+    model = timm.create_model('dida_resnet18', dida_reduction=8, dida_dilations=(1,), dida_dynamic=False)
+    dida = model.layer4.branch[0].dida
+    assert dida.reduced_chs == 256 // 8 and dida.dilations == (1,) and not dida.dynamic
+    assert model(torch.randn(SMALL_INPUT)).shape == (2, 1000)
+
+
+def test_group_matcher_puts_each_branch_after_its_stage_blocks():
+    from timm.models._manipulate import group_parameters
+    model = timm.create_model('dida_resnet18')
+    groups = group_parameters(model, model.group_matcher(coarse=False))
+    group_of = {name: gid for gid, names in groups.items() for name in names}
+    assert group_of['layer4.branch.0.dida.conv.weight'] > group_of['layer4.blocks.1.conv1.weight']
+    assert group_of['layer4.blocks.1.conv1.weight'] > group_of['layer4.blocks.0.conv1.weight']
+    assert group_of['fc.weight'] > group_of['layer4.branch.1.dida.fuse.weight']
+    assert len(model.branch_parameters()) == sum(1 for n, _ in model.named_parameters() if '.branch.' in n)
+
+
+def test_grad_checkpointing_keeps_outputs_and_gradients():
+    model = timm.create_model('dida_resnet18').train()
+    x = torch.randn(SMALL_INPUT)
+    torch.manual_seed(0)
+    expected = model(x)
+    model.set_grad_checkpointing(True)
+    torch.manual_seed(0)
+    out = model(x)
+    torch.testing.assert_close(out, expected)
+    out.sum().backward()
+    assert model.layer4.branch[0].dida.conv_kernel.weight.grad is not None
+
+
+def test_factory_kwargs_place_every_tensor():
+    model = timm.create_model('dida_resnet18', device='meta', dtype=torch.float16)
+    assert all(t.device.type == 'meta' and t.dtype == torch.float16 for t in model.parameters())
+
+
+def test_torchscript_and_fx_match_eager():
+    model = timm.create_model('dida_resnet18').eval()
+    x = torch.randn(SMALL_INPUT)
+    with timm.layers.set_layer_config(scriptable=True):
+        scripted = torch.jit.script(model)
+    torch.testing.assert_close(scripted(x), model(x))
+    torch.testing.assert_close(torch.fx.symbolic_trace(model)(x), model(x))
+
+
+@pytest.mark.slow
+def test_torch_compile_fullgraph_matches_eager_for_several_batch_sizes():
+    model = timm.create_model('dida_resnet18', num_classes=7).eval()
+    compiled = torch.compile(model, fullgraph=True, dynamic=True)
+    with torch.no_grad():
+        for batch_size in (1, 7, 32):
+            x = torch.randn(batch_size, 3, 64, 64)
+            torch.testing.assert_close(compiled(x), model(x), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.slow
+def test_onnx_export_with_dynamic_batch_matches_eager(tmp_path):
+    ort = pytest.importorskip('onnxruntime')
+    pytest.importorskip('onnx')
+    model = timm.create_model('dida_resnet18', num_classes=7).eval()
+    path = tmp_path / 'dida_resnet18.onnx'
+    batch = torch.export.Dim('batch', min=1, max=64)
+    torch.onnx.export(model, (torch.randn(2, 3, 64, 64),), str(path), input_names=['input'],
+                      dynamic_shapes={'x': {0: batch}}, dynamo=True)
+    session = ort.InferenceSession(str(path), providers=['CPUExecutionProvider'])
+    for batch_size in (1, 5):
+        x = torch.randn(batch_size, 3, 64, 64)
+        (out,) = session.run(None, {'input': x.numpy()})
+        torch.testing.assert_close(torch.from_numpy(out), model(x).detach(), rtol=1e-4, atol=1e-4)
