@@ -1,1 +1,2 @@
+from .dida_digitnet import DigitNet
 from .dida_resnet import DidaResNet
