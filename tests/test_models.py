@@ -218,3 +218,32 @@ def test_onnx_export_with_dynamic_batch_matches_eager(tmp_path):
         x = torch.randn(batch_size, 3, 64, 64)
         (out,) = session.run(None, {'input': x.numpy()})
         torch.testing.assert_close(torch.from_numpy(out), model(x).detach(), rtol=1e-4, atol=1e-4)
+
+
+def test_digitnet_follows_the_m3sda_layout_with_a_620_parameter_dida_module():
+    model = timm.create_model('dida_digitnet')
+    static = timm.create_model('digitnet')
+    assert sum(p.numel() for p in model.block3.branch[0].dida.parameters()) == 620
+    assert not any('branch' in n for n, _ in static.named_parameters())
+    assert [m.out_features for m in model.head.pre_logits if isinstance(m, torch.nn.Linear)] == [3072, 2048]
+    x = torch.randn(3, 3, 32, 32)
+    assert model.forward_features(x).shape == (3, 128, 8, 8) and model(x).shape == (3, 10)
+
+
+def test_compact_digitnet_checkpoint_is_a_few_megabytes():
+    for name in ('dida_digitnet_compact', 'digitnet_compact'):
+        model = timm.create_model(name)
+        size = len(safetensors.torch.save(model.state_dict()))
+        assert size < 4 * 2 ** 20, f'{name}: {size / 2 ** 20:.1f} MiB'
+
+
+def test_digitnet_features_include_the_branch():
+    torch.manual_seed(0)
+    model = timm.create_model('dida_digitnet_compact').eval()
+    torch.manual_seed(0)
+    features = timm.create_model('dida_digitnet_compact', features_only=True).eval()
+    x = torch.randn(2, 3, 32, 32)
+    torch.testing.assert_close(features(x)[-1], model.forward_features(x))
+    torch.nn.init.zeros_(model.block3.branch[0].bn.weight)
+    torch.nn.init.zeros_(model.block3.branch[0].bn.bias)
+    assert not torch.allclose(features(x)[-1], model.forward_features(x))

@@ -40,7 +40,7 @@ __all__ = ['DOMAINS', 'build_offline_digits', 'load_offline_digits', 'default_ca
 DOMAINS = ('mnist', 'mnistm_style', 'syn_style', 'svhn_style', 'uci_digits')
 CLASSES = tuple(str(i) for i in range(10))
 IMG_SIZE = 32
-_VERSION = 1  # bump when the recipes change, so stale caches are never reused
+_VERSION = 2  # bump when the recipes change, so stale caches are never reused
 
 # fonts inside matplotlib's wheel, split into disjoint pools for the two printed-digit domains
 _SYN_FONTS = (
@@ -124,10 +124,12 @@ def _balanced_labels(rng: np.random.Generator, n: int) -> np.ndarray:
 
 
 def _pick_per_class(rng: np.random.Generator, labels: np.ndarray, pool: np.ndarray, n: int) -> np.ndarray:
-    """Indices from `pool`, as class-balanced as the pool allows, n in total."""
+    """Indices from `pool`, as class-balanced as the pool allows, min(n, len(pool)) in total."""
     per_class = [rng.permutation(pool[labels[pool] == c]) for c in range(10)]
-    take = [c_idx[:n // 10 + (c < n % 10)] for c, c_idx in enumerate(per_class)]
-    return rng.permutation(np.concatenate(take))
+    take = np.concatenate([c_idx[:n // 10 + (c < n % 10)] for c, c_idx in enumerate(per_class)])
+    # classes with too few images leave a shortfall, filled from what is left
+    rest = rng.permutation(np.setdiff1d(pool, take))[:max(0, n - len(take))]
+    return rng.permutation(np.concatenate([take, rest]))
 
 
 def _gray_to_rgb32(digits: np.ndarray, inner: int) -> np.ndarray:
@@ -268,7 +270,7 @@ def build_offline_digits(seed: int = 0, train_size: int = 2000, test_size: int =
 
     uci_x, uci_y = _real_uci_digits()
     uci_test = _pick_per_class(rng, uci_y, np.arange(len(uci_y)), min(test_size, 500))
-    uci_train = rng.permutation(np.setdiff1d(np.arange(len(uci_y)), uci_test))[:train_size]
+    uci_train = _pick_per_class(rng, uci_y, np.setdiff1d(np.arange(len(uci_y)), uci_test), train_size)
     uci_rgb = _gray_to_rgb32(uci_x, 28)
     put('uci_digits', 'train', uci_rgb[uci_train], uci_y[uci_train])
     put('uci_digits', 'test', uci_rgb[uci_test], uci_y[uci_test])
@@ -309,3 +311,48 @@ def arrays_digest(arrays: Dict[str, np.ndarray]) -> str:
         h.update(key.encode())
         h.update(np.ascontiguousarray(arrays[key]).tobytes())
     return h.hexdigest()
+
+
+def save_montage(arrays: Dict[str, np.ndarray], path: Path, per_domain: int = 16, scale: int = 3) -> None:
+    """A PNG with one row of `per_domain` train images per domain, the domain's name on the left."""
+    label_width = 130
+    tile = IMG_SIZE * scale
+    sheet = Image.new('RGB', (label_width + per_domain * tile, len(DOMAINS) * tile), (255, 255, 255))
+    draw = ImageDraw.Draw(sheet)
+    font = ImageFont.truetype(str(_package_file('matplotlib', 'mpl-data', 'fonts', 'ttf', 'DejaVuSans.ttf')), 15)
+    for row, domain in enumerate(DOMAINS):
+        images, labels = arrays[f'{domain}_train_images'], arrays[f'{domain}_train_labels']
+        # one image of each class first, so every row shows the ten digits
+        order = [int(np.flatnonzero(labels == c)[0]) for c in range(10)]
+        order += [i for i in range(len(labels)) if i not in order][:per_domain - len(order)]
+        draw.text((6, row * tile + tile // 2), domain, fill=(0, 0, 0), font=font, anchor='lm')
+        for col, idx in enumerate(order[:per_domain]):
+            img = Image.fromarray(images[idx]).resize((tile, tile), Image.NEAREST)
+            sheet.paste(img, (label_width + col * tile, row * tile))
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    sheet.save(path)
+
+
+def main() -> None:
+    import argparse
+    import time
+    parser = argparse.ArgumentParser(description='Build (and cache) the offline digits benchmark.')
+    parser.add_argument('--seed', type=int, default=0)
+    parser.add_argument('--train-size', type=int, default=2000)
+    parser.add_argument('--test-size', type=int, default=500)
+    parser.add_argument('--cache-dir', type=Path, default=None)
+    parser.add_argument('--montage', type=Path, default=None, help='write a PNG montage of every domain here')
+    args = parser.parse_args()
+    start = time.perf_counter()
+    arrays = load_offline_digits(args.seed, args.train_size, args.test_size, args.cache_dir)
+    print(f'ready in {time.perf_counter() - start:.1f} s, digest {arrays_digest(arrays)[:16]}')
+    for domain in DOMAINS:
+        print(f'  {domain:13s} train {len(arrays[f"{domain}_train_labels"]):5d}  '
+              f'test {len(arrays[f"{domain}_test_labels"]):4d}')
+    if args.montage:
+        save_montage(arrays, args.montage)
+        print(f'montage: {args.montage}')
+
+
+if __name__ == '__main__':
+    main()

@@ -1,0 +1,102 @@
+"""Datasets of one domain whose labels index a class map shared by every domain of a run.
+
+Domain adaptation mixes several domains in one run, so a label must mean the same class in each of them:
+labels are always looked up by class NAME in the run's class map, never taken from folder order.
+"""
+from pathlib import Path
+from typing import Callable, List, Optional, Sequence, Tuple
+
+import numpy as np
+from PIL import Image
+from torch.utils.data import Dataset
+
+__all__ = ['DomainDataset', 'ArrayDomainDataset', 'FileDomainDataset', 'UNLABELLED']
+
+UNLABELLED = -1
+
+
+class DomainDataset(Dataset):
+    """Images of one domain with labels into `classes` (UNLABELLED where unknown).
+
+    Args:
+        domain: Domain name.
+        classes: The run's class map (index = label).
+        labels: Label of every image.
+        transform: Applied to each PIL image.
+    """
+
+    def __init__(self, domain: str, classes: Sequence[str], labels: Sequence[int], transform: Optional[Callable]):
+        self.domain = domain
+        self.classes = list(classes)
+        self.targets = np.asarray(labels, dtype=np.int64)
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.targets)
+
+    def load(self, index: int) -> Image.Image:
+        raise NotImplementedError
+
+    def __getitem__(self, index: int):
+        img = self.load(index)
+        if self.transform is not None:
+            img = self.transform(img)
+        return img, int(self.targets[index])
+
+    def __repr__(self) -> str:
+        return f'{type(self).__name__}(domain={self.domain!r}, images={len(self)}, classes={len(self.classes)})'
+
+
+class ArrayDomainDataset(DomainDataset):
+    """A domain held in memory as a uint8 array [N, H, W, 3]."""
+
+    def __init__(
+            self,
+            domain: str,
+            classes: Sequence[str],
+            images: np.ndarray,
+            labels: Sequence[int],
+            transform: Optional[Callable] = None,
+    ):
+        if len(images) != len(labels):
+            raise ValueError(f'domain {domain!r}: {len(images)} images but {len(labels)} labels')
+        super().__init__(domain, classes, labels, transform)
+        self.images = images
+
+    def load(self, index: int) -> Image.Image:
+        return Image.fromarray(self.images[index])
+
+
+class FileDomainDataset(DomainDataset):
+    """A domain of image files; a file that cannot be decoded raises an error naming it."""
+
+    def __init__(
+            self,
+            domain: str,
+            classes: Sequence[str],
+            samples: List[Tuple[Path, int]],
+            transform: Optional[Callable] = None,
+    ):
+        super().__init__(domain, classes, [label for _, label in samples], transform)
+        self.paths = [Path(path) for path, _ in samples]
+
+    def load(self, index: int) -> Image.Image:
+        path = self.paths[index]
+        try:
+            with Image.open(path) as img:
+                return to_rgb(img)
+        except (OSError, ValueError) as e:
+            raise OSError(f'cannot read image {path} (domain {self.domain!r}): {e}') from e
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """Any PIL mode as 8-bit RGB: 16-bit gray is rescaled (not clipped), alpha is composited on black."""
+    if img.mode in ('I;16', 'I;16B', 'I;16L', 'I'):
+        arr = np.asarray(img, dtype=np.float64)
+        peak = 65535.0 if img.mode.startswith('I;16') else max(float(arr.max()), 1.0)
+        img = Image.fromarray((arr * (255.0 / peak)).clip(0, 255).astype(np.uint8))
+    if img.mode in ('RGBA', 'LA') or (img.mode == 'P' and 'transparency' in img.info):
+        img = img.convert('RGBA')
+        background = Image.new('RGBA', img.size, (0, 0, 0, 255))
+        img = Image.alpha_composite(background, img)
+    return img.convert('RGB')

@@ -1,0 +1,271 @@
+"""Readers for domain-adaptation datasets in their standard local layouts, and for a user's own folders.
+
+Every reader returns `DomainDataset`s whose labels index ONE class map shared by all domains of a run.
+Mismatched data is refused with an error naming the path, never "fixed" by re-numbering classes:
+a domain missing a class, a class folder unknown to the class map, an empty domain, a split file naming a
+missing image or disagreeing with its own labels. Files without an image extension in class folders are
+skipped and counted (`FileDomainDataset.skipped`); a file with an image extension that cannot be decoded
+raises an error naming it when it is loaded.
+
+Layouts (`root` is the dataset folder):
+- `folder`: root/<domain>/<class>/<image>, one ImageFolder per domain (a user's own data). A domain given as
+  `unlabelled_domains` may be a flat folder of images (labels unknown).
+- `pacs`: root/images/<domain>/<class>/..., root/splits/<domain>_{train,crossval,test}_kfold.txt
+  (official split files; split 'all' = train + crossval, Dassl's target split).
+- `office_home`: root/<Domain>/<Class>/... (original release; every split is the whole domain) or Dassl's
+  root/<domain>/{train,val}/<class>/....
+- `domainnet`: root/<domain>/<class>/... with the official lists root/[splits/]<domain>_{train,test}.txt.
+- `digit_five`: Dassl's root/<domain>/{train_images,test_images}/<index>_<label>.<ext>.
+- `offline_digits`: the built-in offline benchmark (`dida_timm.data.offline_digits`), built on first use.
+"""
+import re
+from pathlib import Path
+from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
+
+from timm.data.readers.img_extensions import get_img_extensions
+
+from .domain_dataset import UNLABELLED, ArrayDomainDataset, DomainDataset, FileDomainDataset
+
+__all__ = ['DATASETS', 'create_domain_datasets', 'read_class_folders', 'read_unlabelled_folder']
+
+PathLike = Union[str, Path]
+
+
+def _is_image(path: Path) -> bool:
+    return path.suffix.lower() in get_img_extensions(as_set=True)
+
+
+def _require_dir(path: Path, what: str) -> Path:
+    if not path.is_dir():
+        raise FileNotFoundError(f'{what} not found: {path}')
+    return path
+
+
+def _class_dirs(root: Path) -> Dict[str, Path]:
+    return {d.name: d for d in sorted(root.iterdir()) if d.is_dir() and not d.name.startswith('.')}
+
+
+def read_class_folders(
+        root: PathLike,
+        domain: str,
+        classes: Optional[Sequence[str]] = None,
+        allow_missing_classes: bool = False,
+        transform: Optional[Callable] = None,
+) -> FileDomainDataset:
+    """One domain in ImageFolder layout: root/<class>/<image> (images may sit in sub-folders of a class).
+
+    Args:
+        root: The domain's folder.
+        domain: Domain name.
+        classes: The run's class map; None takes this folder's sorted class folders.
+        allow_missing_classes: Accept a domain lacking some classes (e.g. a small target test set); labels
+            still follow the class map by name.
+        transform: Image transform.
+    """
+    root = _require_dir(Path(root), f'domain {domain!r} folder')
+    found = _class_dirs(root)
+    classes = list(classes) if classes is not None else sorted(found)
+    unknown = sorted(set(found) - set(classes))
+    if unknown:
+        raise ValueError(f'{root} has class folders not in the class map {classes}: {unknown}')
+    samples, skipped, empty = [], 0, []
+    for label, name in enumerate(classes):
+        if name not in found:
+            continue
+        files = [p for p in sorted(found[name].rglob('*')) if p.is_file() and not p.name.startswith('.')]
+        images = [p for p in files if _is_image(p)]
+        skipped += len(files) - len(images)
+        if not images:
+            empty.append(name)
+        samples += [(p, label) for p in images]
+    missing = sorted((set(classes) - set(found)) | set(empty))
+    if missing and not allow_missing_classes:
+        raise ValueError(
+            f'{root} lacks images of classes {missing} that other domains have; pass '
+            f'allow_missing_classes=True if that is expected (labels stay tied to class names)')
+    if not samples:
+        raise ValueError(f'domain {domain!r} at {root} has no images')
+    dataset = FileDomainDataset(domain, classes, samples, transform)
+    dataset.skipped = skipped
+    return dataset
+
+
+def read_unlabelled_folder(
+        root: PathLike,
+        domain: str,
+        classes: Sequence[str],
+        transform: Optional[Callable] = None,
+) -> FileDomainDataset:
+    """Every image under `root` (any depth), with unknown labels: a new domain to adapt to."""
+    root = _require_dir(Path(root), f'domain {domain!r} folder')
+    files = [p for p in sorted(root.rglob('*')) if p.is_file() and not p.name.startswith('.')]
+    images = [p for p in files if _is_image(p)]
+    if not images:
+        raise ValueError(f'domain {domain!r} at {root} has no images')
+    dataset = FileDomainDataset(domain, classes, [(p, UNLABELLED) for p in images], transform)
+    dataset.skipped = len(files) - len(images)
+    return dataset
+
+
+def _read_list(
+        list_file: Path,
+        image_root: Path,
+        domain: str,
+        classes: Optional[Sequence[str]],
+        class_of: Callable[[str], str],
+        transform: Optional[Callable],
+) -> FileDomainDataset:
+    """A split file of `relative/path label` lines; the class comes from the path, the label must agree."""
+    if not list_file.is_file():
+        raise FileNotFoundError(f'split file not found: {list_file}')
+    entries = []
+    for line_no, line in enumerate(list_file.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        parts = line.split()
+        if len(parts) != 2 or not re.fullmatch(r'-?\d+', parts[1]):
+            raise ValueError(f'{list_file}:{line_no}: expected "<image path> <integer label>", got {line!r}')
+        entries.append((parts[0], int(parts[1]), line_no))
+    if not entries:
+        raise ValueError(f'split file {list_file} lists no images')
+    names = sorted({class_of(rel) for rel, _, _ in entries})
+    classes = list(classes) if classes is not None else names
+    file_label_of: Dict[str, Tuple[int, int]] = {}
+    samples = []
+    for rel, file_label, line_no in entries:
+        name = class_of(rel)
+        if name not in classes:
+            raise ValueError(f'{list_file}:{line_no}: class {name!r} is not in the class map {classes}')
+        seen = file_label_of.setdefault(name, (file_label, line_no))
+        if seen[0] != file_label:
+            raise ValueError(
+                f'{list_file}:{line_no}: class {name!r} has label {file_label}, but line {seen[1]} gave it {seen[0]}')
+        path = image_root / rel
+        if not path.is_file():
+            raise FileNotFoundError(f'{list_file}:{line_no}: image not found: {path}')
+        samples.append((path, classes.index(name)))
+    by_label: Dict[int, str] = {}
+    for name, (file_label, line_no) in file_label_of.items():
+        if by_label.setdefault(file_label, name) != name:
+            raise ValueError(f'{list_file}: label {file_label} is used for both {by_label[file_label]!r} and {name!r}')
+    return FileDomainDataset(domain, classes, samples, transform)
+
+
+def _pacs(root: Path, domain: str, split: str, classes, transform) -> DomainDataset:
+    files = {'train': ['train'], 'val': ['crossval'], 'test': ['test'], 'all': ['train', 'crossval']}
+    if split not in files:
+        raise ValueError(f'PACS split must be one of {sorted(files)}, got {split!r}')
+    parts = [
+        _read_list(root / 'splits' / f'{domain}_{f}_kfold.txt', root / 'images', domain, classes,
+                   lambda rel: Path(rel).parts[1], transform)
+        for f in files[split]
+    ]
+    if len(parts) == 1:
+        return parts[0]
+    samples = [(p, label) for d in parts for p, label in zip(d.paths, d.targets)]
+    return FileDomainDataset(domain, parts[0].classes, samples, transform)
+
+
+def _office_home(root: Path, domain: str, split: str, classes, transform) -> DomainDataset:
+    domain_dir = _require_dir(root / domain, f'Office-Home domain {domain!r}')
+    if (domain_dir / 'train').is_dir():  # Dassl's layout with its own split
+        sub = {'train': 'train', 'val': 'val', 'test': 'val'}.get(split)
+        if sub is None:
+            raise ValueError(f"Office-Home (Dassl layout) split must be 'train', 'val' or 'test', got {split!r}")
+        domain_dir = domain_dir / sub
+    return read_class_folders(domain_dir, domain, classes, transform=transform)
+
+
+def _domainnet(root: Path, domain: str, split: str, classes, transform) -> DomainDataset:
+    if split not in ('train', 'test'):
+        raise ValueError(f"DomainNet split must be 'train' or 'test', got {split!r}")
+    list_file = root / 'splits' / f'{domain}_{split}.txt'
+    if not list_file.is_file():
+        list_file = root / f'{domain}_{split}.txt'
+    return _read_list(list_file, root, domain, classes, lambda rel: Path(rel).parts[1], transform)
+
+
+def _digit_five(root: Path, domain: str, split: str, classes, transform) -> DomainDataset:
+    sub = {'train': 'train_images', 'test': 'test_images'}.get(split)
+    if sub is None:
+        raise ValueError(f"Digit-Five split must be 'train' or 'test', got {split!r}")
+    folder = _require_dir(root / domain / sub, f'Digit-Five {domain!r} {split} folder')
+    classes = list(classes) if classes is not None else [str(i) for i in range(10)]
+    samples = []
+    for path in sorted(p for p in folder.iterdir() if _is_image(p)):
+        match = re.fullmatch(r'\d+_(\d+)', path.stem)
+        if match is None or match.group(1) not in classes:
+            raise ValueError(f'{path}: expected a file named <index>_<label> with a label in {classes}')
+        samples.append((path, classes.index(match.group(1))))
+    if not samples:
+        raise ValueError(f'Digit-Five domain {domain!r} at {folder} has no images')
+    return FileDomainDataset(domain, classes, samples, transform)
+
+
+def _offline_digits(root: Optional[Path], domain: str, split: str, classes, transform, **kwargs) -> DomainDataset:
+    from .offline_digits import CLASSES, DOMAINS, load_offline_digits
+    if domain not in DOMAINS:
+        raise ValueError(f'offline_digits has domains {DOMAINS}, not {domain!r}')
+    if split not in ('train', 'test'):
+        raise ValueError(f"offline_digits split must be 'train' or 'test', got {split!r}")
+    arrays = load_offline_digits(cache_dir=root, **kwargs)
+    return ArrayDomainDataset(domain, CLASSES, arrays[f'{domain}_{split}_images'],
+                              arrays[f'{domain}_{split}_labels'], transform)
+
+
+def _folder(root: Path, domain: str, split: str, classes, transform) -> DomainDataset:
+    domain_dir = root / domain
+    # optional per-split sub-folders: root/<domain>/<split>/<class>/...
+    if (domain_dir / split).is_dir():
+        domain_dir = domain_dir / split
+    return read_class_folders(domain_dir, domain, classes, transform=transform)
+
+
+DATASETS = {
+    'offline_digits': _offline_digits,
+    'folder': _folder,
+    'pacs': _pacs,
+    'office_home': _office_home,
+    'domainnet': _domainnet,
+    'digit_five': _digit_five,
+}
+
+
+def create_domain_datasets(
+        dataset: str,
+        root: Optional[PathLike],
+        domains: Sequence[str],
+        split: str,
+        transform: Optional[Callable] = None,
+        classes: Optional[Sequence[str]] = None,
+        **kwargs,
+) -> List[DomainDataset]:
+    """Read `domains` of `dataset` for `split`, all sharing one class map (the first domain's, if not given).
+
+    Args:
+        dataset: One of DATASETS.
+        root: The dataset folder (for offline_digits: the cache folder, None for the default).
+        domains: Domain names as in the dataset's layout.
+        split: Split name ('train', 'test', ... as the dataset defines them).
+        transform: Image transform for every domain.
+        classes: Class map to enforce; None takes the first domain's classes.
+        **kwargs: Builder options of offline_digits (seed, train_size, test_size).
+    """
+    if dataset not in DATASETS:
+        raise ValueError(f'unknown dataset {dataset!r}; choose one of {sorted(DATASETS)}')
+    if dataset != 'offline_digits':
+        if root is None:
+            raise ValueError(f'dataset {dataset!r} needs a root folder (--data-dir)')
+        root = _require_dir(Path(root), f'{dataset} root')
+        if kwargs:
+            raise ValueError(f'options {sorted(kwargs)} only apply to offline_digits')
+    reader = DATASETS[dataset]
+    out = []
+    for domain in domains:
+        ds = reader(Path(root) if root is not None else None, domain, split, classes, transform, **kwargs)
+        if classes is None:
+            classes = ds.classes
+        elif ds.classes != list(classes):
+            raise ValueError(f'domain {domain!r} has classes {ds.classes}, other domains {list(classes)}')
+        out.append(ds)
+    return out

@@ -1,0 +1,69 @@
+"""The built-in offline digits benchmark: determinism, balance, splits, caching."""
+import numpy as np
+import pytest
+
+from dida_timm.data import create_domain_datasets
+from dida_timm.data.offline_digits import DOMAINS, arrays_digest, build_offline_digits, load_offline_digits
+
+SMALL = dict(train_size=60, test_size=20)
+
+
+@pytest.fixture(scope='module')
+def small_benchmark():
+    return build_offline_digits(seed=3, **SMALL)
+
+
+def test_same_seed_gives_identical_arrays(small_benchmark):
+    assert arrays_digest(build_offline_digits(seed=3, **SMALL)) == arrays_digest(small_benchmark)
+    assert arrays_digest(build_offline_digits(seed=4, **SMALL)) != arrays_digest(small_benchmark)
+
+
+def test_every_domain_is_32px_rgb_and_class_balanced(small_benchmark):
+    for domain in DOMAINS:
+        for split, size in (('train', 60), ('test', 20)):
+            images, labels = small_benchmark[f'{domain}_{split}_images'], small_benchmark[f'{domain}_{split}_labels']
+            assert images.shape == (size, 32, 32, 3) and images.dtype == np.uint8
+            assert np.bincount(labels, minlength=10).tolist() == [size // 10] * 10, (domain, split)
+
+
+def test_domains_differ_in_appearance(small_benchmark):
+    means = {d: small_benchmark[f'{d}_train_images'].reshape(-1, 3).mean(0) for d in DOMAINS}
+    # MNIST and UCI digits are gray on black; the others are coloured
+    for d in ('mnist', 'uci_digits'):
+        assert np.ptp(means[d]) < 1e-6
+    for d in ('mnistm_style', 'syn_style', 'svhn_style'):
+        assert small_benchmark[f'{d}_train_images'].std(-1).mean() > 5
+
+
+def test_train_and_test_splits_share_no_image(small_benchmark):
+    for domain in DOMAINS:
+        train = {x.tobytes() for x in small_benchmark[f'{domain}_train_images']}
+        test = {x.tobytes() for x in small_benchmark[f'{domain}_test_images']}
+        assert not train & test, domain
+
+
+def test_mnist_based_domains_draw_test_digits_from_a_disjoint_pool():
+    arrays = build_offline_digits(seed=0, train_size=4000, test_size=1000)
+    train = {x.tobytes() for x in arrays['mnist_train_images']}
+    test = {x.tobytes() for x in arrays['mnist_test_images']}
+    assert len(train) == 4000 and len(test) == 1000 and not train & test
+
+
+def test_cache_is_reused_and_equal(tmp_path, small_benchmark):
+    messages = []
+    first = load_offline_digits(seed=3, cache_dir=tmp_path, log=messages.append, **SMALL)
+    second = load_offline_digits(seed=3, cache_dir=tmp_path, log=messages.append, **SMALL)
+    assert len(messages) == 1 and arrays_digest(first) == arrays_digest(second) == arrays_digest(small_benchmark)
+    assert not list((tmp_path / 'offline_digits').glob('*.tmp*'))
+
+
+def test_datasets_share_one_class_map(tmp_path):
+    datasets = create_domain_datasets('offline_digits', tmp_path, DOMAINS, 'test', seed=3, **SMALL)
+    assert all(ds.classes == [str(i) for i in range(10)] for ds in datasets)
+    img, label = datasets[0][0]
+    assert img.size == (32, 32) and img.mode == 'RGB' and 0 <= label < 10
+
+
+def test_unknown_domain_is_refused(tmp_path):
+    with pytest.raises(ValueError, match='offline_digits has domains'):
+        create_domain_datasets('offline_digits', tmp_path, ['svhn'], 'train', seed=3, **SMALL)

@@ -1,0 +1,188 @@
+"""Readers of real dataset layouts and of a user's folders, on tiny fixture trees built here."""
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from dida_timm.data import UNLABELLED, create_domain_datasets, read_class_folders, read_unlabelled_folder
+
+
+def _image(path: Path, value: int = 128, mode: str = 'RGB') -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new(mode, (6, 5), value if mode != 'RGB' else (value, value, value)).save(path)
+    return path
+
+
+def _domain(root: Path, classes, per_class: int = 2) -> Path:
+    for c in classes:
+        for i in range(per_class):
+            _image(root / c / f'{c}_{i}.png', value=10 * i)
+    return root
+
+
+def test_folder_domains_share_the_class_map_by_name(tmp_path):
+    _domain(tmp_path / 'a', ['cat', 'dog', 'fox'])
+    _domain(tmp_path / 'b', ['cat', 'dog', 'fox'])
+    a, b = create_domain_datasets('folder', tmp_path, ['a', 'b'], 'train')
+    assert a.classes == b.classes == ['cat', 'dog', 'fox']
+    assert [b.classes[t] for t in b.targets] == [p.parent.name for p in b.paths]
+
+
+def test_target_missing_a_class_is_refused_not_shifted(tmp_path):
+    _domain(tmp_path / 'a', ['cat', 'dog', 'fox'])
+    _domain(tmp_path / 'b', ['cat', 'fox'])
+    with pytest.raises(ValueError, match=r"b lacks images of classes \['dog'\]"):
+        create_domain_datasets('folder', tmp_path, ['a', 'b'], 'train')
+
+
+def test_missing_class_can_be_allowed_and_labels_stay_tied_to_names(tmp_path):
+    _domain(tmp_path / 'b', ['cat', 'fox'])
+    ds = read_class_folders(tmp_path / 'b', 'b', classes=['cat', 'dog', 'fox'], allow_missing_classes=True)
+    assert sorted(set(ds.targets.tolist())) == [0, 2]
+
+
+def test_unknown_class_folder_is_refused(tmp_path):
+    _domain(tmp_path / 'a', ['cat', 'dog'])
+    _domain(tmp_path / 'b', ['cat', 'dog', 'owl'])
+    with pytest.raises(ValueError, match=r"class folders not in the class map .*\['owl'\]"):
+        create_domain_datasets('folder', tmp_path, ['a', 'b'], 'train')
+
+
+def test_empty_domain_and_empty_class_folder_are_refused(tmp_path):
+    _domain(tmp_path / 'a', ['cat', 'dog'])
+    (tmp_path / 'b' / 'cat').mkdir(parents=True)
+    (tmp_path / 'b' / 'dog').mkdir(parents=True)
+    with pytest.raises(ValueError, match='lacks images of classes'):
+        create_domain_datasets('folder', tmp_path, ['a', 'b'], 'train')
+    (tmp_path / 'c').mkdir()
+    with pytest.raises(ValueError, match='has no images'):
+        read_unlabelled_folder(tmp_path / 'c', 'c', ['cat', 'dog'])
+
+
+def test_missing_domain_folder_names_the_path(tmp_path):
+    _domain(tmp_path / 'a', ['cat'])
+    with pytest.raises(FileNotFoundError, match=str(tmp_path / 'nope')):
+        create_domain_datasets('folder', tmp_path, ['a', 'nope'], 'train')
+
+
+def test_non_image_files_are_skipped_and_counted(tmp_path):
+    _domain(tmp_path / 'a', ['cat', 'dog'])
+    (tmp_path / 'a' / 'cat' / 'notes.txt').write_text('x')
+    ds = read_class_folders(tmp_path / 'a', 'a')
+    assert len(ds) == 4 and ds.skipped == 1
+
+
+def test_unreadable_image_error_names_the_file(tmp_path):
+    _domain(tmp_path / 'a', ['cat'])
+    broken = tmp_path / 'a' / 'cat' / 'zz_broken.png'
+    broken.write_bytes(b'not a png')
+    ds = read_class_folders(tmp_path / 'a', 'a')
+    with pytest.raises(OSError, match='zz_broken.png'):
+        ds[len(ds) - 1]
+
+
+@pytest.mark.parametrize('mode', ['L', 'RGBA', 'P', 'CMYK', 'I;16'])
+def test_every_image_mode_loads_as_rgb(tmp_path, mode):
+    path = tmp_path / 'a' / 'cat' / 'img.png'
+    path.parent.mkdir(parents=True)
+    if mode == 'I;16':
+        Image.fromarray(np.full((5, 6), 65535, np.uint16)).save(path)
+    elif mode == 'CMYK':
+        path = path.with_suffix('.jpg')
+        Image.new('CMYK', (6, 5), (0, 0, 0, 0)).save(path)
+    else:
+        _image(path, 200, mode)
+    img, label = read_class_folders(tmp_path / 'a', 'a')[0]
+    assert img.mode == 'RGB' and label == 0
+    if mode == 'I;16':
+        assert np.asarray(img).min() == 255  # rescaled, not clipped to a wrong value
+
+
+def test_unlabelled_folder_reads_every_image_without_labels(tmp_path):
+    _image(tmp_path / 'new' / 'x.jpg')
+    _image(tmp_path / 'new' / 'sub' / 'y.png')
+    ds = read_unlabelled_folder(tmp_path / 'new', 'new', ['cat', 'dog'])
+    assert len(ds) == 2 and set(ds.targets.tolist()) == {UNLABELLED}
+
+
+def _pacs(root: Path) -> Path:
+    classes = ['dog', 'elephant']
+    for domain in ('photo', 'sketch'):
+        for kind in ('train', 'crossval', 'test'):
+            lines = []
+            for label, c in enumerate(classes, 1):
+                rel = f'{domain}/{c}/{kind}_{c}.jpg'
+                _image(root / 'images' / rel)
+                lines.append(f'{rel} {label}')
+            (root / 'splits').mkdir(parents=True, exist_ok=True)
+            (root / 'splits' / f'{domain}_{kind}_kfold.txt').write_text('\n'.join(lines) + '\n')
+    return root
+
+
+def test_pacs_reads_official_split_files(tmp_path):
+    photo, sketch = create_domain_datasets('pacs', _pacs(tmp_path), ['photo', 'sketch'], 'all')
+    assert photo.classes == ['dog', 'elephant'] and len(photo) == 4 and len(sketch) == 4
+    assert [photo.classes[t] for t in photo.targets] == [p.parent.name for p in photo.paths]
+
+
+def test_pacs_split_file_with_inconsistent_labels_is_refused(tmp_path):
+    root = _pacs(tmp_path)
+    split = root / 'splits' / 'photo_train_kfold.txt'
+    split.write_text(split.read_text() + 'photo/dog/crossval_dog.jpg 2\n')
+    with pytest.raises(ValueError, match=r'photo_train_kfold.txt:3: class .dog. has label 2'):
+        create_domain_datasets('pacs', root, ['photo'], 'train')
+
+
+def test_split_file_naming_a_missing_image_is_refused(tmp_path):
+    root = _pacs(tmp_path)
+    split = root / 'splits' / 'photo_test_kfold.txt'
+    split.write_text(split.read_text() + 'photo/dog/ghost.jpg 1\n')
+    with pytest.raises(FileNotFoundError, match='ghost.jpg'):
+        create_domain_datasets('pacs', root, ['photo'], 'test')
+
+
+def test_malformed_split_line_is_refused(tmp_path):
+    root = _pacs(tmp_path)
+    (root / 'splits' / 'photo_test_kfold.txt').write_text('photo/dog/test_dog.jpg\n')
+    with pytest.raises(ValueError, match='expected "<image path> <integer label>"'):
+        create_domain_datasets('pacs', root, ['photo'], 'test')
+
+
+def test_domainnet_reads_official_lists(tmp_path):
+    lines = []
+    for label, c in enumerate(['apple', 'bee']):
+        rel = f'clipart/{c}/clipart_{label}.jpg'
+        _image(tmp_path / rel)
+        lines.append(f'{rel} {label}')
+    (tmp_path / 'clipart_train.txt').write_text('\n'.join(lines))
+    ds, = create_domain_datasets('domainnet', tmp_path, ['clipart'], 'train')
+    assert ds.classes == ['apple', 'bee'] and ds.targets.tolist() == [0, 1]
+
+
+def test_office_home_original_and_dassl_layouts(tmp_path):
+    _domain(tmp_path / 'orig' / 'Art', ['Bike', 'Pen'])
+    ds, = create_domain_datasets('office_home', tmp_path / 'orig', ['Art'], 'test')
+    assert len(ds) == 4
+    _domain(tmp_path / 'dassl' / 'art' / 'train', ['bike', 'pen'], per_class=3)
+    _domain(tmp_path / 'dassl' / 'art' / 'val', ['bike', 'pen'], per_class=1)
+    train, = create_domain_datasets('office_home', tmp_path / 'dassl', ['art'], 'train')
+    test, = create_domain_datasets('office_home', tmp_path / 'dassl', ['art'], 'test')
+    assert (len(train), len(test)) == (6, 2)
+
+
+def test_digit_five_labels_come_from_file_names(tmp_path):
+    for i, label in enumerate([3, 7, 3]):
+        _image(tmp_path / 'usps' / 'train_images' / f'{i:05d}_{label}.png')
+    ds, = create_domain_datasets('digit_five', tmp_path, ['usps'], 'train')
+    assert ds.targets.tolist() == [3, 7, 3] and ds.classes[3] == '3'
+    _image(tmp_path / 'usps' / 'train_images' / 'badname.png')
+    with pytest.raises(ValueError, match='badname.png'):
+        create_domain_datasets('digit_five', tmp_path, ['usps'], 'train')
+
+
+def test_unknown_dataset_and_missing_root_are_refused(tmp_path):
+    with pytest.raises(ValueError, match='unknown dataset'):
+        create_domain_datasets('imagenet', tmp_path, ['a'], 'train')
+    with pytest.raises(ValueError, match='needs a root folder'):
+        create_domain_datasets('pacs', None, ['photo'], 'train')
