@@ -1,0 +1,89 @@
+"""Crash-safe training checkpoints: weights as safetensors, the rest of the state loaded with weights_only.
+
+A checkpoint is a folder `epoch-NNNN/` with `model.safetensors` (and `ema.safetensors`) plus `state.pt`
+(optimizer, scheduler, epoch, RNG states, metric history). It is written under a temporary name and renamed
+into place, then `last` (a one-line file) is replaced to point at it; a run killed at any moment leaves
+either the previous checkpoint or the new one as `last`, never a half-written one.
+"""
+import os
+import shutil
+import uuid
+from pathlib import Path
+from typing import Any, Dict, Optional
+
+import safetensors.torch
+import torch
+import torch.nn as nn
+
+__all__ = ['save_checkpoint', 'load_last_checkpoint', 'rng_state', 'set_rng_state']
+
+
+def _weights(model: nn.Module) -> Dict[str, torch.Tensor]:
+    return {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+
+
+def rng_state() -> Dict[str, Any]:
+    import random
+    return dict(torch=torch.get_rng_state(), python=random.getstate())
+
+
+def set_rng_state(state: Dict[str, Any]) -> None:
+    import random
+    torch.set_rng_state(state['torch'])
+    random.setstate(state['python'])
+
+
+def save_checkpoint(
+        directory: Path,
+        epoch: int,
+        model: nn.Module,
+        state: Dict[str, Any],
+        ema: Optional[nn.Module] = None,
+        keep: int = 2,
+) -> Path:
+    """Write checkpoint `epoch` atomically and keep only the newest `keep` of them.
+
+    Args:
+        directory: The run's checkpoint folder.
+        epoch: Number of finished epochs.
+        model: The model (unwrapped from DDP / compile).
+        state: Picklable training state made of tensors, numbers, strings, lists, tuples and dicts.
+        ema: EMA model, if any.
+        keep: Checkpoints to keep.
+    """
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    final = directory / f'epoch-{epoch:04d}'
+    tmp = directory / f'.tmp-{final.name}-{uuid.uuid4().hex[:8]}'
+    tmp.mkdir()
+    safetensors.torch.save_file(_weights(model), str(tmp / 'model.safetensors'))
+    if ema is not None:
+        safetensors.torch.save_file(_weights(ema), str(tmp / 'ema.safetensors'))
+    torch.save(dict(state, epoch=epoch), tmp / 'state.pt')
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    pointer = directory / f'.last-{uuid.uuid4().hex[:8]}'
+    pointer.write_text(final.name + '\n')
+    os.replace(pointer, directory / 'last')
+    for old in sorted(directory.glob('epoch-*'))[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    for stale in directory.glob('.tmp-*'):
+        shutil.rmtree(stale, ignore_errors=True)
+    return final
+
+
+def load_last_checkpoint(
+        directory: Path,
+        model: nn.Module,
+        ema: Optional[nn.Module] = None,
+) -> Optional[Dict[str, Any]]:
+    """Load the checkpoint `last` points to into `model` (and `ema`); returns its state, or None if none."""
+    pointer = Path(directory) / 'last'
+    if not pointer.exists():
+        return None
+    folder = Path(directory) / pointer.read_text().strip()
+    model.load_state_dict(safetensors.torch.load_file(str(folder / 'model.safetensors')))
+    if ema is not None and (folder / 'ema.safetensors').exists():
+        ema.load_state_dict(safetensors.torch.load_file(str(folder / 'ema.safetensors')))
+    return torch.load(folder / 'state.pt', map_location='cpu', weights_only=True)

@@ -1,0 +1,115 @@
+"""The epoch loop of domain-adaptation training: balanced source batches + cycled target batches."""
+import math
+from typing import Callable, Dict, Iterable, List, Optional
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+
+from .step import UdaConfig, uda_step
+
+__all__ = ['MultiViewModel', 'NonFiniteLossError', 'train_one_epoch']
+
+
+class MultiViewModel(nn.Module):
+    """Runs several input batches through one model in ONE module call (DDP needs one forward per step).
+
+    Args:
+        model: The classifier.
+        joint: Concatenate the batches into one pass (shared batch statistics), else one pass each.
+    """
+
+    def __init__(self, model: nn.Module, joint: bool = True):
+        super().__init__()
+        self.model = model
+        self.joint = joint
+
+    def forward(self, inputs: List[torch.Tensor]) -> List[torch.Tensor]:
+        if self.joint and len(inputs) > 1:
+            return list(self.model(torch.cat(inputs)).split([len(x) for x in inputs]))
+        return [self.model(x) for x in inputs]
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss became NaN or infinite; the run stops before the weights are used or saved."""
+
+
+def train_one_epoch(
+        model: nn.Module,
+        cfg: UdaConfig,
+        source_loader: Iterable,
+        target_loader: Optional[Iterable],
+        optimizer: torch.optim.Optimizer,
+        scheduler=None,
+        epoch: int = 0,
+        steps_per_epoch: int = 0,
+        start_step: int = 0,
+        device: torch.device = torch.device('cpu'),
+        autocast: Optional[Callable] = None,
+        scaler=None,
+        clip_grad: Optional[float] = None,
+        ema=None,
+        world_size: int = 1,
+        progress: Optional[Callable[[Dict[str, float]], None]] = None,
+) -> Dict[str, float]:
+    """Train `model` (a MultiViewModel, maybe DDP-wrapped) for one epoch; returns averaged metrics.
+
+    Raises:
+        NonFiniteLossError: naming the epoch and step where the loss stopped being finite.
+    """
+    model.train()
+    sums: Dict[str, float] = {}
+    steps = 0
+    targets = target_loader if target_loader is not None else iter(lambda: None, 0)
+    for step, (source_batch, target_batch) in enumerate(zip(source_loader, targets), start=start_step):
+        source = [t.to(device, non_blocking=True) for t in source_batch]
+        if cfg.needs_source_strong:
+            source_weak, source_strong, source_labels = source
+        else:
+            (source_weak, source_labels), source_strong = source, None
+        kwargs = {}
+        if target_batch is not None:
+            weak, strong, target_labels = (t.to(device, non_blocking=True) for t in target_batch)
+            kwargs = dict(target_weak=weak, target_strong=strong, target_labels=target_labels)
+        with autocast() if autocast else torch.autocast(device.type, enabled=False):
+            out = uda_step(model, cfg, source_weak, source_labels, source_strong=source_strong, **kwargs)
+        loss = out['loss']
+        if not torch.isfinite(loss.detach()):
+            raise NonFiniteLossError(f'loss is {loss.item()} at epoch {epoch}, step {step}; stopping before '
+                                     f'the weights are saved (the last checkpoint is the last good state)')
+        optimizer.zero_grad(set_to_none=True)
+        if scaler is not None:
+            scaler.scale(loss).backward()
+            if clip_grad:
+                scaler.unscale_(optimizer)
+                torch.nn.utils.clip_grad_norm_(model.parameters(), clip_grad)
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            loss.backward()
+            if clip_grad:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), clip_grad)
+            optimizer.step()
+        if ema is not None:
+            ema.update(model.module.model if hasattr(model, 'module') else model.model, step=step)
+        if scheduler is not None:
+            scheduler.step_update(num_updates=epoch * steps_per_epoch + step + 1)
+        for key, value in out.items():
+            sums[key] = sums.get(key, 0.0) + float(value.detach())
+        steps += 1
+        if progress is not None:
+            progress({k: v / steps for k, v in sums.items() if k not in ('pseudo_kept', 'pseudo_correct')})
+    metrics = torch.tensor([sums.get(k, 0.0) for k in _KEYS] + [steps], dtype=torch.float64, device=device)
+    if world_size > 1:
+        dist.all_reduce(metrics)
+    totals = dict(zip(_KEYS + ['steps'], metrics.tolist()))
+    n = max(totals['steps'], 1)
+    result = {k: totals[k] / n for k in ('loss', 'source_loss', 'unlabelled_loss', 'keep_rate') if k in sums}
+    if totals['pseudo_kept'] > 0:
+        result['pseudo_accuracy'] = totals['pseudo_correct'] / totals['pseudo_kept']
+    elif 'pseudo_kept' in sums:
+        result['pseudo_accuracy'] = math.nan
+    return result
+
+
+_KEYS = ['loss', 'source_loss', 'unlabelled_loss', 'keep_rate', 'pseudo_kept', 'pseudo_correct']

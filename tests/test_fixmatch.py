@@ -1,0 +1,124 @@
+"""The FixMatch loss and the UDA training step on hand-made logits."""
+import math
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from dida_timm.training import MultiViewModel, UdaConfig, fixmatch_loss, pseudo_label, uda_step, uda_param_groups
+
+
+def _logits(probs):
+    return torch.tensor(probs).log()
+
+
+def test_hard_mask_keeps_only_confident_pseudo_labels():
+    weak = _logits([[0.96, 0.02, 0.02], [0.5, 0.3, 0.2], [0.01, 0.01, 0.98]])
+    strong = _logits([[0.5, 0.25, 0.25], [0.2, 0.2, 0.6], [0.1, 0.1, 0.8]])
+    pseudo = pseudo_label(weak, threshold=0.95)
+    assert pseudo.labels.tolist() == [0, 0, 2] and pseudo.weight.tolist() == [1.0, 0.0, 1.0]
+    expected = (-math.log(0.5) - math.log(0.8)) / 3  # averaged over all 3 unlabelled images
+    assert fixmatch_loss(strong, weak, threshold=0.95).item() == pytest.approx(expected, rel=1e-6)
+
+
+def test_threshold_is_inclusive_and_zero_keeps_everything():
+    weak = _logits([[0.95, 0.05], [0.6, 0.4]])
+    assert pseudo_label(weak, threshold=0.95).weight.tolist() == [1.0, 0.0]
+    assert pseudo_label(weak, threshold=0.0).weight.tolist() == [1.0, 1.0]
+
+
+def test_soft_weighting_uses_the_confidence():
+    weak = _logits([[0.9, 0.1], [0.3, 0.7]])
+    strong = _logits([[0.5, 0.5], [0.25, 0.75]])
+    expected = (0.9 * -math.log(0.5) + 0.7 * -math.log(0.75)) / 2
+    assert fixmatch_loss(strong, weak, soft=True).item() == pytest.approx(expected, rel=1e-5)
+
+
+def test_no_gradient_flows_into_the_weak_view():
+    weak = torch.randn(4, 5, requires_grad=True)
+    strong = torch.randn(4, 5, requires_grad=True)
+    fixmatch_loss(strong, weak * 10, threshold=0.0).backward()
+    assert weak.grad is None and strong.grad.abs().sum() > 0
+
+
+class _FixedLogits(nn.Module):
+    """Returns prescribed logits for each input batch, looked up by the batch's first pixel."""
+
+    def __init__(self, table):
+        super().__init__()
+        self.table = table
+        self.scale = nn.Parameter(torch.ones(()))
+
+    def forward(self, x):
+        return torch.stack([self.table[int(v)] for v in x[:, 0]]) * self.scale
+
+
+def _batch(ids):
+    return torch.tensor(ids, dtype=torch.float32).view(-1, 1)
+
+
+def test_step_normalises_by_target_batch_or_by_the_whole_unlabelled_stream():
+    confident, unsure = torch.tensor([8.0, 0.0]), torch.tensor([0.1, 0.0])
+    table = {0: confident, 1: unsure, 2: confident, 3: unsure, 4: torch.tensor([0.0, 1.0]), 5: torch.tensor([0.0, 1.0])}
+    model = MultiViewModel(_FixedLogits(table), joint=True)
+    source, source_y = _batch([0, 1]), torch.tensor([0, 0])
+    t_weak, t_strong = _batch([2, 3]), _batch([4, 5])
+    target_only = uda_step(model, UdaConfig(threshold=0.95), source, source_y, t_weak, t_strong)
+    strong_ce = F.cross_entropy(torch.tensor([[0.0, 1.0]]), torch.tensor([0])).item()
+    assert target_only['unlabelled_loss'].item() == pytest.approx(strong_ce / 2, rel=1e-5)
+    assert target_only['keep_rate'].item() == 0.5
+    both = uda_step(model, UdaConfig(threshold=0.95, unlabelled_stream='source+target'), source, source_y,
+                    t_weak, t_strong, source_strong=_batch([4, 5]))
+    # source image 0 is confident too: two kept images, averaged over K*B + B = 4
+    assert both['unlabelled_loss'].item() == pytest.approx(2 * strong_ce / 4, rel=1e-5)
+
+
+def test_target_labels_only_feed_the_diagnostic():
+    table = {0: torch.tensor([9.0, 0.0]), 1: torch.tensor([9.0, 0.0]), 2: torch.tensor([0.0, 9.0])}
+    model = MultiViewModel(_FixedLogits(table), joint=False)
+    cfg = UdaConfig(forward_mode='separate')
+    args = (model, cfg, _batch([0]), torch.tensor([0]), _batch([1, 2]), _batch([1, 2]))
+    right = uda_step(*args, target_labels=torch.tensor([0, 1]))
+    wrong = uda_step(*args, target_labels=torch.tensor([1, 0]))
+    assert right['loss'].item() == wrong['loss'].item()
+    assert (right['pseudo_correct'].item(), wrong['pseudo_correct'].item()) == (2, 0)
+
+
+def test_source_only_step_is_plain_cross_entropy():
+    model = MultiViewModel(nn.Linear(3, 4))
+    x, y = torch.randn(5, 3), torch.randint(0, 4, (5,))
+    out = uda_step(model, UdaConfig(method='source_only'), x, y)
+    torch.testing.assert_close(out['loss'], F.cross_entropy(model.model(x), y))
+
+
+def test_joint_and_separate_passes_differ_only_through_batch_statistics():
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(3, 8), nn.BatchNorm1d(8), nn.Linear(8, 2))
+    inputs = [torch.randn(4, 3), torch.randn(4, 3) + 3]
+    joint, separate = MultiViewModel(net, True)(inputs), MultiViewModel(net, False)(inputs)
+    assert not torch.allclose(joint[0], separate[0])
+    net.eval()
+    for a, b in zip(MultiViewModel(net, True)(inputs), MultiViewModel(net, False)(inputs)):
+        torch.testing.assert_close(a, b)
+
+
+def test_bad_step_options_are_refused():
+    with pytest.raises(ValueError, match='unlabelled_stream'):
+        UdaConfig(unlabelled_stream='both')
+    with pytest.raises(ValueError, match='threshold'):
+        UdaConfig(threshold=1.5)
+
+
+def test_branch_and_classifier_get_the_larger_learning_rate():
+    import timm
+    model = timm.create_model('dida_resnet18', num_classes=3)
+    groups = uda_param_groups(model, new_lr_scale=10, weight_decay=5e-4)
+    scale_of = {id(p): g['lr_scale'] for g in groups for p in g['params']}
+    decay_of = {id(p): g['weight_decay'] for g in groups for p in g['params']}
+    named = dict(model.named_parameters())
+    assert scale_of[id(named['layer4.branch.0.dida.conv_kernel.weight'])] == 10
+    assert scale_of[id(named['fc.weight'])] == 10
+    assert scale_of[id(named['layer4.blocks.0.conv1.weight'])] == 1
+    assert decay_of[id(named['fc.bias'])] == 0 and decay_of[id(named['fc.weight'])] == 5e-4
+    assert len(scale_of) == len(named)
