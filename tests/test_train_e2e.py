@@ -103,3 +103,24 @@ def test_bad_arguments_give_clear_errors(tmp_path, data_dir):
     result = _train(['--model', 'no_such_model', '--experiment', 'z'], tmp_path, data_dir, check=False)
     assert result.returncode != 0 and 'unknown model' in result.stdout + result.stderr
     assert 'Traceback' not in result.stderr
+
+
+@pytest.mark.parametrize('config', sorted((REPO / 'train' / 'configs').glob('*.yaml')), ids=lambda p: p.stem)
+def test_every_config_parses_and_names_a_registered_model_and_dataset(config):
+    import timm
+    sys.path.insert(0, str(REPO / 'train'))
+    import train
+    from dida_timm.data import DATASETS
+    args = train.parse_args(['-c', str(config)])
+    assert timm.is_model(args.model.split('.')[0]) and args.dataset in DATASETS
+    assert args.target not in args.source
+
+
+def test_config_with_unknown_key_is_refused(tmp_path, capsys):
+    sys.path.insert(0, str(REPO / 'train'))
+    import train
+    bad = tmp_path / 'bad.yaml'
+    bad.write_text('epochs: 3\nlearning_rate: 0.1\n')
+    with pytest.raises(SystemExit):
+        train.parse_args(['-c', str(bad)])
+    assert "unknown keys ['learning_rate']" in capsys.readouterr().err

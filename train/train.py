@@ -20,8 +20,6 @@ import argparse
 import csv
 import json
 import logging
-import math
-import os
 import random
 import sys
 import time
@@ -111,8 +109,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument('--deterministic', action='store_true', help='deterministic kernels (bitwise resume on CPU)')
     g = p.add_argument_group('output')
     g.add_argument('--output', default='output')
-    g.add_argument('--experiment', default='', help='run folder name (default: from model, target, method)')
-    g.add_argument('--resume', action='store_true', help='continue the run in the output folder')
+    g.add_argument('--experiment', default='', help='run folder name (default: time, model, target, method)')
+    g.add_argument('--resume', action='store_true', help='continue the run --experiment names')
     g.add_argument('--keep-checkpoints', type=int, default=2)
     g.add_argument('--eval-batch-size', type=int, default=256)
     g.add_argument('--tsne-per-domain', type=int, default=300, help='0 skips the t-SNE picture')
@@ -163,7 +161,10 @@ class Run:
         self.is_main = self.rank == 0
         if args.deterministic:
             torch.use_deterministic_algorithms(True, warn_only=True)
-        name = args.experiment or f"{args.model.replace('/', '_')}-{args.target}-{args.method}-s{args.seed}"
+        if args.resume and not args.experiment:
+            raise SystemExit('error: --resume needs --experiment, the run folder to continue')
+        name = args.experiment or '-'.join([
+            time.strftime('%Y%m%d-%H%M%S'), args.model.replace('/', '_').replace(':', '_'), args.target, args.method])
         self.out_dir = Path(args.output) / name
         if self.is_main:
             if self.out_dir.exists() and any(self.out_dir.iterdir()) and not args.resume:

@@ -13,11 +13,28 @@ from torch.utils.data import Sampler
 __all__ = ['DomainBalancedSampler', 'CyclingBatchSampler']
 
 
-def _permutation(n: int, seed: int) -> List[int]:
-    return torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
+class _ShardedEpochSampler(Sampler[List[int]]):
+    """Seeded per-epoch permutations, sharded across ranks, resumable at a batch index."""
+
+    def __init__(self, seed: int, rank: int, world_size: int):
+        self.seed = seed
+        self.rank = rank
+        self.world_size = world_size
+        self.epoch = 0
+        self.start_batch = 0
+
+    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
+        """Select the epoch's permutations; `start_batch` skips batches already consumed (resume)."""
+        self.epoch = epoch
+        self.start_batch = start_batch
+
+    def _shard(self, size: int, stream: int) -> List[int]:
+        """This rank's share of permutation number `stream` of range(size) for the current epoch."""
+        seed = self.seed * 1_000_003 + self.epoch * 101 + stream
+        return torch.randperm(size, generator=torch.Generator().manual_seed(seed)).tolist()[self.rank::self.world_size]
 
 
-class DomainBalancedSampler(Sampler[List[int]]):
+class DomainBalancedSampler(_ShardedEpochSampler):
     """Batches of `batch_per_domain` indices from each domain of a ConcatDataset, domains in a fixed order.
 
     Args:
@@ -40,14 +57,10 @@ class DomainBalancedSampler(Sampler[List[int]]):
             raise ValueError(f'every source domain needs images, got sizes {list(domain_sizes)}')
         if batch_per_domain < 1:
             raise ValueError(f'batch_per_domain must be >= 1, got {batch_per_domain}')
+        super().__init__(seed, rank, world_size)
         self.domain_sizes = list(domain_sizes)
         self.offsets = [sum(self.domain_sizes[:i]) for i in range(len(self.domain_sizes))]
         self.batch_per_domain = batch_per_domain
-        self.seed = seed
-        self.rank = rank
-        self.world_size = world_size
-        self.epoch = 0
-        self.start_batch = 0
         if len(self) == 0:
             raise ValueError(
                 f'the smallest source domain ({min(domain_sizes)} images) cannot fill one batch of '
@@ -56,22 +69,14 @@ class DomainBalancedSampler(Sampler[List[int]]):
     def __len__(self) -> int:
         return min(self.domain_sizes) // (self.batch_per_domain * self.world_size)
 
-    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
-        """Select the epoch's permutations; `start_batch` skips batches already consumed (resume)."""
-        self.epoch = epoch
-        self.start_batch = start_batch
-
     def __iter__(self) -> Iterator[List[int]]:
-        shards = [
-            _permutation(size, self.seed * 1_000_003 + self.epoch * 101 + d)[self.rank::self.world_size]
-            for d, size in enumerate(self.domain_sizes)
-        ]
+        shards = [self._shard(size, d) for d, size in enumerate(self.domain_sizes)]
         b = self.batch_per_domain
         for i in range(self.start_batch, len(self)):
             yield [offset + idx for shard, offset in zip(shards, self.offsets) for idx in shard[i * b:(i + 1) * b]]
 
 
-class CyclingBatchSampler(Sampler[List[int]]):
+class CyclingBatchSampler(_ShardedEpochSampler):
     """Exactly `num_batches` batches from one dataset, reshuffled each time it is used up (the target stream).
 
     Args:
@@ -86,29 +91,20 @@ class CyclingBatchSampler(Sampler[List[int]]):
     def __init__(self, size: int, batch_size: int, num_batches: int, seed: int = 0, rank: int = 0, world_size: int = 1):
         if size < world_size:
             raise ValueError(f'the target domain has {size} images, fewer than {world_size} process(es)')
+        super().__init__(seed, rank, world_size)
         self.size = size
         self.batch_size = batch_size
         self.num_batches = num_batches
-        self.seed = seed
-        self.rank = rank
-        self.world_size = world_size
-        self.epoch = 0
-        self.start_batch = 0
 
     def __len__(self) -> int:
         return self.num_batches
-
-    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
-        self.epoch = epoch
-        self.start_batch = start_batch
 
     def __iter__(self) -> Iterator[List[int]]:
         stream: List[int] = []
         cycle = 0
         needed = self.num_batches * self.batch_size
         while len(stream) < needed:
-            perm = _permutation(self.size, self.seed * 1_000_003 + self.epoch * 101 + 7919 * (cycle + 1))
-            stream += perm[self.rank::self.world_size]
+            stream += self._shard(self.size, 7919 * (cycle + 1))
             cycle += 1
         for i in range(self.start_batch, self.num_batches):
             yield stream[i * self.batch_size:(i + 1) * self.batch_size]

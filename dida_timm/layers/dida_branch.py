@@ -13,7 +13,7 @@ stage's output (forward hooks, the flattened feature list, FX node names, `forwa
 sum, never the branch-less blocks.
 """
 from collections import OrderedDict
-from typing import Sequence, Type, Union
+from typing import Any, Type
 
 import torch
 import torch.nn as nn
@@ -32,13 +32,9 @@ class DidaBranch(nn.Sequential):
         out_chs: Channels of the stage output the branch is added to.
         depth: Number of units.
         stride: Stride of the first unit (the stage's stride).
-        reduction: Channel reduction m of the DIDA modules.
-        dilations: Dilations of the DIDA modules.
-        kernel_size: Generated kernel size(s) of the DIDA modules.
-        shared_reduction: Share the reduction conv between features and kernel generators.
-        dynamic: Per-sample kernels (True) or the static-kernel ablation (False).
         norm_layer: Normalization layer.
         act_layer: Activation layer.
+        **dida_kwargs: DidaModule options (reduction, dilations, kernel_size, shared_reduction, dynamic).
     """
 
     def __init__(
@@ -48,15 +44,11 @@ class DidaBranch(nn.Sequential):
             out_chs: int,
             depth: int = 1,
             stride: int = 1,
-            reduction: int = 16,
-            dilations: Sequence[int] = (1, 2),
-            kernel_size: Union[int, Sequence[int]] = 3,
-            shared_reduction: bool = True,
-            dynamic: bool = True,
             norm_layer: Type[nn.Module] = nn.BatchNorm2d,
             act_layer: Type[nn.Module] = nn.ReLU,
             device=None,
             dtype=None,
+            **dida_kwargs: Any,
     ):
         dd = {'device': device, 'dtype': dtype}
         if depth < 1:
@@ -68,11 +60,7 @@ class DidaBranch(nn.Sequential):
                     in_chs if i == 0 else out_chs,
                     hidden_chs,
                     stride=stride if i == 0 else 1,
-                    reduction=reduction,
-                    dilations=dilations,
-                    kernel_size=kernel_size,
-                    shared_reduction=shared_reduction,
-                    dynamic=dynamic,
+                    **dida_kwargs,
                     **dd,
                 ),
                 bn=norm_layer(hidden_chs, **dd),

@@ -94,6 +94,12 @@ def plot_curves(history: List[Dict[str, float]], path: Path) -> None:
                        ('pseudo_accuracy', 'accuracy of kept pseudo-labels')):
         if any(key in h for h in history):
             axes[2].plot(epochs, [h.get(key, np.nan) for h in history], marker='o', label=label)
+    adapt_from = [h['epoch'] for h in history if h.get('phase') == 'source_only']
+    if adapt_from:
+        for ax in axes:
+            ax.axvline(adapt_from[-1] + 0.5, color='grey', linestyle='--', linewidth=1)
+        axes[0].text(adapt_from[-1] + 0.6, axes[0].get_ylim()[0], ' adaptation starts', color='grey', fontsize=8,
+                     va='bottom')
     axes[2].set_ylim(0, 1.02)
     axes[2].set_title('pseudo-labels (diagnostic only)')
     axes[2].legend()
