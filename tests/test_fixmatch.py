@@ -122,3 +122,20 @@ def test_branch_and_classifier_get_the_larger_learning_rate():
     assert scale_of[id(named['layer4.blocks.0.conv1.weight'])] == 1
     assert decay_of[id(named['fc.bias'])] == 0 and decay_of[id(named['fc.weight'])] == 5e-4
     assert len(scale_of) == len(named)
+
+
+def test_mixstyle_mixes_only_in_training_and_copies_follow_their_own_mode():
+    import copy
+    from dida_timm.training import MixStyle, attach_mixstyle
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 1), nn.Conv2d(4, 2, 1))
+    attach_mixstyle(model, '0', MixStyle(p=1.0))
+    x = torch.randn(4, 3, 5, 5)
+    model.eval()
+    reference = model(x)
+    twin = copy.deepcopy(model)
+    model.train()
+    assert not torch.allclose(model(x), reference)  # mixing happens in training mode
+    torch.testing.assert_close(twin(x), reference)  # the eval-mode copy does not mix
+    with pytest.raises(ValueError, match='no such module'):
+        attach_mixstyle(model, 'layer9', MixStyle())

@@ -175,6 +175,7 @@ class Run:
         seed_everything(args.seed)
         self._build_data()
         self._build_model()
+        self._build_inputs()
         self.history = []
 
     def _setup_logging(self) -> None:
@@ -188,29 +189,26 @@ class Run:
         a = self.args
         if a.target in a.source:
             raise SystemExit(f'error: the target {a.target!r} is also a source')
-        pretrained_cfg = timm.models.get_pretrained_cfg(a.model.split('.')[0] if '.' not in a.model else a.model)
-        if pretrained_cfg is None:
-            pretrained_cfg = timm.models.get_pretrained_cfg(a.model.split('.')[0])
-        self.pretrained_cfg = pretrained_cfg.to_dict() if pretrained_cfg else {}
-        size = a.input_size or self.pretrained_cfg.get('input_size', (3, 224, 224))[-1]
-        mean = self.pretrained_cfg.get('mean', (0.485, 0.456, 0.406))
-        std = self.pretrained_cfg.get('std', (0.229, 0.224, 0.225))
-        self.transforms = create_uda_transforms(size, mean, std, flip=a.flip, translate=a.translate,
-                                                rand_augment=a.rand_augment, cutout=a.cutout)
         extra = dict(train_size=a.offline_train_size, test_size=a.offline_test_size) \
             if a.dataset == 'offline_digits' else {}
         read = partial(create_domain_datasets, a.dataset, a.data_dir, **extra)
-        tf = self.transforms
         self.sources = read(a.source, a.source_split)
         self.classes = self.sources[0].classes
         self.target_train, = read([a.target], a.target_train_split, classes=self.classes)
-        self.test_sets = {d.domain: d for d in read(a.source + [a.target], a.target_test_split,
-                                                     classes=self.classes, transform=tf['test'])}
-        cfg = UdaConfig(a.method, a.threshold, a.soft_weighting, a.unlabelled_stream, a.forward_mode,
-                        a.unlabelled_weight)
-        self.uda_cfg = cfg
-        for ds in self.sources:
-            ds.transform = None
+        self.test_sets = {d.domain: d for d in read(a.source + [a.target], a.target_test_split, classes=self.classes)}
+        self.uda_cfg = UdaConfig(a.method, a.threshold, a.soft_weighting, a.unlabelled_stream, a.forward_mode,
+                                 a.unlabelled_weight)
+
+    def _build_inputs(self) -> None:
+        """Transforms from the model's data config (input size, mean, std), samplers and datasets."""
+        a = self.args
+        data_cfg = timm.data.resolve_data_config({}, model=self.model)
+        size = a.input_size or data_cfg['input_size'][-1]
+        tf = create_uda_transforms(size, data_cfg['mean'], data_cfg['std'], flip=a.flip, translate=a.translate,
+                                   rand_augment=a.rand_augment, cutout=a.cutout)
+        for ds in self.test_sets.values():
+            ds.transform = tf['test']
+        cfg = self.uda_cfg
         self.source_train = ConcatDataset([
             TwoViewDataset(ds, tf['weak'], tf['strong']) if cfg.needs_source_strong else _Transformed(ds, tf['weak'])
             for ds in self.sources])
@@ -222,7 +220,7 @@ class Run:
                                                   a.seed + 1, self.rank, self.world_size)
         _logger.info(f'sources {[f"{d.domain}:{len(d)}" for d in self.sources]}, target {a.target}: '
                      f'{len(self.target_train)} unlabelled train / {len(self.test_sets[a.target])} test images, '
-                     f'{len(self.classes)} classes, {self.steps_per_epoch} steps per epoch, '
+                     f'{len(self.classes)} classes, input {size}px, {self.steps_per_epoch} steps per epoch, '
                      f'{self.world_size} process(es)')
 
     def _build_model(self) -> None:

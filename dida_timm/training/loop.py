@@ -98,7 +98,10 @@ def train_one_epoch(
             sums[key] = sums.get(key, 0.0) + float(value.detach())
         steps += 1
         if progress is not None:
-            progress({k: v / steps for k, v in sums.items() if k not in ('pseudo_kept', 'pseudo_correct')})
+            shown = {k: v / steps for k, v in sums.items() if k not in ('pseudo_kept', 'pseudo_correct')}
+            if sums.get('pseudo_kept'):
+                shown['pseudo_acc'] = sums['pseudo_correct'] / sums['pseudo_kept']
+            progress(shown)
     metrics = torch.tensor([sums.get(k, 0.0) for k in _KEYS] + [steps], dtype=torch.float64, device=device)
     if world_size > 1:
         dist.all_reduce(metrics)

@@ -37,12 +37,26 @@ class MixStyle(nn.Module):
         return normed * (sig * lam + sig[perm] * (1 - lam)) + mu * lam + mu[perm] * (1 - lam)
 
 
+class _MixStyleHook:
+    """Forward hook applying a MixStyle module; an object (not a closure) so that deep copies of the model
+    (e.g. an EMA copy) call their own copy of the MixStyle module, which follows their own train/eval mode."""
+
+    def __init__(self, mixstyle: MixStyle):
+        self.mixstyle = mixstyle
+
+    def __call__(self, module: nn.Module, inputs, output: torch.Tensor) -> torch.Tensor:
+        return self.mixstyle(output)
+
+
 def attach_mixstyle(model: nn.Module, module_name: str, mixstyle: MixStyle) -> None:
     """Apply `mixstyle` to the output of `model.<module_name>` through a forward hook.
 
     The MixStyle module is registered on the model (as `mixstyle`) so that `model.train()` / `model.eval()`
     switch it; it has no parameters, so checkpoints are unchanged.
     """
-    target = model.get_submodule(module_name)
+    try:
+        target = model.get_submodule(module_name)
+    except AttributeError as e:
+        raise ValueError(f'--mixstyle-after {module_name!r}: the model has no such module') from e
     model.add_module('mixstyle', mixstyle)
-    target.register_forward_hook(lambda module, inputs, output: mixstyle(output))
+    target.register_forward_hook(_MixStyleHook(mixstyle))
