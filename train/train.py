@@ -20,7 +20,9 @@ import argparse
 import csv
 import json
 import logging
+import os
 import random
+import shlex
 import sys
 import time
 from contextlib import nullcontext
@@ -153,8 +155,9 @@ def _seed_worker(worker_id: int) -> None:
 class Run:
     """The wiring of one training run (datasets, model, phases, checkpoints, report)."""
 
-    def __init__(self, args: argparse.Namespace):
+    def __init__(self, args: argparse.Namespace, command: str = ''):
         self.args = args
+        self.command = command
         dist_info = init_distributed_device_so(device=args.device)
         self.device = torch.device(dist_info['device'])
         self.rank, self.world_size = dist_info['global_rank'], dist_info['world_size']
@@ -370,7 +373,7 @@ class Run:
         source_only = [h for h in self.history if h['phase'] == 'source_only']
         target = per_domain[a.target]
         results = dict(
-            model=a.model, method=a.method, dataset=a.dataset, sources=a.source, target=a.target,
+            model=a.model, architecture=self.model.pretrained_cfg['architecture'], method=a.method, dataset=a.dataset, sources=a.source, target=a.target,
             classes=self.classes, seed=a.seed, epochs=a.epochs, source_only_epochs=a.source_only_epochs,
             transductive=a.target_train_split == a.target_test_split,
             target_accuracy=target['accuracy'],
@@ -381,7 +384,8 @@ class Run:
             history=self.history, world_size=self.world_size, evaluated_weights='ema' if self.ema else 'last',
             wall_seconds=sum(h['epoch_seconds'] for h in self.history),
             versions=dict(torch=torch.__version__, timm=timm.__version__, dida_timm=dida_timm.__version__),
-            device=str(self.device), selection='last epoch (no model selection on target labels)',
+            device=str(self.device), hardware=_hardware(self.device),
+            command=self.command, selection='last epoch (no model selection on target labels)',
         )
         (self.out_dir / 'results.json').write_text(json.dumps(results, indent=2))
         safetensors.torch.save_file({k: v.contiguous().cpu() for k, v in model.state_dict().items()},
@@ -396,6 +400,14 @@ class Run:
                                                              seed=a.seed)
             plot_tsne(feats, labels, self.classes, a.target, self.out_dir / 'tsne.png', seed=a.seed)
         return results
+
+
+def _hardware(device: torch.device) -> str:
+    import platform
+    if device.type == 'cuda':
+        return f'{torch.cuda.get_device_name(device)} (CUDA {torch.version.cuda})'
+    cpu = platform.processor() or platform.machine()
+    return f'{cpu} CPU, {torch.get_num_threads()} threads ({os.cpu_count()} cores visible)'
 
 
 class _Transformed(torch.utils.data.Dataset):
@@ -414,8 +426,11 @@ class _Transformed(torch.utils.data.Dataset):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    launcher = 'torchrun --nproc_per_node N ' if 'LOCAL_RANK' in os.environ else ''
+    command = launcher + shlex.join(['python', 'train/train.py'] + argv)
     try:
-        run = Run(args)
+        run = Run(args, command)
         if run.is_main:
             (run.out_dir / 'args.yaml').write_text(yaml.safe_dump(vars(args), sort_keys=False))
         results = run.train()

@@ -27,6 +27,8 @@ from timm.models._manipulate import checkpoint_seq
 
 from dida_timm.layers import DidaBranch, DidaStage
 
+from ._published import published_folder
+
 __all__ = ['DigitNet']
 
 
@@ -282,7 +284,23 @@ def _cfg(**kwargs) -> Dict[str, Any]:
     }
 
 
+# adapted to each domain of the offline digits benchmark (the other four as sources), see hub/checkpoints/
+OFFLINE_TARGETS = ('mnist', 'mnistm_style', 'syn_style', 'svhn_style', 'uci_digits')
+
+
+def _published_cfgs():
+    cfgs = {}
+    for target in OFFLINE_TARGETS:
+        name = f'dida_digitnet_compact.offline_{target}'
+        folder = published_folder(name)
+        if folder is not None:  # register no tag whose weights are not installed
+            cfgs[name] = _cfg(file=str(folder / 'model.safetensors'),
+                              notes=(f'adapted to offline_digits/{target}; card: {folder / "README.md"}',))
+    return cfgs
+
+
 default_cfgs = generate_default_cfgs({
+    **_published_cfgs(),
     'dida_digitnet.untrained': _cfg(),
     'digitnet.untrained': _cfg(),
     'dida_digitnet_compact.untrained': _cfg(),

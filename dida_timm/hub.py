@@ -1,0 +1,180 @@
+"""Publishing adapted models: a training run folder -> a Hugging Face model repo folder, and pushing it.
+
+The repo folder is what timm loads with `timm.create_model('hf-hub:ORG/NAME', pretrained=True)` (after
+`import dida_timm`) or `local-dir:PATH`: timm's own `config.json` and `model.safetensors` (written by
+`timm.models.save_for_hf`), plus a model card whose every number comes from the runs' `results.json`.
+"""
+import json
+import statistics
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence
+
+import safetensors.torch
+import timm
+import yaml
+
+__all__ = ['PAPER_RESULTS', 'export_runs', 'model_card', 'push_folder', 'read_run']
+
+# published DIDA-Net target accuracies (%) per dataset and target domain (paper Tables I-III, SPEC section 4)
+PAPER_RESULTS: Dict[str, Dict[str, float]] = {
+    'pacs': {'art_painting': 93.39, 'cartoon': 90.81, 'sketch': 84.77, 'photo': 98.36},
+    'digit_five': {'mnist': 99.3, 'usps': 98.6, 'mnist_m': 85.7, 'svhn': 91.7, 'syn': 97.3},
+}
+
+
+def read_run(run_dir: Path) -> Dict:
+    """The results.json and args.yaml of a finished training run."""
+    run_dir = Path(run_dir)
+    results_file = run_dir / 'results.json'
+    if not results_file.is_file():
+        raise FileNotFoundError(f'{results_file} not found: is {run_dir} a finished training run?')
+    results = json.loads(results_file.read_text())
+    results['args'] = yaml.safe_load((run_dir / 'args.yaml').read_text())
+    results['run_dir'] = str(run_dir)
+    return results
+
+
+def _mean_std(values: Sequence[float]) -> str:
+    if len(values) == 1:
+        return f'{values[0]:.2f}'
+    return f'{statistics.mean(values):.2f} ± {statistics.stdev(values):.2f}'
+
+
+def model_card(runs: List[Dict], repo_name: str, license: str = 'apache-2.0') -> str:
+    """A model card (YAML front matter + sections) built only from the runs' own results."""
+    from huggingface_hub import EvalResult, ModelCard, ModelCardData
+    first = runs[0]
+    args = first['args']
+    seeds = [r['seed'] for r in runs]
+    target = first['target']
+    accs = [r['target_accuracy'] for r in runs]
+    base_model = None
+    if args.get('pretrained') and '.' in first['model']:
+        base = timm.models.get_pretrained_cfg(first['model'])
+        base_model = getattr(base, 'hf_hub_id', None)
+    paper = PAPER_RESULTS.get(first['dataset'], {}).get(target)
+    data = ModelCardData(
+        library_name='timm',
+        license=license,
+        tags=['image-classification', 'timm', 'domain-adaptation', 'dida-net', 'fixmatch'],
+        datasets=[first['dataset']],
+        base_model=base_model,
+        model_name=repo_name,
+        eval_results=[EvalResult(
+            task_type='image-classification', dataset_type=first['dataset'],
+            dataset_name=f"{first['dataset']} ({target} as target)", dataset_split=args['target_test_split'],
+            metric_type='accuracy', metric_value=round(statistics.mean(accs), 2))],
+    )
+    domains = list(first['per_domain_accuracy'])
+    lines = [
+        f'# {repo_name}', '',
+        f"`{first['model']}` adapted to the **{target}** domain of `{first['dataset']}` without target labels, "
+        f"with DIDA-Net's recipe ({first['method']}; Deng et al., *Dynamic Instance Domain Adaptation*, IEEE T-IP "
+        '2022, [arXiv:2203.05028](https://arxiv.org/abs/2203.05028)), trained with dida-timm.', '',
+        '```python', 'import timm', 'import dida_timm  # registers the dida_* architectures with timm, import it first',
+        '', f"model = timm.create_model('hf-hub:{repo_name}', pretrained=True).eval()", '```', '',
+        '## Setting', '',
+        f"- sources (labelled): {', '.join(first['sources'])}",
+        f'- target (unlabelled during training): {target}',
+        f"- transductive: {'yes, the target images trained on (without labels) are the ones evaluated' if first['transductive'] else 'no, the target test split was never seen in training'}",
+        f"- classes: {len(first['classes'])} ({', '.join(first['classes'][:20])}{' ...' if len(first['classes']) > 20 else ''})",
+        '', '## Results', '',
+        "Test accuracy (%) of the last epoch's weights (no model selection on target labels), "
+        f"{'mean ± std over seeds ' + ', '.join(map(str, seeds)) if len(runs) > 1 else f'seed {seeds[0]}'}:", '',
+        '| domain | role | accuracy |', '|---|---|---|',
+    ]
+    for d in domains:
+        role = 'target' if d == target else 'source'
+        lines.append(f"| {d} | {role} | {_mean_std([r['per_domain_accuracy'][d] for r in runs])} |")
+    if first.get('source_only_start_target_accuracy') is not None:
+        lines += ['', f"Source-only starting point of the same run on {target}: "
+                      f"{_mean_std([r['source_only_start_target_accuracy'] for r in runs])}."]
+    lines += ['', f'Per-class accuracy on {target} (%):', '', '| class | accuracy |', '|---|---|']
+    for i, c in enumerate(first['classes']):
+        values = [r['target_per_class_accuracy'][c] for r in runs if r['target_per_class_accuracy'][c] is not None]
+        lines.append(f"| {c} | {_mean_std(values) if values else 'n/a (no test images)'} |")
+    lines += ['', '## Published number', '']
+    if paper is not None:
+        lines.append(f'DIDA-Net paper, {first["dataset"]} with {target} as target: {paper:.2f}%.')
+    else:
+        lines.append(f'None: `{first["dataset"]}` is not a dataset of the paper, so no published number applies '
+                     '(the offline benchmark is built by dida-timm from data inside PyPI packages).')
+    shipped = f"seed {seeds[0]} ({Path(first['run_dir']).name})"
+    lines += [
+        '', '## Recipe', '',
+        f"- architecture `{first['model']}`, model arguments {json.dumps(args.get('model_kwargs') or {})}",
+        f"- {args['source_only_epochs']} source-only epochs, then {args['epochs']} epochs of {first['method']}; "
+        f"optimizer {args['opt']}, lr {args['lr']} (x{args['new_lr_scale']} for the DIDA branch and classifier), "
+        f"weight decay {args['weight_decay']}, {args['sched']} schedule",
+        f"- batch {len(first['sources'])} x {args['batch_size']} source + {args['batch_size']} target images per "
+        f"step on each of {first['world_size']} process(es)",
+        f"- pseudo-labels: threshold {args['threshold']}, {'soft weighting' if args['soft_weighting'] else 'hard mask'}, "
+        f"unlabelled stream '{args['unlabelled_stream']}', forward mode '{args['forward_mode']}'",
+        f"- strong view: RandAugment `{args['rand_augment']}`, Cutout {args['cutout']} px",
+        f'- weights shipped here: {shipped}; evaluated weights: {first["evaluated_weights"]}',
+        '', '## Reproduce', '', '```bash', *[r['command'] for r in runs], '```', '',
+        f"Versions: torch {first['versions']['torch']}, timm {first['versions']['timm']}, "
+        f"dida-timm {first['versions']['dida_timm']}. Hardware: {first.get('hardware', first['device'])}. "
+        f"Training time: {_mean_std([r['wall_seconds'] / 60 for r in runs])} min.",
+        '', '## Limitations', '',
+        '- Adapted to one target domain; accuracy on other domains is the table above and nothing more.',
+        '- Pseudo-label training can reinforce its own mistakes on classes the source-only model confuses; '
+        'check the per-class table before relying on a class.',
+        '- The reported model is the last epoch: target labels were used for evaluation only, never for training '
+        'or model selection.',
+    ]
+    if first['dataset'] == 'offline_digits':
+        lines.append('- The offline benchmark imitates Digit-Five with data from PyPI packages; its MNIST-M-, '
+                     'SynDigits- and SVHN-style domains are stand-ins, not the real datasets.')
+    return ModelCard(f'---\n{data.to_yaml()}\n---\n\n' + '\n'.join(lines) + '\n').content
+
+
+def export_runs(run_dirs: Sequence[Path], out_dir: Path, repo_name: str, license: str = 'apache-2.0') -> Path:
+    """Write a Hugging Face model repo folder (config.json, model.safetensors, README.md) for runs of one setting.
+
+    Several runs must be seeds of the same setting; the first run's weights are exported, the card reports
+    every run.
+    """
+    runs = [read_run(d) for d in run_dirs]
+    keys = ('model', 'dataset', 'sources', 'target', 'method', 'classes')
+    for r in runs[1:]:
+        differing = [k for k in keys if r[k] != runs[0][k]]
+        if differing:
+            raise ValueError(f"{r['run_dir']} differs from {runs[0]['run_dir']} in {differing}: not seeds of one setting")
+    first = runs[0]
+    model_kwargs = first['args'].get('model_kwargs') or {}
+    model = timm.create_model(first['architecture'], num_classes=len(first['classes']), **model_kwargs)
+    weights = Path(first['run_dir']) / 'model.safetensors'
+    model.load_state_dict(safetensors.torch.load_file(str(weights)))
+    out_dir = Path(out_dir)
+    timm.models.save_for_hf(model, str(out_dir), model_config=dict(label_names=list(first['classes'])),
+                            model_args=model_kwargs, safe_serialization=True)
+    (out_dir / 'README.md').write_text(model_card(runs, repo_name, license))
+    return out_dir
+
+
+def push_folder(folder: Path, repo_id: str, private: bool = False, dry_run: bool = False,
+                commit_message: str = 'Add adapted DIDA-Net model') -> List[str]:
+    """Upload a repo folder to the Hugging Face Hub (token from HF_TOKEN or the HF login); returns the files.
+
+    Raises:
+        RuntimeError: without a token, or when the Hub cannot be reached, with the reason.
+    """
+    from huggingface_hub import HfApi, get_token
+    folder = Path(folder)
+    files = sorted(str(p.relative_to(folder)) for p in folder.rglob('*') if p.is_file())
+    missing = {'config.json', 'model.safetensors', 'README.md'} - set(files)
+    if missing:
+        raise FileNotFoundError(f'{folder} is not an exported repo folder: missing {sorted(missing)}')
+    if dry_run:
+        return files
+    token = get_token()
+    if not token:
+        raise RuntimeError('no Hugging Face token: set HF_TOKEN (or run `hf auth login`) to push')
+    api = HfApi(token=token, library_name='dida-timm')
+    try:
+        api.create_repo(repo_id, private=private, exist_ok=True)
+        api.upload_folder(folder_path=str(folder), repo_id=repo_id, commit_message=commit_message)
+    except Exception as e:  # network, auth and permission errors all end the push the same way
+        raise RuntimeError(f'pushing {folder} to {repo_id} failed: {type(e).__name__}: {e}') from e
+    return files

@@ -1,0 +1,35 @@
+#!/usr/bin/env python3
+"""Turn finished training runs into a Hugging Face model repo folder (config.json, model.safetensors, card).
+
+    python hub/export.py output/RUN --out hub/checkpoints/NAME --repo-name ORG/NAME
+    python hub/export.py output/RUN_SEED0 output/RUN_SEED1 output/RUN_SEED2 --out ... --repo-name ...
+
+Several runs must be seeds of one setting: the first run's weights are exported and the card reports
+mean +- std over all of them.
+"""
+import argparse
+import sys
+from pathlib import Path
+
+import dida_timm  # noqa: F401  registers the models
+from dida_timm.hub import export_runs
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument('runs', nargs='+', type=Path, help='training output folders (holding results.json)')
+    parser.add_argument('--out', type=Path, required=True, help='repo folder to write')
+    parser.add_argument('--repo-name', required=True, help='ORG/NAME used in the card')
+    parser.add_argument('--license', default='apache-2.0')
+    args = parser.parse_args(argv)
+    try:
+        out = export_runs(args.runs, args.out, args.repo_name, args.license)
+    except (FileNotFoundError, ValueError, RuntimeError) as e:
+        print(f'error: {e}', file=sys.stderr)
+        return 2
+    print(f'exported to {out}: ' + ', '.join(sorted(p.name for p in out.iterdir())))
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())

@@ -1,0 +1,176 @@
+"""Export to a Hugging Face repo folder, every loading path (offline), pushing, prediction and fine-tuning."""
+import csv
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import safetensors.torch
+import timm
+import torch
+import yaml
+from PIL import Image
+
+from dida_timm.hub import export_runs, push_folder
+from dida_timm.inference import load_model, main as predict_main
+from hf_cache import add_snapshot
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = ['--offline-train-size', '160', '--offline-test-size', '100', '--batch-size', '8', '--no-progress',
+        '--tsne-per-domain', '0']
+
+
+def _run_train(args, cwd=REPO):
+    result = subprocess.run([sys.executable, str(REPO / 'train' / 'train.py')] + args, cwd=cwd,
+                            capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return result
+
+
+@pytest.fixture(scope='module')
+def trained_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp('runs')
+    _run_train(['--output', str(out), '--data-dir', str(out / 'cache'), '--experiment', 'run', '--epochs', '1',
+                '--source-only-epochs', '1', '--model-kwargs', '{dida_reduction: 8}'] + TINY)
+    return out / 'run'
+
+
+@pytest.fixture(scope='module')
+def exported(trained_run, tmp_path_factory):
+    return export_runs([trained_run], tmp_path_factory.mktemp('export') / 'repo', 'dida-timm/test-model')
+
+
+def _reference_logits(run: Path, x: torch.Tensor) -> torch.Tensor:
+    model = timm.create_model('dida_digitnet_compact', num_classes=10, dida_reduction=8)
+    model.load_state_dict(safetensors.torch.load_file(str(run / 'model.safetensors')))
+    return model.eval()(x)
+
+
+def test_export_writes_timm_config_weights_and_a_card_from_results(exported, trained_run):
+    config = json.loads((exported / 'config.json').read_text())
+    results = json.loads((trained_run / 'results.json').read_text())
+    assert config['architecture'] == 'dida_digitnet_compact' and config['num_classes'] == 10
+    assert config['label_names'] == [str(i) for i in range(10)]
+    assert config['model_args']['dida_reduction'] == 8
+    card = (exported / 'README.md').read_text()
+    front = yaml.safe_load(card.split('---')[1])
+    assert front['library_name'] == 'timm' and 'domain-adaptation' in front['tags']
+    metric = front['model-index'][0]['results'][0]['metrics'][0]
+    assert metric['value'] == round(results['target_accuracy'], 2)
+    assert f"| mnistm_style | target | {results['target_accuracy']:.2f} |" in card
+    assert results['command'] in card and 'last epoch' in card.lower()
+
+
+def test_local_dir_and_plain_folder_load_the_exported_weights(exported, trained_run):
+    x = torch.randn(2, 3, 32, 32)
+    expected = _reference_logits(trained_run, x)
+    for spec in (f'local-dir:{exported}', str(exported)):
+        torch.testing.assert_close(load_model(spec)(x), expected)
+
+
+def test_hf_hub_id_loads_from_a_local_hub_cache(exported, trained_run, offline_hub):
+    add_snapshot(offline_hub, 'dida-timm/test-model',
+                 {name: (exported / name).read_bytes() for name in ('config.json', 'model.safetensors')})
+    model = timm.create_model('hf-hub:dida-timm/test-model', pretrained=True).eval()
+    x = torch.randn(2, 3, 32, 32)
+    torch.testing.assert_close(model(x), _reference_logits(trained_run, x))
+    assert model.pretrained_cfg['label_names'] == [str(i) for i in range(10)]
+
+
+def test_pretrained_cfg_overlay_file_loads_the_weights(exported, trained_run):
+    model = timm.create_model('dida_digitnet_compact', pretrained=True, dida_reduction=8,
+                              pretrained_cfg_overlay=dict(file=str(exported / 'model.safetensors'))).eval()
+    x = torch.randn(2, 3, 32, 32)
+    torch.testing.assert_close(model(x), _reference_logits(trained_run, x))
+
+
+def test_unknown_architecture_explains_that_dida_timm_must_be_imported(exported, tmp_path):
+    folder = tmp_path / 'future'
+    shutil.copytree(exported, folder)
+    config = json.loads((folder / 'config.json').read_text())
+    config['architecture'] = 'dida_future_net'
+    (folder / 'config.json').write_text(json.dumps(config))
+    with pytest.raises(RuntimeError, match='import dida_timm'):
+        load_model(str(folder))
+
+
+def test_push_dry_run_lists_the_files_and_a_missing_token_is_refused(exported, monkeypatch, tmp_path):
+    assert push_folder(exported, 'dida-timm/test-model', dry_run=True) == ['README.md', 'config.json',
+                                                                           'model.safetensors']
+    monkeypatch.delenv('HF_TOKEN', raising=False)
+    monkeypatch.setenv('HF_HOME', str(tmp_path / 'hf_home'))
+    import huggingface_hub.constants as c
+    monkeypatch.setattr(c, 'HF_TOKEN_PATH', str(tmp_path / 'hf_home' / 'token'))
+    monkeypatch.setattr(c, 'HF_STORED_TOKENS_PATH', str(tmp_path / 'hf_home' / 'stored_tokens'))
+    with pytest.raises(RuntimeError, match='no Hugging Face token'):
+        push_folder(exported, 'dida-timm/test-model')
+    with pytest.raises(FileNotFoundError, match='not an exported repo folder'):
+        push_folder(tmp_path, 'dida-timm/test-model', dry_run=True)
+
+
+def test_push_without_network_fails_with_the_reason(exported, monkeypatch):
+    monkeypatch.setenv('HF_TOKEN', 'hf_not_a_real_token')
+    monkeypatch.setenv('HF_ENDPOINT', 'http://127.0.0.1:9')  # nothing listens on the discard port
+    import huggingface_hub.constants as c
+    monkeypatch.setattr(c, 'ENDPOINT', 'http://127.0.0.1:9')
+    with pytest.raises(RuntimeError, match='pushing .* failed'):
+        push_folder(exported, 'dida-timm/test-model')
+
+
+def test_predict_command_writes_one_row_per_image(exported, tmp_path):
+    images = tmp_path / 'new_domain'
+    rng = np.random.default_rng(0)
+    for i in range(5):
+        (images / f'sub{i % 2}').mkdir(parents=True, exist_ok=True)
+        Image.fromarray(rng.integers(0, 255, (40, 30, 3), dtype=np.uint8)).save(images / f'sub{i % 2}' / f'{i}.png')
+    out = tmp_path / 'preds.csv'
+    assert predict_main(['--model', str(exported), '--images', str(images), '--output', str(out), '--topk', '3',
+                         '--batch-size', '2']) == 0
+    rows = list(csv.DictReader(out.open()))
+    assert len(rows) == 5 and {r['label_1'] for r in rows} <= {str(i) for i in range(10)}
+    for r in rows:
+        assert float(r['confidence_1']) >= float(r['confidence_2']) >= float(r['confidence_3'])
+
+
+def test_fine_tuning_from_an_exported_folder_reheads_the_classifier(exported, tmp_path):
+    rng = np.random.default_rng(0)
+    for domain in ('a', 'b'):
+        for c in ('cat', 'dog', 'fox'):
+            (tmp_path / 'data' / domain / c).mkdir(parents=True)
+            for i in range(8):
+                Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(
+                    tmp_path / 'data' / domain / c / f'{i}.png')
+    _run_train(['--dataset', 'folder', '--data-dir', str(tmp_path / 'data'), '--source', 'a', '--target', 'b',
+                '--model', f'local-dir:{exported}', '--pretrained', '--epochs', '1', '--batch-size', '4',
+                '--output', str(tmp_path / 'out'), '--experiment', 'ft', '--no-progress', '--tsne-per-domain', '0'])
+    results = json.loads((tmp_path / 'out' / 'ft' / 'results.json').read_text())
+    assert results['classes'] == ['cat', 'dog', 'fox'] and results['architecture'] == 'dida_digitnet_compact'
+    weights = safetensors.torch.load_file(str(tmp_path / 'out' / 'ft' / 'model.safetensors'))
+    assert weights['head.fc.weight'].shape == (3, 128)
+
+
+PUBLISHED = [f'dida_digitnet_compact.offline_{t}'
+             for t in ('mnist', 'mnistm_style', 'syn_style', 'svhn_style', 'uci_digits')]
+
+
+def test_every_published_checkpoint_is_registered():
+    assert timm.list_pretrained('dida_digitnet_compact.offline_*') == sorted(PUBLISHED)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize('name', PUBLISHED)
+def test_published_checkpoint_matches_its_card(name, tmp_path_factory):
+    from dida_timm.data import create_domain_datasets, create_uda_transforms
+    from dida_timm.training import evaluate
+    model = timm.create_model(name, pretrained=True).eval()
+    card = (Path(model.pretrained_cfg['file']).parent / 'README.md').read_text()
+    claimed = yaml.safe_load(card.split('---')[1])['model-index'][0]['results'][0]['metrics'][0]['value']
+    target = name.split('offline_', 1)[1]
+    tf = create_uda_transforms(32, model.pretrained_cfg['mean'], model.pretrained_cfg['std'])['test']
+    dataset, = create_domain_datasets('offline_digits', tmp_path_factory.getbasetemp() / 'published_cache',
+                                      [target], 'test', transform=tf)
+    measured = evaluate(model, dataset, 10)['accuracy']
+    assert abs(measured - claimed) <= 0.5, f'{name}: card says {claimed}, measured {measured:.2f}'
