@@ -7,6 +7,7 @@ A model spec is a timm name with an optional tag (`dida_resnet18.tv_in1k`), a Hu
 """
 import argparse
 import csv
+import json
 import sys
 from pathlib import Path
 from typing import Dict, Iterator, List, Optional, Sequence
@@ -16,24 +17,51 @@ import torch
 from torch.utils.data import DataLoader
 
 from .data import read_unlabelled_folder
+from .hub import validate_hub_config
 
-__all__ = ['load_model', 'predict_images', 'main']
+__all__ = ['create_model', 'load_model', 'predict_images', 'main']
+
+
+def _hub_config(spec: str) -> Optional[dict]:
+    """config.json of a local-dir: or hf-hub: spec (None for registry names)."""
+    if spec.startswith('local-dir:'):
+        path = Path(spec[len('local-dir:'):]) / 'config.json'
+        if not path.is_file():
+            raise FileNotFoundError(f'{spec}: no config.json in {path.parent}')
+        return json.loads(path.read_text())
+    if spec.startswith('hf-hub:'):
+        from huggingface_hub import hf_hub_download
+        return json.loads(Path(hf_hub_download(spec[len('hf-hub:'):].split('@')[0], 'config.json')).read_text())
+    return None
+
+
+def create_model(spec: str, pretrained: bool = False, **kwargs) -> torch.nn.Module:
+    """timm.create_model, with Hub / local configs validated first and a clear word on unknown architectures.
+
+    Args:
+        spec: name[.tag], hf-hub:ORG/NAME, local-dir:PATH, or the path of an exported repo folder.
+        pretrained: Load the weights the spec names.
+        **kwargs: Passed to timm.create_model.
+    """
+    if Path(spec).is_dir():
+        spec = f'local-dir:{Path(spec).resolve()}'
+    config = _hub_config(spec)
+    if config is not None:
+        validate_hub_config(config, spec)
+    try:
+        return timm.create_model(spec, pretrained=pretrained, **kwargs)
+    except RuntimeError as e:
+        if 'Unknown model' in str(e):
+            known = timm.list_models(module=['dida_resnet', 'dida_digitnet'])
+            raise RuntimeError(
+                f'{spec}: {e}. dida-timm architectures are registered by `import dida_timm`, which must come '
+                f'before timm.create_model; this install registers {known}') from e
+        raise
 
 
 def load_model(spec: str, device: str = 'cpu', **kwargs) -> torch.nn.Module:
-    """A pretrained timm model (eval mode) from a name[.tag], hf-hub:ID, local-dir:PATH or a folder path."""
-    if Path(spec).is_dir():
-        spec = f'local-dir:{Path(spec).resolve()}'
-    try:
-        model = timm.create_model(spec, pretrained=True, **kwargs)
-    except RuntimeError as e:
-        if 'Unknown model' in str(e):
-            raise RuntimeError(
-                f'{spec}: {e}. dida-timm architectures are registered by `import dida_timm`, which must come '
-                f'before timm.create_model; this install has {timm.list_models(module=["dida_resnet", "dida_digitnet"])}'
-            ) from e
-        raise
-    return model.eval().to(device)
+    """A pretrained model in eval mode, from any spec `create_model` takes."""
+    return create_model(spec, pretrained=True, **kwargs).eval().to(device)
 
 
 def label_names(model: torch.nn.Module) -> List[str]:

@@ -37,7 +37,6 @@ import yaml
 from timm.optim import create_optimizer_v2
 from timm.scheduler import create_scheduler_v2
 from timm.utils import ModelEmaV3
-from timm.utils.distributed import init_distributed_device_so
 from torch.utils.data import ConcatDataset, DataLoader
 
 import dida_timm  # noqa: F401  registers the models
@@ -46,7 +45,9 @@ from dida_timm.data import (
 from dida_timm.training import (
     MixStyle, MultiViewModel, NonFiniteLossError, UdaConfig, attach_mixstyle, evaluate, extract_features,
     load_last_checkpoint, save_checkpoint, train_one_epoch, uda_param_groups)
+from dida_timm.inference import create_model
 from dida_timm.training.checkpoint import rng_state
+from dida_timm.training.distributed import init_distributed
 from dida_timm.training.report import plot_confusion, plot_curves, plot_tsne
 
 _logger = logging.getLogger('train')
@@ -103,6 +104,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument('--ema-decay', type=float, default=0.0, help='> 0 keeps an EMA of the weights (evaluated)')
     g = p.add_argument_group('runtime')
     g.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
+    g.add_argument('--dist-timeout', type=float, default=600, help='seconds a rank waits for the others (torchrun)')
     g.add_argument('--amp', action='store_true', help='autocast (bfloat16 on CPU, float16 + scaler on CUDA)')
     g.add_argument('--grad-checkpointing', action='store_true')
     g.add_argument('--channels-last', action='store_true')
@@ -158,9 +160,7 @@ class Run:
     def __init__(self, args: argparse.Namespace, command: str = ''):
         self.args = args
         self.command = command
-        dist_info = init_distributed_device_so(device=args.device)
-        self.device = torch.device(dist_info['device'])
-        self.rank, self.world_size = dist_info['global_rank'], dist_info['world_size']
+        self.device, self.rank, self.world_size = init_distributed(args.device, args.dist_timeout)
         self.is_main = self.rank == 0
         if args.deterministic:
             torch.use_deterministic_algorithms(True, warn_only=True)
@@ -228,13 +228,7 @@ class Run:
 
     def _build_model(self) -> None:
         a = self.args
-        try:
-            model = timm.create_model(a.model, pretrained=a.pretrained, num_classes=len(self.classes),
-                                      **a.model_kwargs)
-        except RuntimeError as e:
-            if 'Unknown model' in str(e):
-                raise SystemExit(f'error: unknown model {a.model!r} (import dida_timm registers the dida_ models)')
-            raise
+        model = create_model(a.model, pretrained=a.pretrained, num_classes=len(self.classes), **a.model_kwargs)
         if a.mixstyle_after:
             attach_mixstyle(model, a.mixstyle_after, MixStyle())
         if a.grad_checkpointing:
@@ -437,15 +431,18 @@ def main(argv=None) -> int:
     except NonFiniteLossError as e:
         _logger.error(f'error: {e}')
         return 3
-    except (ValueError, FileNotFoundError) as e:
-        print(f'error: {e}', file=sys.stderr)
+    except (ValueError, FileNotFoundError, RuntimeError, TypeError) as e:
+        # user mistakes (arguments, data, model names, weights) end with their message, not a stack trace
+        print(f'error: {type(e).__name__}: {e}', file=sys.stderr)
         return 2
     if results:
         start = results['source_only_start_target_accuracy']
         print(f"\ntarget {results['target']} test accuracy (%), {results['model']}")
-        print('| source-only start | adapted ({}) |'.format(results['method']))
-        print('|---|---|')
-        print(f"| {'n/a' if start is None else f'{start:.2f}'} | {results['target_accuracy']:.2f} |")
+        if results['method'] == 'source_only':
+            print(f"| source-only |\n|---|\n| {results['target_accuracy']:.2f} |")
+        else:
+            print(f"| source-only start | adapted ({results['method']}) |\n|---|---|")
+            print(f"| {'n/a' if start is None else f'{start:.2f}'} | {results['target_accuracy']:.2f} |")
         print(f'report, checkpoint and results: {run.out_dir}')
     if torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()

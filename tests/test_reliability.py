@@ -1,0 +1,172 @@
+"""Failure is boring: crashes lose nothing, bad numbers and bad configs are refused, pickles cannot run code."""
+import json
+import os
+import pickle
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import safetensors.torch
+import timm
+import torch
+import torch.nn as nn
+from PIL import Image
+
+from dida_timm.data import read_class_folders
+from dida_timm.hub import validate_hub_config
+from dida_timm.training import NonFiniteLossError, UdaConfig, load_last_checkpoint, save_checkpoint, train_one_epoch
+from dida_timm.training.loop import MultiViewModel
+
+REPO = Path(__file__).resolve().parents[1]
+TRAIN = REPO / 'train' / 'train.py'
+TINY = ['--offline-train-size', '160', '--offline-test-size', '100', '--batch-size', '8', '--no-progress',
+        '--tsne-per-domain', '0', '--source', 'mnist', 'uci_digits', '--target', 'syn_style']
+
+
+def _train(args, out, check=True):
+    result = subprocess.run([sys.executable, str(TRAIN), '--output', str(out), '--data-dir', str(out / 'cache')]
+                            + TINY + args, cwd=REPO, capture_output=True, text=True)
+    if check:
+        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return result
+
+
+class _Boom(Exception):
+    pass
+
+
+def test_checkpoint_interrupted_while_writing_is_never_picked_up(tmp_path, monkeypatch):
+    model = nn.Linear(3, 2)
+    save_checkpoint(tmp_path, 1, model, dict(history=[1]))
+    good = {k: v.clone() for k, v in model.state_dict().items()}
+    with torch.no_grad():
+        model.weight.add_(1)
+
+    def dies_mid_write(obj, path, *args, **kwargs):
+        Path(path).write_bytes(b'half a checkpoint')
+        raise _Boom('killed while writing')
+
+    monkeypatch.setattr(torch, 'save', dies_mid_write)
+    with pytest.raises(_Boom):
+        save_checkpoint(tmp_path, 2, model, dict(history=[1, 2]))
+    monkeypatch.undo()
+    fresh = nn.Linear(3, 2)
+    state = load_last_checkpoint(tmp_path, fresh)
+    assert state['epoch'] == 1 and state['history'] == [1]
+    for k, v in good.items():
+        assert torch.equal(fresh.state_dict()[k], v)
+
+
+def test_non_finite_loss_raises_naming_the_step():
+    class Exploding(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(4, 3)
+
+        def forward(self, x):
+            out = self.fc(x)
+            return out * float('nan') if x[0, 0] > 100 else out
+
+    model = MultiViewModel(Exploding())
+    batches = [(torch.randn(2, 4), torch.tensor([0, 1])) for _ in range(3)]
+    batches[2][0][0, 0] = 1000.0
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with pytest.raises(NonFiniteLossError, match='epoch 4, step 2'):
+        train_one_epoch(model, UdaConfig(method='source_only'), batches, None, opt, epoch=4)
+
+
+@pytest.mark.slow
+def test_nan_during_training_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path):
+    _train(['--experiment', 'run', '--epochs', '1'], tmp_path)
+    ckpt = tmp_path / 'run' / 'checkpoints'
+    good = safetensors.torch.load_file(str(ckpt / 'epoch-0001' / 'model.safetensors'))
+    result = _train(['--experiment', 'run', '--epochs', '2', '--resume', '--lr', '1e30'], tmp_path, check=False)
+    assert result.returncode == 3, result.stdout[-2000:] + result.stderr[-2000:]
+    assert 'loss is nan at epoch' in (result.stdout + result.stderr).lower() or \
+        'loss is inf at epoch' in (result.stdout + result.stderr).lower()
+    assert (ckpt / 'last').read_text().strip() == 'epoch-0001'
+    assert not (ckpt / 'epoch-0002').exists()
+    after = safetensors.torch.load_file(str(ckpt / 'epoch-0001' / 'model.safetensors'))
+    assert all(torch.equal(good[k], after[k]) for k in good)
+
+
+class _Payload:
+    def __reduce__(self):
+        return (os.system, ('touch /tmp/dida_timm_pwned',))
+
+
+def test_malicious_pickles_are_refused(tmp_path):
+    marker = Path('/tmp/dida_timm_pwned')
+    marker.unlink(missing_ok=True)
+    # a training state file
+    save_checkpoint(tmp_path / 'ckpt', 1, nn.Linear(2, 2), dict(history=[]))
+    state_file = tmp_path / 'ckpt' / 'epoch-0001' / 'state.pt'
+    state_file.write_bytes(pickle.dumps({'epoch': 1, 'evil': _Payload()}))
+    with pytest.raises(pickle.UnpicklingError):
+        load_last_checkpoint(tmp_path / 'ckpt', nn.Linear(2, 2))
+    # pretrained weights given as a pickle file
+    evil = tmp_path / 'weights.pth'
+    evil.write_bytes(pickle.dumps({'conv1.weight': _Payload()}))
+    with pytest.raises(RuntimeError, match='weights_only=True blocked'):
+        timm.create_model('dida_digitnet_compact', pretrained=True, pretrained_cfg_overlay=dict(file=str(evil)))
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize('change, field', [
+    (dict(architecture='dida_resnet18; rm -rf /'), 'architecture'),
+    (dict(num_classes=-3), 'num_classes'),
+    (dict(num_classes=10 ** 9), 'num_classes'),
+    (dict(model_args={'pretrained_cfg_overlay': {'file': '/etc/passwd'}}), 'model_args.pretrained_cfg_overlay'),
+    (dict(model_args={'dida_reduction': float('inf')}), 'model_args.dida_reduction'),
+    (dict(pretrained_cfg={'file': '/somewhere/else.pth'}), 'pretrained_cfg.file'),
+    (dict(pretrained_cfg={'custom_load': True}), 'pretrained_cfg.custom_load'),
+    (dict(label_names=[1, 2]), 'label_names'),
+])
+def test_hub_config_values_are_validated_before_use(change, field):
+    config = dict(architecture='dida_digitnet_compact', num_classes=10, model_args={}, pretrained_cfg={})
+    validate_hub_config(config, 'ok')
+    with pytest.raises(ValueError, match=f"field '{field}'"):
+        validate_hub_config(dict(config, **change), 'hf-hub:org/evil')
+
+
+def test_bad_images_are_handled_or_named(tmp_path):
+    root = tmp_path / 'dom'
+    (root / 'cat').mkdir(parents=True)
+    Image.new('RGB', (3, 2), (9, 9, 9)).save(root / 'cat' / 'tiny.png')  # smaller than any input size
+    (root / 'cat' / 'empty.png').write_bytes(b'')
+    ds = read_class_folders(root, 'dom')
+    from dida_timm.data import create_uda_transforms
+    ds.transform = create_uda_transforms(32, (0.5,) * 3, (0.5,) * 3)['test']
+    names = [p.name for p in ds.paths]
+    assert ds[names.index('tiny.png')][0].shape == (3, 32, 32)
+    with pytest.raises(OSError, match='empty.png'):
+        ds[names.index('empty.png')]
+
+
+@pytest.mark.slow
+def test_a_dead_rank_ends_the_torchrun_job_and_the_run_resumes(tmp_path):
+    _train(['--experiment', 'warm', '--epochs', '1'], tmp_path)  # builds the data cache first
+    cmd = [sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node', '2', '--master_port', '29533',
+           str(TRAIN), '--output', str(tmp_path), '--data-dir', str(tmp_path / 'cache'), '--experiment', 'ddp',
+           '--epochs', '6', '--device', 'cpu', '--dist-timeout', '60'] + TINY
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    last = tmp_path / 'ddp' / 'checkpoints' / 'last'
+    deadline = time.time() + 300
+    while not last.exists() and time.time() < deadline:
+        assert proc.poll() is None, proc.stdout.read()[-3000:]
+        time.sleep(0.05)
+    workers = subprocess.run(['pgrep', '-f', f'--experiment ddp'], capture_output=True, text=True).stdout.split()
+    workers = [int(p) for p in workers if int(p) != proc.pid]
+    assert len(workers) >= 2
+    os.kill(max(workers), signal.SIGKILL)  # one rank dies mid-training
+    start = time.time()
+    proc.wait(timeout=180)
+    assert proc.returncode != 0 and time.time() - start < 180
+    resume = subprocess.run(cmd + ['--resume'], cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert resume.returncode == 0, resume.stdout[-3000:] + resume.stderr[-3000:]
+    results = json.loads((tmp_path / 'ddp' / 'results.json').read_text())
+    assert results['world_size'] == 2 and [h['epoch'] for h in results['history']] == list(range(1, 7))
