@@ -15,7 +15,8 @@ import torch
 from torch.utils.data import ConcatDataset, DataLoader
 
 from dida_timm.data import (
-    CyclingBatchSampler, DomainBalancedSampler, TwoViewDataset, create_domain_datasets, create_uda_transforms)
+    CyclingBatchSampler, DomainBalancedSampler, TransformedDataset, TwoViewDataset, create_domain_datasets,
+    create_uda_transforms)
 
 
 def _rss_mb(pid: int) -> float:
@@ -34,18 +35,6 @@ def _tree_rss_mb(pid: int) -> float:
     return _rss_mb(pid) + sum(_tree_rss_mb(k) for k in kids)
 
 
-class _Transformed(torch.utils.data.Dataset):
-    def __init__(self, dataset, transform):
-        self.dataset, self.transform = dataset, transform
-
-    def __len__(self):
-        return len(self.dataset)
-
-    def __getitem__(self, i):
-        img, label = self.dataset[i]
-        return self.transform(img), label
-
-
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument('--workers', type=int, default=4)
@@ -56,7 +45,7 @@ def main():
     sources = create_domain_datasets('offline_digits', None, domains, 'train')
     target, = create_domain_datasets('offline_digits', None, ['mnistm_style'], 'train')
     tf = create_uda_transforms(32, (0.5,) * 3, (0.5,) * 3, flip=False, translate=0)
-    source_ds = ConcatDataset([_Transformed(d, tf['weak']) for d in sources])
+    source_ds = ConcatDataset([TransformedDataset(d, tf['weak']) for d in sources])
     target_ds = TwoViewDataset(target, tf['weak'], tf['strong'])
     source_sampler = DomainBalancedSampler([len(d) for d in sources], args.batch_size)
     target_sampler = CyclingBatchSampler(len(target), args.batch_size, len(source_sampler))

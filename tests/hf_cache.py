@@ -46,9 +46,12 @@ def add_timm_checkpoint(cache_dir: Path, model_tag: str, seed: int = 0) -> Path:
 
 
 def build_backbone_cache(cache_dir: Path, model_names: Iterable[str]) -> None:
-    """Cache the ImageNet checkpoint every pretrained tag of `model_names` loads (their `hf_hub_id`)."""
+    """Cache the ImageNet checkpoint every hub-loaded pretrained tag of `model_names` loads (its `hf_hub_id`)."""
     for name in model_names:
-        hub_id = timm.models.get_pretrained_cfg(name).hf_hub_id
+        cfg = timm.models.get_pretrained_cfg(name)
+        if cfg.file:  # weights that ship with the package need no cache
+            continue
+        hub_id = cfg.hf_hub_id or ''
         if not hub_id.startswith('timm/'):
             raise ValueError(f'{name} loads {hub_id}, which this builder cannot make')
         if not cache_repo_dir(cache_dir, hub_id).exists():

@@ -101,7 +101,7 @@ def test_bad_arguments_give_clear_errors(tmp_path, data_dir):
                     tmp_path, data_dir.parent / 'no_such_dir', check=False)
     assert result.returncode == 2 and 'pacs root not found' in result.stderr
     result = _train(['--model', 'no_such_model', '--experiment', 'z'], tmp_path, data_dir, check=False)
-    assert result.returncode != 0 and 'unknown model' in result.stdout + result.stderr
+    assert result.returncode != 0 and 'unknown model' in (result.stdout + result.stderr).lower()
     assert 'Traceback' not in result.stderr
 
 

@@ -41,7 +41,8 @@ from torch.utils.data import ConcatDataset, DataLoader
 
 import dida_timm  # noqa: F401  registers the models
 from dida_timm.data import (
-    CyclingBatchSampler, DomainBalancedSampler, TwoViewDataset, create_domain_datasets, create_uda_transforms)
+    CyclingBatchSampler, DomainBalancedSampler, TransformedDataset, TwoViewDataset, create_domain_datasets,
+    create_uda_transforms)
 from dida_timm.training import (
     MixStyle, MultiViewModel, NonFiniteLossError, UdaConfig, attach_mixstyle, evaluate, extract_features,
     load_last_checkpoint, save_checkpoint, train_one_epoch, uda_param_groups)
@@ -213,7 +214,8 @@ class Run:
             ds.transform = tf['test']
         cfg = self.uda_cfg
         self.source_train = ConcatDataset([
-            TwoViewDataset(ds, tf['weak'], tf['strong']) if cfg.needs_source_strong else _Transformed(ds, tf['weak'])
+            TwoViewDataset(ds, tf['weak'], tf['strong']) if cfg.needs_source_strong
+            else TransformedDataset(ds, tf['weak'])
             for ds in self.sources])
         self.target_two_view = TwoViewDataset(self.target_train, tf['weak'], tf['strong'])
         self.source_sampler = DomainBalancedSampler([len(d) for d in self.sources], a.batch_size, a.seed,
@@ -329,7 +331,7 @@ class Run:
 
                 start = time.time()
                 metrics = train_one_epoch(
-                    wrapped, cfg, source, target, optimizer, scheduler, epoch - epoch0, self.steps_per_epoch,
+                    wrapped, cfg, source, target, optimizer, scheduler, epoch, (epoch - epoch0) * self.steps_per_epoch,
                     device=self.device, autocast=self._autocast(), scaler=scaler, clip_grad=a.clip_grad,
                     ema=self.ema, world_size=self.world_size, progress=progress if bar else None)
                 if bar:
@@ -402,20 +404,6 @@ def _hardware(device: torch.device) -> str:
         return f'{torch.cuda.get_device_name(device)} (CUDA {torch.version.cuda})'
     cpu = platform.processor() or platform.machine()
     return f'{cpu} CPU, {torch.get_num_threads()} threads ({os.cpu_count()} cores visible)'
-
-
-class _Transformed(torch.utils.data.Dataset):
-    """(transform(image), label) view of a dataset yielding PIL images."""
-
-    def __init__(self, dataset, transform):
-        self.dataset, self.transform = dataset, transform
-
-    def __len__(self):
-        return len(self.dataset)
-
-    def __getitem__(self, index):
-        img, label = self.dataset[index]
-        return self.transform(img), label
 
 
 def main(argv=None) -> int:

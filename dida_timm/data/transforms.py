@@ -11,7 +11,7 @@ from timm.data import create_transform, rand_augment_transform
 from torch.utils.data import Dataset
 from torchvision import transforms as T
 
-__all__ = ['create_uda_transforms', 'TwoViewDataset']
+__all__ = ['create_uda_transforms', 'TransformedDataset', 'TwoViewDataset']
 
 
 def create_uda_transforms(
@@ -54,6 +54,21 @@ def create_uda_transforms(
         area = min(1.0, cutout ** 2 / input_size ** 2)
         strong.append(T.RandomErasing(p=1.0, scale=(area, area), ratio=(1.0, 1.0), value=0))
     return dict(weak=T.Compose(geometric + to_tensor), strong=T.Compose(strong), test=test)
+
+
+class TransformedDataset(Dataset):
+    """Wrap a dataset of (PIL image, label) to return (transform(image), label)."""
+
+    def __init__(self, dataset: Dataset, transform: Callable):
+        self.dataset = dataset
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int):
+        img, label = self.dataset[index]
+        return self.transform(img), label
 
 
 class TwoViewDataset(Dataset):

@@ -42,7 +42,7 @@ def train_one_epoch(
         optimizer: torch.optim.Optimizer,
         scheduler=None,
         epoch: int = 0,
-        steps_per_epoch: int = 0,
+        update_offset: int = 0,
         start_step: int = 0,
         device: torch.device = torch.device('cpu'),
         autocast: Optional[Callable] = None,
@@ -53,6 +53,8 @@ def train_one_epoch(
         progress: Optional[Callable[[Dict[str, float]], None]] = None,
 ) -> Dict[str, float]:
     """Train `model` (a MultiViewModel, maybe DDP-wrapped) for one epoch; returns averaged metrics.
+
+    `epoch` (0-based) names the epoch in messages; the scheduler is stepped to `update_offset + step + 1`.
 
     Raises:
         NonFiniteLossError: naming the epoch and step where the loss stopped being finite.
@@ -75,7 +77,7 @@ def train_one_epoch(
             out = uda_step(model, cfg, source_weak, source_labels, source_strong=source_strong, **kwargs)
         loss = out['loss']
         if not torch.isfinite(loss.detach()):
-            raise NonFiniteLossError(f'loss is {loss.item()} at epoch {epoch}, step {step}; stopping before '
+            raise NonFiniteLossError(f'loss is {loss.item()} at epoch {epoch + 1}, step {step}; stopping before '
                                      f'the weights are saved (the last checkpoint is the last good state)')
         optimizer.zero_grad(set_to_none=True)
         if scaler is not None:
@@ -93,7 +95,7 @@ def train_one_epoch(
         if ema is not None:
             ema.update(model.module.model if hasattr(model, 'module') else model.model, step=step)
         if scheduler is not None:
-            scheduler.step_update(num_updates=epoch * steps_per_epoch + step + 1)
+            scheduler.step_update(num_updates=update_offset + step + 1)
         for key, value in out.items():
             sums[key] = sums.get(key, 0.0) + float(value.detach())
         steps += 1
