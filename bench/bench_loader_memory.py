@@ -11,7 +11,6 @@ import os
 import time
 from pathlib import Path
 
-import torch
 from torch.utils.data import ConcatDataset, DataLoader
 
 from dida_timm.data import (

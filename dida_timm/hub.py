@@ -9,7 +9,7 @@ import math
 import re
 import statistics
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Sequence
 
 import safetensors.torch
 import timm

@@ -25,7 +25,6 @@ import random
 import shlex
 import sys
 import time
-from contextlib import nullcontext
 from functools import partial
 from pathlib import Path
 
