@@ -170,3 +170,25 @@ def test_a_dead_rank_ends_the_torchrun_job_and_the_run_resumes(tmp_path):
     assert resume.returncode == 0, resume.stdout[-3000:] + resume.stderr[-3000:]
     results = json.loads((tmp_path / 'ddp' / 'results.json').read_text())
     assert results['world_size'] == 2 and [h['epoch'] for h in results['history']] == list(range(1, 7))
+
+
+@pytest.mark.parametrize('make, error, message', [
+    (lambda: timm.create_model('dida_resnet18.no_such_tag', pretrained=True), RuntimeError, 'Invalid pretrained tag'),
+    (lambda: timm.create_model('dida_resnet18', features_only=True, feature_cls='no_such_cls'), AssertionError,
+     'Unknown feature class'),
+    (lambda: timm.create_model('dida_digitnet_compact')(torch.randn(1, 1, 32, 32)), RuntimeError,
+     'expected input.* to have 3 channels'),
+    (lambda: timm.create_model('dida_resnet18', dida_stages=(0,)), ValueError, 'dida_stages'),
+    (lambda: timm.create_model('dida_resnet18', dida_reduction=1024), ValueError, 'leaves no channels'),
+])
+def test_bad_model_requests_fail_with_a_clear_message(make, error, message):
+    with pytest.raises(error, match=message):
+        make()
+
+
+def test_cli_user_mistakes_end_with_a_message_not_a_stack_trace(tmp_path):
+    for args, message in ((['--model', 'dida_digitnet_compact.no_such_tag', '--pretrained'], 'Invalid pretrained tag'),
+                          (['--mixstyle-after', 'no_such_block'], 'no such module')):
+        result = _train(['--experiment', args[1].replace('.', '_')] + args, tmp_path, check=False)
+        assert result.returncode == 2 and message in result.stderr, result.stderr[-2000:]
+        assert 'Traceback' not in result.stderr
