@@ -418,7 +418,7 @@ def main(argv=None) -> int:
     except NonFiniteLossError as e:
         _logger.error(f'error: {e}')
         return 3
-    except (ValueError, FileNotFoundError, RuntimeError, TypeError) as e:
+    except (ValueError, FileNotFoundError, RuntimeError, TypeError, ImportError) as e:
         # user mistakes (arguments, data, model names, weights) end with their message, not a stack trace
         print(f'error: {type(e).__name__}: {e}', file=sys.stderr)
         return 2
