@@ -68,7 +68,10 @@ class ArrayDomainDataset(DomainDataset):
 
 
 class FileDomainDataset(DomainDataset):
-    """A domain of image files; a file that cannot be decoded raises an error naming it."""
+    """A domain of image files; a file that cannot be decoded raises an error naming it.
+
+    `skipped` counts the files without an image extension that the reader left out.
+    """
 
     def __init__(
             self,
@@ -76,9 +79,11 @@ class FileDomainDataset(DomainDataset):
             classes: Sequence[str],
             samples: List[Tuple[Path, int]],
             transform: Optional[Callable] = None,
+            skipped: int = 0,
     ):
         super().__init__(domain, classes, [label for _, label in samples], transform)
         self.paths = [Path(path) for path, _ in samples]
+        self.skipped = skipped
 
     def load(self, index: int) -> Image.Image:
         path = self.paths[index]

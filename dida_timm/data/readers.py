@@ -41,6 +41,13 @@ def _require_dir(path: Path, what: str) -> Path:
     return path
 
 
+def _images_under(folder: Path) -> Tuple[List[Path], int]:
+    """Image files anywhere under `folder` (sorted, hidden files ignored) and the count of other files."""
+    files = [p for p in sorted(folder.rglob('*')) if p.is_file() and not p.name.startswith('.')]
+    images = [p for p in files if _is_image(p)]
+    return images, len(files) - len(images)
+
+
 def _class_dirs(root: Path) -> Dict[str, Path]:
     return {d.name: d for d in sorted(root.iterdir()) if d.is_dir() and not d.name.startswith('.')}
 
@@ -72,9 +79,8 @@ def read_class_folders(
     for label, name in enumerate(classes):
         if name not in found:
             continue
-        files = [p for p in sorted(found[name].rglob('*')) if p.is_file() and not p.name.startswith('.')]
-        images = [p for p in files if _is_image(p)]
-        skipped += len(files) - len(images)
+        images, others = _images_under(found[name])
+        skipped += others
         if not images:
             empty.append(name)
         samples += [(p, label) for p in images]
@@ -85,9 +91,7 @@ def read_class_folders(
             f'allow_missing_classes=True if that is expected (labels stay tied to class names)')
     if not samples:
         raise ValueError(f'domain {domain!r} at {root} has no images')
-    dataset = FileDomainDataset(domain, classes, samples, transform)
-    dataset.skipped = skipped
-    return dataset
+    return FileDomainDataset(domain, classes, samples, transform, skipped=skipped)
 
 
 def read_unlabelled_folder(
@@ -98,13 +102,10 @@ def read_unlabelled_folder(
 ) -> FileDomainDataset:
     """Every image under `root` (any depth), with unknown labels: a new domain to adapt to."""
     root = _require_dir(Path(root), f'domain {domain!r} folder')
-    files = [p for p in sorted(root.rglob('*')) if p.is_file() and not p.name.startswith('.')]
-    images = [p for p in files if _is_image(p)]
+    images, skipped = _images_under(root)
     if not images:
         raise ValueError(f'domain {domain!r} at {root} has no images')
-    dataset = FileDomainDataset(domain, classes, [(p, UNLABELLED) for p in images], transform)
-    dataset.skipped = len(files) - len(images)
-    return dataset
+    return FileDomainDataset(domain, classes, [(p, UNLABELLED) for p in images], transform, skipped=skipped)
 
 
 def _read_list(
