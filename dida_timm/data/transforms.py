@@ -71,17 +71,13 @@ class TransformedDataset(Dataset):
         return self.transform(img), label
 
 
-class TwoViewDataset(Dataset):
+class TwoViewDataset(TransformedDataset):
     """Wrap a dataset of (PIL image, label) to return (weak view, strong view, label)."""
 
     def __init__(self, dataset: Dataset, weak: Callable, strong: Callable):
-        self.dataset = dataset
-        self.weak = weak
+        super().__init__(dataset, weak)
         self.strong = strong
-
-    def __len__(self) -> int:
-        return len(self.dataset)
 
     def __getitem__(self, index: int):
         img, label = self.dataset[index]
-        return self.weak(img), self.strong(img), label
+        return self.transform(img), self.strong(img), label
