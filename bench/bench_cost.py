@@ -1,16 +1,20 @@
-"""What the DIDA branch costs: DIDA-ResNets against timm's ResNets, and the factored branch against a loop.
+"""What the DIDA branch costs: every DIDA model against its static twin, and the factored branch against a loop.
 
 Prints, measured side by side in one run on this machine:
-1. parameters and MACs (torch's FlopCounterMode) of each dida_resnetX and resnetX at 224 px;
-2. forward latency ratio dida_resnetX / resnetX (eval, batch 32, 224 px);
-3. training-step ratio (forward + backward + SGD step, batch 32, 224 px) for the chosen depths;
+1. parameters and MACs (torch's FlopCounterMode) of each DIDA model and its static twin (dida_resnetX vs timm's
+   resnetX at 224 px, dida_digitnet(_compact) vs digitnet(_compact) at 32 px);
+2. forward latency ratio DIDA / static (eval; ResNets batch 32, digit nets batch 192);
+3. training step (forward + backward + SGD step, same batches) as images/s of each and the time ratio, for
+   the digit nets and the ResNet depths in --train-depths. 192 is one FixMatch step of the offline recipe
+   (4 x 32 source images + two views of 32 target images, forwarded together);
 4. the speed-up of the factored DIDA branch over the per-sample-loop reference for a training step
    (forward + backward, batch 64, dida_resnet18's layer4 branch shapes).
 
 Timings alternate the two contenders and report medians, so drift on a shared machine hits both alike.
 
-    python bench/bench_dida_resnet.py                 # everything, ~10 min on 2 CPU cores
-    python bench/bench_dida_resnet.py --depths 18 50 --reps 5
+    python bench/bench_cost.py                                # everything, ~12 min on 2 CPU cores
+    python bench/bench_cost.py --depths 18 50 --reps 5
+    python bench/bench_cost.py --device cuda --train-depths 18 34 50 101 152
 """
 import argparse
 import platform
@@ -28,21 +32,25 @@ from dida_timm.layers.dida_reference import dida_forward_per_sample
 
 
 def count_macs(model: torch.nn.Module, input_size: Tuple[int, ...]) -> int:
+    model.eval()
     with FlopCounterMode(display=False) as counter, torch.no_grad():
         model(torch.randn(input_size))
     return counter.get_total_flops() // 2
 
 
 def paired_medians(fns: Dict[str, Callable[[], None]], reps: int, warmup: int = 1) -> Dict[str, float]:
-    """Median seconds per call of each function, calls interleaved."""
+    """Median seconds per call of each function, calls interleaved (CUDA work is waited for)."""
+    sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
     for fn in fns.values():
         for _ in range(warmup):
             fn()
     times: Dict[str, List[float]] = {name: [] for name in fns}
     for _ in range(reps):
         for name, fn in fns.items():
+            sync()
             start = time.perf_counter()
             fn()
+            sync()
             times[name].append(time.perf_counter() - start)
     return {name: statistics.median(t) for name, t in times.items()}
 
@@ -104,42 +112,51 @@ def dynamic_conv_step_fn(module: DidaModule, feat: torch.Tensor, x: torch.Tensor
     return run
 
 
+def model_pairs(depths: List[int]) -> List[Tuple[str, str, int, int]]:
+    """(DIDA model, static twin, image size, batch size) to compare."""
+    pairs = [(f'dida_resnet{d}', f'resnet{d}', 224, 32) for d in depths]
+    return pairs + [('dida_digitnet', 'digitnet', 32, 192), ('dida_digitnet_compact', 'digitnet_compact', 32, 192)]
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument('--depths', type=int, nargs='+', default=[18, 34, 50, 101, 152])
-    parser.add_argument('--train-depths', type=int, nargs='+', default=[18, 50])
-    parser.add_argument('--batch-size', type=int, default=32)
-    parser.add_argument('--img-size', type=int, default=224)
+    parser.add_argument('--train-depths', type=int, nargs='+', default=[18, 50],
+                        help='ResNet depths whose training step is timed (the digit nets always are)')
     parser.add_argument('--reps', type=int, default=7)
+    parser.add_argument('--device', default='cpu')
     args = parser.parse_args()
     torch.manual_seed(0)
-    print(f'# DIDA-ResNet cost, {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, '
-          f'torch {torch.__version__}, timm {timm.__version__}\n')
+    device = torch.device(args.device)
+    hardware = torch.cuda.get_device_name(device) if device.type == 'cuda' else \
+        f'{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads'
+    print(f'# DIDA cost, {hardware}, torch {torch.__version__}, timm {timm.__version__}\n')
 
-    input_size = (1, 3, args.img_size, args.img_size)
-    x = torch.randn(args.batch_size, 3, args.img_size, args.img_size)
-    y = torch.randint(0, 1000, (args.batch_size,))
-    print(f'| model | params | MACs | extra params | extra MACs | fwd latency ratio (b{args.batch_size}) |'
-          f' train-step ratio (b{args.batch_size}) |')
-    print('|---|---|---|---|---|---|---|')
-    for depth in args.depths:
-        static, dida = timm.create_model(f'resnet{depth}'), timm.create_model(f'dida_resnet{depth}')
+    print('| model vs static twin | params | MACs | extra params | extra MACs | fwd latency ratio '
+          '| train step images/s (static / DIDA) | train-step time ratio |')
+    print('|---|---|---|---|---|---|---|---|')
+    for dida_name, static_name, img_size, batch_size in model_pairs(args.depths):
+        static, dida = timm.create_model(static_name), timm.create_model(dida_name)
         p_s, p_d = (sum(p.numel() for p in m.parameters()) for m in (static, dida))
-        m_s, m_d = count_macs(static, input_size), count_macs(dida, input_size)
+        m_s, m_d = (count_macs(m, (1, 3, img_size, img_size)) for m in (static, dida))
+        static, dida = static.to(device), dida.to(device)
+        x = torch.randn(batch_size, 3, img_size, img_size, device=device)
+        y = torch.randint(0, static.num_classes, (batch_size,), device=device)
         fwd = paired_medians({'static': forward_fn(static, x), 'dida': forward_fn(dida, x)}, args.reps)
-        train = '-'
-        if depth in args.train_depths:
+        throughput, ratio = '-', '-'
+        if not dida_name.startswith('dida_resnet') or int(dida_name[len('dida_resnet'):]) in args.train_depths:
             t = paired_medians({'static': train_step_fn(static, x, y), 'dida': train_step_fn(dida, x, y)}, args.reps)
-            train = f"{t['dida'] / t['static']:.3f} ({t['static'] * 1e3:.0f} / {t['dida'] * 1e3:.0f} ms)"
-        print(f'| dida_resnet{depth} vs resnet{depth} | {p_d / 1e6:.2f}M vs {p_s / 1e6:.2f}M '
-              f'| {m_d / 1e9:.3f}G vs {m_s / 1e9:.3f}G | +{(p_d - p_s) / p_s:.2%} | +{(m_d - m_s) / m_s:.3%} '
-              f"| {fwd['dida'] / fwd['static']:.3f} ({fwd['static'] * 1e3:.0f} / {fwd['dida'] * 1e3:.0f} ms) "
-              f'| {train} |', flush=True)
+            throughput = f"{batch_size / t['static']:.0f} / {batch_size / t['dida']:.0f}"
+            ratio = f"{t['dida'] / t['static']:.3f}"
+        print(f'| {dida_name} vs {static_name} | {p_d / 1e6:.2f}M vs {p_s / 1e6:.2f}M '
+              f'| {m_d / 1e6:.1f}M vs {m_s / 1e6:.1f}M | +{(p_d - p_s) / p_s:.2%} | +{(m_d - m_s) / m_s:.3%} '
+              f"| {fwd['dida'] / fwd['static']:.3f} (b{batch_size}, {img_size} px) | {throughput} | {ratio} |",
+              flush=True)
 
     print('\n## Factored DIDA branch vs the per-sample-loop reference (training step, batch 64, dida_resnet18 '
           'layer4 branch: 256x14x14 -> 512x7x7, two units)\n')
-    branch = DidaBranch(256, 512, 512, depth=2, stride=2)
-    xb = torch.randn(64, 256, 14, 14)
+    branch = DidaBranch(256, 512, 512, depth=2, stride=2).to(device)
+    xb = torch.randn(64, 256, 14, 14, device=device)
     t = paired_medians({'factored': branch_step_fn(branch, xb, False), 'loop': branch_step_fn(branch, xb, True)},
                        args.reps)
     print(f"| whole branch (1x1 convs, BN included) | factored {t['factored'] * 1e3:.1f} ms | loop "

@@ -1,0 +1,96 @@
+"""Ablations of the DIDA module on one offline digits target (paper Tables IV-VI, SPEC section 5).
+
+Each variant changes one option of DIDA-Net's module in `dida_digitnet_compact` and is trained with the same
+recipe, size and seeds as the accuracy study (bench/bench_uda_accuracy.py), so pointing both at the same --out
+folder reuses the study's DIDA-Net, static-branch and FixMatch runs instead of training them again:
+
+    single dilation (1 or 2), a 1x1 kernel on the dilation-1 path, unshared reduction convs,
+    the channel reduction m in {2, 4, 8, 16, 32} (16 is DIDA-Net's), the static-kernel branch.
+
+Branch depth and placement (paper Table VII) are ResNet options (`branch_depth`, `dida_stages` of the
+dida_resnet models); the digit CNN's branch is one unit beside its last conv, so they are not ablated here.
+
+    python bench/bench_dida_ablations.py --jobs 2 --markdown docs/dida_ablations.md   # ~40 min on 2 CPU cores
+"""
+import argparse
+import statistics
+import sys
+from pathlib import Path
+
+import timm
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from uda_runs import SIZES, last_fixmatch_epoch, mean_std, offline_run, run_all, run_name  # noqa: E402
+
+import dida_timm  # noqa: E402,F401  registers the models
+from dida_timm.data.offline_digits import DOMAINS  # noqa: E402
+
+# label: (study method, module options); the first three rows are the accuracy study's own runs
+VARIANTS = {
+    'DIDA-Net (m 16, dilations 1 + 2, 3x3, shared reduction)': ('DIDA-Net', {}),
+    'static branch (learned depthwise kernels)': ('FixMatch + static branch', {}),
+    'no branch (FixMatch)': ('FixMatch', {}),
+    'single dilation 1': ('DIDA-Net', {'dida_dilations': [1]}),
+    'single dilation 2': ('DIDA-Net', {'dida_dilations': [2]}),
+    '1x1 kernel on the dilation-1 path': ('DIDA-Net', {'dida_kernel_size': [1, 3]}),
+    'unshared reduction convs': ('DIDA-Net', {'dida_shared_reduction': False}),
+    'm 2': ('DIDA-Net', {'dida_reduction': 2}),
+    'm 4': ('DIDA-Net', {'dida_reduction': 4}),
+    'm 8': ('DIDA-Net', {'dida_reduction': 8}),
+    'm 32': ('DIDA-Net', {'dida_reduction': 32}),
+}
+
+
+def branch_params(method: str, options: dict) -> int:
+    model = {'FixMatch': 'digitnet_compact'}.get(method, 'dida_digitnet_compact')
+    kwargs = dict(options, dida_dynamic=False) if method == 'FixMatch + static branch' else options
+    return sum(p.numel() for n, p in timm.create_model(model, **kwargs).named_parameters() if '.branch.' in n)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument('--target', default='mnistm_style', choices=DOMAINS)
+    parser.add_argument('--full', action='store_true', help='GPU size (as bench_uda_accuracy.py --full)')
+    parser.add_argument('--seeds', type=int, nargs='+', default=[0, 1, 2])
+    parser.add_argument('--jobs', type=int, default=1, help='runs side by side (CPU threads are split)')
+    parser.add_argument('--out', type=Path, default=Path('output/uda_accuracy'), help='run folders (resumable)')
+    parser.add_argument('--markdown', type=Path, default=None, help='also write the table here')
+    args = parser.parse_args()
+    size = 'full' if args.full else 'cpu'
+    sources = [d for d in DOMAINS if d != args.target]
+
+    names = {(label, seed): run_name(args.target, method, options, seed)
+             for seed in args.seeds for label, (method, options) in VARIANTS.items()}
+    runs = [offline_run(names[label, seed], VARIANTS[label][0], args.target, sources, seed, size,
+                        model_kwargs=VARIANTS[label][1]) for label, seed in names]
+    results = run_all(runs, args.out, args.jobs)
+
+    def accs(label):
+        return [results[names[label, seed]]['target_accuracy'] for seed in args.seeds]
+
+    reference = accs(next(iter(VARIANTS)))
+    s = SIZES[size]
+    lines = [
+        f'DIDA ablations on `dida_digitnet_compact`, offline digits target {args.target} (4 sources), size '
+        f'`{size}`: {s["train_size"]:,} train images per domain, {s["source_only_epochs"]} source-only + '
+        f'{s["epochs"]} FixMatch epochs, seeds {", ".join(map(str, args.seeds))}. Target accuracy (%), mean ± std; '
+        'the difference to DIDA-Net is paired by seed.',
+        '',
+        '| variant | branch params | target accuracy | - DIDA-Net | kept (last epoch) | kept correct |',
+        '|---|---|---|---|---|---|',
+    ]
+    for label, (method, options) in VARIANTS.items():
+        last = [last_fixmatch_epoch(results[names[label, seed]]) for seed in args.seeds]
+        lines.append(
+            f'| {label} | {branch_params(method, options):,} | {mean_std(accs(label))} '
+            f'| {mean_std([a - b for a, b in zip(accs(label), reference)])} '
+            f'| {statistics.mean(h["keep_rate"] for h in last):.0%} '
+            f'| {statistics.mean(h["pseudo_accuracy"] for h in last):.0%} |')
+    table = '\n'.join(lines)
+    print('\n' + table)
+    if args.markdown:
+        args.markdown.write_text(table + '\n')
+
+
+if __name__ == '__main__':
+    main()

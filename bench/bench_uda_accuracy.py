@@ -1,0 +1,101 @@
+"""Does DIDA-Net beat its baselines on the offline digits benchmark? Leave-one-domain-out, several seeds.
+
+The comparison of the paper's Table IV (PACS: FixMatch 88.86, static-CNN branch 90.39, DIDA-Net 91.83), made
+on the built-in offline benchmark: every domain in turn is the target and the other four are the labelled
+sources. Four methods, each with the same recipe (train/configs/offline_digits_cpu.yaml: SGD 0.05, cosine,
+4 x 32 source + 32 target images per step, RandAugment + Cutout on the strong view, threshold 0.95):
+
+    source-only               digitnet_compact (static twin), source images only, as many epochs in total
+    FixMatch                  digitnet_compact, source-only phase then FixMatch
+    FixMatch + static branch  dida_digitnet_compact with dida_dynamic=False (a learned static kernel, ~ same size)
+    DIDA-Net                  dida_digitnet_compact
+
+Sizes: `cpu` (default) 1,000 train images per domain, 3 source-only + 12 FixMatch epochs (31 steps each), about
+85 minutes for 5 targets x 3 seeds x 4 methods on 2 CPU cores with `--jobs 2`; `--full` 2,000 images, 5 + 20
+epochs (the README main job's recipe), for a GPU. Test: 500 images per domain. Runs are resumable: re-running
+the command skips finished runs and continues interrupted ones.
+
+    python bench/bench_uda_accuracy.py --jobs 2 --markdown docs/uda_accuracy.md
+    python bench/bench_uda_accuracy.py --full --out output/uda_accuracy_full
+"""
+import argparse
+import statistics
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from uda_runs import METHODS, SIZES, last_fixmatch_epoch, mean_std, offline_run, run_all, run_name  # noqa: E402
+
+from dida_timm.data.offline_digits import DOMAINS  # noqa: E402
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument('--full', action='store_true', help='GPU size (2,000 images per domain, 5 + 20 epochs)')
+    parser.add_argument('--seeds', type=int, nargs='+', default=[0, 1, 2])
+    parser.add_argument('--targets', nargs='+', default=list(DOMAINS), choices=DOMAINS)
+    parser.add_argument('--jobs', type=int, default=1, help='runs side by side (CPU threads are split)')
+    parser.add_argument('--out', type=Path, default=Path('output/uda_accuracy'), help='run folders (resumable)')
+    parser.add_argument('--markdown', type=Path, default=None, help='also write the tables here')
+    args = parser.parse_args()
+    size = 'full' if args.full else 'cpu'
+
+    # seed-major, so a study stopped early still has whole seeds
+    grid = {(seed, target, method): run_name(target, method, {}, seed)
+            for seed in args.seeds for target in args.targets for method in METHODS}
+    runs = [offline_run(name, method, target, [d for d in DOMAINS if d != target], seed, size)
+            for (seed, target, method), name in grid.items()]
+    results = run_all(runs, args.out, args.jobs)
+
+    def acc(seed, target, method):
+        return results[grid[seed, target, method]]['target_accuracy']
+
+    s = SIZES[size]
+    lines = [
+        f'Offline digits, leave one domain out, size `{size}`: {s["train_size"]:,} train images per domain '
+        f'(test 500), {s["source_only_epochs"]} source-only + {s["epochs"]} FixMatch epochs, seeds '
+        f'{", ".join(map(str, args.seeds))}. Target test accuracy (%), mean ± std over seeds.',
+        '',
+        '| target | ' + ' | '.join(METHODS) + ' | DIDA-Net - FixMatch | DIDA-Net - static branch |',
+        '|---|' + '---|' * (len(METHODS) + 2),
+    ]
+
+    def row(label, value):
+        cells = [mean_std([value(seed, m) for seed in args.seeds]) for m in METHODS]
+        gains = [mean_std([value(seed, 'DIDA-Net') - value(seed, base) for seed in args.seeds])
+                 for base in ('FixMatch', 'FixMatch + static branch')]
+        return f'| {label} | ' + ' | '.join(cells + gains) + ' |'
+
+    for target in args.targets:
+        lines.append(row(target, lambda seed, m, t=target: acc(seed, t, m)))
+    # the average's std is over seeds of the per-seed mean over targets
+    lines.append(row('**average**', lambda seed, m: statistics.mean(acc(seed, t, m) for t in args.targets)))
+
+    lines += [
+        '',
+        'Pseudo-label diagnostics of the adapting runs (mean over seeds): accuracy at the end of the source-only '
+        'phase, and in the last FixMatch epoch the share of target images kept (confidence >= 0.95) and how many '
+        'of the kept pseudo-labels were right.',
+        '',
+        '| target | method | source-only start | final accuracy | kept | kept pseudo-labels correct |',
+        '|---|---|---|---|---|---|',
+    ]
+    for target in args.targets:
+        for method in [m for m in METHODS if METHODS[m][1] == 'fixmatch']:
+            rs = [results[grid[seed, target, method]] for seed in args.seeds]
+            last = [last_fixmatch_epoch(r) for r in rs]
+            lines.append(
+                f'| {target} | {method} | {mean_std([r["source_only_start_target_accuracy"] for r in rs])} '
+                f'| {mean_std([r["target_accuracy"] for r in rs])} '
+                f'| {statistics.mean(h["keep_rate"] for h in last):.0%} '
+                f'| {statistics.mean(h["pseudo_accuracy"] for h in last):.0%} |')
+    wall = sum(r['wall_seconds'] for r in results.values())
+    lines += ['', f'Training time summed over the {len(runs)} runs: {wall / 60:.0f} min.']
+    table = '\n'.join(lines)
+    print('\n' + table)
+    if args.markdown:
+        args.markdown.write_text(table + '\n')
+
+
+if __name__ == '__main__':
+    main()

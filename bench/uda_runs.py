@@ -1,0 +1,118 @@
+"""Shared by the accuracy benches: run a grid of `train/train.py` jobs and read back their results.
+
+Each run is a separate process writing to `<out>/<name>/`; a finished run (results.json present) is skipped and
+an interrupted one continues from its last checkpoint (`--resume`), so a killed study loses at most one epoch
+per run in flight. With `jobs` > 1 the CPU threads are split between the processes (2 single-thread runs side
+by side train ~1.1x faster on 2 cores than one after the other, and hide each run's start-up).
+"""
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence, Tuple
+
+TRAIN_SCRIPT = Path(__file__).resolve().parents[1] / 'train' / 'train.py'
+OFFLINE_RECIPE = TRAIN_SCRIPT.parent / 'configs' / 'offline_digits_cpu.yaml'
+
+# name: (model, train.py --method, model kwargs); shared by the accuracy study and the ablations
+METHODS: Dict[str, Tuple[str, str, Dict[str, object]]] = {
+    'source-only': ('digitnet_compact', 'source_only', {}),
+    'FixMatch': ('digitnet_compact', 'fixmatch', {}),
+    'FixMatch + static branch': ('dida_digitnet_compact', 'fixmatch', {'dida_dynamic': False}),
+    'DIDA-Net': ('dida_digitnet_compact', 'fixmatch', {}),
+}
+
+# CPU: the study fits one 3-hour session on 2 cores; full: the README main job's recipe (GPU-sized)
+SIZES = {
+    'cpu': dict(train_size=1000, source_only_epochs=3, epochs=12),
+    'full': dict(train_size=2000, source_only_epochs=5, epochs=20),
+}
+
+
+@dataclass(frozen=True)
+class Run:
+    """One training run: its folder name and its train.py arguments (without output flags)."""
+    name: str
+    args: Tuple[str, ...]
+
+
+def run_name(target: str, method: str, options: Dict[str, object], seed: int) -> str:
+    """Folder name of a run: target, method (a key of METHODS), module options that differ, seed."""
+    suffix = ''.join(f'-{k.removeprefix("dida_")}{"_".join(map(str, v)) if isinstance(v, list) else v}'
+                     for k, v in options.items())
+    return f'{target}-{method.replace(" ", "").replace("+", "_")}{suffix}-s{seed}'
+
+
+def offline_run(
+        name: str,
+        method: str,
+        target: str,
+        sources: Sequence[str],
+        seed: int,
+        size: str,
+        model_kwargs: Optional[Dict[str, object]] = None,
+) -> Run:
+    """A run of `method` (a key of METHODS) on the offline digits benchmark with the README recipe.
+
+    Source-only runs train for as many epochs in total as the adapting runs (source-only phase + FixMatch).
+    `model_kwargs` are added to the method's own (an ablation of DIDA-Net's module options).
+    """
+    model, train_method, kwargs = METHODS[method]
+    s = SIZES[size]
+    if train_method == 'source_only':
+        schedule = ('--epochs', str(s['source_only_epochs'] + s['epochs']), '--source-only-epochs', '0')
+    else:
+        schedule = ('--epochs', str(s['epochs']), '--source-only-epochs', str(s['source_only_epochs']))
+    # JSON is YAML, which is what --model-kwargs parses
+    kwargs_arg = ('--model-kwargs', json.dumps({**kwargs, **(model_kwargs or {})}))
+    return Run(name, ('-c', str(OFFLINE_RECIPE), '--model', model, '--method', train_method, *kwargs_arg, *schedule,
+                      '--source', *sources, '--target', target, '--seed', str(seed),
+                      '--offline-train-size', str(s['train_size'])))
+
+
+def run_all(runs: Sequence[Run], out: Path, jobs: int = 1) -> Dict[str, dict]:
+    """Run every run not finished yet, `jobs` at a time; returns {name: results.json}.
+
+    Raises:
+        SystemExit: naming the log of the first run that failed.
+    """
+    out.mkdir(parents=True, exist_ok=True)
+    threads = max(1, (os.cpu_count() or 1) // jobs)
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
+    todo = [r for r in runs if not (out / r.name / 'results.json').exists()]
+    print(f'{len(runs) - len(todo)} of {len(runs)} runs already done in {out}; {len(todo)} to run, {jobs} at a time',
+          flush=True)
+
+    def launch(run: Run) -> None:
+        log = out / f'{run.name}.log'
+        start = time.time()
+        with log.open('a') as f:
+            code = subprocess.call(
+                [sys.executable, str(TRAIN_SCRIPT), *run.args, '--output', str(out), '--experiment', run.name,
+                 '--resume', '--no-progress', '--tsne-per-domain', '0'],
+                stdout=f, stderr=subprocess.STDOUT, env=env)
+        if code:
+            raise SystemExit(f'error: run {run.name} failed (exit code {code}); see {log}')
+        print(f'done {run.name} in {time.time() - start:.0f} s', flush=True)
+
+    with ThreadPoolExecutor(jobs) as pool:
+        for future in [pool.submit(launch, r) for r in todo]:
+            future.result()
+    return {r.name: json.loads((out / r.name / 'results.json').read_text()) for r in runs}
+
+
+def mean_std(values: List[float]) -> str:
+    """'mean ± sample std' with one decimal ('mean' alone for one value)."""
+    if len(values) == 1:
+        return f'{values[0]:.1f}'
+    return f'{statistics.mean(values):.1f} ± {statistics.stdev(values):.1f}'
+
+
+def last_fixmatch_epoch(result: dict) -> dict:
+    """The history row of a run's last FixMatch epoch (keep rate, pseudo-label accuracy, ...)."""
+    return [h for h in result['history'] if h['phase'] == 'fixmatch'][-1]

@@ -1,0 +1,50 @@
+"""The accuracy benches launch what they claim: every run of their grids is a valid train.py command line."""
+import sys
+from pathlib import Path
+
+import pytest
+import timm
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / 'bench'))
+sys.path.insert(0, str(REPO / 'train'))
+
+import train  # noqa: E402
+from bench_dida_ablations import VARIANTS  # noqa: E402
+from uda_runs import METHODS, SIZES, Run, offline_run, run_all, run_name  # noqa: E402
+
+from dida_timm.data.offline_digits import DOMAINS  # noqa: E402
+
+
+@pytest.mark.parametrize('size', sorted(SIZES))
+@pytest.mark.parametrize('method', list(METHODS))
+def test_study_run_parses_to_the_method_with_equal_total_epochs(method, size):
+    run = offline_run('x', method, 'mnist', DOMAINS[1:], 0, size)
+    args = train.parse_args(list(run.args))
+    model, train_method, kwargs = METHODS[method]
+    assert (args.model, args.method, args.model_kwargs) == (model, train_method, kwargs)
+    assert (args.target, args.source, args.offline_train_size) == ('mnist', list(DOMAINS[1:]), SIZES[size]['train_size'])
+    assert args.source_only_epochs + args.epochs == SIZES[size]['source_only_epochs'] + SIZES[size]['epochs']
+    # the rest of the recipe is the README main job's
+    assert (args.lr, args.threshold, args.rand_augment) == (0.05, 0.95, 'rand-m10-n2-mstd0.5')
+
+
+def test_ablation_variants_build_distinct_models_and_names():
+    names = set()
+    for method, options in VARIANTS.values():
+        args = train.parse_args(list(offline_run('x', method, 'mnistm_style', DOMAINS[:-1], 0, 'cpu', options).args))
+        assert all(args.model_kwargs[k] == v for k, v in options.items())
+        timm.create_model(args.model, **args.model_kwargs)  # the options are valid module options
+        names.add(run_name('mnistm_style', method, options, 0))
+    assert len(names) == len(VARIANTS)
+    # the ablations reuse the study's runs by name
+    assert run_name('mnistm_style', 'DIDA-Net', {}, 2) == 'mnistm_style-DIDA-Net-s2'
+
+
+def test_run_all_skips_finished_runs_and_names_the_log_of_a_failed_one(tmp_path):
+    (tmp_path / 'done').mkdir()
+    (tmp_path / 'done' / 'results.json').write_text('{"target_accuracy": 50.0}')
+    assert run_all([Run('done', ('--no-such-flag',))], tmp_path) == {'done': {'target_accuracy': 50.0}}
+    with pytest.raises(SystemExit, match=r'run bad failed .*bad\.log'):
+        run_all([Run('bad', ('--no-such-flag',))], tmp_path)
+    assert 'unrecognized arguments: --no-such-flag' in (tmp_path / 'bad.log').read_text()
