@@ -12,7 +12,7 @@ Prints, measured side by side in one run on this machine:
 
 Timings alternate the two contenders and report medians, so drift on a shared machine hits both alike.
 
-    python bench/bench_cost.py                                # everything, ~12 min on 2 CPU cores
+    python bench/bench_cost.py                                # everything, ~5 min on 2 CPU cores
     python bench/bench_cost.py --depths 18 50 --reps 5
     python bench/bench_cost.py --device cuda --train-depths 18 34 50 101 152
 """

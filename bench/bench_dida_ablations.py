@@ -10,7 +10,7 @@ folder reuses the study's DIDA-Net, static-branch and FixMatch runs instead of t
 Branch depth and placement (paper Table VII) are ResNet options (`branch_depth`, `dida_stages` of the
 dida_resnet models); the digit CNN's branch is one unit beside its last conv, so they are not ablated here.
 
-    python bench/bench_dida_ablations.py --jobs 2 --markdown docs/dida_ablations.md   # ~40 min on 2 CPU cores
+    python bench/bench_dida_ablations.py --jobs 2 --markdown dida_ablations.md   # ~40 min on 2 CPU cores
 """
 import argparse
 import statistics
@@ -25,19 +25,21 @@ from uda_runs import SIZES, last_fixmatch_epoch, mean_std, offline_run, run_all,
 import dida_timm  # noqa: E402,F401  registers the models
 from dida_timm.data.offline_digits import DOMAINS  # noqa: E402
 
-# label: (study method, module options); the first three rows are the accuracy study's own runs
+# id: (label, study method, module options); the first three are the accuracy study's own runs
 VARIANTS = {
-    'DIDA-Net (m 16, dilations 1 + 2, 3x3, shared reduction)': ('DIDA-Net', {}),
-    'static branch (learned depthwise kernels)': ('FixMatch + static branch', {}),
-    'no branch (FixMatch)': ('FixMatch', {}),
-    'single dilation 1': ('DIDA-Net', {'dida_dilations': [1]}),
-    'single dilation 2': ('DIDA-Net', {'dida_dilations': [2]}),
-    '1x1 kernel on the dilation-1 path': ('DIDA-Net', {'dida_kernel_size': [1, 3]}),
-    'unshared reduction convs': ('DIDA-Net', {'dida_shared_reduction': False}),
-    'm 2': ('DIDA-Net', {'dida_reduction': 2}),
-    'm 4': ('DIDA-Net', {'dida_reduction': 4}),
-    'm 8': ('DIDA-Net', {'dida_reduction': 8}),
-    'm 32': ('DIDA-Net', {'dida_reduction': 32}),
+    'dida': ('DIDA-Net (m 16, dilations 1 + 2, 3x3, shared reduction)', 'DIDA-Net', {}),
+    'static': ('static branch (learned depthwise kernels)', 'FixMatch + static branch', {}),
+    'no_branch': ('no branch (FixMatch)', 'FixMatch', {}),
+    'dilation_1': ('single dilation 1', 'DIDA-Net', {'dida_dilations': [1]}),
+    'dilation_2': ('single dilation 2', 'DIDA-Net', {'dida_dilations': [2]}),
+    'kernel_1x1': ('1x1 kernel on the dilation-1 path', 'DIDA-Net', {'dida_kernel_size': [1, 3]}),
+    'unshared': ('unshared reduction convs', 'DIDA-Net', {'dida_shared_reduction': False}),
+    'm2': ('m 2', 'DIDA-Net', {'dida_reduction': 2}),
+    'm4': ('m 4', 'DIDA-Net', {'dida_reduction': 4}),
+    'm8': ('m 8', 'DIDA-Net', {'dida_reduction': 8}),
+    'm32': ('m 32', 'DIDA-Net', {'dida_reduction': 32}),
+    # not a paper ablation: does DIDA-Net lag because its random branch slows early training? (docs/RESULTS.md)
+    'layer_scale': ('branch output x learned scale, init 0.01 (ours)', 'DIDA-Net', {'dida_layer_scale': 0.01}),
 }
 
 
@@ -52,6 +54,8 @@ def main():
     parser.add_argument('--target', default='mnistm_style', choices=DOMAINS)
     parser.add_argument('--full', action='store_true', help='GPU size (as bench_uda_accuracy.py --full)')
     parser.add_argument('--seeds', type=int, nargs='+', default=[0, 1, 2])
+    parser.add_argument('--variants', nargs='+', default=list(VARIANTS), choices=VARIANTS,
+                        help='DIDA-Net (dida) is always included: the differences are taken against it')
     parser.add_argument('--jobs', type=int, default=1, help='runs side by side (CPU threads are split)')
     parser.add_argument('--out', type=Path, default=Path('output/uda_accuracy'), help='run folders (resumable)')
     parser.add_argument('--markdown', type=Path, default=None, help='also write the table here')
@@ -59,16 +63,17 @@ def main():
     size = 'full' if args.full else 'cpu'
     sources = [d for d in DOMAINS if d != args.target]
 
-    names = {(label, seed): run_name(args.target, method, options, seed)
-             for seed in args.seeds for label, (method, options) in VARIANTS.items()}
-    runs = [offline_run(names[label, seed], VARIANTS[label][0], args.target, sources, seed, size,
-                        model_kwargs=VARIANTS[label][1]) for label, seed in names]
+    variants = ['dida'] + [v for v in args.variants if v != 'dida']
+    names = {(v, seed): run_name(args.target, VARIANTS[v][1], VARIANTS[v][2], seed)
+             for seed in args.seeds for v in variants}
+    runs = [offline_run(names[v, seed], VARIANTS[v][1], args.target, sources, seed, size,
+                        model_kwargs=VARIANTS[v][2]) for v, seed in names]
     results = run_all(runs, args.out, args.jobs)
 
-    def accs(label):
-        return [results[names[label, seed]]['target_accuracy'] for seed in args.seeds]
+    def accs(variant):
+        return [results[names[variant, seed]]['target_accuracy'] for seed in args.seeds]
 
-    reference = accs(next(iter(VARIANTS)))
+    reference = accs('dida')
     s = SIZES[size]
     lines = [
         f'DIDA ablations on `dida_digitnet_compact`, offline digits target {args.target} (4 sources), size '
@@ -79,11 +84,12 @@ def main():
         '| variant | branch params | target accuracy | - DIDA-Net | kept (last epoch) | kept correct |',
         '|---|---|---|---|---|---|',
     ]
-    for label, (method, options) in VARIANTS.items():
-        last = [last_fixmatch_epoch(results[names[label, seed]]) for seed in args.seeds]
+    for v in variants:
+        label, method, options = VARIANTS[v]
+        last = [last_fixmatch_epoch(results[names[v, seed]]) for seed in args.seeds]
         lines.append(
-            f'| {label} | {branch_params(method, options):,} | {mean_std(accs(label))} '
-            f'| {mean_std([a - b for a, b in zip(accs(label), reference)])} '
+            f'| {label} | {branch_params(method, options):,} | {mean_std(accs(v))} '
+            f'| {mean_std([a - b for a, b in zip(accs(v), reference)])} '
             f'| {statistics.mean(h["keep_rate"] for h in last):.0%} '
             f'| {statistics.mean(h["pseudo_accuracy"] for h in last):.0%} |')
     table = '\n'.join(lines)

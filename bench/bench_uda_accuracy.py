@@ -10,12 +10,12 @@ sources. Four methods, each with the same recipe (train/configs/offline_digits_c
     FixMatch + static branch  dida_digitnet_compact with dida_dynamic=False (a learned static kernel, ~ same size)
     DIDA-Net                  dida_digitnet_compact
 
-Sizes: `cpu` (default) 1,000 train images per domain, 3 source-only + 12 FixMatch epochs (31 steps each), about
-85 minutes for 5 targets x 3 seeds x 4 methods on 2 CPU cores with `--jobs 2`; `--full` 2,000 images, 5 + 20
+Sizes: `cpu` (default) 1,000 train images per domain, 3 source-only + 12 FixMatch epochs (31 steps each), 83
+minutes for 5 targets x 3 seeds x 4 methods on 2 CPU cores with `--jobs 2`; `--full` 2,000 images, 5 + 20
 epochs (the README main job's recipe), for a GPU. Test: 500 images per domain. Runs are resumable: re-running
 the command skips finished runs and continues interrupted ones.
 
-    python bench/bench_uda_accuracy.py --jobs 2 --markdown docs/uda_accuracy.md
+    python bench/bench_uda_accuracy.py --jobs 2 --markdown uda_accuracy.md
     python bench/bench_uda_accuracy.py --full --out output/uda_accuracy_full
 """
 import argparse

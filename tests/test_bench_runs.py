@@ -31,7 +31,7 @@ def test_study_run_parses_to_the_method_with_equal_total_epochs(method, size):
 
 def test_ablation_variants_build_distinct_models_and_names():
     names = set()
-    for method, options in VARIANTS.values():
+    for _, method, options in VARIANTS.values():
         args = train.parse_args(list(offline_run('x', method, 'mnistm_style', DOMAINS[:-1], 0, 'cpu', options).args))
         assert all(args.model_kwargs[k] == v for k, v in options.items())
         timm.create_model(args.model, **args.model_kwargs)  # the options are valid module options

@@ -247,3 +247,22 @@ def test_digitnet_features_include_the_branch():
     torch.nn.init.zeros_(model.block3.branch[0].bn.weight)
     torch.nn.init.zeros_(model.block3.branch[0].bn.bias)
     assert not torch.allclose(features(x)[-1], model.forward_features(x))
+
+
+@pytest.mark.parametrize('name', ['dida_resnet18', 'dida_digitnet_compact'])
+def test_layer_scale_zero_starts_as_the_static_twin_and_learns_its_scale(name):
+    size = 32 if 'digit' in name else 64
+    model = timm.create_model(name, num_classes=5, dida_layer_scale=0.0).eval()
+    assert not any('scale' in n for n, _ in timm.create_model(name, num_classes=5).named_parameters())
+    x = torch.randn(2, 3, size, size)
+    out = model(x)
+    stage = next(m for m in model.modules() if isinstance(m, DidaStage))
+    with torch.no_grad():
+        for n, p in stage.branch.named_parameters():
+            if not n.endswith('scale.gamma'):
+                p.add_(1.0)  # any branch weights: a zero scale hides them
+    assert torch.equal(model(x), out)
+    model.train()
+    F.cross_entropy(model(x), torch.tensor([0, 1])).backward()
+    gamma = [p for n, p in model.named_parameters() if n.endswith('scale.gamma')]
+    assert len(gamma) == 1 and gamma[0].grad.abs().sum() > 0

@@ -6,17 +6,19 @@ DIDA-Net keeps the static network and adds a light dynamic branch beside one of 
 Z = stage(X) + branch(X). In the authors' released code the branch has one unit per residual block of the
 stage it accompanies; a unit is DIDA module -> BN -> ReLU, followed by 1x1 conv -> BN -> ReLU when the stage
 widens its output (bottleneck ResNets). The branch has no shortcut. The paper's text describes a single
-unit (`depth=1`).
+unit (`depth=1`). An optional per-channel LayerScale (timm's `LayerScale2d`) on the branch output lets a network
+start close to its static twin (not in the paper; an initialisation study of ours, docs/RESULTS.md).
 
 Putting the static blocks and the branch inside one `DidaStage` module means every way timm has of reading a
 stage's output (forward hooks, the flattened feature list, FX node names, `forward_intermediates`) sees the
 sum, never the branch-less blocks.
 """
 from collections import OrderedDict
-from typing import Any, Type
+from typing import Any, Optional, Type
 
 import torch
 import torch.nn as nn
+from timm.layers import LayerScale2d
 
 from .dida import DidaModule
 
@@ -34,6 +36,9 @@ class DidaBranch(nn.Sequential):
         stride: Stride of the first unit (the stage's stride).
         norm_layer: Normalization layer.
         act_layer: Activation layer.
+        layer_scale_init: If set, the branch output is multiplied by a learned per-channel scale starting at
+            this value (a small value makes the network start as its static twin). A BN with zero weight
+            before the ReLU would do that too but kills the branch's gradients for good.
         **dida_kwargs: DidaModule options (reduction, dilations, kernel_size, shared_reduction, dynamic).
     """
 
@@ -46,6 +51,7 @@ class DidaBranch(nn.Sequential):
             stride: int = 1,
             norm_layer: Type[nn.Module] = nn.BatchNorm2d,
             act_layer: Type[nn.Module] = nn.ReLU,
+            layer_scale_init: Optional[float] = None,
             device=None,
             dtype=None,
             **dida_kwargs: Any,
@@ -72,6 +78,8 @@ class DidaBranch(nn.Sequential):
                     bn2=norm_layer(out_chs, **dd),
                     act2=act_layer(inplace=True),
                 )
+            if i == depth - 1 and layer_scale_init is not None:
+                layers.update(scale=LayerScale2d(out_chs, layer_scale_init, **dd))
             units.append(nn.Sequential(layers))
         super().__init__(*units)
 

@@ -124,6 +124,7 @@ class DigitNet(nn.Module):
         dida_kernel_size: Generated kernel size, or one per dilation.
         dida_shared_reduction: Share the reduction conv between features and kernel generators.
         dida_dynamic: Per-sample kernels (True) or the static-kernel ablation (False).
+        dida_layer_scale: Initial value of a learned per-channel scale on the branch output (None: no scale).
     """
 
     def __init__(
@@ -141,6 +142,7 @@ class DigitNet(nn.Module):
             dida_kernel_size: Union[int, Sequence[int]] = 3,
             dida_shared_reduction: bool = True,
             dida_dynamic: bool = True,
+            dida_layer_scale: Optional[float] = None,
             device=None,
             dtype=None,
     ):
@@ -164,6 +166,7 @@ class DigitNet(nn.Module):
                 kernel_size=dida_kernel_size,
                 shared_reduction=dida_shared_reduction,
                 dynamic=dida_dynamic,
+                layer_scale_init=dida_layer_scale,
                 **dd,
             )
             block3 = DidaStage(block3, branch)

@@ -47,6 +47,7 @@ class DidaResNet(ResNet):
         dida_kernel_size: Generated kernel size, or one per dilation.
         dida_shared_reduction: Share the reduction conv between features and kernel generators.
         dida_dynamic: Per-sample kernels (True) or the static-kernel ablation (False).
+        dida_layer_scale: Initial value of a learned per-channel scale on the branch output (None: no scale).
         **kwargs: Passed to timm's ResNet (num_classes, in_chans, output_stride, global_pool, ...).
     """
 
@@ -61,6 +62,7 @@ class DidaResNet(ResNet):
             dida_kernel_size: Union[int, Sequence[int]] = 3,
             dida_shared_reduction: bool = True,
             dida_dynamic: bool = True,
+            dida_layer_scale: Optional[float] = None,
             device=None,
             dtype=None,
             **kwargs: Any,
@@ -88,6 +90,7 @@ class DidaResNet(ResNet):
                 kernel_size=dida_kernel_size,
                 shared_reduction=dida_shared_reduction,
                 dynamic=dida_dynamic,
+                layer_scale_init=dida_layer_scale,
                 norm_layer=norm_layer,
                 act_layer=act_layer,
                 device=device,
