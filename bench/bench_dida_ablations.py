@@ -20,7 +20,7 @@ from pathlib import Path
 import timm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from uda_runs import SIZES, last_fixmatch_epoch, mean_std, offline_run, run_all, run_name  # noqa: E402
+from uda_runs import SIZES, emit_table, last_fixmatch_epoch, mean_std, offline_run, run_all, run_name  # noqa: E402
 
 import dida_timm  # noqa: E402,F401  registers the models
 from dida_timm.data.offline_digits import DOMAINS  # noqa: E402
@@ -92,10 +92,7 @@ def main():
             f'| {mean_std([a - b for a, b in zip(accs(v), reference)])} '
             f'| {statistics.mean(h["keep_rate"] for h in last):.0%} '
             f'| {statistics.mean(h["pseudo_accuracy"] for h in last):.0%} |')
-    table = '\n'.join(lines)
-    print('\n' + table)
-    if args.markdown:
-        args.markdown.write_text(table + '\n')
+    emit_table(lines, args.markdown)
 
 
 if __name__ == '__main__':

@@ -14,7 +14,9 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / 'train'))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 import train  # noqa: E402
+from uda_runs import emit_table  # noqa: E402
 
 from dida_timm.data.offline_digits import DOMAINS  # noqa: E402
 
@@ -62,10 +64,7 @@ def main():
     mean_t = sum(r[1] for r in rows) / len(rows)
     mean_i = sum(r[2] for r in rows) / len(rows)
     lines.append(f'| mean | {mean_t:.1f} | {mean_i:.1f} | {mean_i - mean_t:.1f} | |')
-    table = '\n'.join(lines)
-    print('\n' + table)
-    if args.markdown:
-        args.markdown.write_text(table + '\n')
+    emit_table(lines, args.markdown)
 
 
 if __name__ == '__main__':

@@ -24,7 +24,8 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from uda_runs import METHODS, SIZES, last_fixmatch_epoch, mean_std, offline_run, run_all, run_name  # noqa: E402
+from uda_runs import (  # noqa: E402
+    METHODS, SIZES, emit_table, last_fixmatch_epoch, mean_std, offline_run, run_all, run_name)
 
 from dida_timm.data.offline_digits import DOMAINS  # noqa: E402
 
@@ -91,10 +92,7 @@ def main():
                 f'| {statistics.mean(h["pseudo_accuracy"] for h in last):.0%} |')
     wall = sum(r['wall_seconds'] for r in results.values())
     lines += ['', f'Training time summed over the {len(runs)} runs: {wall / 60:.0f} min.']
-    table = '\n'.join(lines)
-    print('\n' + table)
-    if args.markdown:
-        args.markdown.write_text(table + '\n')
+    emit_table(lines, args.markdown)
 
 
 if __name__ == '__main__':

@@ -116,3 +116,11 @@ def mean_std(values: List[float]) -> str:
 def last_fixmatch_epoch(result: dict) -> dict:
     """The history row of a run's last FixMatch epoch (keep rate, pseudo-label accuracy, ...)."""
     return [h for h in result['history'] if h['phase'] == 'fixmatch'][-1]
+
+
+def emit_table(lines: List[str], markdown: Optional[Path]) -> None:
+    """Print a markdown table (with its caption lines) and also write it to `markdown` when given."""
+    table = '\n'.join(lines)
+    print('\n' + table)
+    if markdown:
+        markdown.write_text(table + '\n')
