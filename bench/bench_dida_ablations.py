@@ -10,7 +10,7 @@ folder reuses the study's DIDA-Net, static-branch and FixMatch runs instead of t
 Branch depth and placement (paper Table VII) are ResNet options (`branch_depth`, `dida_stages` of the
 dida_resnet models); the digit CNN's branch is one unit beside its last conv, so they are not ablated here.
 
-    python bench/bench_dida_ablations.py --jobs 2 --markdown dida_ablations.md   # ~40 min on 2 CPU cores
+    python bench/bench_dida_ablations.py --jobs 2 --markdown dida_ablations.md   # 9 new runs per seed, ~15 min per seed on 2 CPU cores
 """
 import argparse
 import statistics
