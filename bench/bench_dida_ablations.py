@@ -5,12 +5,14 @@ recipe, size and seeds as the accuracy study (bench/bench_uda_accuracy.py), so p
 folder reuses the study's DIDA-Net, static-branch and FixMatch runs instead of training them again:
 
     single dilation (1 or 2), a 1x1 kernel on the dilation-1 path, unshared reduction convs,
-    the channel reduction m in {2, 4, 8, 16, 32} (16 is DIDA-Net's), the static-kernel branch.
+    the channel reduction m in {2, 4, 8, 16, 32} (16 is DIDA-Net's), the static-kernel branch,
+    and (ours, not the paper's) a learned scale on the branch output that starts near 0 (`layer_scale`).
 
 Branch depth and placement (paper Table VII) are ResNet options (`branch_depth`, `dida_stages` of the
 dida_resnet models); the digit CNN's branch is one unit beside its last conv, so they are not ablated here.
 
-    python bench/bench_dida_ablations.py --jobs 2 --markdown dida_ablations.md   # 9 new runs per seed, ~15 min per seed on 2 CPU cores
+    python bench/bench_dida_ablations.py --jobs 2 --markdown dida_ablations.md   # ~15 min per seed on 2 CPU cores
+    python bench/bench_dida_ablations.py --jobs 2 --variants no_branch static layer_scale
 """
 import argparse
 import statistics
