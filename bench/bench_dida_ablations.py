@@ -6,7 +6,8 @@ folder reuses the study's DIDA-Net, static-branch and FixMatch runs instead of t
 
     single dilation (1 or 2), a 1x1 kernel on the dilation-1 path, unshared reduction convs,
     the channel reduction m in {2, 4, 8, 16, 32} (16 is DIDA-Net's), the static-kernel branch,
-    and (ours, not the paper's) a learned scale on the branch output that starts near 0 (`layer_scale`).
+    and (ours, not the paper's) a learned scale on the branch output that starts near 0 (`layer_scale`);
+    the released code's loss variant, pseudo-labelling source images too (`source_target_stream`).
 
 Branch depth and placement (paper Table VII) are ResNet options (`branch_depth`, `dida_stages` of the
 dida_resnet models); the digit CNN's branch is one unit beside its last conv, so they are not ablated here.
@@ -27,21 +28,25 @@ from uda_runs import SIZES, emit_table, last_fixmatch_epoch, mean_std, offline_r
 import dida_timm  # noqa: E402,F401  registers the models
 from dida_timm.data.offline_digits import DOMAINS  # noqa: E402
 
-# id: (label, study method, module options); the first three are the accuracy study's own runs
+# id: (label, study method, module options, extra train.py arguments); the first three are the accuracy
+# study's own runs
 VARIANTS = {
-    'dida': ('DIDA-Net (m 16, dilations 1 + 2, 3x3, shared reduction)', 'DIDA-Net', {}),
-    'static': ('static branch (learned depthwise kernels)', 'FixMatch + static branch', {}),
-    'no_branch': ('no branch (FixMatch)', 'FixMatch', {}),
-    'dilation_1': ('single dilation 1', 'DIDA-Net', {'dida_dilations': [1]}),
-    'dilation_2': ('single dilation 2', 'DIDA-Net', {'dida_dilations': [2]}),
-    'kernel_1x1': ('1x1 kernel on the dilation-1 path', 'DIDA-Net', {'dida_kernel_size': [1, 3]}),
-    'unshared': ('unshared reduction convs', 'DIDA-Net', {'dida_shared_reduction': False}),
-    'm2': ('m 2', 'DIDA-Net', {'dida_reduction': 2}),
-    'm4': ('m 4', 'DIDA-Net', {'dida_reduction': 4}),
-    'm8': ('m 8', 'DIDA-Net', {'dida_reduction': 8}),
-    'm32': ('m 32', 'DIDA-Net', {'dida_reduction': 32}),
+    'dida': ('DIDA-Net (m 16, dilations 1 + 2, 3x3, shared reduction)', 'DIDA-Net', {}, ()),
+    'static': ('static branch (learned depthwise kernels)', 'FixMatch + static branch', {}, ()),
+    'no_branch': ('no branch (FixMatch)', 'FixMatch', {}, ()),
+    'dilation_1': ('single dilation 1', 'DIDA-Net', {'dida_dilations': [1]}, ()),
+    'dilation_2': ('single dilation 2', 'DIDA-Net', {'dida_dilations': [2]}, ()),
+    'kernel_1x1': ('1x1 kernel on the dilation-1 path', 'DIDA-Net', {'dida_kernel_size': [1, 3]}, ()),
+    'unshared': ('unshared reduction convs', 'DIDA-Net', {'dida_shared_reduction': False}, ()),
+    'm2': ('m 2', 'DIDA-Net', {'dida_reduction': 2}, ()),
+    'm4': ('m 4', 'DIDA-Net', {'dida_reduction': 4}, ()),
+    'm8': ('m 8', 'DIDA-Net', {'dida_reduction': 8}, ()),
+    'm32': ('m 32', 'DIDA-Net', {'dida_reduction': 32}, ()),
     # not a paper ablation: does DIDA-Net lag because its random branch slows early training? (docs/RESULTS.md)
-    'layer_scale': ('branch output x learned scale, init 0.01 (ours)', 'DIDA-Net', {'dida_layer_scale': 0.01}),
+    'layer_scale': ('branch output x learned scale, init 0.01 (ours)', 'DIDA-Net', {'dida_layer_scale': 0.01},
+                    ()),
+    'source_target_stream': ('unlabelled loss on source + target images (released code)', 'DIDA-Net', {},
+                             ('--unlabelled-stream', 'source+target')),
 }
 
 
@@ -66,10 +71,10 @@ def main():
     sources = [d for d in DOMAINS if d != args.target]
 
     variants = ['dida'] + [v for v in args.variants if v != 'dida']
-    names = {(v, seed): run_name(args.target, VARIANTS[v][1], VARIANTS[v][2], seed)
+    names = {(v, seed): run_name(args.target, VARIANTS[v][1], VARIANTS[v][2], seed, VARIANTS[v][3])
              for seed in args.seeds for v in variants}
     runs = [offline_run(names[v, seed], VARIANTS[v][1], args.target, sources, seed, size,
-                        model_kwargs=VARIANTS[v][2]) for v, seed in names]
+                        model_kwargs=VARIANTS[v][2], train_args=VARIANTS[v][3]) for v, seed in names]
     results = run_all(runs, args.out, args.jobs)
 
     def accs(variant):
@@ -88,7 +93,7 @@ def main():
         '|---|---|---|---|---|---|---|',
     ]
     for v in variants:
-        label, method, options = VARIANTS[v]
+        label, method, options, _ = VARIANTS[v]
         runs_v = [results[names[v, seed]] for seed in args.seeds]
         last = [last_fixmatch_epoch(r) for r in runs_v]
         lines.append(

@@ -41,10 +41,18 @@ class Run:
     args: Tuple[str, ...]
 
 
-def run_name(target: str, method: str, options: Dict[str, object], seed: int) -> str:
-    """Folder name of a run: target, method (a key of METHODS), module options that differ, seed."""
+def run_name(
+        target: str,
+        method: str,
+        options: Dict[str, object],
+        seed: int,
+        train_args: Sequence[str] = (),
+) -> str:
+    """Folder name of a run: target, method (a key of METHODS), module options and extra arguments, seed."""
     suffix = ''.join(f'-{k.removeprefix("dida_")}{"_".join(map(str, v)) if isinstance(v, list) else v}'
                      for k, v in options.items())
+    if train_args:
+        suffix += '-' + '_'.join(a.lstrip('-').replace('+', '_') for a in train_args)
     return f'{target}-{method.replace(" ", "").replace("+", "_")}{suffix}-s{seed}'
 
 
@@ -56,11 +64,13 @@ def offline_run(
         seed: int,
         size: str,
         model_kwargs: Optional[Dict[str, object]] = None,
+        train_args: Sequence[str] = (),
 ) -> Run:
     """A run of `method` (a key of METHODS) on the offline digits benchmark with the README recipe.
 
     Source-only runs train for as many epochs in total as the adapting runs (source-only phase + FixMatch).
-    `model_kwargs` are added to the method's own (an ablation of DIDA-Net's module options).
+    `model_kwargs` are added to the method's own (an ablation of DIDA-Net's module options), `train_args` to the
+    command line (an ablation of the training recipe).
     """
     model, train_method, kwargs = METHODS[method]
     s = SIZES[size]
@@ -72,7 +82,7 @@ def offline_run(
     kwargs_arg = ('--model-kwargs', json.dumps({**kwargs, **(model_kwargs or {})}))
     return Run(name, ('-c', str(OFFLINE_RECIPE), '--model', model, '--method', train_method, *kwargs_arg, *schedule,
                       '--source', *sources, '--target', target, '--seed', str(seed),
-                      '--offline-train-size', str(s['train_size'])))
+                      '--offline-train-size', str(s['train_size']), *train_args))
 
 
 def run_all(runs: Sequence[Run], out: Path, jobs: int = 1) -> Dict[str, dict]:

@@ -32,14 +32,18 @@ def test_study_run_parses_to_the_method_with_equal_total_epochs(method, size):
 
 def test_ablation_variants_build_distinct_models_and_names():
     names = set()
-    for _, method, options in VARIANTS.values():
-        args = train.parse_args(list(offline_run('x', method, 'mnistm_style', DOMAINS[:-1], 0, 'cpu', options).args))
+    for _, method, options, train_args in VARIANTS.values():
+        run = offline_run('x', method, 'mnistm_style', DOMAINS[:-1], 0, 'cpu', options, train_args)
+        args = train.parse_args(list(run.args))
         assert all(args.model_kwargs[k] == v for k, v in options.items())
         timm.create_model(args.model, **args.model_kwargs)  # the options are valid module options
-        names.add(run_name('mnistm_style', method, options, 0))
+        names.add(run_name('mnistm_style', method, options, 0, train_args))
     assert len(names) == len(VARIANTS)
     # the ablations reuse the study's runs by name
     assert run_name('mnistm_style', 'DIDA-Net', {}, 2) == 'mnistm_style-DIDA-Net-s2'
+    _, method, options, train_args = VARIANTS['source_target_stream']
+    run = offline_run('x', method, 'mnistm_style', DOMAINS[:-1], 0, 'cpu', options, train_args)
+    assert train.parse_args(list(run.args)).unlabelled_stream == 'source+target'
 
 
 def test_run_all_skips_finished_runs_and_names_the_log_of_a_failed_one(tmp_path):
