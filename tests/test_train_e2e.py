@@ -77,6 +77,16 @@ def test_killed_run_resumes_to_the_same_weights_as_an_uninterrupted_run(tmp_path
     assert [h['epoch'] for h in history] == [1, 2, 3, 4]
 
 
+@pytest.mark.parametrize('forward_mode', ['joint', 'separate'])
+def test_source_and_target_stream_runs_after_a_source_only_phase(tmp_path, data_dir, forward_mode):
+    """The released code's loss variant: source images get a strong view too, also while the phase is source-only."""
+    _train(['--source', 'mnist', '--target', 'uci_digits', '--source-only-epochs', '1', '--epochs', '1',
+            '--unlabelled-stream', 'source+target', '--forward-mode', forward_mode, '--tsne-per-domain', '0',
+            '--experiment', 'stream'], tmp_path, data_dir)
+    history = json.loads((tmp_path / 'stream' / 'results.json').read_text())['history']
+    assert [h['phase'] for h in history] == ['source_only', 'fixmatch'] and 'keep_rate' in history[1]
+
+
 @pytest.mark.slow
 def test_torchrun_two_processes_on_cpu(tmp_path, data_dir):
     _train(['--source', 'mnist', '--target', 'uci_digits', '--epochs', '1', '--experiment', 'warm'],

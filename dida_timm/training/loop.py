@@ -65,10 +65,10 @@ def train_one_epoch(
     targets = target_loader if target_loader is not None else iter(lambda: None, 0)
     for step, (source_batch, target_batch) in enumerate(zip(source_loader, targets), start=start_step):
         source = [t.to(device, non_blocking=True) for t in source_batch]
-        if cfg.needs_source_strong:
-            source_weak, source_strong, source_labels = source
-        else:
-            (source_weak, source_labels), source_strong = source, None
+        # the source set yields (weak, strong, label) for the 'source+target' stream in every phase, and a
+        # source-only phase of such a run has no use for the strong view
+        source_weak, source_labels = source[0], source[-1]
+        source_strong = source[1] if cfg.needs_source_strong else None
         kwargs = {}
         if target_batch is not None:
             weak, strong, target_labels = (t.to(device, non_blocking=True) for t in target_batch)
