@@ -47,6 +47,8 @@ VARIANTS = {
                     ()),
     'source_target_stream': ('unlabelled loss on source + target images (released code)', 'DIDA-Net', {},
                              ('--unlabelled-stream', 'source+target')),
+    'no_branch_source_target_stream': ('no branch (FixMatch), unlabelled loss on source + target', 'FixMatch', {},
+                                       ('--unlabelled-stream', 'source+target')),
 }
 
 
