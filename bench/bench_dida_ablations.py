@@ -16,14 +16,13 @@ dida_resnet models); the digit CNN's branch is one unit beside its last conv, so
     python bench/bench_dida_ablations.py --jobs 2 --variants no_branch static layer_scale
 """
 import argparse
-import statistics
 import sys
 from pathlib import Path
 
 import timm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from uda_runs import SIZES, emit_table, last_fixmatch_epoch, mean_std, offline_run, run_all, run_name  # noqa: E402
+from uda_runs import SIZES, emit_table, mean_std, offline_run, pseudo_label_cells, run_all, run_name  # noqa: E402
 
 import dida_timm  # noqa: E402,F401  registers the models
 from dida_timm.data.offline_digits import DOMAINS  # noqa: E402
@@ -96,14 +95,10 @@ def main():
     ]
     for v in variants:
         label, method, options, _ = VARIANTS[v]
-        runs_v = [results[names[v, seed]] for seed in args.seeds]
-        last = [last_fixmatch_epoch(r) for r in runs_v]
+        c = pseudo_label_cells([results[names[v, seed]] for seed in args.seeds])
         lines.append(
-            f'| {label} | {branch_params(method, options):,} '
-            f'| {mean_std([r["source_only_start_target_accuracy"] for r in runs_v])} | {mean_std(accs(v))} '
-            f'| {mean_std([a - b for a, b in zip(accs(v), reference)])} '
-            f'| {statistics.mean(h["keep_rate"] for h in last):.0%} '
-            f'| {statistics.mean(h["pseudo_accuracy"] for h in last):.0%} |')
+            f"| {label} | {branch_params(method, options):,} | {c['start']} | {c['final']} "
+            f"| {mean_std([a - b for a, b in zip(accs(v), reference)])} | {c['kept']} | {c['correct']} |")
     emit_table(lines, args.markdown)
 
 

@@ -25,7 +25,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from uda_runs import (  # noqa: E402
-    METHODS, SIZES, emit_table, last_fixmatch_epoch, mean_std, offline_run, run_all, run_name)
+    METHODS, SIZES, emit_table, mean_std, offline_run, pseudo_label_cells, run_all, run_name)
 
 from dida_timm.data.offline_digits import DOMAINS  # noqa: E402
 
@@ -83,13 +83,8 @@ def main():
     ]
     for target in args.targets:
         for method in [m for m in METHODS if METHODS[m][1] == 'fixmatch']:
-            rs = [results[grid[seed, target, method]] for seed in args.seeds]
-            last = [last_fixmatch_epoch(r) for r in rs]
-            lines.append(
-                f'| {target} | {method} | {mean_std([r["source_only_start_target_accuracy"] for r in rs])} '
-                f'| {mean_std([r["target_accuracy"] for r in rs])} '
-                f'| {statistics.mean(h["keep_rate"] for h in last):.0%} '
-                f'| {statistics.mean(h["pseudo_accuracy"] for h in last):.0%} |')
+            c = pseudo_label_cells([results[grid[seed, target, method]] for seed in args.seeds])
+            lines.append(f"| {target} | {method} | {c['start']} | {c['final']} | {c['kept']} | {c['correct']} |")
     wall = sum(r['wall_seconds'] for r in results.values())
     lines += ['', f'Training time summed over the {len(runs)} runs: {wall / 60:.0f} min.']
     emit_table(lines, args.markdown)

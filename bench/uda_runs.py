@@ -123,9 +123,17 @@ def mean_std(values: List[float]) -> str:
     return f'{statistics.mean(values):.1f} ± {statistics.stdev(values):.1f}'
 
 
-def last_fixmatch_epoch(result: dict) -> dict:
-    """The history row of a run's last FixMatch epoch (keep rate, pseudo-label accuracy, ...)."""
-    return [h for h in result['history'] if h['phase'] == 'fixmatch'][-1]
+def pseudo_label_cells(results: List[dict]) -> Dict[str, str]:
+    """Table cells over the seeds of one adapting setting: accuracy after the source-only phase ('start', mean ±
+    std), final accuracy ('final'), and in the last FixMatch epoch the share of target images kept ('kept') and
+    of kept pseudo-labels that were right ('correct'), both as seed means."""
+    last = [[h for h in r['history'] if h['phase'] == 'fixmatch'][-1] for r in results]
+    return {
+        'start': mean_std([r['source_only_start_target_accuracy'] for r in results]),
+        'final': mean_std([r['target_accuracy'] for r in results]),
+        'kept': f'{statistics.mean(h["keep_rate"] for h in last):.0%}',
+        'correct': f'{statistics.mean(h["pseudo_accuracy"] for h in last):.0%}',
+    }
 
 
 def emit_table(lines: List[str], markdown: Optional[Path]) -> None:
