@@ -8,12 +8,15 @@ Prints, measured side by side in one run on this machine:
    the digit nets and the ResNet depths in --train-depths. 192 is one FixMatch step of the offline recipe
    (4 x 32 source images + two views of 32 target images, forwarded together);
 4. the speed-up of the factored DIDA branch over the per-sample-loop reference for a training step
-   (forward + backward, batch 64, dida_resnet18's layer4 branch shapes).
+   (forward + backward, batch 64, dida_resnet18's layer4 branch shapes), and the time of the layers the two
+   share (1x1 convs, BN, ReLU; the depthwise conv skipped): loop / shared bounds the speed-up that any
+   formulation of the dynamic conv can give the whole branch.
 
 Timings alternate the two contenders and report medians, so drift on a shared machine hits both alike.
 
     python bench/bench_cost.py                                # everything, ~5 min on 2 CPU cores
     python bench/bench_cost.py --depths 18 50 --reps 5
+    python bench/bench_cost.py --branch-only --reps 21
     python bench/bench_cost.py --device cuda --train-depths 18 34 50 101 152
 """
 import argparse
@@ -24,6 +27,7 @@ from typing import Callable, Dict, List, Tuple
 
 import timm
 import torch
+import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
 import dida_timm  # noqa: F401  registers the models
@@ -75,25 +79,31 @@ def train_step_fn(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> C
     return run
 
 
-def branch_step_fn(branch: DidaBranch, x: torch.Tensor, per_sample: bool) -> Callable[[], None]:
-    branch.train()
+def without_dynamic_conv(module: DidaModule, x: torch.Tensor) -> torch.Tensor:
+    """The module with its depthwise conv replaced by a strided view scaled by the codes: the layers the factored
+    form and the loop reference share, so loop time / this time bounds any speed-up of the dynamic conv."""
+    feat = F.relu(module.conv(x))[:, :, ::module.stride, ::module.stride]
+    return torch.cat([module.fuse(feat * code[:, :, None, None]) for code in module.kernel_codes(x)], 1)
 
-    def forward(inp: torch.Tensor) -> torch.Tensor:
-        for unit in branch:
-            inp = dida_forward_per_sample(unit.dida, inp) if per_sample else unit.dida(inp)
-            inp = unit.act(unit.bn(inp))
-        return inp
+
+BRANCH_FORMS = {'factored': DidaModule.__call__, 'loop': dida_forward_per_sample, 'shared only': without_dynamic_conv}
+
+
+def branch_step_fn(branch: DidaBranch, x: torch.Tensor, form: str) -> Callable[[], None]:
+    branch.train()
+    module_forward = BRANCH_FORMS[form]
 
     def run():
         branch.zero_grad(set_to_none=True)
-        forward(x).square().mean().backward()
+        inp = x
+        for unit in branch:
+            inp = unit.act(unit.bn(module_forward(unit.dida, inp)))
+        inp.square().mean().backward()
     return run
 
 
 def dynamic_conv_step_fn(module: DidaModule, feat: torch.Tensor, x: torch.Tensor, per_sample: bool):
     """Only the part the two implementations differ in: the per-sample depthwise conv (+ kernel generation)."""
-    import torch.nn.functional as F
-
     def run():
         module.zero_grad(set_to_none=True)
         f = feat.detach().requires_grad_()
@@ -118,34 +128,22 @@ def model_pairs(depths: List[int]) -> List[Tuple[str, str, int, int]]:
     return pairs + [('dida_digitnet', 'digitnet', 32, 192), ('dida_digitnet_compact', 'digitnet_compact', 32, 192)]
 
 
-def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument('--depths', type=int, nargs='+', default=[18, 34, 50, 101, 152])
-    parser.add_argument('--train-depths', type=int, nargs='+', default=[18, 50],
-                        help='ResNet depths whose training step is timed (the digit nets always are)')
-    parser.add_argument('--reps', type=int, default=7)
-    parser.add_argument('--device', default='cpu')
-    args = parser.parse_args()
-    torch.manual_seed(0)
-    device = torch.device(args.device)
-    hardware = torch.cuda.get_device_name(device) if device.type == 'cuda' else \
-        f'{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads'
-    print(f'# DIDA cost, {hardware}, torch {torch.__version__}, timm {timm.__version__}\n')
-
+def print_model_table(depths: List[int], train_depths: List[int], reps: int, device: torch.device) -> None:
+    """Items 1-3 of the module docstring, one row per DIDA model."""
     print('| model vs static twin | params | MACs | extra params | extra MACs | fwd latency ratio '
           '| train step images/s (static / DIDA) | train-step time ratio |')
     print('|---|---|---|---|---|---|---|---|')
-    for dida_name, static_name, img_size, batch_size in model_pairs(args.depths):
+    for dida_name, static_name, img_size, batch_size in model_pairs(depths):
         static, dida = timm.create_model(static_name), timm.create_model(dida_name)
         p_s, p_d = (sum(p.numel() for p in m.parameters()) for m in (static, dida))
         m_s, m_d = (count_macs(m, (1, 3, img_size, img_size)) for m in (static, dida))
         static, dida = static.to(device), dida.to(device)
         x = torch.randn(batch_size, 3, img_size, img_size, device=device)
         y = torch.randint(0, static.num_classes, (batch_size,), device=device)
-        fwd = paired_medians({'static': forward_fn(static, x), 'dida': forward_fn(dida, x)}, args.reps)
+        fwd = paired_medians({'static': forward_fn(static, x), 'dida': forward_fn(dida, x)}, reps)
         throughput, ratio = '-', '-'
-        if not dida_name.startswith('dida_resnet') or int(dida_name[len('dida_resnet'):]) in args.train_depths:
-            t = paired_medians({'static': train_step_fn(static, x, y), 'dida': train_step_fn(dida, x, y)}, args.reps)
+        if not dida_name.startswith('dida_resnet') or int(dida_name[len('dida_resnet'):]) in train_depths:
+            t = paired_medians({'static': train_step_fn(static, x, y), 'dida': train_step_fn(dida, x, y)}, reps)
             throughput = f"{batch_size / t['static']:.0f} / {batch_size / t['dida']:.0f}"
             ratio = f"{t['dida'] / t['static']:.3f}"
         print(f'| {dida_name} vs {static_name} | {p_d / 1e6:.2f}M vs {p_s / 1e6:.2f}M '
@@ -153,14 +151,33 @@ def main():
               f"| {fwd['dida'] / fwd['static']:.3f} (b{batch_size}, {img_size} px) | {throughput} | {ratio} |",
               flush=True)
 
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument('--depths', type=int, nargs='+', default=[18, 34, 50, 101, 152])
+    parser.add_argument('--train-depths', type=int, nargs='+', default=[18, 50],
+                        help='ResNet depths whose training step is timed (the digit nets always are)')
+    parser.add_argument('--reps', type=int, default=7)
+    parser.add_argument('--device', default='cpu')
+    parser.add_argument('--branch-only', action='store_true', help='only the factored-vs-loop branch timings (4.)')
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    device = torch.device(args.device)
+    hardware = torch.cuda.get_device_name(device) if device.type == 'cuda' else \
+        f'{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads'
+    print(f'# DIDA cost, {hardware}, torch {torch.__version__}, timm {timm.__version__}\n')
+
+    if not args.branch_only:
+        print_model_table(args.depths, args.train_depths, args.reps, device)
     print('\n## Factored DIDA branch vs the per-sample-loop reference (training step, batch 64, dida_resnet18 '
           'layer4 branch: 256x14x14 -> 512x7x7, two units)\n')
     branch = DidaBranch(256, 512, 512, depth=2, stride=2).to(device)
     xb = torch.randn(64, 256, 14, 14, device=device)
-    t = paired_medians({'factored': branch_step_fn(branch, xb, False), 'loop': branch_step_fn(branch, xb, True)},
-                       args.reps)
+    t = paired_medians({form: branch_step_fn(branch, xb, form) for form in BRANCH_FORMS}, args.reps)
     print(f"| whole branch (1x1 convs, BN included) | factored {t['factored'] * 1e3:.1f} ms | loop "
           f"{t['loop'] * 1e3:.1f} ms | speed-up {t['loop'] / t['factored']:.2f}x |")
+    print(f"| shared layers only (depthwise conv skipped) | {t['shared only'] * 1e3:.1f} ms | bound on any "
+          f"dynamic conv: loop / shared {t['loop'] / t['shared only']:.2f}x |")
     module = branch[0].dida
     feat = torch.relu(module.conv(xb)).detach()
     t = paired_medians({'factored': dynamic_conv_step_fn(module, feat, xb, False),

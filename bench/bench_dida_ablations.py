@@ -7,7 +7,9 @@ folder reuses the study's DIDA-Net, static-branch and FixMatch runs instead of t
     single dilation (1 or 2), a 1x1 kernel on the dilation-1 path, unshared reduction convs,
     the channel reduction m in {2, 4, 8, 16, 32} (16 is DIDA-Net's), the static-kernel branch,
     and (ours, not the paper's) a learned scale on the branch output that starts near 0 (`layer_scale`);
-    the released code's loss variant, pseudo-labelling source images too (`source_target_stream`).
+    the released code's loss variant, pseudo-labelling source images too (`source_target_stream`),
+    the branch and classifier at 10x the learning rate (`lr_10x`), a weaker strong view (`weak_augment`);
+    the last three also without the branch (`no_branch_*`), since they change the baseline's recipe too.
 
 Branch depth and placement (paper Table VII) are ResNet options (`branch_depth`, `dida_stages` of the
 dida_resnet models); the digit CNN's branch is one unit beside its last conv, so they are not ablated here.
@@ -48,6 +50,16 @@ VARIANTS = {
                              ('--unlabelled-stream', 'source+target')),
     'no_branch_source_target_stream': ('no branch (FixMatch), unlabelled loss on source + target', 'FixMatch', {},
                                        ('--unlabelled-stream', 'source+target')),
+    # the paper's learning-rate recipe for a pretrained backbone: new layers (branch, classifier) at 10x
+    'lr_10x': ('branch + classifier at 10x the learning rate (paper, pretrained backbones)', 'DIDA-Net', {},
+               ('--new-lr-scale', '10')),
+    'no_branch_lr_10x': ('no branch (FixMatch), classifier at 10x the learning rate', 'FixMatch', {},
+                         ('--new-lr-scale', '10')),
+    # augmentation strength of the strong view: RandAugment magnitude 10 -> 5, cutout 16 -> 8 px
+    'weak_augment': ('weaker strong view (RandAugment m5, cutout 8)', 'DIDA-Net', {},
+                     ('--rand-augment', 'rand-m5-n2-mstd0.5', '--cutout', '8')),
+    'no_branch_weak_augment': ('no branch (FixMatch), weaker strong view (RandAugment m5, cutout 8)', 'FixMatch', {},
+                               ('--rand-augment', 'rand-m5-n2-mstd0.5', '--cutout', '8')),
 }
 
 

@@ -17,8 +17,10 @@ the command skips finished runs and continues interrupted ones.
 
     python bench/bench_uda_accuracy.py --jobs 2 --markdown uda_accuracy.md
     python bench/bench_uda_accuracy.py --full --out output/uda_accuracy_full
+    python bench/bench_uda_accuracy.py --jobs 2 --train-args '--new-lr-scale 10'   # a recipe change, every method
 """
 import argparse
+import shlex
 import statistics
 import sys
 from pathlib import Path
@@ -38,13 +40,16 @@ def main():
     parser.add_argument('--jobs', type=int, default=1, help='runs side by side (CPU threads are split)')
     parser.add_argument('--out', type=Path, default=Path('output/uda_accuracy'), help='run folders (resumable)')
     parser.add_argument('--markdown', type=Path, default=None, help='also write the tables here')
+    parser.add_argument('--train-args', type=shlex.split, default=[],
+                        help='extra train.py arguments for every run, one quoted string (run names record them)')
     args = parser.parse_args()
     size = 'full' if args.full else 'cpu'
+    recipe = tuple(args.train_args)
 
     # seed-major, so a study stopped early still has whole seeds
-    grid = {(seed, target, method): run_name(target, method, {}, seed)
+    grid = {(seed, target, method): run_name(target, method, {}, seed, recipe)
             for seed in args.seeds for target in args.targets for method in METHODS}
-    runs = [offline_run(name, method, target, [d for d in DOMAINS if d != target], seed, size)
+    runs = [offline_run(name, method, target, [d for d in DOMAINS if d != target], seed, size, train_args=recipe)
             for (seed, target, method), name in grid.items()]
     results = run_all(runs, args.out, args.jobs)
 
@@ -55,7 +60,8 @@ def main():
     lines = [
         f'Offline digits, leave one domain out, size `{size}`: {s["train_size"]:,} train images per domain '
         f'(test 500), {s["source_only_epochs"]} source-only + {s["epochs"]} FixMatch epochs, seeds '
-        f'{", ".join(map(str, args.seeds))}. Target test accuracy (%), mean ± std over seeds.',
+        f'{", ".join(map(str, args.seeds))}{"; every run with " + shlex.join(recipe) if recipe else ""}. '
+        'Target test accuracy (%), mean ± std over seeds.',
         '',
         '| target | ' + ' | '.join(METHODS) + ' | DIDA-Net - FixMatch | DIDA-Net - static branch |',
         '|---|' + '---|' * (len(METHODS) + 2),

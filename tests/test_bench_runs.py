@@ -41,9 +41,22 @@ def test_ablation_variants_build_distinct_models_and_names():
     assert len(names) == len(VARIANTS)
     # the ablations reuse the study's runs by name
     assert run_name('mnistm_style', 'DIDA-Net', {}, 2) == 'mnistm_style-DIDA-Net-s2'
-    _, method, options, train_args = VARIANTS['source_target_stream']
-    run = offline_run('x', method, 'mnistm_style', DOMAINS[:-1], 0, 'cpu', options, train_args)
-    assert train.parse_args(list(run.args)).unlabelled_stream == 'source+target'
+
+
+@pytest.mark.parametrize('variant, field, value', [
+    ('source_target_stream', 'unlabelled_stream', 'source+target'),
+    ('no_branch_source_target_stream', 'unlabelled_stream', 'source+target'),
+    ('lr_10x', 'new_lr_scale', 10.0),
+    ('no_branch_lr_10x', 'new_lr_scale', 10.0),
+    ('weak_augment', 'rand_augment', 'rand-m5-n2-mstd0.5'),
+    ('no_branch_weak_augment', 'cutout', 8),
+])
+def test_recipe_variants_change_the_recipe_of_their_method(variant, field, value):
+    _, method, options, train_args = VARIANTS[variant]
+    args = train.parse_args(list(offline_run('x', method, 'mnistm_style', DOMAINS[:-1], 0, 'cpu', options,
+                                             train_args).args))
+    assert getattr(args, field) == value
+    assert args.model == METHODS[method][0]
 
 
 def test_run_all_skips_finished_runs_and_names_the_log_of_a_failed_one(tmp_path):
