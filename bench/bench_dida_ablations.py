@@ -8,8 +8,9 @@ folder reuses the study's DIDA-Net, static-branch and FixMatch runs instead of t
     the channel reduction m in {2, 4, 8, 16, 32} (16 is DIDA-Net's), the static-kernel branch,
     and (ours, not the paper's) a learned scale on the branch output that starts near 0 (`layer_scale`);
     the released code's loss variant, pseudo-labelling source images too (`source_target_stream`),
-    the branch and classifier at 10x the learning rate (`lr_10x`), a weaker strong view (`weak_augment`);
-    the last three also without the branch (`no_branch_*`), since they change the baseline's recipe too.
+    the branch and classifier at 10x the learning rate (`lr_10x`), a weaker strong view (`weak_augment`) and
+    both (`lr_10x_weak_augment`); these recipe changes also without the branch (`no_branch_*`), since they change
+    the baseline's recipe too.
 
 Branch depth and placement (paper Table VII) are ResNet options (`branch_depth`, `dida_stages` of the
 dida_resnet models); the digit CNN's branch is one unit beside its last conv, so they are not ablated here.
@@ -60,6 +61,11 @@ VARIANTS = {
                      ('--rand-augment', 'rand-m5-n2-mstd0.5', '--cutout', '8')),
     'no_branch_weak_augment': ('no branch (FixMatch), weaker strong view (RandAugment m5, cutout 8)', 'FixMatch', {},
                                ('--rand-augment', 'rand-m5-n2-mstd0.5', '--cutout', '8')),
+    'lr_10x_weak_augment': ('10x learning rate of new layers + weaker strong view', 'DIDA-Net', {},
+                            ('--new-lr-scale', '10', '--rand-augment', 'rand-m5-n2-mstd0.5', '--cutout', '8')),
+    'no_branch_lr_10x_weak_augment': ('no branch (FixMatch), 10x classifier learning rate + weaker strong view',
+                                      'FixMatch', {},
+                                      ('--new-lr-scale', '10', '--rand-augment', 'rand-m5-n2-mstd0.5', '--cutout', '8')),
 }
 
 

@@ -40,15 +40,21 @@ def main():
     parser.add_argument('--jobs', type=int, default=1, help='runs side by side (CPU threads are split)')
     parser.add_argument('--out', type=Path, default=Path('output/uda_accuracy'), help='run folders (resumable)')
     parser.add_argument('--markdown', type=Path, default=None, help='also write the tables here')
+    parser.add_argument('--methods', nargs='+', default=list(METHODS), choices=METHODS,
+                        help='methods to run (DIDA-Net is always included: the differences are taken against it)')
     parser.add_argument('--train-args', type=shlex.split, default=[],
                         help='extra train.py arguments for every run, one quoted string (run names record them)')
     args = parser.parse_args()
     size = 'full' if args.full else 'cpu'
     recipe = tuple(args.train_args)
+    methods = [m for m in METHODS if m in args.methods or m == 'DIDA-Net']
+    # the baselines DIDA-Net is compared with, by column label
+    bases = {label: m for label, m in (('FixMatch', 'FixMatch'), ('static branch', 'FixMatch + static branch'))
+             if m in methods}
 
     # seed-major, so a study stopped early still has whole seeds
     grid = {(seed, target, method): run_name(target, method, {}, seed, recipe)
-            for seed in args.seeds for target in args.targets for method in METHODS}
+            for seed in args.seeds for target in args.targets for method in methods}
     runs = [offline_run(name, method, target, [d for d in DOMAINS if d != target], seed, size, train_args=recipe)
             for (seed, target, method), name in grid.items()]
     results = run_all(runs, args.out, args.jobs)
@@ -63,14 +69,14 @@ def main():
         f'{", ".join(map(str, args.seeds))}{"; every run with " + shlex.join(recipe) if recipe else ""}. '
         'Target test accuracy (%), mean ± std over seeds.',
         '',
-        '| target | ' + ' | '.join(METHODS) + ' | DIDA-Net - FixMatch | DIDA-Net - static branch |',
-        '|---|' + '---|' * (len(METHODS) + 2),
+        '| target | ' + ' | '.join(methods) + ''.join(f' | DIDA-Net - {b}' for b in bases) + ' |',
+        '|---|' + '---|' * (len(methods) + len(bases)),
     ]
 
     def row(label, value):
-        cells = [mean_std([value(seed, m) for seed in args.seeds]) for m in METHODS]
+        cells = [mean_std([value(seed, m) for seed in args.seeds]) for m in methods]
         gains = [mean_std([value(seed, 'DIDA-Net') - value(seed, base) for seed in args.seeds])
-                 for base in ('FixMatch', 'FixMatch + static branch')]
+                 for base in bases.values()]
         return f'| {label} | ' + ' | '.join(cells + gains) + ' |'
 
     for target in args.targets:
@@ -88,7 +94,7 @@ def main():
         '|---|---|---|---|---|---|',
     ]
     for target in args.targets:
-        for method in [m for m in METHODS if METHODS[m][1] == 'fixmatch']:
+        for method in [m for m in methods if METHODS[m][1] == 'fixmatch']:
             c = pseudo_label_cells([results[grid[seed, target, method]] for seed in args.seeds])
             lines.append(f"| {target} | {method} | {c['start']} | {c['final']} | {c['kept']} | {c['correct']} |")
     wall = sum(r['wall_seconds'] for r in results.values())
