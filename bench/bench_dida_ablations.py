@@ -30,6 +30,11 @@ from uda_runs import SIZES, emit_table, mean_std, offline_run, pseudo_label_cell
 import dida_timm  # noqa: E402,F401  registers the models
 from dida_timm.data.offline_digits import DOMAINS  # noqa: E402
 
+# recipe changes probed for DIDA-Net and plain FixMatch alike; the strong view's RandAugment magnitude 10 -> 5 and
+# Cutout 16 -> 8 px
+LR_10X = ('--new-lr-scale', '10')
+WEAK_AUGMENT = ('--rand-augment', 'rand-m5-n2-mstd0.5', '--cutout', '8')
+
 # id: (label, study method, module options, extra train.py arguments); the first three are the accuracy
 # study's own runs
 VARIANTS = {
@@ -52,20 +57,15 @@ VARIANTS = {
     'no_branch_source_target_stream': ('no branch (FixMatch), unlabelled loss on source + target', 'FixMatch', {},
                                        ('--unlabelled-stream', 'source+target')),
     # the paper's learning-rate recipe for a pretrained backbone: new layers (branch, classifier) at 10x
-    'lr_10x': ('branch + classifier at 10x the learning rate (paper, pretrained backbones)', 'DIDA-Net', {},
-               ('--new-lr-scale', '10')),
-    'no_branch_lr_10x': ('no branch (FixMatch), classifier at 10x the learning rate', 'FixMatch', {},
-                         ('--new-lr-scale', '10')),
-    # augmentation strength of the strong view: RandAugment magnitude 10 -> 5, cutout 16 -> 8 px
-    'weak_augment': ('weaker strong view (RandAugment m5, cutout 8)', 'DIDA-Net', {},
-                     ('--rand-augment', 'rand-m5-n2-mstd0.5', '--cutout', '8')),
+    'lr_10x': ('branch + classifier at 10x the learning rate (paper, pretrained backbones)', 'DIDA-Net', {}, LR_10X),
+    'no_branch_lr_10x': ('no branch (FixMatch), classifier at 10x the learning rate', 'FixMatch', {}, LR_10X),
+    'weak_augment': ('weaker strong view (RandAugment m5, cutout 8)', 'DIDA-Net', {}, WEAK_AUGMENT),
     'no_branch_weak_augment': ('no branch (FixMatch), weaker strong view (RandAugment m5, cutout 8)', 'FixMatch', {},
-                               ('--rand-augment', 'rand-m5-n2-mstd0.5', '--cutout', '8')),
+                               WEAK_AUGMENT),
     'lr_10x_weak_augment': ('10x learning rate of new layers + weaker strong view', 'DIDA-Net', {},
-                            ('--new-lr-scale', '10', '--rand-augment', 'rand-m5-n2-mstd0.5', '--cutout', '8')),
+                            LR_10X + WEAK_AUGMENT),
     'no_branch_lr_10x_weak_augment': ('no branch (FixMatch), 10x classifier learning rate + weaker strong view',
-                                      'FixMatch', {},
-                                      ('--new-lr-scale', '10', '--rand-augment', 'rand-m5-n2-mstd0.5', '--cutout', '8')),
+                                      'FixMatch', {}, LR_10X + WEAK_AUGMENT),
 }
 
 

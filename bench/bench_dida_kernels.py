@@ -41,7 +41,7 @@ def load_run(run: Path) -> tuple:
     args = yaml.safe_load((run / 'args.yaml').read_text())
     model = timm.create_model(args['model'], **args['model_kwargs'])
     model.load_state_dict(load_file(run / 'model.safetensors'))
-    return model.eval(), args, json.loads((run / "results.json").read_text())
+    return model.eval(), args, json.loads((run / 'results.json').read_text())
 
 
 @torch.no_grad()

@@ -29,3 +29,11 @@ def test_domain_share_separates_domain_codes_from_instance_codes():
     assert domain_share(by_domain) == pytest.approx(1.0)
     noise = torch.randn(20, 1, 3)
     assert domain_share({'a': noise, 'b': noise.clone()}) == pytest.approx(0.0, abs=1e-6)
+
+
+def test_missing_run_folder_is_named(tmp_path, monkeypatch, capsys):
+    import bench_dida_kernels
+    missing = tmp_path / 'mnistm_style-DIDA-Net-s9'
+    monkeypatch.setattr(sys, 'argv', ['bench_dida_kernels.py', str(missing)])
+    with pytest.raises(SystemExit, match=r'no finished run .*mnistm_style-DIDA-Net-s9'):
+        bench_dida_kernels.main()
