@@ -18,12 +18,16 @@ Timings alternate the two contenders and report medians, so drift on a shared ma
     python bench/bench_cost.py --depths 18 50 --reps 5
     python bench/bench_cost.py --branch-only --reps 21
     python bench/bench_cost.py --device cuda --train-depths 18 34 50 101 152
+    python bench/bench_cost.py --device cuda --depths 18 --compile reduce-overhead   # CUDA graphs, no launches
+
+On a GPU at these batch sizes the eager ratios are mostly Python and kernel-launch overhead (the branch is many
+small ops); `--batch-scale` and `--compile` (every contender compiled alike) show how much.
 """
 import argparse
 import platform
 import statistics
 import time
-from typing import Callable, Dict, List, Tuple
+from typing import Callable, Dict, List, Optional, Tuple
 
 import timm
 import torch
@@ -42,7 +46,7 @@ def count_macs(model: torch.nn.Module, input_size: Tuple[int, ...]) -> int:
     return counter.get_total_flops() // 2
 
 
-def paired_medians(fns: Dict[str, Callable[[], None]], reps: int, warmup: int = 1) -> Dict[str, float]:
+def paired_medians(fns: Dict[str, Callable[[], None]], reps: int, warmup: int) -> Dict[str, float]:
     """Median seconds per call of each function, calls interleaved (CUDA work is waited for)."""
     sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
     for fn in fns.values():
@@ -89,36 +93,48 @@ def without_dynamic_conv(module: DidaModule, x: torch.Tensor) -> torch.Tensor:
 BRANCH_FORMS = {'factored': DidaModule.__call__, 'loop': dida_forward_per_sample, 'shared only': without_dynamic_conv}
 
 
-def branch_step_fn(branch: DidaBranch, x: torch.Tensor, form: str) -> Callable[[], None]:
+def branch_step_fn(branch: DidaBranch, x: torch.Tensor, form: str, compile_mode: Optional[str]) -> Callable[[], None]:
     branch.train()
     module_forward = BRANCH_FORMS[form]
 
-    def run():
-        branch.zero_grad(set_to_none=True)
-        inp = x
+    def forward(inp: torch.Tensor) -> torch.Tensor:
         for unit in branch:
             inp = unit.act(unit.bn(module_forward(unit.dida, inp)))
-        inp.square().mean().backward()
+        return inp
+    if compile_mode:
+        forward = torch.compile(forward, mode=compile_mode)
+
+    def run():
+        branch.zero_grad(set_to_none=True)
+        forward(x).square().mean().backward()
     return run
 
 
-def dynamic_conv_step_fn(module: DidaModule, feat: torch.Tensor, x: torch.Tensor, per_sample: bool):
+def dynamic_conv_step_fn(
+        module: DidaModule,
+        feat: torch.Tensor,
+        x: torch.Tensor,
+        per_sample: bool,
+        compile_mode: Optional[str],
+) -> Callable[[], None]:
     """Only the part the two implementations differ in: the per-sample depthwise conv (+ kernel generation)."""
-    def run():
-        module.zero_grad(set_to_none=True)
-        f = feat.detach().requires_grad_()
+    def forward(f: torch.Tensor) -> torch.Tensor:
         if per_sample:
             outs = []
             for kernels, dilation, padding in zip(module.generate_kernels(x), module.dilations, module.paddings):
                 outs += [F.conv2d(f[n:n + 1], kernels[n].unsqueeze(1), None, module.stride, padding, dilation,
                                   groups=module.reduced_chs) for n in range(f.shape[0])]
-            out = torch.cat(outs)
-        else:
-            out = torch.cat([
-                module.dynamic_conv(f, code, basis, d, p)
-                for code, basis, d, p in zip(module.kernel_codes(x), module.kernel_bases(), module.dilations,
-                                             module.paddings)])
-        out.square().mean().backward()
+            return torch.cat(outs)
+        return torch.cat([
+            module.dynamic_conv(f, code, basis, d, p)
+            for code, basis, d, p in zip(module.kernel_codes(x), module.kernel_bases(), module.dilations,
+                                         module.paddings)])
+    if compile_mode:
+        forward = torch.compile(forward, mode=compile_mode)
+
+    def run():
+        module.zero_grad(set_to_none=True)
+        forward(feat.detach().requires_grad_()).square().mean().backward()
     return run
 
 
@@ -128,22 +144,35 @@ def model_pairs(depths: List[int]) -> List[Tuple[str, str, int, int]]:
     return pairs + [('dida_digitnet', 'digitnet', 32, 192), ('dida_digitnet_compact', 'digitnet_compact', 32, 192)]
 
 
-def print_model_table(depths: List[int], train_depths: List[int], reps: int, device: torch.device) -> None:
-    """Items 1-3 of the module docstring, one row per DIDA model."""
+def print_model_table(
+        depths: List[int],
+        train_depths: List[int],
+        reps: int,
+        device: torch.device,
+        batch_scale: int = 1,
+        compile_mode: Optional[str] = None,
+) -> None:
+    """Items 1-3 of the module docstring, one row per DIDA model (batches times `batch_scale`; with
+    `compile_mode`, both models of a pair are timed through `torch.compile(mode=compile_mode)`)."""
+    warmup = 3 if compile_mode else 1
     print('| model vs static twin | params | MACs | extra params | extra MACs | fwd latency ratio '
           '| train step images/s (static / DIDA) | train-step time ratio |')
     print('|---|---|---|---|---|---|---|---|')
     for dida_name, static_name, img_size, batch_size in model_pairs(depths):
+        batch_size *= batch_scale
         static, dida = timm.create_model(static_name), timm.create_model(dida_name)
         p_s, p_d = (sum(p.numel() for p in m.parameters()) for m in (static, dida))
         m_s, m_d = (count_macs(m, (1, 3, img_size, img_size)) for m in (static, dida))
         static, dida = static.to(device), dida.to(device)
+        if compile_mode:
+            static, dida = (torch.compile(m, mode=compile_mode) for m in (static, dida))
         x = torch.randn(batch_size, 3, img_size, img_size, device=device)
         y = torch.randint(0, static.num_classes, (batch_size,), device=device)
-        fwd = paired_medians({'static': forward_fn(static, x), 'dida': forward_fn(dida, x)}, reps)
+        fwd = paired_medians({'static': forward_fn(static, x), 'dida': forward_fn(dida, x)}, reps, warmup)
         throughput, ratio = '-', '-'
         if not dida_name.startswith('dida_resnet') or int(dida_name[len('dida_resnet'):]) in train_depths:
-            t = paired_medians({'static': train_step_fn(static, x, y), 'dida': train_step_fn(dida, x, y)}, reps)
+            t = paired_medians({'static': train_step_fn(static, x, y), 'dida': train_step_fn(dida, x, y)}, reps,
+                               warmup)
             throughput = f"{batch_size / t['static']:.0f} / {batch_size / t['dida']:.0f}"
             ratio = f"{t['dida'] / t['static']:.3f}"
         print(f'| {dida_name} vs {static_name} | {p_d / 1e6:.2f}M vs {p_s / 1e6:.2f}M '
@@ -160,28 +189,34 @@ def main():
     parser.add_argument('--reps', type=int, default=7)
     parser.add_argument('--device', default='cpu')
     parser.add_argument('--branch-only', action='store_true', help='only the factored-vs-loop branch timings (4.)')
+    parser.add_argument('--batch-scale', type=int, default=1, help='multiply the model table\'s batch sizes')
+    parser.add_argument('--compile', default=None, metavar='MODE',
+                        help='time every contender through torch.compile(mode=MODE), e.g. default, reduce-overhead')
     args = parser.parse_args()
+    warmup = 3 if args.compile else 1
     torch.manual_seed(0)
     device = torch.device(args.device)
     hardware = torch.cuda.get_device_name(device) if device.type == 'cuda' else \
         f'{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads'
-    print(f'# DIDA cost, {hardware}, torch {torch.__version__}, timm {timm.__version__}\n')
+    compiled = f', torch.compile(mode={args.compile!r})' if args.compile else ', eager'
+    print(f'# DIDA cost, {hardware}, torch {torch.__version__}, timm {timm.__version__}{compiled}\n')
 
     if not args.branch_only:
-        print_model_table(args.depths, args.train_depths, args.reps, device)
+        print_model_table(args.depths, args.train_depths, args.reps, device, args.batch_scale, args.compile)
     print('\n## Factored DIDA branch vs the per-sample-loop reference (training step, batch 64, dida_resnet18 '
           'layer4 branch: 256x14x14 -> 512x7x7, two units)\n')
     branch = DidaBranch(256, 512, 512, depth=2, stride=2).to(device)
     xb = torch.randn(64, 256, 14, 14, device=device)
-    t = paired_medians({form: branch_step_fn(branch, xb, form) for form in BRANCH_FORMS}, args.reps)
+    t = paired_medians({form: branch_step_fn(branch, xb, form, args.compile) for form in BRANCH_FORMS}, args.reps,
+                       warmup)
     print(f"| whole branch (1x1 convs, BN included) | factored {t['factored'] * 1e3:.1f} ms | loop "
           f"{t['loop'] * 1e3:.1f} ms | speed-up {t['loop'] / t['factored']:.2f}x |")
     print(f"| shared layers only (depthwise conv skipped) | {t['shared only'] * 1e3:.1f} ms | bound on any "
           f"dynamic conv: loop / shared {t['loop'] / t['shared only']:.2f}x |")
     module = branch[0].dida
     feat = torch.relu(module.conv(xb)).detach()
-    t = paired_medians({'factored': dynamic_conv_step_fn(module, feat, xb, False),
-                        'loop': dynamic_conv_step_fn(module, feat, xb, True)}, args.reps)
+    t = paired_medians({'factored': dynamic_conv_step_fn(module, feat, xb, False, args.compile),
+                        'loop': dynamic_conv_step_fn(module, feat, xb, True, args.compile)}, args.reps, warmup)
     print(f"| dynamic conv only (unit 1, both dilations) | factored {t['factored'] * 1e3:.1f} ms | loop "
           f"{t['loop'] * 1e3:.1f} ms | speed-up {t['loop'] / t['factored']:.2f}x |")
 
