@@ -10,10 +10,10 @@ folder reuses the study's DIDA-Net, static-branch and FixMatch runs instead of t
     the released code's loss variant, pseudo-labelling source images too (`source_target_stream`),
     the branch and classifier at 10x the learning rate (`lr_10x`), a weaker strong view (`weak_augment`) and
     both (`lr_10x_weak_augment`); these recipe changes also without the branch (`no_branch_*`), since they change
-    the baseline's recipe too.
-
-Branch depth and placement (paper Table VII) are ResNet options (`branch_depth`, `dida_stages` of the
-dida_resnet models); the digit CNN's branch is one unit beside its last conv, so they are not ablated here.
+    the baseline's recipe too;
+    branch depth and placement (paper Table VII; the digit CNN's analogue of the ResNets' `branch_depth` and
+    `dida_stages`): two DIDA units instead of one (`depth_2`), the branch beside conv2 instead of conv3
+    (`block2`), beside both (`blocks_2_3`).
 
     python bench/bench_dida_ablations.py --jobs 2 --markdown dida_ablations.md   # ~15 min per seed on 2 CPU cores
     python bench/bench_dida_ablations.py --jobs 2 --variants no_branch static layer_scale
@@ -49,6 +49,9 @@ VARIANTS = {
     'm4': ('m 4', 'DIDA-Net', {'dida_reduction': 4}, ()),
     'm8': ('m 8', 'DIDA-Net', {'dida_reduction': 8}, ()),
     'm32': ('m 32', 'DIDA-Net', {'dida_reduction': 32}, ()),
+    'depth_2': ('two DIDA units in the branch (released-code style)', 'DIDA-Net', {'branch_depth': 2}, ()),
+    'block2': ('branch beside conv2 instead of conv3', 'DIDA-Net', {'dida_blocks': [2]}, ()),
+    'blocks_2_3': ('branches beside conv2 and conv3', 'DIDA-Net', {'dida_blocks': [2, 3]}, ()),
     # not a paper ablation: does DIDA-Net lag because its random branch slows early training? (docs/RESULTS.md)
     'layer_scale': ('branch output x learned scale, init 0.01 (ours)', 'DIDA-Net', {'dida_layer_scale': 0.01},
                     ()),

@@ -18,12 +18,16 @@ the command skips finished runs and continues interrupted ones.
     python bench/bench_uda_accuracy.py --jobs 2 --markdown uda_accuracy.md
     python bench/bench_uda_accuracy.py --full --out output/uda_accuracy_full
     python bench/bench_uda_accuracy.py --jobs 2 --train-args '--new-lr-scale 10'   # a recipe change, every method
+    python bench/bench_uda_accuracy.py --jobs 2 --branch-kwargs '{dida_blocks: [2]}'  # both branches moved
 """
 import argparse
+import json
 import shlex
 import statistics
 import sys
 from pathlib import Path
+
+import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from uda_runs import (  # noqa: E402
@@ -44,7 +48,12 @@ def main():
                         help='methods to run (DIDA-Net is always included: the differences are taken against it)')
     parser.add_argument('--train-args', type=shlex.split, default=[],
                         help='extra train.py arguments for every run, one quoted string (run names record them)')
+    parser.add_argument('--branch-kwargs', type=yaml.safe_load, default={},
+                        help='model options (YAML) for the two methods with a branch, e.g. a placement ablation; '
+                             'run names record them')
     args = parser.parse_args()
+    if not isinstance(args.branch_kwargs, dict):
+        parser.error(f'--branch-kwargs must be a mapping, got {args.branch_kwargs!r}')
     size = 'full' if args.full else 'cpu'
     recipe = tuple(args.train_args)
     methods = [m for m in METHODS if m in args.methods or m == 'DIDA-Net']
@@ -53,9 +62,13 @@ def main():
              if m in methods}
 
     # seed-major, so a study stopped early still has whole seeds
-    grid = {(seed, target, method): run_name(target, method, {}, seed, recipe)
+    def options(method):
+        return args.branch_kwargs if METHODS[method][0].startswith('dida_') else {}
+
+    grid = {(seed, target, method): run_name(target, method, options(method), seed, recipe)
             for seed in args.seeds for target in args.targets for method in methods}
-    runs = [offline_run(name, method, target, [d for d in DOMAINS if d != target], seed, size, train_args=recipe)
+    runs = [offline_run(name, method, target, [d for d in DOMAINS if d != target], seed, size,
+                        model_kwargs=options(method), train_args=recipe)
             for (seed, target, method), name in grid.items()]
     results = run_all(runs, args.out, args.jobs)
 
@@ -66,7 +79,8 @@ def main():
     lines = [
         f'Offline digits, leave one domain out, size `{size}`: {s["train_size"]:,} train images per domain '
         f'(test 500), {s["source_only_epochs"]} source-only + {s["epochs"]} FixMatch epochs, seeds '
-        f'{", ".join(map(str, args.seeds))}{"; every run with " + shlex.join(recipe) if recipe else ""}. '
+        f'{", ".join(map(str, args.seeds))}{"; every run with " + shlex.join(recipe) if recipe else ""}'
+        f'{"; both branches with " + json.dumps(args.branch_kwargs) if args.branch_kwargs else ""}. '
         'Target test accuracy (%), mean ± std over seeds.',
         '',
         '| target | ' + ' | '.join(methods) + ''.join(f' | DIDA-Net - {b}' for b in bases) + ' |',

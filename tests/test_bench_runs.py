@@ -66,3 +66,25 @@ def test_run_all_skips_finished_runs_and_names_the_log_of_a_failed_one(tmp_path)
     with pytest.raises(SystemExit, match=r'run bad failed .*bad\.log'):
         run_all([Run('bad', ('--no-such-flag',))], tmp_path)
     assert 'unrecognized arguments: --no-such-flag' in (tmp_path / 'bad.log').read_text()
+
+
+def test_branch_kwargs_move_both_branches_and_keep_the_baselines_runs(monkeypatch, tmp_path):
+    import bench_uda_accuracy
+    launched = {}
+
+    def fake_run_all(runs, out, jobs):
+        launched.update({r.name: train.parse_args(list(r.args)) for r in runs})
+        history = [{'phase': 'fixmatch', 'keep_rate': 0.5, 'pseudo_accuracy': 0.9}]
+        return {r.name: dict(target_accuracy=50.0, source_only_start_target_accuracy=40.0, history=history,
+                             wall_seconds=1.0) for r in runs}
+
+    monkeypatch.setattr(bench_uda_accuracy, 'run_all', fake_run_all)
+    monkeypatch.setattr(sys, 'argv', ['bench_uda_accuracy.py', '--seeds', '0', '--targets', 'mnist',
+                                      '--branch-kwargs', '{dida_blocks: [2]}', '--markdown', str(tmp_path / 't.md')])
+    bench_uda_accuracy.main()
+    assert launched['mnist-DIDA-Net-blocks2-s0'].model_kwargs == {'dida_blocks': [2]}
+    assert launched['mnist-FixMatch_staticbranch-blocks2-s0'].model_kwargs == {'dida_dynamic': False,
+                                                                              'dida_blocks': [2]}
+    # the runs without a branch are the study's own
+    assert launched['mnist-FixMatch-s0'].model_kwargs == {} and 'mnist-source-only-s0' in launched
+    assert '{"dida_blocks": [2]}' in (tmp_path / 't.md').read_text()

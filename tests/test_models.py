@@ -230,6 +230,21 @@ def test_digitnet_follows_the_m3sda_layout_with_a_620_parameter_dida_module():
     assert model.forward_features(x).shape == (3, 128, 8, 8) and model(x).shape == (3, 10)
 
 
+def test_digitnet_branch_placement_and_depth_ablations():
+    model = timm.create_model('dida_digitnet_compact', dida_blocks=(2, 3), branch_depth=2).eval()
+    assert [len(model.block2.branch), len(model.block3.branch)] == [2, 2]
+    assert model.block2.branch[0].dida.stride == 2 and model.block2.branch[1].dida.stride == 1
+    x = torch.randn(3, 3, 32, 32)
+    assert model.block2(model.block1(x)).shape == (3, 64, 8, 8) and model(x).shape == (3, 10)
+    only2 = timm.create_model('dida_digitnet_compact', dida_blocks=(2,))
+    assert isinstance(only2.block2, DidaStage) and not isinstance(only2.block3, DidaStage)
+    # the default layout is unchanged, so published checkpoints keep loading
+    assert timm.create_model('dida_digitnet_compact').state_dict().keys() == \
+        timm.create_model('dida_digitnet_compact', dida_blocks=(3,), branch_depth=1).state_dict().keys()
+    with pytest.raises(ValueError, match='dida_blocks'):
+        timm.create_model('dida_digitnet_compact', dida_blocks=(1,))
+
+
 def test_compact_digitnet_checkpoint_is_a_few_megabytes():
     for name in ('dida_digitnet_compact', 'digitnet_compact'):
         model = timm.create_model(name)

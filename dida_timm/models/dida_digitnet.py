@@ -6,8 +6,8 @@ https://arxiv.org/abs/1812.01754 - the 32x32 digit CNN DIDA-Net uses on Digit-Fi
 
 conv5x5 3->64, BN, ReLU, maxpool 3/2/1; conv5x5 64->64, BN, ReLU, maxpool; conv5x5 64->128, BN, ReLU (f_s).
 A DIDA module 64 -> 128 (m = 16, 3x3, dilations 1 and 2) -> BN -> ReLU runs beside the last conv and the two
-are summed on 8x8 maps. Head: flatten 8192 -> fc 3072, BN1d, ReLU, dropout 0.5 -> fc 2048, BN1d, ReLU ->
-classifier.
+are summed on 8x8 maps (`dida_blocks` and `branch_depth` build the placement and depth ablations). Head:
+flatten 8192 -> fc 3072, BN1d, ReLU, dropout 0.5 -> fc 2048, BN1d, ReLU -> classifier.
 
 `digitnet` is the static twin (the same network without the branch). The `_compact` variants (32-64-128
 convs, the 8x8 map average-pooled to 4x4, fc 256 -> 128) keep checkpoints at a few MB for published
@@ -108,7 +108,7 @@ class DigitHead(nn.Module):
 
 
 class DigitNet(nn.Module):
-    """Digit-Five CNN (M3SDA) with an optional DIDA branch beside its last conv.
+    """Digit-Five CNN (M3SDA) with an optional DIDA branch beside its last conv (or beside conv2, an ablation).
 
     Args:
         num_classes: Number of classes.
@@ -119,6 +119,9 @@ class DigitNet(nn.Module):
         global_pool: 'flatten' (paper), 'avg', or '' (return the feature map).
         drop_rate: Dropout in the head.
         dida: Add the DIDA branch (False gives the static twin).
+        dida_blocks: Conv blocks (2, 3) that get a branch beside them; (3,) is DIDA-Net's. Block 1 reads the
+            RGB image, which has too few channels to reduce by m.
+        branch_depth: DIDA units per branch (DIDA module -> BN -> ReLU each).
         dida_reduction: Channel reduction m of the DIDA module.
         dida_dilations: Dilations of the DIDA module.
         dida_kernel_size: Generated kernel size, or one per dilation.
@@ -137,6 +140,8 @@ class DigitNet(nn.Module):
             global_pool: str = 'flatten',
             drop_rate: float = 0.5,
             dida: bool = True,
+            dida_blocks: Sequence[int] = (3,),
+            branch_depth: int = 1,
             dida_reduction: int = 16,
             dida_dilations: Sequence[int] = (1, 2),
             dida_kernel_size: Union[int, Sequence[int]] = 3,
@@ -155,22 +160,27 @@ class DigitNet(nn.Module):
         self.drop_rate = drop_rate
         self.grad_checkpointing = False
 
+        dida_blocks = tuple(sorted(set(dida_blocks)))
+        if not dida_blocks or any(b not in (2, 3) for b in dida_blocks):
+            raise ValueError(f'dida_blocks must be a non-empty subset of (2, 3), got {dida_blocks!r}')
         self.block1 = ConvBlock(in_chans, widths[0], pool=True, **dd)
-        self.block2 = ConvBlock(widths[0], widths[1], pool=True, **dd)
-        block3 = ConvBlock(widths[1], widths[2], pool=False, **dd)
-        if dida:
-            branch = DidaBranch(
-                widths[1], widths[2], widths[2],
-                reduction=dida_reduction,
-                dilations=dida_dilations,
-                kernel_size=dida_kernel_size,
-                shared_reduction=dida_shared_reduction,
-                dynamic=dida_dynamic,
-                layer_scale_init=dida_layer_scale,
-                **dd,
-            )
-            block3 = DidaStage(block3, branch)
-        self.block3 = block3
+        for i, (in_chs, out_chs, pool) in enumerate(((widths[0], widths[1], True), (widths[1], widths[2], False)), 2):
+            block = ConvBlock(in_chs, out_chs, pool=pool, **dd)
+            if dida and i in dida_blocks:
+                branch = DidaBranch(
+                    in_chs, out_chs, out_chs,
+                    depth=branch_depth,
+                    stride=2 if pool else 1,
+                    reduction=dida_reduction,
+                    dilations=dida_dilations,
+                    kernel_size=dida_kernel_size,
+                    shared_reduction=dida_shared_reduction,
+                    dynamic=dida_dynamic,
+                    layer_scale_init=dida_layer_scale,
+                    **dd,
+                )
+                block = DidaStage(block, branch)
+            setattr(self, f'block{i}', block)
         self.num_features = widths[2]
         self.feature_info = [
             dict(num_chs=widths[0], reduction=2, module='block1'),
