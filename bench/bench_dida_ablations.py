@@ -25,7 +25,8 @@ from pathlib import Path
 import timm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from uda_runs import SIZES, emit_table, mean_std, offline_run, pseudo_label_cells, run_all, run_name  # noqa: E402
+from uda_runs import (  # noqa: E402
+    METHODS, Study, emit_table, mean_std, offline_study, pseudo_label_cells, run_all, run_name, study_run)
 
 import dida_timm  # noqa: E402,F401  registers the models
 from dida_timm.data.offline_digits import DOMAINS  # noqa: E402
@@ -72,10 +73,10 @@ VARIANTS = {
 }
 
 
-def branch_params(method: str, options: dict) -> int:
-    model = {'FixMatch': 'digitnet_compact'}.get(method, 'dida_digitnet_compact')
-    kwargs = dict(options, dida_dynamic=False) if method == 'FixMatch + static branch' else options
-    return sum(p.numel() for n, p in timm.create_model(model, **kwargs).named_parameters() if '.branch.' in n)
+def branch_params(study: Study, method: str, options: dict) -> int:
+    kwargs = {**METHODS[method][2], **options}
+    model = timm.create_model(study.method_model(method), **kwargs)
+    return sum(p.numel() for n, p in model.named_parameters() if '.branch.' in n)
 
 
 def main():
@@ -89,25 +90,22 @@ def main():
     parser.add_argument('--out', type=Path, default=Path('output/uda_accuracy'), help='run folders (resumable)')
     parser.add_argument('--markdown', type=Path, default=None, help='also write the table here')
     args = parser.parse_args()
-    size = 'full' if args.full else 'cpu'
-    sources = [d for d in DOMAINS if d != args.target]
+    study = offline_study('full' if args.full else 'cpu')
 
     variants = ['dida'] + [v for v in args.variants if v != 'dida']
     names = {(v, seed): run_name(args.target, VARIANTS[v][1], VARIANTS[v][2], seed, VARIANTS[v][3])
              for seed in args.seeds for v in variants}
-    runs = [offline_run(names[v, seed], VARIANTS[v][1], args.target, sources, seed, size,
-                        model_kwargs=VARIANTS[v][2], train_args=VARIANTS[v][3]) for v, seed in names]
+    runs = [study_run(study, names[v, seed], VARIANTS[v][1], args.target, seed, model_kwargs=VARIANTS[v][2],
+                      train_args=VARIANTS[v][3]) for v, seed in names]
     results = run_all(runs, args.out, args.jobs)
 
     def accs(variant):
         return [results[names[variant, seed]]['target_accuracy'] for seed in args.seeds]
 
     reference = accs('dida')
-    s = SIZES[size]
     lines = [
-        f'DIDA ablations on `dida_digitnet_compact`, offline digits target {args.target} (4 sources), size '
-        f'`{size}`: {s["train_size"]:,} train images per domain, {s["source_only_epochs"]} source-only + '
-        f'{s["epochs"]} FixMatch epochs, seeds {", ".join(map(str, args.seeds))}. Target accuracy (%), mean ± std; '
+        f'DIDA ablations on `{study.model}`, target {args.target} (4 sources). {study.description}, seeds '
+        f'{", ".join(map(str, args.seeds))}. Target accuracy (%), mean ± std; '
         'the difference to DIDA-Net is paired by seed; source-only start = accuracy after the source-only phase.',
         '',
         '| variant | branch params | source-only start | target accuracy | - DIDA-Net | kept (last epoch) '
@@ -118,7 +116,7 @@ def main():
         label, method, options, _ = VARIANTS[v]
         c = pseudo_label_cells([results[names[v, seed]] for seed in args.seeds])
         lines.append(
-            f"| {label} | {branch_params(method, options):,} | {c['start']} | {c['final']} "
+            f"| {label} | {branch_params(study, method, options):,} | {c['start']} | {c['final']} "
             f"| {mean_std([a - b for a, b in zip(accs(v), reference)])} | {c['kept']} | {c['correct']} |")
     emit_table(lines, args.markdown)
 

@@ -1,9 +1,9 @@
-"""Does DIDA-Net beat its baselines on the offline digits benchmark? Leave-one-domain-out, several seeds.
+"""Does DIDA-Net beat its baselines? Leave-one-domain-out, several seeds, four methods with one recipe.
 
-The comparison of the paper's Table IV (PACS: FixMatch 88.86, static-CNN branch 90.39, DIDA-Net 91.83), made
-on the built-in offline benchmark: every domain in turn is the target and the other four are the labelled
-sources. Four methods, each with the same recipe (train/configs/offline_digits_cpu.yaml: SGD 0.05, cosine,
-4 x 32 source + 32 target images per step, RandAugment + Cutout on the strong view, threshold 0.95):
+The comparison of the paper's Table IV (PACS: FixMatch 88.86, static-CNN branch 90.39, DIDA-Net 91.83). By
+default it runs on the built-in offline benchmark: every domain in turn is the target and the other four are the
+labelled sources, with the README recipe (train/configs/offline_digits_cpu.yaml: SGD 0.05, cosine, 4 x 32 source
++ 32 target images per step, RandAugment + Cutout on the strong view, threshold 0.95):
 
     source-only               digitnet_compact (static twin), source images only, as many epochs in total
     FixMatch                  digitnet_compact, source-only phase then FixMatch
@@ -15,10 +15,15 @@ minutes for 5 targets x 3 seeds x 4 methods on 2 CPU cores with `--jobs 2`; `--f
 epochs (the README main job's recipe), for a GPU. Test: 500 images per domain. Runs are resumable: re-running
 the command skips finished runs and continues interrupted ones.
 
+With the data of a published setting, `--config` runs the same study on it: its domains (sources + target),
+its recipe and its model (DIDA-Net; FixMatch and source-only use the static twin, e.g. dida_resnet18.tv_in1k ->
+resnet18.tv_in1k, with the same pretrained weights).
+
     python bench/bench_uda_accuracy.py --jobs 2 --markdown uda_accuracy.md
     python bench/bench_uda_accuracy.py --full --out output/uda_accuracy_full
     python bench/bench_uda_accuracy.py --jobs 2 --train-args '--new-lr-scale 10'   # a recipe change, every method
     python bench/bench_uda_accuracy.py --jobs 2 --branch-kwargs '{dida_blocks: [2]}'  # both branches moved
+    python bench/bench_uda_accuracy.py --config train/configs/pacs.yaml --data-dir /data/pacs  # paper Table IV
 """
 import argparse
 import json
@@ -31,18 +36,20 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from uda_runs import (  # noqa: E402
-    METHODS, SIZES, emit_table, mean_std, offline_run, pseudo_label_cells, run_all, run_name)
-
-from dida_timm.data.offline_digits import DOMAINS  # noqa: E402
+    METHODS, emit_table, mean_std, offline_study, published_study, pseudo_label_cells, run_all, run_name, study_run)
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument('--full', action='store_true', help='GPU size (2,000 images per domain, 5 + 20 epochs)')
+    parser.add_argument('--config', type=Path, default=None,
+                        help='a published setting (train/configs/*.yaml) instead of the offline benchmark')
+    parser.add_argument('--data-dir', type=Path, default=None, help='dataset root of --config')
     parser.add_argument('--seeds', type=int, nargs='+', default=[0, 1, 2])
-    parser.add_argument('--targets', nargs='+', default=list(DOMAINS), choices=DOMAINS)
+    parser.add_argument('--targets', nargs='+', default=None, help='default: every domain of the study')
     parser.add_argument('--jobs', type=int, default=1, help='runs side by side (CPU threads are split)')
-    parser.add_argument('--out', type=Path, default=Path('output/uda_accuracy'), help='run folders (resumable)')
+    parser.add_argument('--out', type=Path, default=None,
+                        help='run folders (resumable); default output/uda_accuracy[_<config name>]')
     parser.add_argument('--markdown', type=Path, default=None, help='also write the tables here')
     parser.add_argument('--methods', nargs='+', default=list(METHODS), choices=METHODS,
                         help='methods to run (DIDA-Net is always included: the differences are taken against it)')
@@ -54,7 +61,20 @@ def main():
     args = parser.parse_args()
     if not isinstance(args.branch_kwargs, dict):
         parser.error(f'--branch-kwargs must be a mapping, got {args.branch_kwargs!r}')
-    size = 'full' if args.full else 'cpu'
+    if (args.config is None) != (args.data_dir is None):
+        parser.error('--config and --data-dir go together')
+    if args.config is not None and args.full:
+        parser.error('--full sizes the offline benchmark; a --config study uses the config\'s recipe')
+    try:
+        study = published_study(args.config, args.data_dir) if args.config else offline_study(
+            'full' if args.full else 'cpu')
+    except (OSError, ValueError) as e:
+        parser.error(str(e))
+    targets = args.targets or list(study.domains)
+    unknown = [t for t in targets if t not in study.domains]
+    if unknown:
+        parser.error(f'--targets {unknown} are not domains of the study {list(study.domains)}')
+    out = args.out or Path('output') / ('uda_accuracy' + (f'_{args.config.stem}' if args.config else ''))
     recipe = tuple(args.train_args)
     methods = [m for m in METHODS if m in args.methods or m == 'DIDA-Net']
     # the baselines DIDA-Net is compared with, by column label
@@ -63,22 +83,19 @@ def main():
 
     # seed-major, so a study stopped early still has whole seeds
     def options(method):
-        return args.branch_kwargs if METHODS[method][0].startswith('dida_') else {}
+        return args.branch_kwargs if METHODS[method][0] else {}
 
     grid = {(seed, target, method): run_name(target, method, options(method), seed, recipe)
-            for seed in args.seeds for target in args.targets for method in methods}
-    runs = [offline_run(name, method, target, [d for d in DOMAINS if d != target], seed, size,
-                        model_kwargs=options(method), train_args=recipe)
+            for seed in args.seeds for target in targets for method in methods}
+    runs = [study_run(study, name, method, target, seed, model_kwargs=options(method), train_args=recipe)
             for (seed, target, method), name in grid.items()]
-    results = run_all(runs, args.out, args.jobs)
+    results = run_all(runs, out, args.jobs)
 
     def acc(seed, target, method):
         return results[grid[seed, target, method]]['target_accuracy']
 
-    s = SIZES[size]
     lines = [
-        f'Offline digits, leave one domain out, size `{size}`: {s["train_size"]:,} train images per domain '
-        f'(test 500), {s["source_only_epochs"]} source-only + {s["epochs"]} FixMatch epochs, seeds '
+        f'{study.description}, leave one domain out, `{study.model}` and its static twin, seeds '
         f'{", ".join(map(str, args.seeds))}{"; every run with " + shlex.join(recipe) if recipe else ""}'
         f'{"; both branches with " + json.dumps(args.branch_kwargs) if args.branch_kwargs else ""}. '
         'Target test accuracy (%), mean ± std over seeds.',
@@ -93,10 +110,10 @@ def main():
                  for base in bases.values()]
         return f'| {label} | ' + ' | '.join(cells + gains) + ' |'
 
-    for target in args.targets:
+    for target in targets:
         lines.append(row(target, lambda seed, m, t=target: acc(seed, t, m)))
     # the average's std is over seeds of the per-seed mean over targets
-    lines.append(row('**average**', lambda seed, m: statistics.mean(acc(seed, t, m) for t in args.targets)))
+    lines.append(row('**average**', lambda seed, m: statistics.mean(acc(seed, t, m) for t in targets)))
 
     lines += [
         '',
@@ -107,7 +124,7 @@ def main():
         '| target | method | source-only start | final accuracy | kept | kept pseudo-labels correct |',
         '|---|---|---|---|---|---|',
     ]
-    for target in args.targets:
+    for target in targets:
         for method in [m for m in methods if METHODS[m][1] == 'fixmatch']:
             c = pseudo_label_cells([results[grid[seed, target, method]] for seed in args.seeds])
             lines.append(f"| {target} | {method} | {c['start']} | {c['final']} | {c['kept']} | {c['correct']} |")

@@ -16,22 +16,89 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
+import yaml
+
+from dida_timm.data.offline_digits import DOMAINS
+
 TRAIN_SCRIPT = Path(__file__).resolve().parents[1] / 'train' / 'train.py'
 OFFLINE_RECIPE = TRAIN_SCRIPT.parent / 'configs' / 'offline_digits_cpu.yaml'
+OFFLINE_MODEL = 'dida_digitnet_compact'
 
-# name: (model, train.py --method, model kwargs); shared by the accuracy study and the ablations
-METHODS: Dict[str, Tuple[str, str, Dict[str, object]]] = {
-    'source-only': ('digitnet_compact', 'source_only', {}),
-    'FixMatch': ('digitnet_compact', 'fixmatch', {}),
-    'FixMatch + static branch': ('dida_digitnet_compact', 'fixmatch', {'dida_dynamic': False}),
-    'DIDA-Net': ('dida_digitnet_compact', 'fixmatch', {}),
+# name: (runs the study's DIDA model (else its static twin), train.py --method, model kwargs); shared by the
+# accuracy study and the ablations
+METHODS: Dict[str, Tuple[bool, str, Dict[str, object]]] = {
+    'source-only': (False, 'source_only', {}),
+    'FixMatch': (False, 'fixmatch', {}),
+    'FixMatch + static branch': (True, 'fixmatch', {'dida_dynamic': False}),
+    'DIDA-Net': (True, 'fixmatch', {}),
 }
 
-# CPU: the study fits one 3-hour session on 2 cores; full: the README main job's recipe (GPU-sized)
+# offline benchmark sizes. cpu: the study fits one 3-hour session on 2 cores; full: the README main job's recipe
 SIZES = {
     'cpu': dict(train_size=1000, source_only_epochs=3, epochs=12),
     'full': dict(train_size=2000, source_only_epochs=5, epochs=20),
 }
+
+
+def static_twin(model: str) -> str:
+    """The timm model a DIDA model adds its branch to, pretrained tag kept: dida_resnet18.tv_in1k -> resnet18.tv_in1k."""
+    if not model.startswith('dida_'):
+        raise ValueError(f'expected a DIDA model (dida_*), got {model!r}')
+    return model.removeprefix('dida_')
+
+
+@dataclass(frozen=True)
+class Study:
+    """What every run of a leave-one-domain-out study shares.
+
+    Attributes:
+        config: train.py YAML config holding the recipe.
+        model: The DIDA model; the baselines without a branch use its static twin.
+        domains: Every domain; each run's sources are all but its target.
+        source_only_epochs: Source-only epochs before adapting (source-only runs train the sum of both).
+        epochs: Adapting epochs.
+        args: Further train.py arguments of every run (data size or location).
+        description: What the study runs on, for table captions.
+    """
+    config: Path
+    model: str
+    domains: Tuple[str, ...]
+    source_only_epochs: int
+    epochs: int
+    args: Tuple[str, ...]
+    description: str
+
+    def method_model(self, method: str) -> str:
+        """The model `method` (a key of METHODS) trains."""
+        return self.model if METHODS[method][0] else static_twin(self.model)
+
+
+def offline_study(size: str) -> Study:
+    """The offline digits benchmark with the README recipe at one of SIZES."""
+    s = SIZES[size]
+    return Study(
+        OFFLINE_RECIPE, OFFLINE_MODEL, tuple(DOMAINS), s['source_only_epochs'], s['epochs'],
+        ('--offline-train-size', str(s['train_size'])),
+        f'Offline digits, size `{size}`: {s["train_size"]:,} train images per domain (test 500), '
+        f'{s["source_only_epochs"]} source-only + {s["epochs"]} FixMatch epochs',
+    )
+
+
+def published_study(config: Path, data_dir: Path) -> Study:
+    """A published setting (a train/configs file) over all its domains, with the config's own recipe and model."""
+    cfg = yaml.safe_load(Path(config).read_text()) or {}
+    missing = [k for k in ('dataset', 'model', 'source', 'target', 'epochs') if k not in cfg]
+    if missing:
+        raise ValueError(f'{config}: a study needs the keys {missing}')
+    if not Path(data_dir).is_dir():
+        raise FileNotFoundError(f'--data-dir {data_dir} is not a folder')
+    source_only_epochs = int(cfg.get('source_only_epochs', 0))
+    return Study(
+        Path(config), cfg['model'], (*cfg['source'], cfg['target']), source_only_epochs, int(cfg['epochs']),
+        ('--data-dir', str(data_dir)),
+        f'{cfg["dataset"]} (`{Path(config).name}`, the published recipe), {source_only_epochs} source-only + '
+        f'{cfg["epochs"]} FixMatch epochs',
+    )
 
 
 @dataclass(frozen=True)
@@ -56,33 +123,34 @@ def run_name(
     return f'{target}-{method.replace(" ", "").replace("+", "_")}{suffix}-s{seed}'
 
 
-def offline_run(
+def study_run(
+        study: Study,
         name: str,
         method: str,
         target: str,
-        sources: Sequence[str],
         seed: int,
-        size: str,
         model_kwargs: Optional[Dict[str, object]] = None,
         train_args: Sequence[str] = (),
 ) -> Run:
-    """A run of `method` (a key of METHODS) on the offline digits benchmark with the README recipe.
+    """A run of `method` (a key of METHODS) adapting to `target` from the study's other domains.
 
     Source-only runs train for as many epochs in total as the adapting runs (source-only phase + FixMatch).
     `model_kwargs` are added to the method's own (an ablation of DIDA-Net's module options), `train_args` to the
     command line (an ablation of the training recipe).
     """
-    model, train_method, kwargs = METHODS[method]
-    s = SIZES[size]
+    if target not in study.domains:
+        raise ValueError(f'target {target!r} is not one of the study\'s domains {list(study.domains)}')
+    _, train_method, kwargs = METHODS[method]
     if train_method == 'source_only':
-        schedule = ('--epochs', str(s['source_only_epochs'] + s['epochs']), '--source-only-epochs', '0')
+        schedule = ('--epochs', str(study.source_only_epochs + study.epochs), '--source-only-epochs', '0')
     else:
-        schedule = ('--epochs', str(s['epochs']), '--source-only-epochs', str(s['source_only_epochs']))
+        schedule = ('--epochs', str(study.epochs), '--source-only-epochs', str(study.source_only_epochs))
     # JSON is YAML, which is what --model-kwargs parses
     kwargs_arg = ('--model-kwargs', json.dumps({**kwargs, **(model_kwargs or {})}))
-    return Run(name, ('-c', str(OFFLINE_RECIPE), '--model', model, '--method', train_method, *kwargs_arg, *schedule,
-                      '--source', *sources, '--target', target, '--seed', str(seed),
-                      '--offline-train-size', str(s['train_size']), *train_args))
+    sources = [d for d in study.domains if d != target]
+    return Run(name, ('-c', str(study.config), '--model', study.method_model(method), '--method', train_method,
+                      *kwargs_arg, *schedule, '--source', *sources, '--target', target, '--seed', str(seed),
+                      *study.args, *train_args))
 
 
 def run_all(runs: Sequence[Run], out: Path, jobs: int = 1) -> Dict[str, dict]:
@@ -125,11 +193,12 @@ def mean_std(values: List[float]) -> str:
 
 def pseudo_label_cells(results: List[dict]) -> Dict[str, str]:
     """Table cells over the seeds of one adapting setting: accuracy after the source-only phase ('start', mean ±
-    std), final accuracy ('final'), and in the last FixMatch epoch the share of target images kept ('kept') and
-    of kept pseudo-labels that were right ('correct'), both as seed means."""
+    std, '-' without that phase), final accuracy ('final'), and in the last FixMatch epoch the share of target
+    images kept ('kept') and of kept pseudo-labels that were right ('correct'), both as seed means."""
     last = [[h for h in r['history'] if h['phase'] == 'fixmatch'][-1] for r in results]
+    starts = [r['source_only_start_target_accuracy'] for r in results]
     return {
-        'start': mean_std([r['source_only_start_target_accuracy'] for r in results]),
+        'start': '-' if None in starts else mean_std(starts),  # '-': no source-only phase
         'final': mean_std([r['target_accuracy'] for r in results]),
         'kept': f'{statistics.mean(h["keep_rate"] for h in last):.0%}',
         'correct': f'{statistics.mean(h["pseudo_accuracy"] for h in last):.0%}',

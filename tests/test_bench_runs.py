@@ -1,9 +1,12 @@
 """The accuracy benches launch what they claim: every run of their grids is a valid train.py command line."""
+import json
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import timm
+from PIL import Image
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / 'bench'))
@@ -11,7 +14,8 @@ sys.path.insert(0, str(REPO / 'train'))
 
 import train  # noqa: E402
 from bench_dida_ablations import VARIANTS  # noqa: E402
-from uda_runs import METHODS, SIZES, Run, offline_run, run_all, run_name  # noqa: E402
+from uda_runs import (  # noqa: E402
+    METHODS, SIZES, Run, offline_study, published_study, run_all, run_name, static_twin, study_run)
 
 from dida_timm.data.offline_digits import DOMAINS  # noqa: E402
 
@@ -19,9 +23,10 @@ from dida_timm.data.offline_digits import DOMAINS  # noqa: E402
 @pytest.mark.parametrize('size', sorted(SIZES))
 @pytest.mark.parametrize('method', list(METHODS))
 def test_study_run_parses_to_the_method_with_equal_total_epochs(method, size):
-    run = offline_run('x', method, 'mnist', DOMAINS[1:], 0, size)
+    run = study_run(offline_study(size), 'x', method, 'mnist', 0)
     args = train.parse_args(list(run.args))
-    model, train_method, kwargs = METHODS[method]
+    uses_branch, train_method, kwargs = METHODS[method]
+    model = 'dida_digitnet_compact' if uses_branch else 'digitnet_compact'
     assert (args.model, args.method, args.model_kwargs) == (model, train_method, kwargs)
     assert (args.target, args.source) == ('mnist', list(DOMAINS[1:]))
     assert args.offline_train_size == SIZES[size]['train_size']
@@ -33,7 +38,7 @@ def test_study_run_parses_to_the_method_with_equal_total_epochs(method, size):
 def test_ablation_variants_build_distinct_models_and_names():
     names = set()
     for _, method, options, train_args in VARIANTS.values():
-        run = offline_run('x', method, 'mnistm_style', DOMAINS[:-1], 0, 'cpu', options, train_args)
+        run = study_run(offline_study('cpu'), 'x', method, 'mnistm_style', 0, options, train_args)
         args = train.parse_args(list(run.args))
         assert all(args.model_kwargs[k] == v for k, v in options.items())
         timm.create_model(args.model, **args.model_kwargs)  # the options are valid module options
@@ -53,10 +58,10 @@ def test_ablation_variants_build_distinct_models_and_names():
 ])
 def test_recipe_variants_change_the_recipe_of_their_method(variant, field, value):
     _, method, options, train_args = VARIANTS[variant]
-    args = train.parse_args(list(offline_run('x', method, 'mnistm_style', DOMAINS[:-1], 0, 'cpu', options,
-                                             train_args).args))
+    study = offline_study('cpu')
+    args = train.parse_args(list(study_run(study, 'x', method, 'mnistm_style', 0, options, train_args).args))
     assert getattr(args, field) == value
-    assert args.model == METHODS[method][0]
+    assert args.model == study.method_model(method)
 
 
 def test_run_all_skips_finished_runs_and_names_the_log_of_a_failed_one(tmp_path):
@@ -88,3 +93,84 @@ def test_branch_kwargs_move_both_branches_and_keep_the_baselines_runs(monkeypatc
     # the runs without a branch are the study's own
     assert launched['mnist-FixMatch-s0'].model_kwargs == {} and 'mnist-source-only-s0' in launched
     assert '{"dida_blocks": [2]}' in (tmp_path / 't.md').read_text()
+
+
+CONFIGS = sorted((REPO / 'train' / 'configs').glob('*.yaml'))
+
+
+@pytest.mark.parametrize('config', CONFIGS, ids=[c.stem for c in CONFIGS])
+def test_every_published_setting_has_a_registered_static_twin(config, tmp_path):
+    study = published_study(config, tmp_path)
+    assert len(study.domains) >= 2
+    twin = static_twin(study.model)
+    assert timm.is_model(twin)
+    if '.' in twin:  # the twin starts from the same pretrained weights
+        assert twin in timm.list_pretrained(twin)
+    for method in METHODS:
+        args = train.parse_args(list(study_run(study, 'x', method, study.domains[0], 0).args))
+        assert args.model == study.method_model(method) and args.data_dir == str(tmp_path)
+        assert args.source == list(study.domains[1:]) and args.target == study.domains[0]
+
+
+def test_published_study_keeps_the_configs_recipe_and_gives_fixmatch_the_static_twin(tmp_path):
+    study = published_study(REPO / 'train' / 'configs' / 'pacs.yaml', tmp_path)
+    assert study.domains == ('cartoon', 'photo', 'sketch', 'art_painting')
+    fixmatch = train.parse_args(list(study_run(study, 'x', 'FixMatch', 'photo', 1).args))
+    dida = train.parse_args(list(study_run(study, 'x', 'DIDA-Net', 'photo', 1).args))
+    static = train.parse_args(list(study_run(study, 'x', 'FixMatch + static branch', 'photo', 1).args))
+    assert (fixmatch.model, dida.model, static.model) == ('resnet18.tv_in1k', 'dida_resnet18.tv_in1k',
+                                                          'dida_resnet18.tv_in1k')
+    assert static.model_kwargs == {'dida_dynamic': False} and dida.model_kwargs == {}
+    for args in (fixmatch, dida, static):
+        assert (args.dataset, args.pretrained, args.lr, args.epochs, args.opt) == ('pacs', True, 5e-5, 100, 'adam')
+        assert args.source == ['cartoon', 'sketch', 'art_painting'] and args.target == 'photo'
+
+
+def test_published_study_names_what_is_wrong(tmp_path):
+    with pytest.raises(FileNotFoundError, match='--data-dir .*missing'):
+        published_study(REPO / 'train' / 'configs' / 'pacs.yaml', tmp_path / 'missing')
+    (tmp_path / 'bad.yaml').write_text('dataset: pacs\nmodel: dida_resnet18\n')
+    with pytest.raises(ValueError, match=r"bad\.yaml: a study needs the keys \['source', 'target', 'epochs'\]"):
+        published_study(tmp_path / 'bad.yaml', tmp_path)
+    study = published_study(REPO / 'train' / 'configs' / 'pacs.yaml', tmp_path)
+    with pytest.raises(ValueError, match="target 'photos' is not one of"):
+        study_run(study, 'x', 'DIDA-Net', 'photos', 0)
+    with pytest.raises(ValueError, match='expected a DIDA model'):
+        static_twin('resnet18.tv_in1k')
+
+
+def _tiny_pacs(root: Path) -> Path:
+    """Every PACS domain with two classes in the official split-file layout, 4 noise images per class and split."""
+    rng = np.random.default_rng(0)
+    for domain in ('art_painting', 'cartoon', 'photo', 'sketch'):
+        for split in ('train', 'crossval', 'test'):
+            lines = []
+            for label, cls in enumerate(('dog', 'horse'), 1):
+                for i in range(4):
+                    rel = f'{domain}/{cls}/{split}_{i}.png'
+                    (root / 'images' / rel).parent.mkdir(parents=True, exist_ok=True)
+                    Image.fromarray(rng.integers(0, 255, (24, 24, 3), dtype=np.uint8)).save(root / 'images' / rel)
+                    lines.append(f'{rel} {label}')
+            (root / 'splits').mkdir(exist_ok=True)
+            (root / 'splits' / f'{domain}_{split}_kfold.txt').write_text('\n'.join(lines) + '\n')
+    return root
+
+
+def test_config_study_runs_a_published_setting_end_to_end(monkeypatch, tmp_path):
+    import bench_uda_accuracy
+    data = _tiny_pacs(tmp_path / 'pacs')
+    monkeypatch.setattr(sys, 'argv', [
+        'bench_uda_accuracy.py', '--config', str(REPO / 'train' / 'configs' / 'pacs.yaml'), '--data-dir', str(data),
+        '--targets', 'photo', '--methods', 'FixMatch', '--seeds', '0', '--out', str(tmp_path / 'runs'),
+        '--markdown', str(tmp_path / 't.md'),
+        '--train-args', '--no-pretrained --epochs 1 --input-size 32 --batch-size 2 --workers 0'])
+    bench_uda_accuracy.main()
+    table = (tmp_path / 't.md').read_text()
+    assert 'pacs (`pacs.yaml`, the published recipe), 0 source-only + 100 FixMatch epochs' in table
+    assert '`dida_resnet18.tv_in1k` and its static twin' in table
+    assert table.count('| photo |') == 3  # the accuracy row, then DIDA-Net's and FixMatch's pseudo-label rows
+    for name, model in (('photo-FixMatch', 'resnet18'), ('photo-DIDA-Net', 'dida_resnet18')):
+        (run,) = (tmp_path / 'runs').glob(f'{name}-no-pretrained_*-s0')
+        results = json.loads((run / 'results.json').read_text())
+        assert results['model'] == f'{model}.tv_in1k' and results['target'] == 'photo'
+        assert results['sources'] == ['cartoon', 'sketch', 'art_painting']

@@ -70,7 +70,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument('--workers', type=int, default=0)
     g = p.add_argument_group('model')
     g.add_argument('--model', default='dida_digitnet_compact', help='any timm model name, with an optional .tag')
-    g.add_argument('--pretrained', action='store_true', help='start from the tag\'s pretrained weights')
+    g.add_argument('--pretrained', action=argparse.BooleanOptionalAction, default=False,
+                   help='start from the tag\'s pretrained weights (--no-pretrained overrides a config)')
     g.add_argument('--model-kwargs', default={}, type=yaml.safe_load,
                    help='extra timm.create_model kwargs as YAML, e.g. "{branch_depth: 1}"')
     g.add_argument('--mixstyle-after', default='', help='module whose output MixStyle mixes (e.g. layer1, block1)')
