@@ -12,7 +12,8 @@ Prints, measured side by side in one run on this machine:
    share (1x1 convs, BN, ReLU; the depthwise conv skipped): loop / shared bounds the speed-up that any
    formulation of the dynamic conv can give the whole branch.
 
-Timings alternate the two contenders and report medians, so drift on a shared machine hits both alike.
+Timings alternate the two contenders and report medians, so drift on a shared machine hits both alike; the
+ratios carry the quartiles of the per-round ratios in brackets, [q1, q3], to show the run's spread.
 
     python bench/bench_cost.py                                # everything, ~5 min on 2 CPU cores
     python bench/bench_cost.py --depths 18 50 --reps 5
@@ -46,8 +47,8 @@ def count_macs(model: torch.nn.Module, input_size: Tuple[int, ...]) -> int:
     return counter.get_total_flops() // 2
 
 
-def paired_medians(fns: Dict[str, Callable[[], None]], reps: int, warmup: int) -> Dict[str, float]:
-    """Median seconds per call of each function, calls interleaved (CUDA work is waited for)."""
+def paired_times(fns: Dict[str, Callable[[], None]], reps: int, warmup: int) -> Dict[str, List[float]]:
+    """Seconds per call of each function over `reps` rounds, calls interleaved (CUDA work is waited for)."""
     sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
     for fn in fns.values():
         for _ in range(warmup):
@@ -60,7 +61,20 @@ def paired_medians(fns: Dict[str, Callable[[], None]], reps: int, warmup: int) -
             fn()
             sync()
             times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(t) for name, t in times.items()}
+    return times
+
+
+def paired_medians(fns: Dict[str, Callable[[], None]], reps: int, warmup: int) -> Dict[str, float]:
+    """Median seconds per call of each function, calls interleaved."""
+    return {name: statistics.median(t) for name, t in paired_times(fns, reps, warmup).items()}
+
+
+def ratio_with_spread(times: Dict[str, List[float]]) -> str:
+    """'DIDA / static' as the ratio of the medians, with the quartiles of the per-round ratios in brackets (the
+    two calls of a round ran back to back, so their ratio sees the same machine state)."""
+    per_round = [d / s for d, s in zip(times['dida'], times['static'])]
+    q1, _, q3 = statistics.quantiles(per_round, n=4)
+    return f"{statistics.median(times['dida']) / statistics.median(times['static']):.3f} [{q1:.3f}, {q3:.3f}]"
 
 
 def forward_fn(model: torch.nn.Module, x: torch.Tensor) -> Callable[[], None]:
@@ -168,16 +182,16 @@ def print_model_table(
             static, dida = (torch.compile(m, mode=compile_mode) for m in (static, dida))
         x = torch.randn(batch_size, 3, img_size, img_size, device=device)
         y = torch.randint(0, static.num_classes, (batch_size,), device=device)
-        fwd = paired_medians({'static': forward_fn(static, x), 'dida': forward_fn(dida, x)}, reps, warmup)
+        fwd = paired_times({'static': forward_fn(static, x), 'dida': forward_fn(dida, x)}, reps, warmup)
         throughput, ratio = '-', '-'
         if not dida_name.startswith('dida_resnet') or int(dida_name[len('dida_resnet'):]) in train_depths:
-            t = paired_medians({'static': train_step_fn(static, x, y), 'dida': train_step_fn(dida, x, y)}, reps,
-                               warmup)
-            throughput = f"{batch_size / t['static']:.0f} / {batch_size / t['dida']:.0f}"
-            ratio = f"{t['dida'] / t['static']:.3f}"
+            t = paired_times({'static': train_step_fn(static, x, y), 'dida': train_step_fn(dida, x, y)}, reps,
+                             warmup)
+            throughput = ' / '.join(f'{batch_size / statistics.median(t[k]):.0f}' for k in ('static', 'dida'))
+            ratio = ratio_with_spread(t)
         print(f'| {dida_name} vs {static_name} | {p_d / 1e6:.2f}M vs {p_s / 1e6:.2f}M '
               f'| {m_d / 1e6:.1f}M vs {m_s / 1e6:.1f}M | +{(p_d - p_s) / p_s:.2%} | +{(m_d - m_s) / m_s:.3%} '
-              f"| {fwd['dida'] / fwd['static']:.3f} (b{batch_size}, {img_size} px) | {throughput} | {ratio} |",
+              f'| {ratio_with_spread(fwd)} (b{batch_size}, {img_size} px) | {throughput} | {ratio} |',
               flush=True)
 
 

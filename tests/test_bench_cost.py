@@ -5,7 +5,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / 'bench'))
-from bench_cost import branch_step_fn, dynamic_conv_step_fn  # noqa: E402
+from bench_cost import branch_step_fn, dynamic_conv_step_fn, ratio_with_spread  # noqa: E402
 
 from dida_timm.layers import DidaBranch  # noqa: E402
 
@@ -40,3 +40,8 @@ def test_factored_and_loop_dynamic_conv_steps_compute_the_same_gradients():
     assert any(n.startswith('conv_kernel') for n in grads[True])  # the kernel generator is part of the timed work
     for name, grad in grads[False].items():
         torch.testing.assert_close(grad, grads[True][name], atol=1e-5, rtol=1e-4, msg=name)
+
+
+def test_ratio_is_of_the_medians_with_the_quartiles_of_the_paired_rounds():
+    times = {'static': [1.0, 2.0, 1.0, 2.0], 'dida': [1.1, 2.4, 1.0, 2.6]}  # per round 1.1, 1.2, 1.0, 1.3
+    assert ratio_with_spread(times) == '1.167 [1.025, 1.275]'
