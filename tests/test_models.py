@@ -4,9 +4,10 @@ import safetensors.torch
 import timm
 import torch
 import torch.nn.functional as F
+from timm.models import load_checkpoint
 
 from dida_timm.layers import DidaStage
-from dida_timm.models import DidaResNet
+from dida_timm.models import DidaResNet, static_twin_filter_fn
 
 DEPTHS = (18, 34, 50, 101, 152)
 SMALL_INPUT = (2, 3, 64, 64)
@@ -76,7 +77,7 @@ def test_pretrained_adapts_head_and_input_channels(offline_hub):
 def test_checkpoint_of_another_architecture_is_refused(tmp_path):
     path = tmp_path / 'resnet34.safetensors'
     safetensors.torch.save_file(timm.create_model('resnet34').state_dict(), str(path))
-    with pytest.raises(RuntimeError, match='do not match the static ResNet'):
+    with pytest.raises(RuntimeError, match='do not match the static network inside this DidaResNet'):
         timm.create_model('dida_resnet18', pretrained=True, pretrained_cfg_overlay=dict(file=str(path)))
 
 
@@ -281,3 +282,18 @@ def test_layer_scale_zero_starts_as_the_static_twin_and_learns_its_scale(name):
     F.cross_entropy(model(x), torch.tensor([0, 1])).backward()
     gamma = [p for n, p in model.named_parameters() if n.endswith('scale.gamma')]
     assert len(gamma) == 1 and gamma[0].grad.abs().sum() > 0
+
+
+def test_digit_net_loads_its_static_twins_weights_with_a_fresh_branch(tmp_path):
+    twin = timm.create_model('digitnet_compact')
+    path = tmp_path / 'twin.safetensors'
+    safetensors.torch.save_file(twin.state_dict(), str(path))
+    model = timm.create_model('dida_digitnet_compact')
+    load_checkpoint(model, str(path), filter_fn=static_twin_filter_fn)
+    state = model.state_dict()
+    for name, value in twin.state_dict().items():
+        assert torch.equal(state[name.replace('block3.', 'block3.blocks.')], value), name
+    other = tmp_path / 'resnet18.safetensors'
+    safetensors.torch.save_file(timm.create_model('resnet18').state_dict(), str(other))
+    with pytest.raises(RuntimeError, match='do not match the static network inside this DigitNet'):
+        load_checkpoint(model, str(other), filter_fn=static_twin_filter_fn)

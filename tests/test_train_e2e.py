@@ -113,6 +113,25 @@ def test_bad_arguments_give_clear_errors(tmp_path, data_dir):
     result = _train(['--model', 'no_such_model', '--experiment', 'z'], tmp_path, data_dir, check=False)
     assert result.returncode != 0 and 'unknown model' in (result.stdout + result.stderr).lower()
     assert 'Traceback' not in result.stderr
+    result = _train(['--init-checkpoint', str(tmp_path / 'none.safetensors'), '--experiment', 'w'], tmp_path,
+                    data_dir, check=False)
+    assert result.returncode != 0 and f'--init-checkpoint {tmp_path / "none.safetensors"} is not a file' in \
+        result.stdout + result.stderr
+
+
+def test_dida_model_starts_from_its_static_twins_run(tmp_path, data_dir):
+    # the paper's regime on a small scale: a trained static network gets a fresh branch, then adapts
+    common = ['--source', 'mnist', '--target', 'uci_digits', '--tsne-per-domain', '0']
+    _train(common + ['--model', 'digitnet_compact', '--method', 'source_only', '--epochs', '1',
+                     '--experiment', 'static'], tmp_path, data_dir)
+    # lr 0: the weights stay the loaded ones (BN running statistics still move)
+    _train(common + ['--model', 'dida_digitnet_compact', '--init-checkpoint', str(tmp_path / 'static' /
+                     'model.safetensors'), '--epochs', '1', '--lr', '0', '--experiment', 'dida'], tmp_path, data_dir)
+    static, dida = _weights(tmp_path / 'static'), _weights(tmp_path / 'dida')
+    assert {k for k in dida if '.branch.' not in k} == {k.replace('block3.', 'block3.blocks.') for k in static}
+    for name, value in static.items():
+        if 'running' not in name and 'num_batches' not in name:
+            assert torch.equal(value, dida[name.replace('block3.', 'block3.blocks.')]), name
 
 
 @pytest.mark.parametrize('config', sorted((REPO / 'train' / 'configs').glob('*.yaml')), ids=lambda p: p.stem)

@@ -10,7 +10,8 @@ Paper: `Dynamic Instance Domain Adaptation` - https://arxiv.org/abs/2203.05028 (
 
 `--model resnet18` gives the FixMatch baseline, `--model dida_resnet18` DIDA-Net, `--method source_only`
 the source-only baseline. With `--source-only-epochs N` the run first trains on the source alone (that model
-is the source-only starting point, evaluated and reported) and then adapts it. Batch sizes are per process
+is the source-only starting point, evaluated and reported) and then adapts it; `--init-checkpoint` starts from
+given weights instead, e.g. DIDA-Net from a trained static twin with a fresh branch. Batch sizes are per process
 and per domain: a step sees K x B source images and B target images on every rank.
 
 Writes to --output/<experiment>: args.yaml, log.txt, summary.csv, checkpoints/, model.safetensors,
@@ -33,6 +34,7 @@ import safetensors.torch
 import timm
 import torch
 import yaml
+from timm.models import load_checkpoint
 from timm.optim import create_optimizer_v2
 from timm.scheduler import create_scheduler_v2
 from timm.utils import ModelEmaV3
@@ -46,6 +48,7 @@ from dida_timm.training import (
     MixStyle, MultiViewModel, NonFiniteLossError, UdaConfig, attach_mixstyle, evaluate, extract_features,
     load_last_checkpoint, save_checkpoint, train_one_epoch, uda_param_groups)
 from dida_timm.inference import create_model
+from dida_timm.models import static_twin_filter_fn
 from dida_timm.training.checkpoint import rng_state
 from dida_timm.training.distributed import init_distributed
 from dida_timm.training.report import plot_confusion, plot_curves, plot_tsne
@@ -72,6 +75,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument('--model', default='dida_digitnet_compact', help='any timm model name, with an optional .tag')
     g.add_argument('--pretrained', action=argparse.BooleanOptionalAction, default=False,
                    help='start from the tag\'s pretrained weights (--no-pretrained overrides a config)')
+    g.add_argument('--init-checkpoint', default='',
+                   help='weights to start from (safetensors, or a weights-only torch file): the model\'s own, or its '
+                        'static twin\'s (e.g. a source-trained digitnet_compact for dida_digitnet_compact), whose '
+                        'branch then starts fresh')
     g.add_argument('--model-kwargs', default={}, type=yaml.safe_load,
                    help='extra timm.create_model kwargs as YAML, e.g. "{branch_depth: 1}"')
     g.add_argument('--mixstyle-after', default='', help='module whose output MixStyle mixes (e.g. layer1, block1)')
@@ -231,6 +238,10 @@ class Run:
     def _build_model(self) -> None:
         a = self.args
         model = create_model(a.model, pretrained=a.pretrained, num_classes=len(self.classes), **a.model_kwargs)
+        if a.init_checkpoint:
+            if not Path(a.init_checkpoint).is_file():
+                raise SystemExit(f'error: --init-checkpoint {a.init_checkpoint} is not a file')
+            load_checkpoint(model, a.init_checkpoint, filter_fn=static_twin_filter_fn)
         if a.mixstyle_after:
             attach_mixstyle(model, a.mixstyle_after, MixStyle())
         if a.grad_checkpointing:

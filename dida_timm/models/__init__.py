@@ -1,2 +1,3 @@
 from .dida_digitnet import DigitNet
 from .dida_resnet import DidaResNet
+from ._static_twin import static_twin_filter_fn

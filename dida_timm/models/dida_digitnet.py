@@ -28,6 +28,7 @@ from timm.models._manipulate import checkpoint_seq
 from dida_timm.layers import DidaBranch, DidaStage
 
 from ._published import published_folder
+from ._static_twin import static_twin_filter_fn
 
 __all__ = ['DigitNet']
 
@@ -285,7 +286,8 @@ class DigitNet(nn.Module):
 
 def _create_digitnet(variant: str, pretrained: bool = False, **kwargs) -> DigitNet:
     return build_model_with_cfg(
-        DigitNet, variant, pretrained, feature_cfg=dict(out_indices=(0, 1, 2)), **kwargs)
+        DigitNet, variant, pretrained, pretrained_filter_fn=static_twin_filter_fn,
+        feature_cfg=dict(out_indices=(0, 1, 2)), **kwargs)
 
 
 def _cfg(**kwargs) -> Dict[str, Any]:

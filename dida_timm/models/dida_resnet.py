@@ -29,6 +29,8 @@ from timm.models.resnet import BasicBlock, Bottleneck, ResNet
 
 from dida_timm.layers import DidaBranch, DidaStage
 
+from ._static_twin import static_twin_filter_fn
+
 __all__ = ['DidaResNet']
 
 _STAGE_NAMES = ('layer1', 'layer2', 'layer3', 'layer4')
@@ -179,43 +181,12 @@ class DidaResNet(ResNet):
         return x
 
 
-def checkpoint_filter_fn(state_dict: Dict[str, torch.Tensor], model: DidaResNet) -> Dict[str, torch.Tensor]:
-    """Adapt a plain timm / torchvision ResNet state dict to a DIDA-ResNet, or pass a DIDA one through.
-
-    Plain ResNet keys of a DIDA stage move under `blocks`; every static key must match the model exactly
-    (classifier excepted, timm adapts it), and the branch keeps the model's fresh initialisation.
-    """
-    state_dict = state_dict.get('state_dict', state_dict)
-    if any('.branch.' in k for k in state_dict):
-        return state_dict
-    dida_prefixes = tuple(f'{_STAGE_NAMES[s - 1]}.' for s in model.dida_stages)
-    out = {}
-    for k, v in state_dict.items():
-        if k.startswith(dida_prefixes):
-            stage, rest = k.split('.', 1)
-            k = f'{stage}.blocks.{rest}'
-        out[k] = v
-    model_state = model.state_dict()
-    classifier = model.get_classifier(name_only=True) + '.'
-    static_keys = {k for k in model_state if '.branch.' not in k and not k.startswith(classifier)}
-    loaded_keys = {k for k in out if not k.startswith(classifier)}
-    missing, unexpected = sorted(static_keys - loaded_keys), sorted(loaded_keys - static_keys)
-    if missing or unexpected:
-        raise RuntimeError(
-            'Pretrained weights do not match the static ResNet inside this DIDA-ResNet: '
-            f'missing {missing[:8]}{" ..." if len(missing) > 8 else ""}, '
-            f'unexpected {unexpected[:8]}{" ..." if len(unexpected) > 8 else ""}.'
-        )
-    out.update({k: v for k, v in model_state.items() if '.branch.' in k})
-    return out
-
-
 def _create_dida_resnet(variant: str, pretrained: bool = False, **kwargs) -> DidaResNet:
     return build_model_with_cfg(
         DidaResNet,
         variant,
         pretrained,
-        pretrained_filter_fn=checkpoint_filter_fn,
+        pretrained_filter_fn=static_twin_filter_fn,
         **kwargs,
     )
 
