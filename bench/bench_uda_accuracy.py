@@ -23,6 +23,7 @@ resnet18.tv_in1k, with the same pretrained weights).
     python bench/bench_uda_accuracy.py --full --out output/uda_accuracy_full
     python bench/bench_uda_accuracy.py --jobs 2 --train-args '--new-lr-scale 10'   # a recipe change, every method
     python bench/bench_uda_accuracy.py --jobs 2 --branch-kwargs '{dida_blocks: [2]}'  # both branches moved
+    python bench/bench_uda_accuracy.py --jobs 2 --shared-start  # one static source-only start, branch added after
     python bench/bench_uda_accuracy.py --config train/configs/pacs.yaml --data-dir /data/pacs  # paper Table IV
 """
 import argparse
@@ -36,7 +37,8 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from uda_runs import (  # noqa: E402
-    METHODS, emit_table, mean_std, offline_study, published_study, pseudo_label_cells, run_all, run_name, study_run)
+    METHODS, emit_table, mean_std, offline_study, published_study, pseudo_label_cells, run_all, run_name,
+    shared_start_run, study_run)
 
 
 def main():
@@ -55,6 +57,9 @@ def main():
                         help='methods to run (DIDA-Net is always included: the differences are taken against it)')
     parser.add_argument('--train-args', type=shlex.split, default=[],
                         help='extra train.py arguments for every run, one quoted string (run names record them)')
+    parser.add_argument('--shared-start', action='store_true',
+                        help='the adapting methods of a (target, seed) all start from one static source-only run, '
+                             'the branch models with a fresh branch (run names record it)')
     parser.add_argument('--branch-kwargs', type=yaml.safe_load, default={},
                         help='model options (YAML) for the two methods with a branch, e.g. a placement ablation; '
                              'run names record them')
@@ -74,6 +79,8 @@ def main():
     unknown = [t for t in targets if t not in study.domains]
     if unknown:
         parser.error(f'--targets {unknown} are not domains of the study {list(study.domains)}')
+    if args.shared_start and not study.source_only_epochs:
+        parser.error('--shared-start needs a study with a source-only phase to share')
     out = args.out or Path('output') / ('uda_accuracy' + (f'_{args.config.stem}' if args.config else ''))
     recipe = tuple(args.train_args)
     methods = [m for m in METHODS if m in args.methods or m == 'DIDA-Net']
@@ -85,11 +92,25 @@ def main():
     def options(method):
         return args.branch_kwargs if METHODS[method][0] else {}
 
-    grid = {(seed, target, method): run_name(target, method, options(method), seed, recipe)
+    def shared(method):
+        return args.shared_start and METHODS[method][1] != 'source_only'
+
+    grid = {(seed, target, method): run_name(target, method, options(method), seed, recipe, shared(method))
             for seed in args.seeds for target in targets for method in methods}
-    runs = [study_run(study, name, method, target, seed, model_kwargs=options(method), train_args=recipe)
+    starts = {}
+    if args.shared_start:
+        starts = {(seed, target): run_name(target, 'shared start', {}, seed, recipe)
+                  for seed in args.seeds for target in targets}
+        start_results = run_all([shared_start_run(study, name, target, seed, recipe)
+                                 for (seed, target), name in starts.items()], out, args.jobs)
+    runs = [study_run(study, name, method, target, seed, model_kwargs=options(method), train_args=recipe,
+                      start=out / starts[seed, target] / 'model.safetensors' if shared(method) else None)
             for (seed, target, method), name in grid.items()]
     results = run_all(runs, out, args.jobs)
+    for (seed, target, method), name in grid.items():
+        if shared(method):  # the start is the shared run's final accuracy
+            results[name]['source_only_start_target_accuracy'] = start_results[starts[seed, target]][
+                'target_accuracy']
 
     def acc(seed, target, method):
         return results[grid[seed, target, method]]['target_accuracy']
@@ -97,7 +118,8 @@ def main():
     lines = [
         f'{study.description}, leave one domain out, `{study.model}` and its static twin, seeds '
         f'{", ".join(map(str, args.seeds))}{"; every run with " + shlex.join(recipe) if recipe else ""}'
-        f'{"; both branches with " + json.dumps(args.branch_kwargs) if args.branch_kwargs else ""}. '
+        f'{"; both branches with " + json.dumps(args.branch_kwargs) if args.branch_kwargs else ""}'
+        f'{"; every adapting method starts from one static source-only run per target and seed" * args.shared_start}. '
         'Target test accuracy (%), mean ± std over seeds.',
         '',
         '| target | ' + ' | '.join(methods) + ''.join(f' | DIDA-Net - {b}' for b in bases) + ' |',

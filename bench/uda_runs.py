@@ -41,7 +41,7 @@ SIZES = {
 
 
 def static_twin(model: str) -> str:
-    """The timm model a DIDA model adds its branch to, pretrained tag kept: dida_resnet18.tv_in1k -> resnet18.tv_in1k."""
+    """The timm model a DIDA model adds its branch to, tag kept: dida_resnet18.tv_in1k -> resnet18.tv_in1k."""
     if not model.startswith('dida_'):
         raise ValueError(f'expected a DIDA model (dida_*), got {model!r}')
     return model.removeprefix('dida_')
@@ -114,13 +114,27 @@ def run_name(
         options: Dict[str, object],
         seed: int,
         train_args: Sequence[str] = (),
+        shared_start: bool = False,
 ) -> str:
     """Folder name of a run: target, method (a key of METHODS), module options and extra arguments, seed."""
     suffix = ''.join(f'-{k.removeprefix("dida_")}{"_".join(map(str, v)) if isinstance(v, list) else v}'
                      for k, v in options.items())
     if train_args:
         suffix += '-' + '_'.join(a.lstrip('-').replace('+', '_') for a in train_args)
+    if shared_start:
+        suffix += '-from_shared_start'
     return f'{target}-{method.replace(" ", "").replace("+", "_")}{suffix}-s{seed}'
+
+
+def _run(study: Study, name: str, model: str, train_method: str, kwargs: Dict[str, object],
+         schedule: Tuple[str, ...], target: str, seed: int, train_args: Sequence[str]) -> Run:
+    if target not in study.domains:
+        raise ValueError(f'target {target!r} is not one of the study\'s domains {list(study.domains)}')
+    sources = [d for d in study.domains if d != target]
+    # JSON is YAML, which is what --model-kwargs parses
+    return Run(name, ('-c', str(study.config), '--model', model, '--method', train_method,
+                      '--model-kwargs', json.dumps(kwargs), *schedule, '--source', *sources, '--target', target,
+                      '--seed', str(seed), *study.args, *train_args))
 
 
 def study_run(
@@ -131,26 +145,32 @@ def study_run(
         seed: int,
         model_kwargs: Optional[Dict[str, object]] = None,
         train_args: Sequence[str] = (),
+        start: Optional[Path] = None,
 ) -> Run:
     """A run of `method` (a key of METHODS) adapting to `target` from the study's other domains.
 
     Source-only runs train for as many epochs in total as the adapting runs (source-only phase + FixMatch).
     `model_kwargs` are added to the method's own (an ablation of DIDA-Net's module options), `train_args` to the
-    command line (an ablation of the training recipe).
+    command line (an ablation of the training recipe). An adapting run with `start` (weights of a
+    `shared_start_run`) skips its own source-only phase and starts from those weights.
     """
-    if target not in study.domains:
-        raise ValueError(f'target {target!r} is not one of the study\'s domains {list(study.domains)}')
     _, train_method, kwargs = METHODS[method]
     if train_method == 'source_only':
         schedule = ('--epochs', str(study.source_only_epochs + study.epochs), '--source-only-epochs', '0')
+    elif start is not None:
+        schedule = ('--epochs', str(study.epochs), '--source-only-epochs', '0', '--init-checkpoint', str(start))
     else:
         schedule = ('--epochs', str(study.epochs), '--source-only-epochs', str(study.source_only_epochs))
-    # JSON is YAML, which is what --model-kwargs parses
-    kwargs_arg = ('--model-kwargs', json.dumps({**kwargs, **(model_kwargs or {})}))
-    sources = [d for d in study.domains if d != target]
-    return Run(name, ('-c', str(study.config), '--model', study.method_model(method), '--method', train_method,
-                      *kwargs_arg, *schedule, '--source', *sources, '--target', target, '--seed', str(seed),
-                      *study.args, *train_args))
+    return _run(study, name, study.method_model(method), train_method, {**kwargs, **(model_kwargs or {})},
+                schedule, target, seed, train_args)
+
+
+def shared_start_run(study: Study, name: str, target: str, seed: int, train_args: Sequence[str] = ()) -> Run:
+    """The static twin trained on the sources for the study's source-only epochs: one start for every adapting
+    method of a (target, seed), the branch models getting a fresh branch on it (the paper's regime: a trained
+    backbone, a new branch)."""
+    schedule = ('--epochs', str(study.source_only_epochs), '--source-only-epochs', '0')
+    return _run(study, name, static_twin(study.model), 'source_only', {}, schedule, target, seed, train_args)
 
 
 def run_all(runs: Sequence[Run], out: Path, jobs: int = 1) -> Dict[str, dict]:

@@ -174,3 +174,30 @@ def test_config_study_runs_a_published_setting_end_to_end(monkeypatch, tmp_path)
         results = json.loads((run / 'results.json').read_text())
         assert results['model'] == f'{model}.tv_in1k' and results['target'] == 'photo'
         assert results['sources'] == ['cartoon', 'sketch', 'art_painting']
+
+
+def test_shared_start_runs_the_static_start_first_and_adapts_every_method_from_it(monkeypatch, tmp_path):
+    import bench_uda_accuracy
+    batches = []
+
+    def fake_run_all(runs, out, jobs):
+        batches.append({r.name: train.parse_args(list(r.args)) for r in runs})
+        history = [{'phase': 'fixmatch', 'keep_rate': 0.5, 'pseudo_accuracy': 0.9}]
+        return {r.name: dict(target_accuracy=50.0 + len(batches), source_only_start_target_accuracy=None,
+                             history=history, wall_seconds=1.0) for r in runs}
+
+    monkeypatch.setattr(bench_uda_accuracy, 'run_all', fake_run_all)
+    monkeypatch.setattr(sys, 'argv', ['bench_uda_accuracy.py', '--seeds', '0', '--targets', 'mnist', '--shared-start',
+                                      '--out', str(tmp_path), '--markdown', str(tmp_path / 't.md')])
+    bench_uda_accuracy.main()
+    starts, adapting = batches
+    (start_name, start), = starts.items()  # one (target, seed): one start, run before the others
+    study = offline_study('cpu')
+    assert (start.model, start.method, start.epochs) == ('digitnet_compact', 'source_only', study.source_only_epochs)
+    for method in ('FixMatch', 'FixMatch + static branch', 'DIDA-Net'):
+        args = adapting[run_name('mnist', method, {}, 0, shared_start=True)]
+        assert args.init_checkpoint == str(tmp_path / start_name / 'model.safetensors')
+        assert (args.source_only_epochs, args.epochs, args.model) == (0, study.epochs, study.method_model(method))
+    # the source-only baseline is the study's own run; the start column shows the shared start's accuracy
+    assert adapting['mnist-source-only-s0'].init_checkpoint == ''
+    assert '| mnist | DIDA-Net | 51.0 | 52.0 |' in (tmp_path / 't.md').read_text()
