@@ -126,8 +126,18 @@ def run_name(
     return f'{target}-{method.replace(" ", "").replace("+", "_")}{suffix}-s{seed}'
 
 
-def _run(study: Study, name: str, model: str, train_method: str, kwargs: Dict[str, object],
-         schedule: Tuple[str, ...], target: str, seed: int, train_args: Sequence[str]) -> Run:
+def _run(
+        study: Study,
+        name: str,
+        model: str,
+        train_method: str,
+        kwargs: Dict[str, object],
+        schedule: Tuple[str, ...],
+        target: str,
+        seed: int,
+        train_args: Sequence[str],
+) -> Run:
+    """The train.py command line of a run adapting to `target` from the study's other domains."""
     if target not in study.domains:
         raise ValueError(f'target {target!r} is not one of the study\'s domains {list(study.domains)}')
     sources = [d for d in study.domains if d != target]
