@@ -1,4 +1,5 @@
 from .domain_dataset import UNLABELLED, ArrayDomainDataset, DomainDataset, FileDomainDataset
+from .holdout import holdout_split
 from .readers import DATASETS, create_domain_datasets, read_class_folders, read_unlabelled_folder
 from .samplers import CyclingBatchSampler, DomainBalancedSampler
 from .transforms import TransformedDataset, TwoViewDataset, create_uda_transforms
