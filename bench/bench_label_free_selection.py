@@ -18,13 +18,23 @@ that any rule can be replayed on the histories and the rule's pick re-exported. 
     python bench/bench_label_free_selection.py --analyse-only --csv docs/results/label_free_selection.csv
 """
 import argparse
+import csv
+import itertools
+import json
+import statistics
 import sys
 from pathlib import Path
+from typing import Dict, List, Sequence, Tuple
+
+import numpy as np
+import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from uda_runs import SIZES, offline_study, run_all, run_name, study_run  # noqa: E402
+from uda_runs import SIZES, emit_table, offline_study, run_all, run_name, study_run  # noqa: E402
 
 from dida_timm.data.offline_digits import DOMAINS  # noqa: E402
+from dida_timm.training.selection import (  # noqa: E402
+    LABEL_FREE_KEYS, RULES, CollapseGuard, atc_estimate, fit_atc_threshold, select_checkpoint)
 
 METHODS = ('FixMatch', 'DIDA-Net')
 # every epoch's checkpoint stays, so the pick of any rule can be exported afterwards
@@ -37,6 +47,151 @@ def study_grid(targets, seeds):
             for seed in seeds for target in targets for method in METHODS}
 
 
+# the guard settings the leave-one-target-out fit chooses from, loosest first (ties go to the looser)
+GUARD_GRID = [
+    CollapseGuard(ratio, dead, agreement)
+    for ratio, dead, agreement in itertools.product(
+        (0.0, 0.5, 0.6, 0.7, 0.75, 0.8, 0.85, 0.9, 0.95), (10, 3, 2, 1, 0), (0.0, 30.0, 40.0, 50.0, 60.0, 70.0))
+]
+GUARDED_RULES = [r for r, (guarded, _) in RULES.items() if guarded]
+# a pick more than this many points below the source-only start counts as harm
+HARM_MARGIN = 2.0
+
+
+def candidates(results: dict) -> List[dict]:
+    """The source-only model (the last source-only epoch) and every FixMatch epoch of a run's history."""
+    start = results['source_only_epochs']
+    return [h for h in results['history'] if h['epoch'] >= start]
+
+
+def pick(results: dict, rule: str, guard: CollapseGuard) -> Tuple[dict, bool]:
+    """The candidate row `rule` picks and whether the guard fired."""
+    rows = candidates(results)
+    selection = select_checkpoint(rows, rule, guard)
+    return next(r for r in rows if r['epoch'] == selection.epoch), selection.guard_fired
+
+
+def outcome(runs: Sequence[dict], rule: str, guard: CollapseGuard) -> Tuple[int, float]:
+    """(-harmful picks, mean picked accuracy): larger is better, harm first."""
+    picked = [(pick(r, rule, guard)[0]['target_accuracy'], candidates(r)[0]['target_accuracy']) for r in runs]
+    return -sum(acc < start - HARM_MARGIN for acc, start in picked), statistics.mean(acc for acc, _ in picked)
+
+
+def fit_rule(runs: Sequence[dict]) -> Tuple[str, CollapseGuard]:
+    """The guarded rule and guard settings with the fewest harmful picks, then the best mean, on `runs`."""
+    best, best_score = None, None
+    for rule in GUARDED_RULES:
+        for guard in GUARD_GRID:
+            score = outcome(runs, rule, guard)
+            if best_score is None or score > best_score:
+                best, best_score = (rule, guard), score
+    return best
+
+
+def spearman(x: Sequence[float], y: Sequence[float]) -> float:
+    from scipy.stats import spearmanr
+    if len(set(x)) < 2 or len(set(y)) < 2:
+        return float('nan')
+    return float(spearmanr(x, y).statistic)
+
+
+def estimates(run_dir: Path, epoch: int) -> Dict[str, float]:
+    """Label-free accuracy estimates of one epoch recomputed from its saved probabilities: ATC with either
+    confidence score, and the difference of confidences (DoC: source accuracy minus the drop in mean confidence)."""
+    dump = np.load(run_dir / 'label_free' / f'epoch-{epoch:04d}.npz')
+    target = torch.from_numpy(dump['target_probs']).float()
+    source = torch.from_numpy(dump['source_probs']).float()
+    labels = torch.from_numpy(dump['source_labels'])
+    out = {}
+    for score in ('max_prob', 'neg_entropy'):
+        out[f'ATC ({score})'] = atc_estimate(target, fit_atc_threshold(source, labels, score), score)
+    source_acc = float((source.argmax(-1) == labels).float().mean() * 100)
+    drop = float(source.max(-1).values.mean() - target.max(-1).values.mean()) * 100
+    out['DoC'] = source_acc - drop
+    return out
+
+
+def analyse(results: Dict[Tuple[int, str, str], dict], out: Path, names: Dict, csv_path: Path) -> List[str]:
+    """The study's tables (markdown lines) and the per-run CSV."""
+    targets = sorted({t for _, t, _ in results}, key=DOMAINS.index)
+    seeds = sorted({s for s, _, _ in results})
+    lines = []
+    # leave one target out: the rule fitted on the other targets' runs picks on this target's runs
+    folds = {}
+    for target in targets:
+        train = [r for (s, t, m), r in results.items() if t != target]
+        folds[target] = fit_rule(train)
+    final_rule, final_guard = fit_rule(list(results.values()))
+    rows = []
+    for (seed, target, method), r in results.items():
+        rule, guard = folds[target]
+        chosen, fired = pick(r, rule, guard)
+        cands = candidates(r)
+        rows.append(dict(
+            target=target, seed=seed, method=method,
+            source_only=round(cands[0]['target_accuracy'], 2), last=round(cands[-1]['target_accuracy'], 2),
+            selected=round(chosen['target_accuracy'], 2), oracle=round(max(c['target_accuracy'] for c in cands), 2),
+            estimated=round(chosen['estimated_accuracy'], 2), guard_fired=fired, selected_epoch=chosen['epoch'],
+            last_epoch=cands[-1]['epoch'], rule=rule, **{f'estimated_{k}': round(v, 2) for k, v in estimates(
+                out / names[seed, target, method], chosen['epoch']).items()}))
+    csv_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(csv_path, 'w', newline='') as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+
+    def mean(key, subset=rows):
+        return statistics.mean(r[key] for r in subset)
+
+    lines += [
+        '| method | source-only | last | selected | oracle | selected < source-only - 2 | last < source-only - 2 | '
+        'guard fired |', '|---|---|---|---|---|---|---|---|']
+    for method in METHODS + ('all',):
+        sub = [r for r in rows if method in ('all', r['method'])]
+        lines.append(
+            f"| {method} | {mean('source_only', sub):.1f} | {mean('last', sub):.1f} | {mean('selected', sub):.1f} | "
+            f"{mean('oracle', sub):.1f} | {sum(r['selected'] < r['source_only'] - HARM_MARGIN for r in sub)} of "
+            f"{len(sub)} | {sum(r['last'] < r['source_only'] - HARM_MARGIN for r in sub)} of {len(sub)} | "
+            f"{sum(r['guard_fired'] for r in sub)} of {len(sub)} |")
+    lines += ['', 'Per target (mean over seeds and both methods):', '',
+              '| target | rule fitted on the other four targets | source-only | last | selected | oracle | '
+              'estimated | guard fired |', '|---|---|---|---|---|---|---|---|']
+    for target in targets:
+        sub = [r for r in rows if r['target'] == target]
+        rule, guard = folds[target]
+        lines.append(
+            f"| {target} | {rule}, effective >= {guard.min_effective_ratio:g}x, new dead <= {guard.max_new_dead}, "
+            f"agreement >= {guard.min_agreement:g}% | {mean('source_only', sub):.1f} | {mean('last', sub):.1f} | "
+            f"{mean('selected', sub):.1f} | {mean('oracle', sub):.1f} | {mean('estimated', sub):.1f} | "
+            f"{sum(r['guard_fired'] for r in sub)} of {len(sub)} |")
+    lines += ['', f'Fitted on all five targets (the default of `--select`): {final_rule}, effective classes >= '
+                  f'{final_guard.min_effective_ratio:g} x the source-only model\'s, at most {final_guard.max_new_dead} '
+                  f'new dead classes, agreement >= {final_guard.min_agreement:g}% while confidence rises.', '']
+    # estimates on the picked checkpoints
+    lines += ['Label-free accuracy estimates of the picked checkpoints against their true target accuracy:', '',
+              '| estimator | mean absolute error | mean signed error (estimate - true) | max absolute error |',
+              '|---|---|---|---|']
+    for key in [k for k in rows[0] if k.startswith('estimated_')]:
+        errors = [r[key] - r['selected'] for r in rows]
+        lines.append(f"| {key.removeprefix('estimated_')} | {statistics.mean(map(abs, errors)):.1f} | "
+                     f"{statistics.mean(errors):+.1f} | {max(map(abs, errors)):.1f} |")
+    # Spearman correlation of each score with the true accuracy over the epochs of each run
+    lines += ['', 'Spearman correlation of each label-free score with the true target accuracy over the candidate '
+                  'epochs of each run (mean ± std over the runs):', '', '| score | FixMatch | DIDA-Net | all |',
+              '|---|---|---|---|']
+    for key in LABEL_FREE_KEYS:
+        if key == 'atc_threshold':
+            continue
+        cells = []
+        for method in METHODS + ('all',):
+            rhos = [spearman([c[key] for c in candidates(r)], [c['target_accuracy'] for c in candidates(r)])
+                    for (s, t, m), r in results.items() if method in ('all', m)]
+            rhos = [x for x in rhos if x == x]
+            cells.append(f'{statistics.mean(rhos):+.2f} ± {statistics.stdev(rhos):.2f}' if len(rhos) > 1 else 'n/a')
+        lines.append(f'| {key} | ' + ' | '.join(cells) + ' |')
+    return lines
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument('--size', default='cpu', choices=SIZES)
@@ -44,14 +199,32 @@ def main() -> None:
     parser.add_argument('--targets', nargs='+', default=list(DOMAINS), choices=DOMAINS)
     parser.add_argument('--jobs', type=int, default=1, help='runs side by side (CPU threads are split)')
     parser.add_argument('--out', type=Path, default=None, help='run folders (default output/label_free_selection_<size>)')
+    parser.add_argument('--csv', type=Path, default=Path('docs/results/label_free_selection.csv'),
+                        help='per-run table (target, seed, method, source_only, last, selected, oracle, estimated, '
+                             'guard_fired, ...)')
+    parser.add_argument('--markdown', type=Path, default=None, help='also write the tables here')
+    parser.add_argument('--analyse-only', action='store_true', help='read the finished runs, train nothing')
     args = parser.parse_args()
     study = offline_study(args.size)
     if args.jobs < 1:
         parser.error(f'--jobs: must be >= 1, got {args.jobs}')
     out = args.out or Path(f'output/label_free_selection_{args.size}')
     grid = study_grid(args.targets, args.seeds)
-    run_all([study_run(study, name, method, target, seed, train_args=KEEP_ALL)
-             for (seed, target, method), name in grid.items()], out, args.jobs)
+    if args.analyse_only:
+        missing = [n for n in grid.values() if not (out / n / 'results.json').is_file()]
+        if missing:
+            parser.error(f'--analyse-only: {len(missing)} runs are not finished in {out}, e.g. {missing[0]}')
+        by_name = {n: json.loads((out / n / 'results.json').read_text()) for n in grid.values()}
+    else:
+        by_name = run_all([study_run(study, name, method, target, seed, train_args=KEEP_ALL)
+                           for (seed, target, method), name in grid.items()], out, args.jobs)
+    results = {key: by_name[name] for key, name in grid.items()}
+    lines = [f'{study.description}; leave one domain out, seeds {", ".join(map(str, args.seeds))}, FixMatch '
+             f'(`digitnet_compact`) and DIDA-Net (`dida_digitnet_compact`). Target test accuracy (%) of the '
+             f'source-only start, the last epoch, the checkpoint the label-free rule selects (its guard fitted on '
+             f'the other four targets) and the best epoch by target labels (oracle).', '']
+    lines += analyse(results, out, grid, args.csv)
+    emit_table(lines, args.markdown)
 
 
 if __name__ == '__main__':

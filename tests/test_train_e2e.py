@@ -41,9 +41,13 @@ def test_adaptation_improves_target_accuracy_over_its_source_only_start(tmp_path
                      '--source-only-epochs', '4', '--epochs', '4', '--lr', '0.05', '--experiment', 'adapt'],
                     tmp_path, data_dir)
     results = json.loads((tmp_path / 'adapt' / 'results.json').read_text())
-    start, final = results['source_only_start_target_accuracy'], results['target_accuracy']
+    start, final = results['source_only_start_target_accuracy'], results['last_target_accuracy']
     assert final > start + 3, f'adaptation did not help: {start:.1f} -> {final:.1f}\n{result.stdout[-2000:]}'
-    assert '| source-only start | adapted (fixmatch) |' in result.stdout
+    assert '| source-only start | last epoch | selected | estimated (label-free) | selected epoch, rule |' in \
+        result.stdout
+    # the reported accuracy is the selected checkpoint's, whichever epoch that is
+    chosen = next(h for h in results['history'] if h['epoch'] == results['selection']['epoch'])
+    assert results['target_accuracy'] == pytest.approx(chosen['target_accuracy'])
     for picture in ('confusion_matrix.png', 'tsne.png', 'curves.png'):
         assert (tmp_path / 'adapt' / picture).stat().st_size > 10_000
     assert set(results['per_domain_accuracy']) == {'mnist', 'mnistm_style'}
@@ -153,3 +157,78 @@ def test_config_with_unknown_key_is_refused(tmp_path, capsys):
     with pytest.raises(SystemExit):
         train.parse_args(['-c', str(bad)])
     assert "unknown keys ['learning_rate']" in capsys.readouterr().err
+
+
+def _flat_unlabelled_folder(folder: Path, data_dir: Path, domain: str, count: int) -> None:
+    """The test images of an offline domain as a flat folder of PNGs, with no trace of their labels, plus a
+    non-image file and an unreadable image."""
+    from dida_timm.data import create_domain_datasets
+    ds, = create_domain_datasets('offline_digits', data_dir, [domain], 'test', train_size=320, test_size=200)
+    folder.mkdir(parents=True)
+    for i in range(count):
+        ds.load(i).save(folder / f'img_{i:04d}.png')
+    (folder / 'notes.txt').write_text('not an image')
+    (folder / 'broken.png').write_bytes(b'\x89PNG\r\n\x1a\n garbage')
+
+
+@pytest.mark.slow
+def test_a_flat_folder_of_unlabelled_images_trains_exports_and_predicts_without_labels(tmp_path, data_dir):
+    from dida_timm.hub import export_runs
+    target = tmp_path / 'new_domain'
+    _flat_unlabelled_folder(target, data_dir, 'mnistm_style', 120)
+    result = _train(['--source', 'mnist', 'syn_style', '--target-dir', str(target), '--source-only-epochs', '1',
+                     '--epochs', '2', '--experiment', 'flat'], tmp_path, data_dir)
+    run = tmp_path / 'flat'
+    results = json.loads((run / 'results.json').read_text())
+    assert results['target'] == 'new_domain' and not results['target_labelled']
+    assert results['target_accuracy'] is None and results['target_confusion'] is None
+    assert set(results['per_domain_accuracy']) == {'mnist', 'syn_style'}
+    assert all('target_accuracy' not in h for h in results['history'])
+    assert 0 <= results['estimated_target_accuracy'] <= 100
+    assert results['selection']['rule'] == 'guarded_last'
+    assert results['label_free']['target_held_out_images'] == 24  # 20% of the 120 readable images
+    log = (run / 'log.txt').read_text()
+    assert 'broken.png' in log and '1 non-image files skipped, 1 unreadable images skipped' in log
+    assert 'no target labels: accuracy unknown' in result.stdout
+    assert not (run / 'confusion_matrix.png').exists() and (run / 'tsne.png').exists()
+    assert len(list((run / 'label_free').glob('epoch-*.npz'))) == 3
+
+    repo = export_runs([run], tmp_path / 'repo', 'dida-timm/flat-test')
+    predictions = tmp_path / 'predictions.csv'
+    predicted = subprocess.run([sys.executable, '-m', 'dida_timm.inference', '--model', str(repo), '--images',
+                                str(target), '--output', str(predictions)], cwd=REPO, capture_output=True, text=True)
+    assert predicted.returncode == 0, predicted.stdout + predicted.stderr
+    assert 'estimated accuracy' in predicted.stdout
+    assert len(predictions.read_text().splitlines()) == 1 + 120
+
+
+@pytest.mark.slow
+def test_a_run_forced_to_collapse_falls_back_to_the_source_only_model_with_a_warning(tmp_path, data_dir):
+    # every pseudo-label is corrupted to class 0 and kept: the adapted model collapses onto one class
+    script = tmp_path / 'collapse.py'
+    script.write_text(
+        'import sys, runpy, torch\n'
+        'import dida_timm.training.step as step\n'
+        'from dida_timm.training.fixmatch import PseudoLabels\n'
+        'def corrupted(logits, threshold=0.95, soft=False):\n'
+        '    n = len(logits)\n'
+        '    return PseudoLabels(torch.zeros(n, dtype=torch.long), torch.ones(n), torch.ones(n))\n'
+        'step.pseudo_label = corrupted\n'
+        f'sys.argv = [{str(TRAIN)!r}] + sys.argv[1:]\n'
+        f'runpy.run_path({str(TRAIN)!r}, run_name="__main__")\n')
+    cmd = [sys.executable, str(script), '--output', str(tmp_path), '--data-dir', str(data_dir)] + TINY + [
+        '--source', 'mnist', '--target', 'syn_style', '--source-only-epochs', '2', '--epochs', '2',
+        '--unlabelled-weight', '3', '--tsne-per-domain', '0', '--experiment', 'collapse']
+    result = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    results = json.loads((tmp_path / 'collapse' / 'results.json').read_text())
+    selection = results['selection']
+    assert selection['guard_fired'] and selection['epoch'] == 2, selection
+    assert 'falling back to the source-only model' in selection['reason']
+    assert results['target_accuracy'] == pytest.approx(results['source_only_start_target_accuracy'])
+    assert results['history'][-1]['effective_classes'] < 2
+    assert 'collapse guard fired' in (tmp_path / 'collapse' / 'log.txt').read_text()
+    assert 'WARNING: the collapse guard flagged epochs [3, 4]' in result.stdout
+    # the shipped weights are the source-only model's
+    reference = safetensors.torch.load_file(str(tmp_path / 'collapse' / 'selection' / 'reference.safetensors'))
+    assert all(torch.equal(v, _weights(tmp_path / 'collapse')[k]) for k, v in reference.items())
