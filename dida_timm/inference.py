@@ -19,7 +19,7 @@ from torch.utils.data import DataLoader
 from .data import read_unlabelled_folder
 from .hub import validate_hub_config
 
-__all__ = ['create_model', 'load_model', 'predict_images', 'main']
+__all__ = ['create_model', 'load_model', 'predict_images', 'smallest_input_size', 'main']
 
 
 def _hub_config(spec: str) -> Optional[dict]:
@@ -57,6 +57,35 @@ def create_model(spec: str, pretrained: bool = False, **kwargs) -> torch.nn.Modu
                 f'{spec}: {e}. dida-timm architectures are registered by `import dida_timm`, which must come '
                 f'before timm.create_model; this install registers {known}') from e
         raise
+
+
+@torch.no_grad()
+def smallest_input_size(model: torch.nn.Module) -> int:
+    """The smallest square input size the model can take with its deepest feature map at least one pixel.
+
+    The pretrained config's `min_input_size` where it has one, else the model's total reduction (timm's
+    feature_info), else the smallest power of two a forward of one image accepts.
+    """
+    min_size = (getattr(model, 'pretrained_cfg', None) or {}).get('min_input_size')
+    if min_size:
+        return int(min_size[-1])
+    info = getattr(model, 'feature_info', None)
+    reductions = [f['reduction'] for f in info if 'reduction' in f] if info else []
+    if reductions:
+        return int(max(reductions))
+    in_chans = getattr(model, 'in_chans', 3)
+    was_training = model.training
+    model.eval()
+    try:
+        for size in (2 ** i for i in range(11)):
+            try:
+                model(torch.zeros(1, in_chans, size, size))
+                return size
+            except RuntimeError:
+                continue
+    finally:
+        model.train(was_training)
+    raise ValueError(f'{type(model).__name__} takes no square input of up to 1024 px')
 
 
 def load_model(spec: str, device: str = 'cpu', **kwargs) -> torch.nn.Module:
