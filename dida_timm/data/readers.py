@@ -4,7 +4,7 @@ Every reader returns `DomainDataset`s whose labels index ONE class map shared by
 Mismatched data is refused with an error naming the path, never "fixed" by re-numbering classes:
 a domain missing a class, a class folder unknown to the class map, an empty domain, a split file naming a
 missing image or disagreeing with its own labels. Files without an image extension in class folders are
-skipped and counted (`FileDomainDataset.skipped`); a file with an image extension that cannot be decoded
+skipped and listed (`FileDomainDataset.skipped_paths`); a file with an image extension that cannot be decoded
 raises an error naming it when it is loaded.
 
 Layouts (`root` is the dataset folder):
@@ -43,11 +43,11 @@ def _require_dir(path: Path, what: str) -> Path:
     return path
 
 
-def _images_under(folder: Path) -> Tuple[List[Path], int]:
-    """Image files anywhere under `folder` (sorted, hidden files ignored) and the count of other files."""
+def _images_under(folder: Path) -> Tuple[List[Path], List[Path]]:
+    """Image files anywhere under `folder` (sorted, hidden files ignored) and the other files."""
     files = [p for p in sorted(folder.rglob('*')) if p.is_file() and not p.name.startswith('.')]
     images = [p for p in files if _is_image(p)]
-    return images, len(files) - len(images)
+    return images, [p for p in files if not _is_image(p)]
 
 
 def _class_dirs(root: Path) -> Dict[str, Path]:
@@ -77,7 +77,7 @@ def read_class_folders(
     unknown = sorted(set(found) - set(classes))
     if unknown:
         raise ValueError(f'{root} has class folders not in the class map {classes}: {unknown}')
-    samples, skipped, empty = [], 0, []
+    samples, skipped, empty = [], [], []
     for label, name in enumerate(classes):
         if name not in found:
             continue
