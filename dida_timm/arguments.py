@@ -7,12 +7,13 @@ checks them as the command line would (types, choices, list shapes).
 """
 import argparse
 import math
+import re
 from pathlib import Path
 from typing import Any, Callable, Dict, Optional, Sequence, Tuple
 
 import yaml
 
-__all__ = ['Check', 'at_least', 'between', 'greater_than', 'distinct', 'check_options', 'config_defaults', 'option_name']
+__all__ = ['Check', 'at_least', 'between', 'greater_than', 'distinct', 'hub_repo_id', 'check_options', 'config_defaults', 'option_name']
 
 # a check returns why the value is wrong, or None when it is fine; None values (option not given) pass
 Check = Callable[[Any], Optional[str]]
@@ -66,6 +67,13 @@ def distinct(value) -> Optional[str]:
             twice.append(x)
         seen.add(key)
     return f'{", ".join(map(str, twice))} given twice' if twice else None
+
+
+def hub_repo_id(value) -> Optional[str]:
+    """A Hugging Face repo id, ORG/NAME."""
+    if value is not None and not re.fullmatch(r'[A-Za-z0-9][\w.-]{0,95}/[A-Za-z0-9][\w.-]{0,95}', value):
+        return f'must be ORG/NAME (letters, digits, - _ .), got {value!r}'
+    return None
 
 
 def option_name(parser: argparse.ArgumentParser, dest: str) -> str:
