@@ -80,7 +80,8 @@ def option_name(parser: argparse.ArgumentParser, dest: str) -> str:
     """The option a dest belongs to, as users type it (`--batch-size`; a positional's own name)."""
     for action in parser._actions:
         if action.dest == dest:
-            return max(action.option_strings, key=len) if action.option_strings else action.dest
+            long = [o for o in action.option_strings if o.startswith('--')]
+            return (long or action.option_strings or [action.dest])[0]
     return '--' + dest.replace('_', '-')
 
 
