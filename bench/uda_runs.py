@@ -141,8 +141,9 @@ def _run(
     if target not in study.domains:
         raise ValueError(f'target {target!r} is not one of the study\'s domains {list(study.domains)}')
     sources = [d for d in study.domains if d != target]
-    # JSON is YAML, which is what --model-kwargs parses
-    return Run(name, ('-c', str(study.config), '--model', model, '--method', train_method,
+    # JSON is YAML, which is what --model-kwargs parses; the studies report the last epoch (the paper's protocol),
+    # the label-free selection study re-selects from the per-epoch history
+    return Run(name, ('-c', str(study.config), '--model', model, '--method', train_method, '--select', 'last',
                       '--model-kwargs', json.dumps(kwargs), *schedule, '--source', *sources, '--target', target,
                       '--seed', str(seed), *study.args, *train_args))
 

@@ -28,6 +28,7 @@ import sys
 import time
 from functools import partial
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 import safetensors.torch
@@ -45,15 +46,17 @@ import dida_timm  # noqa: F401  registers the models
 from dida_timm.arguments import at_least, between, check_options, config_defaults, distinct, greater_than
 from dida_timm.data import (
     DATASETS, CyclingBatchSampler, DomainBalancedSampler, TransformedDataset, TwoViewDataset, create_domain_datasets,
-    create_uda_transforms, dataset_domains, default_domains, test_data_config)
+    create_uda_transforms, dataset_domains, default_domains, holdout_split, read_class_folders,
+    read_unlabelled_folder, test_data_config)
 from dida_timm.training import (
     MixStyle, MultiViewModel, NonFiniteLossError, UdaConfig, attach_mixstyle, evaluate, extract_features,
     load_last_checkpoint, save_checkpoint, train_one_epoch, uda_param_groups)
 from dida_timm.inference import create_model, smallest_input_size
 from dida_timm.models import static_twin_filter_fn
-from dida_timm.training.checkpoint import rng_state
 from dida_timm.training.distributed import init_distributed
 from dida_timm.training.report import plot_confusion, plot_curves, plot_tsne
+from dida_timm.training.selection import ATC_SCORES, LABEL_FREE_KEYS, RULES, Selection
+from dida_timm.training.label_free import LabelFreeMonitor
 
 _logger = logging.getLogger('train')
 
@@ -68,7 +71,18 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument('--source', nargs='+', default=None,
                    help='labelled domains (default: every domain of the dataset but the target)')
     g.add_argument('--target', default=None,
-                   help='the domain adapted to (default: the dataset\'s first, e.g. mnistm_style, art_painting)')
+                   help='the target domain of --dataset, its labels used for evaluation only (default: the '
+                        'dataset\'s first, e.g. mnistm_style, art_painting)')
+    g.add_argument('--target-dir', default='',
+                   help='a folder of UNLABELLED target images (any layout; sub-folder names are ignored); replaces '
+                        '--target')
+    g.add_argument('--target-eval-dir', default='',
+                   help='labelled target images to evaluate on (class folders), with --target-dir')
+    g.add_argument('--source-val-fraction', type=float, default=0.1,
+                   help='share of each source domain held out (never trained on) for source validation')
+    g.add_argument('--target-val-fraction', type=float, default=0.2,
+                   help='share of the unlabelled target held out (never trained on) for the label-free scores')
+    g.add_argument('--val-max-images', type=int, default=1000, help='cap on each held-out slice')
     g.add_argument('--source-split', default='train')
     g.add_argument('--target-train-split', default='train', help='unlabelled target images trained on')
     g.add_argument('--target-test-split', default='test', help='labelled target images evaluated on')
@@ -96,6 +110,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument('--forward-mode', default='joint', choices=['joint', 'separate'])
     g.add_argument('--unlabelled-weight', type=float, default=1.0)
     g.add_argument('--source-only-epochs', type=int, default=0, help='source-only phase before adapting')
+    g.add_argument('--select', default='guarded_last', choices=sorted(RULES),
+                   help='which checkpoint the run reports, exports and ships: last = the last epoch; guarded_* = '
+                        'among the source-only model and the epochs the collapse guard does not flag, the latest '
+                        '(guarded_last) or the one with the highest estimated accuracy (guarded_estimate)')
+    g.add_argument('--atc-score', default='max_prob', choices=ATC_SCORES,
+                   help='confidence score of the label-free accuracy estimate (ATC)')
     g = p.add_argument_group('augmentation')
     g.add_argument('--flip', action=argparse.BooleanOptionalAction, default=False)
     g.add_argument('--translate', type=float, default=0.0)
@@ -137,9 +157,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 # each option's valid values; options whose limits depend on others (input size, cutout, warmup, domains)
 # are checked in check_args below
-RULES = [
+OPTION_RULES = [
     ('offline_train_size', at_least(10)), ('offline_test_size', at_least(10)), ('workers', at_least(0)),
-    ('source', distinct), ('input_size', at_least(1)),
+    ('source', distinct), ('source_val_fraction', between(0, 1, high_open=True)),
+    ('target_val_fraction', between(0, 1, high_open=True)), ('val_max_images', at_least(1)), ('input_size', at_least(1)),
     ('threshold', between(0, 1)), ('unlabelled_weight', at_least(0)), ('source_only_epochs', at_least(0)),
     ('translate', between(0, 1)), ('cutout', at_least(0)),
     ('epochs', at_least(1)), ('batch_size', at_least(1)), ('lr', at_least(0)), ('new_lr_scale', at_least(0)),
@@ -154,23 +175,30 @@ RULES = [
 def check_args(args: argparse.Namespace, parser: argparse.ArgumentParser) -> argparse.Namespace:
     """Refuse what makes no sense (`error: --option: why`, exit 2) and fill the defaults that depend on the
     dataset (its domains) and the model (its input size), so args.yaml records what the run uses."""
-    check_options(parser, args, RULES)
+    check_options(parser, args, OPTION_RULES)
     try:
         domains = dataset_domains(args.dataset, args.data_dir)
     except (ValueError, FileNotFoundError) as e:
         parser.error(f'--data-dir: {e}')
-    for dest in ('source', 'target'):
+    # with --target-dir the target is that folder, not a domain of the dataset: every domain may be a source
+    target_is_domain = not args.target_dir
+    for dest in ('source', 'target') if target_is_domain else ('source',):
         unknown = [d for d in ([args.target] if dest == 'target' else args.source or []) if d is not None
                    and d not in domains]
         if unknown:
             parser.error(f'--{dest}: {", ".join(map(repr, unknown))} not a domain of {args.dataset}; its domains '
                          f'are {list(domains)}')
-    if args.target is not None and args.target in (args.source or []):
-        parser.error(f'--target: the target {args.target!r} is also a source')
-    try:
-        args.source, args.target = default_domains(args.dataset, args.data_dir, args.source, args.target)
-    except ValueError as e:
-        parser.error(f'--source/--target: {e}')
+    if not target_is_domain:
+        args.source = args.source or list(domains)
+        if not args.source:
+            parser.error(f'--source: {args.data_dir} has no sub-folders to use as source domains')
+    else:
+        if args.target is not None and args.target in (args.source or []):
+            parser.error(f'--target: the target {args.target!r} is also a source')
+        try:
+            args.source, args.target = default_domains(args.dataset, args.data_dir, args.source, args.target)
+        except ValueError as e:
+            parser.error(f'--source/--target: {e}')
     if args.resume and not args.experiment:
         parser.error('--resume: needs --experiment, the run folder to continue')
     if args.init_checkpoint and not Path(args.init_checkpoint).is_file():
@@ -244,7 +272,8 @@ class Run:
         if args.resume and not args.experiment:
             raise SystemExit('error: --resume needs --experiment, the run folder to continue')
         name = args.experiment or '-'.join([
-            time.strftime('%Y%m%d-%H%M%S'), args.model.replace('/', '_').replace(':', '_'), args.target, args.method])
+            time.strftime('%Y%m%d-%H%M%S'), args.model.replace('/', '_').replace(':', '_'),
+            Path(args.target_dir).resolve().name if args.target_dir else args.target, args.method])
         self.out_dir = Path(args.output) / name
         if self.is_main:
             if self.out_dir.exists() and any(self.out_dir.iterdir()) and not args.resume:
@@ -267,15 +296,42 @@ class Run:
 
     def _build_data(self) -> None:
         a = self.args
-        if a.target in a.source:
-            raise SystemExit(f'error: the target {a.target!r} is also a source')
         extra = dict(train_size=a.offline_train_size, test_size=a.offline_test_size) \
             if a.dataset == 'offline_digits' else {}
         read = partial(create_domain_datasets, a.dataset, a.data_dir, **extra)
-        self.sources = read(a.source, a.source_split)
-        self.classes = self.sources[0].classes
-        self.target_train, = read([a.target], a.target_train_split, classes=self.classes)
-        self.test_sets = {d.domain: d for d in read(a.source + [a.target], a.target_test_split, classes=self.classes)}
+        if a.target_dir:
+            self.target_name = Path(a.target_dir).resolve().name
+            _logger.info(f'target: the unlabelled images under {a.target_dir} (--target {a.target} not used)')
+        else:
+            self.target_name = a.target
+        if self.target_name in a.source:
+            raise SystemExit(f'error: the target {self.target_name!r} is also a source')
+        sources = read(a.source, a.source_split)
+        self.classes = sources[0].classes
+        if a.target_dir:
+            target = read_unlabelled_folder(a.target_dir, self.target_name, self.classes)
+            target, unreadable = target.without_unreadable()
+            for path, why in unreadable:
+                _logger.warning(f'skipping unreadable target image {path}: {why}')
+            _logger.info(f'target {a.target_dir}: {len(target)} images, {target.skipped} non-image files skipped, '
+                         f'{len(unreadable)} unreadable images skipped')
+        else:
+            target, = read([a.target], a.target_train_split, classes=self.classes)
+        test_sets = read(a.source, a.target_test_split, classes=self.classes)
+        if a.target_eval_dir:
+            test_sets.append(read_class_folders(a.target_eval_dir, self.target_name, self.classes,
+                                                allow_missing_classes=True))
+        elif not a.target_dir:
+            test_sets += read([a.target], a.target_test_split, classes=self.classes)
+        self.test_sets = {d.domain: d for d in test_sets}
+        self.target_test = self.test_sets.get(self.target_name)
+        # held-out slices for the label-free scores: never trained on, fixed by the seed
+        val_seed = a.seed * 7 + 3
+        self.target_train, self.target_val = holdout_split(target, a.target_val_fraction, a.val_max_images, val_seed)
+        splits = [holdout_split(ds, a.source_val_fraction, a.val_max_images, val_seed + i + 1)
+                  for i, ds in enumerate(sources)]
+        self.sources = [train for train, _ in splits]
+        self.source_val = ConcatDataset([val for _, val in splits])
         self.uda_cfg = UdaConfig(a.method, a.threshold, a.soft_weighting, a.unlabelled_stream, a.forward_mode,
                                  a.unlabelled_weight)
 
@@ -289,6 +345,11 @@ class Run:
         self.test_data_config = test_data_config(size, data_cfg['mean'], data_cfg['std'])
         for ds in self.test_sets.values():
             ds.transform = tf['test']
+        self.tsne_target = self.target_test or TransformedDataset(self.target_val, tf['test'])
+        self.monitor = LabelFreeMonitor(
+            self.out_dir, self.is_main, TransformedDataset(self.target_val, tf['test']),
+            TransformedDataset(self.source_val, tf['test']), a.select, atc_score=a.atc_score,
+            pseudo_label_threshold=a.threshold, batch_size=a.eval_batch_size, device=self.device)
         cfg = self.uda_cfg
         self.source_train = ConcatDataset([
             TwoViewDataset(ds, tf['weak'], tf['strong']) if cfg.needs_source_strong
@@ -300,8 +361,10 @@ class Run:
         self.steps_per_epoch = len(self.source_sampler)
         self.target_sampler = CyclingBatchSampler(len(self.target_train), a.batch_size, self.steps_per_epoch,
                                                   a.seed + 1, self.rank, self.world_size)
-        _logger.info(f'sources {[f"{d.domain}:{len(d)}" for d in self.sources]}, target {a.target}: '
-                     f'{len(self.target_train)} unlabelled train / {len(self.test_sets[a.target])} test images, '
+        target_test = f'{len(self.target_test)} labelled test images' if self.target_test else 'no target labels'
+        _logger.info(f'sources {[f"{d.domain}:{len(d)}" for d in self.sources]} ({len(self.source_val)} held out), '
+                     f'target {self.target_name}: {len(self.target_train)} unlabelled train / '
+                     f'{len(self.target_val)} held out / {target_test}, '
                      f'{len(self.classes)} classes, input {size}px, {self.steps_per_epoch} steps per epoch, '
                      f'{self.world_size} process(es)')
 
@@ -361,10 +424,20 @@ class Run:
                             **common) if with_target else None
         return source, target
 
-    def evaluate_target(self) -> dict:
-        model = self.ema.module if self.ema is not None else self.model
-        return evaluate(model, self.test_sets[self.args.target], len(self.classes), self.args.eval_batch_size,
-                        self.device, rank=self.rank, world_size=self.world_size)
+    @property
+    def evaluated_model(self) -> torch.nn.Module:
+        """The weights every score and export uses: the EMA when there is one."""
+        return self.ema.module if self.ema is not None else self.model
+
+    def epoch_row(self, epoch: int, phase: str) -> dict:
+        """Target accuracy (when target labels exist) and label-free scores of the model after `epoch`."""
+        row = dict(epoch=epoch, phase=phase)
+        if self.target_test is not None:
+            row['target_accuracy'] = evaluate(
+                self.evaluated_model, self.target_test, len(self.classes), self.args.eval_batch_size, self.device,
+                rank=self.rank, world_size=self.world_size)['accuracy']
+        row.update(self.monitor.score(self.evaluated_model, epoch))
+        return row
 
     def phases(self):
         a = self.args
@@ -395,6 +468,8 @@ class Run:
             if state and state.get('phase') == phase_index and done > epoch0:
                 optimizer.load_state_dict(state['optimizer'])
                 scheduler.load_state_dict(state['scheduler'])
+            if cfg.method == 'fixmatch':
+                self._start_adaptation(epoch0, done)
             wrapped = self._wrap(cfg.forward_mode == 'joint')
             scaler = torch.amp.GradScaler('cuda') if a.amp and self.device.type == 'cuda' else None
             for epoch in range(max(done, epoch0), phase_end):
@@ -417,68 +492,115 @@ class Run:
                     ema=self.ema, world_size=self.world_size, progress=progress if bar else None)
                 if bar:
                     bar.close()
-                result = self.evaluate_target()
-                row = dict(epoch=epoch + 1, phase=phase, target_accuracy=result['accuracy'],
-                           lr=optimizer.param_groups[0]['lr'], epoch_seconds=time.time() - start, **metrics)
+                row = self.epoch_row(epoch + 1, phase)
+                row.update(lr=optimizer.param_groups[0]['lr'], epoch_seconds=time.time() - start, **metrics)
                 self.history.append(row)
                 _logger.info(' '.join(f'{k}={v:.4f}' if isinstance(v, float) else f'{k}={v}' for k, v in row.items()))
+                if cfg.method == 'fixmatch':
+                    selection = self.monitor.update(self.evaluated_model, self.history)
+                    for reason in selection.flagged.get(epoch + 1, []):
+                        _logger.warning(f'collapse guard, epoch {epoch + 1}: {reason}')
                 if self.is_main:
                     save_checkpoint(ckpt_dir, epoch + 1, self.model, dict(
                         phase=phase_index, optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(),
-                        history=self.history, rng=rng_state()), self.ema, keep=a.keep_checkpoints)
+                        history=self.history), self.ema, keep=a.keep_checkpoints)
                     self._write_summary()
                 if self.world_size > 1:
                     torch.distributed.barrier()
             done = epoch0 = phase_end
         return self.finish()
 
-    def _write_summary(self) -> None:
-        keys = sorted({k for row in self.history for k in row}, key=lambda k: (k != 'epoch', k != 'phase', k))
+    def _start_adaptation(self, epoch0: int, done: int) -> None:
+        """Fix the reference of the label-free scores: the model as adaptation starts (after `epoch0` epochs)."""
+        if done > epoch0:  # resumed inside the adaptation phase: its start is on disk
+            self.monitor.restore_reference(epoch0)
+            return
+        rows = [h for h in self.history if h['epoch'] == epoch0]
+        if rows:
+            row = rows[0]
+        else:  # no source-only phase: score the starting weights as epoch 0
+            row = self.epoch_row(epoch0, 'start')
+            self.history.append(row)
+        self.monitor.set_reference(self.evaluated_model, epoch0, row)
+        _logger.info(f'reference for the label-free scores: the model after epoch {epoch0} ({row["phase"]})')
+
+    def _write_summary(self, selected_epoch: Optional[int] = None) -> None:
+        """Per-epoch history as CSV; at the end, the `selected` column marks the checkpoint the run reports."""
+        rows = [dict(h, selected=int(h['epoch'] == selected_epoch)) if selected_epoch is not None else h
+                for h in self.history]
+        keys = sorted({k for row in rows for k in row}, key=lambda k: (k != 'epoch', k != 'phase', k))
         with open(self.out_dir / 'summary.csv', 'w', newline='') as f:
             writer = csv.DictWriter(f, fieldnames=keys)
             writer.writeheader()
-            writer.writerows(self.history)
+            writer.writerows(rows)
+
+    def select(self) -> Selection:
+        """The checkpoint this run reports, exports and ships (a source-only run: its last epoch)."""
+        if self.args.method != 'fixmatch':
+            return Selection('last', self.history[-1]['epoch'], 'a source-only run reports its last epoch')
+        return self.monitor.select(self.history)
 
     def finish(self) -> dict:
         a = self.args
-        model = self.ema.module if self.ema is not None else self.model
+        model = self.evaluated_model
+        selection = self.select()
+        if self.world_size > 1:
+            torch.distributed.barrier()  # rank 0 has written the kept weights
+        if selection.epoch != self.history[-1]['epoch']:
+            model.load_state_dict(self.monitor.selected_weights(selection))
+        if selection.guard_fired:
+            _logger.warning(f'collapse guard fired on epochs {sorted(selection.flagged)}; {selection.reason}')
         per_domain = {name: evaluate(model, ds, len(self.classes), a.eval_batch_size, self.device,
                                      rank=self.rank, world_size=self.world_size)
                       for name, ds in self.test_sets.items()}
         if not self.is_main:
             return {}
+        chosen = next(h for h in self.history if h['epoch'] == selection.epoch)
         source_only = [h for h in self.history if h['phase'] == 'source_only']
-        target = per_domain[a.target]
+        target = per_domain.get(self.target_name)
         results = dict(
-            model=a.model, architecture=self.model.pretrained_cfg['architecture'], method=a.method, dataset=a.dataset, sources=a.source, target=a.target,
-            classes=self.classes, seed=a.seed, epochs=a.epochs, source_only_epochs=a.source_only_epochs,
-            transductive=a.target_train_split == a.target_test_split,
-            target_accuracy=target['accuracy'],
-            source_only_start_target_accuracy=source_only[-1]['target_accuracy'] if source_only else None,
+            model=a.model, architecture=self.model.pretrained_cfg['architecture'], method=a.method,
+            dataset=a.dataset, sources=a.source, target=self.target_name, target_dir=a.target_dir or None,
+            target_labelled=target is not None, classes=self.classes, seed=a.seed, epochs=a.epochs,
+            source_only_epochs=a.source_only_epochs,
+            transductive=not a.target_dir and a.target_train_split == a.target_test_split,
+            target_accuracy=target['accuracy'] if target else None,
+            last_target_accuracy=self.history[-1].get('target_accuracy'),
+            source_only_start_target_accuracy=source_only[-1].get('target_accuracy') if source_only else None,
+            estimated_target_accuracy=chosen.get('estimated_accuracy'),
+            selection=dict(selection.to_dict(), label_free_scores={
+                k: chosen[k] for k in LABEL_FREE_KEYS if k in chosen}),
+            label_free=dict(
+                atc_score=a.atc_score, atc_threshold=chosen.get('atc_threshold'),
+                target_held_out_images=len(self.target_val), source_held_out_images=len(self.source_val),
+                reference_epoch=self.monitor.reference_epoch),
             per_domain_accuracy={d: r['accuracy'] for d, r in per_domain.items()},
-            target_per_class_accuracy=dict(zip(self.classes, target['per_class_accuracy'])),
-            target_confusion=target['confusion'],
-            history=self.history, world_size=self.world_size, evaluated_weights='ema' if self.ema else 'last',
-            wall_seconds=sum(h['epoch_seconds'] for h in self.history),
+            target_per_class_accuracy=dict(zip(self.classes, target['per_class_accuracy'])) if target else None,
+            target_confusion=target['confusion'] if target else None,
+            history=self.history, world_size=self.world_size, evaluated_weights='ema' if self.ema else 'model',
+            wall_seconds=sum(h.get('epoch_seconds', 0.0) for h in self.history),
             versions=dict(torch=torch.__version__, timm=timm.__version__, dida_timm=dida_timm.__version__),
-            device=str(self.device), hardware=_hardware(self.device),
-            command=self.command, selection='last epoch (no model selection on target labels)',
+            device=str(self.device), hardware=_hardware(self.device), command=self.command,
             # what the weights started from and the preprocessing they were trained and evaluated with
             pretrained_weights=_pretrained_name(a.model, self.model) if a.pretrained else None,
             init_checkpoint=a.init_checkpoint or None, test_data_config=self.test_data_config,
         )
         (self.out_dir / 'results.json').write_text(json.dumps(results, indent=2))
+        self._write_summary(selection.epoch)
         safetensors.torch.save_file({k: v.contiguous().cpu() for k, v in model.state_dict().items()},
                                     str(self.out_dir / 'model.safetensors'))
-        plot_confusion(target['confusion'], self.classes,
-                       f'{a.model} on {a.target}: {target["accuracy"]:.1f}%', self.out_dir / 'confusion_matrix.png')
-        plot_curves(self.history, self.out_dir / 'curves.png')
+        if target:
+            plot_confusion(target['confusion'], self.classes, f'{a.model} on {self.target_name}: '
+                           f'{target["accuracy"]:.1f}% (epoch {selection.epoch})', self.out_dir / 'confusion_matrix.png')
+        plot_curves(self.history, self.out_dir / 'curves.png', selected_epoch=selection.epoch)
         if a.tsne_per_domain:
             feats, labels = {}, {}
-            for name, ds in self.test_sets.items():
+            domains = {name: ds for name, ds in self.test_sets.items() if name != self.target_name}
+            domains[self.target_name] = self.tsne_target
+            for name, ds in domains.items():
                 feats[name], labels[name] = extract_features(model, ds, a.tsne_per_domain, device=self.device,
                                                              seed=a.seed)
-            plot_tsne(feats, labels, self.classes, a.target, self.out_dir / 'tsne.png', seed=a.seed)
+            plot_tsne(feats, labels, self.classes, self.target_name, self.out_dir / 'tsne.png', seed=a.seed)
         return results
 
 
@@ -499,6 +621,23 @@ def _hardware(device: torch.device) -> str:
     return f'{cpu} CPU, {torch.get_num_threads()} threads ({os.cpu_count()} cores visible)'
 
 
+def print_result_table(results: dict) -> None:
+    """The run's outcome: source-only start, last epoch, the selected checkpoint and the label-free estimate."""
+    def pct(v):
+        return 'n/a' if v is None else f'{v:.2f}'
+    sel = results['selection']
+    labels = 'test accuracy (%)' if results['target_labelled'] else 'no target labels: accuracy unknown'
+    print(f"\ntarget {results['target']}, {results['model']}, {labels}")
+    print('| source-only start | last epoch | selected | estimated (label-free) | selected epoch, rule |')
+    print('|---|---|---|---|---|')
+    print(f"| {pct(results['source_only_start_target_accuracy'])} | {pct(results['last_target_accuracy'])} | "
+          f"{pct(results['target_accuracy'])} | {pct(results['estimated_target_accuracy'])} | "
+          f"{sel['epoch']}, {sel['rule']} |")
+    print(sel['reason'])
+    if sel['guard_fired']:
+        print(f"WARNING: the collapse guard flagged epochs {sorted(int(e) for e in sel['flagged'])}")
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     argv = sys.argv[1:] if argv is None else list(argv)
@@ -517,13 +656,7 @@ def main(argv=None) -> int:
         print(f'error: {type(e).__name__}: {e}', file=sys.stderr)
         return 2
     if results:
-        start = results['source_only_start_target_accuracy']
-        print(f"\ntarget {results['target']} test accuracy (%), {results['model']}")
-        if results['method'] == 'source_only':
-            print(f"| source-only |\n|---|\n| {results['target_accuracy']:.2f} |")
-        else:
-            print(f"| source-only start | adapted ({results['method']}) |\n|---|---|")
-            print(f"| {'n/a' if start is None else f'{start:.2f}'} | {results['target_accuracy']:.2f} |")
+        print_result_table(results)
         print(f'report, checkpoint and results: {run.out_dir}')
     if torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()

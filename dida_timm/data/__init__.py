@@ -1,4 +1,5 @@
 from .domain_dataset import UNLABELLED, ArrayDomainDataset, DomainDataset, FileDomainDataset
+from .holdout import holdout_split
 from .readers import (
     DATASET_DOMAINS, DATASETS, create_domain_datasets, dataset_domains, default_domains, read_class_folders,
     read_unlabelled_folder)

@@ -3,6 +3,7 @@
 Domain adaptation mixes several domains in one run, so a label must mean the same class in each of them:
 labels are always looked up by class NAME in the run's class map, never taken from folder order.
 """
+import copy
 from pathlib import Path
 from typing import Callable, List, Optional, Sequence, Tuple
 
@@ -37,6 +38,17 @@ class DomainDataset(Dataset):
     def load(self, index: int) -> Image.Image:
         raise NotImplementedError
 
+    def subset(self, indices: Sequence[int]) -> 'DomainDataset':
+        """The same domain restricted to `indices` (a held-out slice, or the rest of it)."""
+        indices = np.asarray(indices, dtype=np.int64)
+        sub = copy.copy(self)
+        sub.targets = self.targets[indices]
+        sub._take(indices)
+        return sub
+
+    def _take(self, indices: np.ndarray) -> None:
+        raise NotImplementedError
+
     def __getitem__(self, index: int):
         img = self.load(index)
         if self.transform is not None:
@@ -66,6 +78,9 @@ class ArrayDomainDataset(DomainDataset):
     def load(self, index: int) -> Image.Image:
         return Image.fromarray(self.images[index])
 
+    def _take(self, indices: np.ndarray) -> None:
+        self.images = self.images[indices]
+
 
 class FileDomainDataset(DomainDataset):
     """A domain of image files; a file that cannot be decoded raises an error naming it.
@@ -88,6 +103,23 @@ class FileDomainDataset(DomainDataset):
     @property
     def skipped(self) -> int:
         return len(self.skipped_paths)
+
+    def _take(self, indices: np.ndarray) -> None:
+        self.paths = [self.paths[i] for i in indices]
+
+    def without_unreadable(self) -> Tuple['FileDomainDataset', List[Tuple[Path, str]]]:
+        """This domain without the files that cannot be decoded, and those files with the reason."""
+        unreadable = []
+        for path in self.paths:
+            try:
+                with Image.open(path) as img:
+                    img.load()
+            except (OSError, ValueError, Image.DecompressionBombError) as e:
+                unreadable.append((path, f'{type(e).__name__}: {e}'))
+        if not unreadable:
+            return self, []
+        bad = {p for p, _ in unreadable}
+        return self.subset([i for i, p in enumerate(self.paths) if p not in bad]), unreadable
 
     def load(self, index: int) -> Image.Image:
         path = self.paths[index]

@@ -7,7 +7,7 @@ import torch.distributed as dist
 import torch.nn as nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
-__all__ = ['evaluate', 'extract_features', 'accuracy_from_confusion']
+__all__ = ['evaluate', 'extract_features', 'accuracy_from_confusion', 'predict_probs']
 
 
 def accuracy_from_confusion(confusion: np.ndarray) -> Dict[str, object]:
@@ -77,3 +77,21 @@ def extract_features(
         labels.append(y.numpy())
     model.train(was_training)
     return np.concatenate(feats), np.concatenate(labels)
+
+
+@torch.no_grad()
+def predict_probs(
+        model: nn.Module,
+        dataset: Dataset,
+        batch_size: int = 256,
+        device: torch.device = torch.device('cpu'),
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Softmax outputs [N, C] (float32, on the CPU) and labels [N] (UNLABELLED where unknown) of a dataset."""
+    was_training = model.training
+    model.eval()
+    probs, labels = [], []
+    for images, y in DataLoader(dataset, batch_size=batch_size):
+        probs.append(model(images.to(device)).float().softmax(-1).cpu())
+        labels.append(torch.as_tensor(y))
+    model.train(was_training)
+    return torch.cat(probs), torch.cat(labels)

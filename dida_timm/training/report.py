@@ -1,6 +1,6 @@
 """End-of-run pictures: confusion matrix, t-SNE of source and target features (paper Fig. 8), curves."""
 from pathlib import Path
-from typing import Dict, List, Sequence
+from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 
@@ -78,34 +78,51 @@ def plot_tsne(
     plt.close(fig)
 
 
-def plot_curves(history: List[Dict[str, float]], path: Path) -> None:
-    """Target accuracy, losses and pseudo-label keep rate / accuracy per epoch."""
+def plot_curves(history: List[Dict[str, float]], path: Path, selected_epoch: Optional[int] = None) -> None:
+    """Per-epoch curves: accuracy (true where target labels exist, estimated, source validation), losses,
+    pseudo-labels, and the label-free collapse indicators; the selected epoch is marked."""
     plt = _pyplot()
     epochs = [h['epoch'] for h in history]
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
-    axes[0].plot(epochs, [h['target_accuracy'] for h in history], marker='o')
-    axes[0].set_title('target test accuracy (%)')
+
+    def plot(ax, key, label):
+        if any(h.get(key) is not None for h in history):
+            ax.plot(epochs, [np.nan if h.get(key) is None else h[key] for h in history], marker='o', markersize=3,
+                    label=label)
+
+    fig, axes = plt.subplots(1, 4, figsize=(20, 4))
+    plot(axes[0], 'target_accuracy', 'target test accuracy (true)')
+    plot(axes[0], 'estimated_accuracy', 'target accuracy estimated without labels (ATC)')
+    plot(axes[0], 'source_val_accuracy', 'source validation accuracy')
+    axes[0].set_title('accuracy (%)')
     for key in ('source_loss', 'unlabelled_loss'):
-        if any(key in h for h in history):
-            axes[1].plot(epochs, [h.get(key, np.nan) for h in history], marker='o', label=key)
+        plot(axes[1], key, key)
     axes[1].set_title('training losses')
-    axes[1].legend()
-    for key, label in (('keep_rate', 'kept share of target pseudo-labels'),
-                       ('pseudo_accuracy', 'accuracy of kept pseudo-labels')):
-        if any(key in h for h in history):
-            axes[2].plot(epochs, [h.get(key, np.nan) for h in history], marker='o', label=label)
-    adapt_from = [h['epoch'] for h in history if h.get('phase') == 'source_only']
-    if adapt_from:
-        for ax in axes:
-            ax.axvline(adapt_from[-1] + 0.5, color='grey', linestyle='--', linewidth=1)
-        axes[0].text(adapt_from[-1] + 0.6, axes[0].get_ylim()[0], ' adaptation starts', color='grey', fontsize=8,
-                     va='bottom')
+    plot(axes[2], 'keep_rate', 'kept share of target pseudo-labels')
+    plot(axes[2], 'pseudo_accuracy', 'accuracy of kept pseudo-labels (labels needed)')
+    plot(axes[2], 'mean_confidence', 'mean confidence, held-out target')
     axes[2].set_ylim(0, 1.02)
-    axes[2].set_title('pseudo-labels (diagnostic only)')
-    axes[2].legend()
+    axes[2].set_title('pseudo-labels and confidence')
+    plot(axes[3], 'effective_classes', 'effective predicted classes')
+    plot(axes[3], 'dead_classes', 'dead classes (< 1% of images)')
+    twin = axes[3].twinx()
+    if any(h.get('agreement') is not None for h in history):
+        twin.plot(epochs, [np.nan if h.get('agreement') is None else h['agreement'] for h in history], color='grey',
+                  linestyle=':', marker='.', label='agreement with source-only (%)')
+        twin.set_ylim(0, 102)
+        twin.legend(fontsize=7, loc='lower right')
+    axes[3].set_title('collapse indicators (held-out target, no labels)')
+    adapt_from = [h['epoch'] for h in history if h.get('phase') in ('source_only', 'start')]
     for ax in axes:
+        if adapt_from:
+            ax.axvline(adapt_from[-1] + 0.5, color='grey', linestyle='--', linewidth=1)
+        if selected_epoch is not None:
+            ax.axvline(selected_epoch, color='tab:red', linewidth=1.5, alpha=0.6)
         ax.set_xlabel('epoch')
         ax.grid(alpha=0.3)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7)
+    if selected_epoch is not None:
+        axes[0].text(selected_epoch, axes[0].get_ylim()[0], ' selected', color='tab:red', fontsize=8, va='bottom')
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -1,0 +1,41 @@
+"""Held-out slices for label-free validation: part of each source domain and of the unlabelled target.
+
+A run that adapts without target labels can only judge its checkpoints on images it never trained on: a fixed
+slice of the unlabelled target (for the label-free scores) and a slice of each labelled source domain (for the
+source validation accuracy and the calibration of the accuracy estimate). The slice depends on the seed only,
+so a resumed run holds out the same images.
+"""
+from typing import Tuple
+
+import numpy as np
+
+from .domain_dataset import DomainDataset
+
+__all__ = ['holdout_split']
+
+
+def holdout_split(
+        dataset: DomainDataset,
+        fraction: float,
+        max_items: int,
+        seed: int,
+) -> Tuple[DomainDataset, DomainDataset]:
+    """Split a domain into (trained on, held out): `fraction` of its images, at most `max_items`, at least one.
+
+    Args:
+        dataset: The domain.
+        fraction: Share held out, in (0, 1).
+        max_items: Cap on the held-out images (large domains need no more to score a model).
+        seed: Seed of the random choice.
+
+    Raises:
+        ValueError: if the domain is too small to keep images on both sides.
+    """
+    if not 0.0 < fraction < 1.0:
+        raise ValueError(f'a held-out fraction must be in (0, 1), got {fraction}')
+    n = len(dataset)
+    count = min(max_items, max(1, round(n * fraction)))
+    if count >= n:
+        raise ValueError(f'domain {dataset.domain!r} has {n} image(s): too few to hold {count} out for validation')
+    order = np.random.default_rng(seed).permutation(n)
+    return dataset.subset(np.sort(order[count:])), dataset.subset(np.sort(order[:count]))

@@ -1,0 +1,144 @@
+"""Label-free scores, the ATC accuracy estimate, the collapse guard and the selection rules, on hand-made tensors."""
+import math
+
+import pytest
+import torch
+
+from dida_timm.training.selection import (
+    CollapseGuard, atc_estimate, fit_atc_threshold, label_free_scores, select_checkpoint)
+
+C = 10
+
+
+def _one_hot_probs(labels: torch.Tensor, confidence: float = 0.9) -> torch.Tensor:
+    probs = torch.full((len(labels), C), (1 - confidence) / (C - 1))
+    probs[torch.arange(len(labels)), labels] = confidence
+    return probs
+
+
+def test_a_collapsed_prediction_set_has_one_effective_class_and_nine_dead_ones():
+    scores = label_free_scores(_one_hot_probs(torch.zeros(500, dtype=torch.long), 0.99))
+    assert scores['effective_classes'] == pytest.approx(1.0)
+    assert scores['dead_classes'] == C - 1
+    # entropy alone would call it the best model there is: confident and low-entropy
+    assert scores['mean_entropy'] < 0.1
+
+
+def test_a_balanced_prediction_set_has_every_class_alive():
+    scores = label_free_scores(_one_hot_probs(torch.arange(500) % C))
+    assert scores['effective_classes'] == pytest.approx(C)
+    assert scores['dead_classes'] == 0
+
+
+def test_uniform_probabilities_have_maximal_entropy_and_no_information():
+    scores = label_free_scores(torch.full((200, C), 1.0 / C))
+    assert scores['mean_entropy'] == pytest.approx(math.log(C))
+    assert scores['entropy_of_mean'] == pytest.approx(math.log(C))
+    assert scores['information_maximization'] == pytest.approx(0.0, abs=1e-9)
+    assert scores['pseudo_keep_share'] == 0.0
+
+
+def test_bnm_is_highest_for_confident_diverse_predictions():
+    diverse = label_free_scores(_one_hot_probs(torch.arange(500) % C, 1.0))['bnm']
+    collapsed = label_free_scores(_one_hot_probs(torch.zeros(500, dtype=torch.long), 1.0))['bnm']
+    # one-hot rows: sqrt(C) x the nuclear norm of a single repeated row
+    assert diverse == pytest.approx(math.sqrt(C) * collapsed)
+
+
+def test_agreement_counts_predictions_equal_to_the_reference():
+    labels = torch.arange(100) % C
+    reference = labels.clone()
+    reference[:25] = (reference[:25] + 1) % C
+    scores = label_free_scores(_one_hot_probs(labels), reference)
+    assert scores['agreement'] == pytest.approx(75.0)
+    with pytest.raises(ValueError, match='do not match'):
+        label_free_scores(_one_hot_probs(labels), reference[:10])
+
+
+def test_pseudo_label_share_and_balance_follow_the_threshold():
+    labels = torch.arange(100) % C
+    probs = _one_hot_probs(labels, 0.5)
+    probs[:40] = _one_hot_probs(torch.zeros(40, dtype=torch.long), 0.99)
+    scores = label_free_scores(probs, pseudo_label_threshold=0.95)
+    assert scores['pseudo_keep_share'] == pytest.approx(0.4)
+    assert scores['pseudo_effective_classes'] == pytest.approx(1.0)  # only class 0 clears the threshold
+
+
+@pytest.mark.parametrize('score', ['max_prob', 'neg_entropy'])
+def test_atc_recovers_the_target_accuracy_when_correctness_follows_the_confidence(score):
+    # a model that is right exactly on the images whose confidence clears 0.7: ATC's threshold fitted on the
+    # source lands there, and the target's share above it is its accuracy, whatever the shift in confidence
+    gen = torch.Generator().manual_seed(0)
+
+    def domain(n, low, high):
+        q = low + (high - low) * torch.rand(n, generator=gen)
+        labels = torch.randint(0, C, (n,), generator=gen)
+        right = q >= 0.7
+        predicted = torch.where(right, labels, (labels + 1) % C)
+        probs = ((1 - q) / (C - 1)).unsqueeze(1).repeat(1, C)
+        probs[torch.arange(n), predicted] = q
+        return probs, labels, float(right.float().mean() * 100)
+
+    source_probs, source_labels, source_acc = domain(20000, 0.4, 1.0)
+    target_probs, _, target_acc = domain(20000, 0.3, 0.8)
+    threshold = fit_atc_threshold(source_probs, source_labels, score)
+    assert atc_estimate(source_probs, threshold, score) == pytest.approx(source_acc, abs=0.1)
+    assert target_acc == pytest.approx(20.0, abs=1.0)
+    assert atc_estimate(target_probs, threshold, score) == pytest.approx(target_acc, abs=0.5)
+
+
+def test_atc_of_a_perfect_source_model_keeps_every_source_image():
+    probs = _one_hot_probs(torch.arange(50) % C, 0.9)
+    threshold = fit_atc_threshold(probs, torch.arange(50) % C)
+    assert atc_estimate(probs, threshold) == 100.0
+
+
+def _row(epoch, labels, reference=None, confidence=0.9, **extra):
+    row = dict(epoch=epoch, **label_free_scores(_one_hot_probs(labels, confidence), reference), **extra)
+    return row
+
+
+def test_the_guard_flags_a_collapse_and_the_rule_falls_back_to_the_source_only_model():
+    balanced = torch.arange(500) % C
+    start = _row(5, balanced, balanced, confidence=0.6)
+    collapsed = balanced.clone()
+    collapsed[balanced >= 5] = 0  # five classes die
+    epochs = [start] + [_row(e, collapsed, balanced, confidence=0.97) for e in range(6, 10)]
+    selection = select_checkpoint(epochs, 'guarded_last')
+    assert selection.epoch == 5 and selection.guard_fired
+    assert set(selection.flagged) == {6, 7, 8, 9}
+    assert 'falling back to the source-only model' in selection.reason
+    assert any('dead classes' in r for r in selection.flagged[6])
+    # 'last' keeps today's behaviour and ships the collapsed model
+    assert select_checkpoint(epochs, 'last').epoch == 9
+
+
+def test_the_guard_passes_a_healthy_adaptation_and_the_rule_keeps_the_latest_epoch():
+    balanced = torch.arange(500) % C
+    improved = balanced.clone()
+    improved[:50] = (improved[:50] + 3) % C  # 90% agreement, every class alive
+    epochs = [_row(5, balanced, balanced, 0.6)] + [_row(e, improved, balanced, 0.9) for e in range(6, 9)]
+    selection = select_checkpoint(epochs, 'guarded_last')
+    assert selection.epoch == 8 and not selection.guard_fired
+
+
+def test_a_confident_relabelling_trips_the_agreement_check():
+    balanced = torch.arange(500) % C
+    swapped = (balanced + 1) % C  # every class alive, none where it was
+    reasons = CollapseGuard().check(_row(6, swapped, balanced, 0.97), _row(5, balanced, balanced, 0.6))
+    assert any('agreement' in r for r in reasons)
+    # the same relabelling with falling confidence is not the self-training signature
+    assert not CollapseGuard().check(_row(6, swapped, balanced, 0.5), _row(5, balanced, balanced, 0.6))
+
+
+def test_guarded_estimate_picks_the_highest_estimate_among_unflagged_epochs():
+    balanced = torch.arange(500) % C
+    rows = [_row(0, balanced, balanced, estimated_accuracy=60.0),
+            _row(1, balanced, balanced, estimated_accuracy=75.0),
+            _row(2, balanced, balanced, estimated_accuracy=70.0)]
+    assert select_checkpoint(rows, 'guarded_estimate').epoch == 1
+
+
+def test_an_unknown_rule_is_refused_with_the_choices():
+    with pytest.raises(ValueError, match='guarded_last'):
+        select_checkpoint([dict(epoch=0, effective_classes=10, dead_classes=0, mean_confidence=0.5)], 'best')
