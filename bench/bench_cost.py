@@ -36,6 +36,7 @@ import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
 import dida_timm  # noqa: F401  registers the models
+from dida_timm.arguments import at_least, check_options, distinct
 from dida_timm.layers import DidaBranch, DidaModule
 from dida_timm.layers.dida_reference import dida_forward_per_sample
 
@@ -152,6 +153,9 @@ def dynamic_conv_step_fn(
     return run
 
 
+RESNET_DEPTHS = (18, 34, 50, 101, 152)
+
+
 def model_pairs(depths: List[int]) -> List[Tuple[str, str, int, int]]:
     """(DIDA model, static twin, image size, batch size) to compare."""
     pairs = [(f'dida_resnet{d}', f'resnet{d}', 224, 32) for d in depths]
@@ -197,9 +201,9 @@ def print_model_table(
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument('--depths', type=int, nargs='+', default=[18, 34, 50, 101, 152])
-    parser.add_argument('--train-depths', type=int, nargs='+', default=[18, 50],
-                        help='ResNet depths whose training step is timed (the digit nets always are)')
+    parser.add_argument('--depths', type=int, nargs='+', default=[18, 34, 50, 101, 152], choices=RESNET_DEPTHS)
+    parser.add_argument('--train-depths', type=int, nargs='+', default=[18, 50], choices=RESNET_DEPTHS,
+                        help='ResNet depths (among --depths) whose training step is timed (the digit nets always are)')
     parser.add_argument('--reps', type=int, default=7)
     parser.add_argument('--device', default='cpu')
     parser.add_argument('--branch-only', action='store_true', help='only the factored-vs-loop branch timings (4.)')
@@ -207,6 +211,11 @@ def main():
     parser.add_argument('--compile', default=None, metavar='MODE',
                         help='time every contender through torch.compile(mode=MODE), e.g. default, reduce-overhead')
     args = parser.parse_args()
+    check_options(parser, args, [('depths', distinct), ('train_depths', distinct), ('reps', at_least(1)),
+                                 ('batch_scale', at_least(1))])
+    untimed = [d for d in args.train_depths if d not in args.depths]
+    if untimed and not args.branch_only:
+        parser.error(f'--train-depths: {untimed} not among --depths {args.depths}, so never timed')
     warmup = 3 if args.compile else 1
     torch.manual_seed(0)
     device = torch.device(args.device)

@@ -35,6 +35,8 @@ from pathlib import Path
 
 import yaml
 
+from dida_timm.arguments import at_least, check_options, distinct
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from uda_runs import (  # noqa: E402
     METHODS, emit_table, mean_std, offline_study, published_study, pseudo_label_cells, run_all, run_name,
@@ -64,6 +66,8 @@ def main():
                         help='model options (YAML) for the two methods with a branch, e.g. a placement ablation; '
                              'run names record them')
     args = parser.parse_args()
+    check_options(parser, args, [('seeds', at_least(0)), ('seeds', distinct), ('targets', distinct),
+                                 ('jobs', at_least(1)), ('methods', distinct)])
     if not isinstance(args.branch_kwargs, dict):
         parser.error(f'--branch-kwargs must be a mapping, got {args.branch_kwargs!r}')
     if (args.config is None) != (args.data_dir is None):

@@ -9,13 +9,16 @@ import math
 import re
 import statistics
 from pathlib import Path
-from typing import Dict, List, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import safetensors.torch
 import timm
 import yaml
 
-__all__ = ['PAPER_RESULTS', 'export_runs', 'model_card', 'push_folder', 'read_run', 'validate_hub_config']
+from .data.transforms import test_data_config
+
+__all__ = ['PAPER_RESULTS', 'export_runs', 'initial_weights', 'model_card', 'push_folder', 'read_run',
+           'run_data_config', 'validate_hub_config']
 
 # published DIDA-Net target accuracies (%) per dataset and target domain (paper Tables I-III, SPEC section 4)
 PAPER_RESULTS: Dict[str, Dict[str, float]] = {
@@ -95,6 +98,29 @@ def read_run(run_dir: Path) -> Dict:
     return results
 
 
+def initial_weights(run: Dict) -> Tuple[str, Optional[str]]:
+    """What a run's weights started from, in words, and the pretrained timm name when that is where they came
+    from (None for --init-checkpoint and from-scratch runs)."""
+    args = run['args']
+    checkpoint = run.get('init_checkpoint', args.get('init_checkpoint') or None)
+    pretrained = run.get('pretrained_weights', run['model'] if args.get('pretrained') else None)
+    if checkpoint:
+        return f'the weights of `{Path(checkpoint).name}` (--init-checkpoint)', None
+    if pretrained:
+        return f'the pretrained weights `{pretrained}`', pretrained
+    return 'random initialisation (trained from scratch, no pretrained weights)', None
+
+
+def run_data_config(run: Dict) -> Dict:
+    """The test preprocessing a run trained and evaluated with (runs that predate its record in results.json:
+    their --input-size and the architecture's mean / std)."""
+    if run.get('test_data_config'):
+        return dict(run['test_data_config'])
+    default = timm.models.get_pretrained_cfg(run['architecture']).to_dict()
+    size = run['args'].get('input_size') or default['input_size'][-1]
+    return test_data_config(size, default['mean'], default['std'])
+
+
 def _mean_std(values: Sequence[float]) -> str:
     if len(values) == 1:
         return f'{values[0]:.2f}'
@@ -109,10 +135,12 @@ def model_card(runs: List[Dict], repo_name: str, license: str = 'apache-2.0') ->
     seeds = [r['seed'] for r in runs]
     target = first['target']
     accs = [r['target_accuracy'] for r in runs]
+    start, pretrained = initial_weights(first)
     base_model = None
-    if args.get('pretrained') and '.' in first['model']:
-        base = timm.models.get_pretrained_cfg(first['model'])
-        base_model = getattr(base, 'hf_hub_id', None)
+    if pretrained and '.' in pretrained and ':' not in pretrained and not Path(pretrained).is_dir():
+        base_model = getattr(timm.models.get_pretrained_cfg(pretrained), 'hf_hub_id', None)
+    data_config = run_data_config(first)
+    size = data_config['input_size'][-1]
     paper = PAPER_RESULTS.get(first['dataset'], {}).get(target)
     data = ModelCardData(
         library_name='timm',
@@ -164,6 +192,11 @@ def model_card(runs: List[Dict], repo_name: str, license: str = 'apache-2.0') ->
     lines += [
         '', '## Recipe', '',
         f"- architecture `{first['model']}`, model arguments {json.dumps(args.get('model_kwargs') or {})}",
+        f'- started from {start}',
+        f"- input {size} x {size} px: images resized to it (no crop), normalised with mean "
+        f"{tuple(round(m, 4) for m in data_config['mean'])}, std {tuple(round(v, 4) for v in data_config['std'])}; "
+        'the exported config.json carries this preprocessing, so timm and `dida_timm.inference` predict at '
+        f'{size} px',
         f"- {args['source_only_epochs']} source-only epochs, then {args['epochs']} epochs of {first['method']}; "
         f"optimizer {args['opt']}, lr {args['lr']} (x{args['new_lr_scale']} for the DIDA branch and classifier), "
         f"weight decay {args['weight_decay']}, {args['sched']} schedule",
@@ -207,9 +240,17 @@ def export_runs(run_dirs: Sequence[Path], out_dir: Path, repo_name: str, license
     model = timm.create_model(first['architecture'], num_classes=len(first['classes']), **model_kwargs)
     weights = Path(first['run_dir']) / 'model.safetensors'
     model.load_state_dict(safetensors.torch.load_file(str(weights)))
+    # the config describes this run, not the architecture's default weights: no tag, Hub id or notes of those
+    start, _ = initial_weights(first)
+    size = run_data_config(first)['input_size'][-1]
+    model.pretrained_cfg = {k: v for k, v in model.pretrained_cfg.items()
+                            if k not in ('tag', 'hf_hub_id', 'url', 'file', 'notes', 'test_input_size', 'test_crop_pct')}
+    model.pretrained_cfg.update(license=license, notes=(
+        f"{first['method']} on {first['dataset']} ({', '.join(first['sources'])} -> {first['target']}) at {size} px "
+        f'with dida-timm, started from {start}',))
     out_dir = Path(out_dir)
     timm.models.save_for_hf(model, str(out_dir), model_config=dict(label_names=list(first['classes'])),
-                            model_args=model_kwargs, safe_serialization=True)
+                            model_args=model_kwargs, safe_serialization=True, data_config=run_data_config(first))
     (out_dir / 'README.md').write_text(model_card(runs, repo_name, license))
     return out_dir
 

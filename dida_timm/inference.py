@@ -14,12 +14,14 @@ from typing import Dict, Iterator, List, Optional, Sequence
 
 import timm
 import torch
-from torch.utils.data import DataLoader
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset
 
+from .arguments import at_least, check_options
 from .data import read_unlabelled_folder
 from .hub import validate_hub_config
 
-__all__ = ['create_model', 'load_model', 'predict_images', 'main']
+__all__ = ['create_model', 'load_model', 'predict_images', 'smallest_input_size', 'main']
 
 
 def _hub_config(spec: str) -> Optional[dict]:
@@ -59,6 +61,35 @@ def create_model(spec: str, pretrained: bool = False, **kwargs) -> torch.nn.Modu
         raise
 
 
+@torch.no_grad()
+def smallest_input_size(model: torch.nn.Module) -> int:
+    """The smallest square input size the model can take with its deepest feature map at least one pixel.
+
+    The pretrained config's `min_input_size` where it has one, else the model's total reduction (timm's
+    feature_info), else the smallest power of two a forward of one image accepts.
+    """
+    min_size = (getattr(model, 'pretrained_cfg', None) or {}).get('min_input_size')
+    if min_size:
+        return int(min_size[-1])
+    info = getattr(model, 'feature_info', None)
+    reductions = [f['reduction'] for f in info if 'reduction' in f] if info else []
+    if reductions:
+        return int(max(reductions))
+    in_chans = getattr(model, 'in_chans', 3)
+    was_training = model.training
+    model.eval()
+    try:
+        for size in (2 ** i for i in range(11)):
+            try:
+                model(torch.zeros(1, in_chans, size, size))
+                return size
+            except RuntimeError:
+                continue
+    finally:
+        model.train(was_training)
+    raise ValueError(f'{type(model).__name__} takes no square input of up to 1024 px')
+
+
 def load_model(spec: str, device: str = 'cpu', **kwargs) -> torch.nn.Module:
     """A pretrained model in eval mode, from any spec `create_model` takes."""
     return create_model(spec, pretrained=True, **kwargs).eval().to(device)
@@ -69,6 +100,28 @@ def label_names(model: torch.nn.Module) -> List[str]:
     return [str(n) for n in names] if names else [str(i) for i in range(model.num_classes)]
 
 
+class _ReadOrReason(Dataset):
+    """(image, index, '') for a readable image, (None, index, why) for one that cannot be read."""
+
+    def __init__(self, dataset: Dataset):
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int):
+        try:
+            return self.dataset[index][0], index, ''
+        except (OSError, ValueError, Image.DecompressionBombError) as e:
+            return None, index, f'{type(e.__cause__ or e).__name__}: {e.__cause__ or e}'
+
+
+def _collate_readable(items):
+    images = [image for image, _, _ in items if image is not None]
+    return (torch.stack(images) if images else None, [i for image, i, _ in items if image is not None],
+            [(i, why) for image, i, why in items if image is None])
+
+
 @torch.no_grad()
 def predict_images(
         model: torch.nn.Module,
@@ -76,54 +129,94 @@ def predict_images(
         batch_size: int = 64,
         topk: int = 1,
         num_workers: int = 0,
-        progress: bool = True,
+        progress: Optional[bool] = None,
 ) -> Iterator[Dict[str, object]]:
-    """Yield one row per image under `folder`: path, top-k labels and their probabilities."""
+    """Yield one row per image under `folder` (any depth): path, top-k labels and their probabilities.
+
+    A file that cannot be read (corrupt, empty, not an image) gets the row {'image': path, 'error': why} and
+    the others are predicted. `progress` (default: when stderr is a terminal) shows a bar.
+    """
     # the evaluation transform of training: resize to the input size, no centre crop
     config = dict(timm.data.resolve_data_config({}, model=model), crop_pct=1.0, crop_mode='squash')
     transform = timm.data.create_transform(**config)
     names = label_names(model)
     dataset = read_unlabelled_folder(folder, Path(folder).name, names, transform)
     device = next(model.parameters()).device
-    loader = DataLoader(dataset, batch_size=batch_size, num_workers=num_workers)
-    if progress:
+    loader = DataLoader(_ReadOrReason(dataset), batch_size=batch_size, num_workers=num_workers,
+                        collate_fn=_collate_readable)
+    for path in dataset.skipped_paths:
+        yield {'image': str(path), 'error': 'not an image file (its extension is none of timm\'s image extensions)'}
+    if sys.stderr.isatty() if progress is None else progress:
         from tqdm import tqdm
         loader = tqdm(loader, desc='predicting', unit='batch')
-    index = 0
-    for images, _ in loader:
+    for images, indices, unreadable in loader:
+        for index, why in unreadable:
+            yield {'image': str(dataset.paths[index]), 'error': why}
+        if images is None:
+            continue
         probs = model(images.to(device)).float().softmax(-1)
         top_p, top_i = probs.topk(min(topk, probs.shape[-1]), dim=-1)
-        for p_row, i_row in zip(top_p.tolist(), top_i.tolist()):
+        for index, p_row, i_row in zip(indices, top_p.tolist(), top_i.tolist()):
             row = {'image': str(dataset.paths[index])}
             for rank, (p, i) in enumerate(zip(p_row, i_row), 1):
                 row[f'label_{rank}'] = names[i]
                 row[f'confidence_{rank}'] = round(p, 6)
-            index += 1
             yield row
 
 
+def _write_csv(path: Path, rows: List[Dict[str, object]]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, 'w', newline='') as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+RULES = [('batch_size', at_least(1)), ('topk', at_least(1)), ('workers', at_least(0))]
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Predict every readable image; unreadable ones go to stderr and to <output>_unreadable.csv.
+
+    Exit status: 0 when at least one image was predicted, 1 when none could be read, 2 for a usage error.
+    """
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument('--model', required=True, help='name[.tag], hf-hub:ORG/NAME, local-dir:PATH or a folder')
     parser.add_argument('--images', type=Path, required=True, help='folder of images (searched recursively)')
-    parser.add_argument('--output', type=Path, required=True, help='CSV file to write')
+    parser.add_argument('--output', type=Path, required=True,
+                        help='CSV file to write; images that cannot be read go to <output>_unreadable.csv')
     parser.add_argument('--batch-size', type=int, default=64)
-    parser.add_argument('--topk', type=int, default=1)
+    parser.add_argument('--topk', type=int, default=1, help='labels per image, at most the model\'s classes')
     parser.add_argument('--workers', type=int, default=0)
     parser.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
     args = parser.parse_args(argv)
+    check_options(parser, args, RULES)
+    if not args.images.is_dir():
+        parser.error(f'--images: {args.images} is not a folder')
     try:
         model = load_model(args.model, args.device)
+        if args.topk > model.num_classes:
+            parser.error(f'--topk: {args.topk} is more than the model\'s {model.num_classes} classes')
         rows = list(predict_images(model, args.images, args.batch_size, args.topk, args.workers))
     except (RuntimeError, FileNotFoundError, ValueError, OSError) as e:
         print(f'error: {e}', file=sys.stderr)
         return 2
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    with open(args.output, 'w', newline='') as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
-    print(f'{len(rows)} predictions written to {args.output}')
+    predicted = [r for r in rows if 'error' not in r]
+    unreadable = [r for r in rows if 'error' in r]
+    unreadable_file = args.output.with_name(f'{args.output.stem}_unreadable.csv')
+    for r in unreadable:
+        print(f"warning: cannot read {r['image']}: {r['error']}", file=sys.stderr)
+    if unreadable:
+        _write_csv(unreadable_file, unreadable)
+    else:
+        unreadable_file.unlink(missing_ok=True)  # no stale list from an earlier run
+    if not predicted:
+        print(f'error: none of the {len(rows)} images under {args.images} could be read (listed in '
+              f'{unreadable_file})', file=sys.stderr)
+        return 1
+    _write_csv(args.output, predicted)
+    print(f'{len(predicted)} predictions written to {args.output}' + (
+        f'; {len(unreadable)} unreadable files listed in {unreadable_file}' if unreadable else ''))
     return 0
 
 

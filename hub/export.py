@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 import dida_timm  # noqa: F401  registers the models
+from dida_timm.arguments import check_options, distinct, hub_repo_id
 from dida_timm.hub import export_runs
 
 
@@ -22,6 +23,7 @@ def main(argv=None) -> int:
     parser.add_argument('--repo-name', required=True, help='ORG/NAME used in the card')
     parser.add_argument('--license', default='apache-2.0')
     args = parser.parse_args(argv)
+    check_options(parser, args, [('runs', distinct), ('repo_name', hub_repo_id)])
     try:
         out = export_runs(args.runs, args.out, args.repo_name, args.license)
     except (FileNotFoundError, ValueError, RuntimeError) as e:

@@ -8,6 +8,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from dida_timm.arguments import check_options, hub_repo_id
 from dida_timm.hub import push_folder
 
 
@@ -18,6 +19,7 @@ def main(argv=None) -> int:
     parser.add_argument('--private', action='store_true')
     parser.add_argument('--dry-run', action='store_true', help='list the files, upload nothing')
     args = parser.parse_args(argv)
+    check_options(parser, args, [('repo_id', hub_repo_id)])
     try:
         files = push_folder(args.folder, args.repo_id, args.private, args.dry_run)
     except (FileNotFoundError, RuntimeError) as e:

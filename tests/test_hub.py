@@ -15,7 +15,7 @@ import yaml
 from PIL import Image
 
 from dida_timm.hub import export_runs, push_folder
-from dida_timm.inference import load_model, main as predict_main
+from dida_timm.inference import load_model, main as predict_main, predict_images
 from hf_cache import add_snapshot
 
 REPO = Path(__file__).resolve().parents[1]
@@ -174,3 +174,54 @@ def test_published_checkpoint_matches_its_card(name, tmp_path_factory):
                                       [target], 'test', transform=tf)
     measured = evaluate(model, dataset, 10)['accuracy']
     assert abs(measured - claimed) <= 0.5, f'{name}: card says {claimed}, measured {measured:.2f}'
+
+
+def test_prediction_skips_unreadable_files_and_lists_them_with_the_reason(tmp_path):
+    images = tmp_path / 'new_domain'
+    (images / 'a' / 'b').mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    good = [images / 'a' / '0.png', images / 'a' / 'b' / '1.jpg', images / '2.png']
+    for path in good:
+        Image.fromarray(rng.integers(0, 255, (40, 30, 3), dtype=np.uint8)).save(path)
+    (images / 'a' / 'empty.png').write_bytes(b'')
+    (images / 'a' / 'b' / 'corrupt.jpg').write_bytes(good[1].read_bytes()[:200])  # truncated JPEG
+    (images / 'not_an_image.png').write_text('a text file with an image name')
+    (images / 'a' / 'notes.txt').write_text('not an image either')
+    out = tmp_path / 'preds.csv'
+    args = ['--model', 'dida_digitnet_compact.offline_mnist', '--images', str(images), '--output', str(out)]
+    assert predict_main(args) == 0
+    assert sorted(r['image'] for r in csv.DictReader(out.open())) == sorted(map(str, good))
+    unreadable = {Path(r['image']).name: r['error'] for r in csv.DictReader((tmp_path / 'preds_unreadable.csv').open())}
+    assert set(unreadable) == {'empty.png', 'corrupt.jpg', 'not_an_image.png', 'notes.txt'}
+    assert 'cannot identify image file' in unreadable['empty.png'] and 'not an image file' in unreadable['notes.txt']
+    for path in good:  # nothing readable left: exit 1, the list still written
+        path.unlink()
+    assert predict_main(args) == 1
+    assert len(list(csv.DictReader((tmp_path / 'preds_unreadable.csv').open()))) == 4
+
+
+def test_export_of_a_from_scratch_run_predicts_at_its_input_size_and_claims_no_pretrained_weights(tmp_path):
+    # dida_resnet18's default tag is ImageNet (224 px); this run trains it from scratch at 32 px
+    _run_train(['--output', str(tmp_path), '--data-dir', str(tmp_path / 'cache'), '--experiment', 'scratch',
+                '--model', 'dida_resnet18', '--input-size', '32', '--method', 'source_only', '--epochs', '1',
+                '--source', 'mnist', '--target', 'uci_digits', '--offline-train-size', '16', '--offline-test-size',
+                '10', '--batch-size', '8', '--eval-batch-size', '64', '--no-progress', '--tsne-per-domain', '0'])
+    results = json.loads((tmp_path / 'scratch' / 'results.json').read_text())
+    assert results['test_data_config']['input_size'] == [3, 32, 32] and results['pretrained_weights'] is None
+    repo = export_runs([tmp_path / 'scratch'], tmp_path / 'repo', 'dida-timm/scratch')
+    config = json.loads((repo / 'config.json').read_text())
+    assert config['pretrained_cfg']['input_size'] == [3, 32, 32]
+    assert 'tv_in1k' not in json.dumps(config) and 'tag' not in config['pretrained_cfg']
+    card = (repo / 'README.md').read_text()
+    assert 'base_model' not in card.split('---')[1] and 'tv_in1k' not in card
+    assert 'input 32 x 32 px' in card and 'trained from scratch' in card
+    model = load_model(str(repo))
+    assert timm.data.resolve_data_config({}, model=model)['input_size'] == (3, 32, 32)
+    assert timm.create_model(f'local-dir:{repo}').pretrained_cfg['input_size'] == (3, 32, 32)
+    images = tmp_path / 'images'
+    images.mkdir()
+    Image.fromarray(np.full((100, 80, 3), 128, dtype=np.uint8)).save(images / 'x.png')
+    seen = []
+    model.register_forward_pre_hook(lambda module, inputs: seen.append(tuple(inputs[0].shape[-2:])))
+    rows = list(predict_images(model, images, progress=False))
+    assert len(rows) == 1 and seen == [(32, 32)]

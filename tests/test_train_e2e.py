@@ -119,8 +119,8 @@ def test_bad_arguments_give_clear_errors(tmp_path, data_dir):
     assert 'Traceback' not in result.stderr
     result = _train(['--init-checkpoint', str(tmp_path / 'none.safetensors'), '--experiment', 'w'], tmp_path,
                     data_dir, check=False)
-    assert result.returncode != 0 and f'--init-checkpoint {tmp_path / "none.safetensors"} is not a file' in \
-        result.stdout + result.stderr
+    assert result.returncode == 2 and f'--init-checkpoint: {tmp_path / "none.safetensors"} is not a file' in \
+        result.stderr
 
 
 def test_dida_model_starts_from_its_static_twins_run(tmp_path, data_dir):

@@ -35,6 +35,7 @@ import safetensors.torch
 import timm
 import torch
 import yaml
+from timm.data import rand_augment_transform
 from timm.models import load_checkpoint
 from timm.optim import create_optimizer_v2
 from timm.scheduler import create_scheduler_v2
@@ -42,13 +43,15 @@ from timm.utils import ModelEmaV3
 from torch.utils.data import ConcatDataset, DataLoader
 
 import dida_timm  # noqa: F401  registers the models
+from dida_timm.arguments import at_least, between, check_options, config_defaults, distinct, greater_than
 from dida_timm.data import (
-    CyclingBatchSampler, DomainBalancedSampler, TransformedDataset, TwoViewDataset, create_domain_datasets,
-    create_uda_transforms, holdout_split, read_class_folders, read_unlabelled_folder)
+    DATASETS, CyclingBatchSampler, DomainBalancedSampler, TransformedDataset, TwoViewDataset, create_domain_datasets,
+    create_uda_transforms, dataset_domains, default_domains, holdout_split, read_class_folders,
+    read_unlabelled_folder, test_data_config)
 from dida_timm.training import (
     MixStyle, MultiViewModel, NonFiniteLossError, UdaConfig, attach_mixstyle, evaluate, extract_features,
     load_last_checkpoint, save_checkpoint, train_one_epoch, uda_param_groups)
-from dida_timm.inference import create_model
+from dida_timm.inference import create_model, smallest_input_size
 from dida_timm.models import static_twin_filter_fn
 from dida_timm.training.distributed import init_distributed
 from dida_timm.training.report import plot_confusion, plot_curves, plot_tsne
@@ -62,12 +65,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument('-c', '--config', default='', help='YAML file of argument defaults (CLI flags override it)')
     g = p.add_argument_group('data')
-    g.add_argument('--dataset', default='offline_digits',
+    g.add_argument('--dataset', default='offline_digits', choices=sorted(DATASETS),
                    help='offline_digits | folder | pacs | office_home | domainnet | digit_five')
     g.add_argument('--data-dir', default=None, help='dataset root (offline_digits: its cache folder)')
-    g.add_argument('--source', nargs='+', default=['mnist', 'syn_style', 'svhn_style', 'uci_digits'])
-    g.add_argument('--target', default='mnistm_style', help='the target domain of --dataset (its labels are used '
-                   'for evaluation only)')
+    g.add_argument('--source', nargs='+', default=None,
+                   help='labelled domains (default: every domain of the dataset but the target)')
+    g.add_argument('--target', default=None,
+                   help='the target domain of --dataset, its labels used for evaluation only (default: the '
+                        'dataset\'s first, e.g. mnistm_style, art_painting)')
     g.add_argument('--target-dir', default='',
                    help='a folder of UNLABELLED target images (any layout; sub-folder names are ignored); replaces '
                         '--target')
@@ -95,7 +100,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument('--model-kwargs', default={}, type=yaml.safe_load,
                    help='extra timm.create_model kwargs as YAML, e.g. "{branch_depth: 1}"')
     g.add_argument('--mixstyle-after', default='', help='module whose output MixStyle mixes (e.g. layer1, block1)')
-    g.add_argument('--input-size', type=int, default=None, help='default: the model\'s pretrained_cfg')
+    g.add_argument('--input-size', type=int, default=None,
+                   help='default: the model\'s pretrained_cfg; at least the model\'s total stride')
     g = p.add_argument_group('method')
     g.add_argument('--method', default='fixmatch', choices=['fixmatch', 'source_only'])
     g.add_argument('--threshold', type=float, default=0.95)
@@ -114,7 +120,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument('--flip', action=argparse.BooleanOptionalAction, default=False)
     g.add_argument('--translate', type=float, default=0.0)
     g.add_argument('--rand-augment', default='rand-m10-n2-mstd0.5')
-    g.add_argument('--cutout', type=int, default=16)
+    g.add_argument('--cutout', type=int, default=16, help='side of the Cutout square (px), below the input size')
     g = p.add_argument_group('optimisation')
     g.add_argument('--epochs', type=int, default=10)
     g.add_argument('--batch-size', type=int, default=32, help='per source domain and for the target, per process')
@@ -145,8 +151,88 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument('--keep-checkpoints', type=int, default=2)
     g.add_argument('--eval-batch-size', type=int, default=256)
     g.add_argument('--tsne-per-domain', type=int, default=300, help='0 skips the t-SNE picture')
-    g.add_argument('--no-progress', action='store_true')
+    g.add_argument('--no-progress', action='store_true', help='no progress bars (they only show on a terminal)')
     return p
+
+
+# each option's valid values; options whose limits depend on others (input size, cutout, warmup, domains)
+# are checked in check_args below
+OPTION_RULES = [
+    ('offline_train_size', at_least(10)), ('offline_test_size', at_least(10)), ('workers', at_least(0)),
+    ('source', distinct), ('source_val_fraction', between(0, 1, high_open=True)),
+    ('target_val_fraction', between(0, 1, high_open=True)), ('val_max_images', at_least(1)), ('input_size', at_least(1)),
+    ('threshold', between(0, 1)), ('unlabelled_weight', at_least(0)), ('source_only_epochs', at_least(0)),
+    ('translate', between(0, 1)), ('cutout', at_least(0)),
+    ('epochs', at_least(1)), ('batch_size', at_least(1)), ('lr', at_least(0)), ('new_lr_scale', at_least(0)),
+    ('momentum', between(0, 1, high_open=True)), ('opt_betas', between(0, 1, high_open=True)),
+    ('weight_decay', at_least(0)), ('warmup_epochs', at_least(0)), ('min_lr', at_least(0)),
+    ('clip_grad', greater_than(0)), ('ema_decay', between(0, 1, high_open=True)),
+    ('dist_timeout', greater_than(0)), ('seed', at_least(0)),
+    ('keep_checkpoints', at_least(1)), ('eval_batch_size', at_least(1)), ('tsne_per_domain', at_least(0)),
+]
+
+
+def check_args(args: argparse.Namespace, parser: argparse.ArgumentParser) -> argparse.Namespace:
+    """Refuse what makes no sense (`error: --option: why`, exit 2) and fill the defaults that depend on the
+    dataset (its domains) and the model (its input size), so args.yaml records what the run uses."""
+    check_options(parser, args, OPTION_RULES)
+    try:
+        domains = dataset_domains(args.dataset, args.data_dir)
+    except (ValueError, FileNotFoundError) as e:
+        parser.error(f'--data-dir: {e}')
+    # with --target-dir the target is that folder, not a domain of the dataset: every domain may be a source
+    target_is_domain = not args.target_dir
+    for dest in ('source', 'target') if target_is_domain else ('source',):
+        unknown = [d for d in ([args.target] if dest == 'target' else args.source or []) if d is not None
+                   and d not in domains]
+        if unknown:
+            parser.error(f'--{dest}: {", ".join(map(repr, unknown))} not a domain of {args.dataset}; its domains '
+                         f'are {list(domains)}')
+    if not target_is_domain:
+        args.source = args.source or list(domains)
+        if not args.source:
+            parser.error(f'--source: {args.data_dir} has no sub-folders to use as source domains')
+    else:
+        if args.target is not None and args.target in (args.source or []):
+            parser.error(f'--target: the target {args.target!r} is also a source')
+        try:
+            args.source, args.target = default_domains(args.dataset, args.data_dir, args.source, args.target)
+        except ValueError as e:
+            parser.error(f'--source/--target: {e}')
+    if args.resume and not args.experiment:
+        parser.error('--resume: needs --experiment, the run folder to continue')
+    if args.init_checkpoint and not Path(args.init_checkpoint).is_file():
+        parser.error(f'--init-checkpoint: {args.init_checkpoint} is not a file')
+    if not isinstance(args.model_kwargs, dict):
+        parser.error(f'--model-kwargs: must be a mapping such as "{{branch_depth: 1}}", got {args.model_kwargs!r}')
+    try:
+        model = create_model(args.model, **args.model_kwargs)
+    except (RuntimeError, ValueError, TypeError, FileNotFoundError, AssertionError) as e:
+        parser.error(f'--model: {args.model}{f" with {args.model_kwargs}" if args.model_kwargs else ""}: {e}')
+    default_size = model.pretrained_cfg['input_size'][-1]
+    size = args.input_size or default_size
+    smallest = smallest_input_size(model)
+    if size < smallest:
+        parser.error(f'--input-size: {args.model} takes at least {smallest} px (its total stride), got {size}')
+    if model.pretrained_cfg.get('fixed_input_size') and size != default_size:
+        parser.error(f'--input-size: {args.model} takes only {default_size} px, got {size}')
+    args.input_size = size
+    if args.cutout >= size:
+        parser.error(f'--cutout: a {args.cutout} px square covers the whole {size} px input; use less than {size} '
+                     '(0 turns Cutout off)')
+    phases = [n for n in (args.source_only_epochs, args.epochs) if n]
+    if args.warmup_epochs and args.warmup_epochs >= min(phases):
+        parser.error(f'--warmup-epochs: {args.warmup_epochs} warm-up epochs leave nothing of a {min(phases)}-epoch '
+                     'phase (every phase warms up)')
+    if args.min_lr > args.lr:
+        parser.error(f'--min-lr: {args.min_lr} is above --lr {args.lr}')
+    if args.rand_augment:
+        try:
+            rand_augment_transform(args.rand_augment, {})
+        except (AssertionError, ValueError, KeyError, IndexError) as e:
+            parser.error(f'--rand-augment: {args.rand_augment!r} is not a timm RandAugment string such as '
+                         f'rand-m10-n2-mstd0.5 ({type(e).__name__}: {e})')
+    return args
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -155,18 +241,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     config_parser.add_argument('-c', '--config', default='')
     known, remaining = config_parser.parse_known_args(argv)
     if known.config:
-        path = Path(known.config)
-        if not path.is_file():
-            parser.error(f'config file not found: {path}')
-        cfg = yaml.safe_load(path.read_text()) or {}
-        valid = {a.dest for a in parser._actions}
-        unknown = sorted(set(cfg) - valid)
-        if unknown:
-            parser.error(f'{path}: unknown keys {unknown}')
-        parser.set_defaults(**cfg)
+        parser.set_defaults(**config_defaults(parser, Path(known.config)))
     args = parser.parse_args(remaining)
     args.config = known.config
-    return args
+    return check_args(args, parser)
 
 
 def seed_everything(seed: int) -> None:
@@ -264,6 +342,7 @@ class Run:
         size = a.input_size or data_cfg['input_size'][-1]
         tf = create_uda_transforms(size, data_cfg['mean'], data_cfg['std'], flip=a.flip, translate=a.translate,
                                    rand_augment=a.rand_augment, cutout=a.cutout)
+        self.test_data_config = test_data_config(size, data_cfg['mean'], data_cfg['std'])
         for ds in self.test_sets.values():
             ds.transform = tf['test']
         self.tsne_target = self.target_test or TransformedDataset(self.target_val, tf['test'])
@@ -379,7 +458,7 @@ class Run:
         elif a.resume:
             _logger.info(f'--resume: no checkpoint in {ckpt_dir} yet, starting from scratch')
         epoch0 = 0
-        progress_on = self.is_main and not a.no_progress
+        progress_on = self.is_main and not a.no_progress and sys.stderr.isatty()
         for phase_index, (phase, cfg, epochs) in enumerate(self.phases()):
             phase_end = epoch0 + epochs
             if done >= phase_end:
@@ -502,6 +581,9 @@ class Run:
             wall_seconds=sum(h.get('epoch_seconds', 0.0) for h in self.history),
             versions=dict(torch=torch.__version__, timm=timm.__version__, dida_timm=dida_timm.__version__),
             device=str(self.device), hardware=_hardware(self.device), command=self.command,
+            # what the weights started from and the preprocessing they were trained and evaluated with
+            pretrained_weights=_pretrained_name(a.model, self.model) if a.pretrained else None,
+            init_checkpoint=a.init_checkpoint or None, test_data_config=self.test_data_config,
         )
         (self.out_dir / 'results.json').write_text(json.dumps(results, indent=2))
         self._write_summary(selection.epoch)
@@ -520,6 +602,15 @@ class Run:
                                                              seed=a.seed)
             plot_tsne(feats, labels, self.classes, self.target_name, self.out_dir / 'tsne.png', seed=a.seed)
         return results
+
+
+def _pretrained_name(spec: str, model: torch.nn.Module) -> str:
+    """The weights --pretrained loaded: a registry name with the tag timm resolved (dida_resnet18 ->
+    dida_resnet18.tv_in1k); Hub ids and folders as given."""
+    tag = model.pretrained_cfg.get('tag')
+    if ':' in spec or '.' in spec or Path(spec).is_dir() or not tag:
+        return spec
+    return f'{spec}.{tag}'
 
 
 def _hardware(device: torch.device) -> str:

@@ -85,7 +85,7 @@ class ArrayDomainDataset(DomainDataset):
 class FileDomainDataset(DomainDataset):
     """A domain of image files; a file that cannot be decoded raises an error naming it.
 
-    `skipped` counts the files without an image extension that the reader left out.
+    `skipped_paths` lists the files without an image extension that the reader left out, `skipped` counts them.
     """
 
     def __init__(
@@ -94,11 +94,15 @@ class FileDomainDataset(DomainDataset):
             classes: Sequence[str],
             samples: List[Tuple[Path, int]],
             transform: Optional[Callable] = None,
-            skipped: int = 0,
+            skipped: Sequence[Path] = (),
     ):
         super().__init__(domain, classes, [label for _, label in samples], transform)
         self.paths = [Path(path) for path, _ in samples]
-        self.skipped = skipped
+        self.skipped_paths = [Path(p) for p in skipped]
+
+    @property
+    def skipped(self) -> int:
+        return len(self.skipped_paths)
 
     def _take(self, indices: np.ndarray) -> None:
         self.paths = [self.paths[i] for i in indices]

@@ -4,7 +4,7 @@ Every reader returns `DomainDataset`s whose labels index ONE class map shared by
 Mismatched data is refused with an error naming the path, never "fixed" by re-numbering classes:
 a domain missing a class, a class folder unknown to the class map, an empty domain, a split file naming a
 missing image or disagreeing with its own labels. Files without an image extension in class folders are
-skipped and counted (`FileDomainDataset.skipped`); a file with an image extension that cannot be decoded
+skipped and listed (`FileDomainDataset.skipped_paths`); a file with an image extension that cannot be decoded
 raises an error naming it when it is loaded.
 
 Layouts (`root` is the dataset folder):
@@ -25,8 +25,10 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 from timm.data.readers.img_extensions import get_img_extensions
 
 from .domain_dataset import UNLABELLED, ArrayDomainDataset, DomainDataset, FileDomainDataset
+from .offline_digits import DOMAINS as OFFLINE_DOMAINS
 
-__all__ = ['DATASETS', 'create_domain_datasets', 'read_class_folders', 'read_unlabelled_folder']
+__all__ = ['DATASETS', 'DATASET_DOMAINS', 'create_domain_datasets', 'dataset_domains', 'default_domains',
+           'read_class_folders', 'read_unlabelled_folder']
 
 PathLike = Union[str, Path]
 
@@ -41,11 +43,11 @@ def _require_dir(path: Path, what: str) -> Path:
     return path
 
 
-def _images_under(folder: Path) -> Tuple[List[Path], int]:
-    """Image files anywhere under `folder` (sorted, hidden files ignored) and the count of other files."""
+def _images_under(folder: Path) -> Tuple[List[Path], List[Path]]:
+    """Image files anywhere under `folder` (sorted, hidden files ignored) and the other files."""
     files = [p for p in sorted(folder.rglob('*')) if p.is_file() and not p.name.startswith('.')]
     images = [p for p in files if _is_image(p)]
-    return images, len(files) - len(images)
+    return images, [p for p in files if not _is_image(p)]
 
 
 def _class_dirs(root: Path) -> Dict[str, Path]:
@@ -75,7 +77,7 @@ def read_class_folders(
     unknown = sorted(set(found) - set(classes))
     if unknown:
         raise ValueError(f'{root} has class folders not in the class map {classes}: {unknown}')
-    samples, skipped, empty = [], 0, []
+    samples, skipped, empty = [], [], []
     for label, name in enumerate(classes):
         if name not in found:
             continue
@@ -204,9 +206,9 @@ def _digit_five(root: Path, domain: str, split: str, classes, transform) -> Doma
 
 
 def _offline_digits(root: Optional[Path], domain: str, split: str, classes, transform, **kwargs) -> DomainDataset:
-    from .offline_digits import CLASSES, DOMAINS, load_offline_digits
-    if domain not in DOMAINS:
-        raise ValueError(f'offline_digits has domains {DOMAINS}, not {domain!r}')
+    from .offline_digits import CLASSES, load_offline_digits
+    if domain not in OFFLINE_DOMAINS:
+        raise ValueError(f'offline_digits has domains {OFFLINE_DOMAINS}, not {domain!r}')
     if split not in ('train', 'test'):
         raise ValueError(f"offline_digits split must be 'train' or 'test', got {split!r}")
     arrays = load_offline_digits(cache_dir=root, **kwargs)
@@ -230,6 +232,60 @@ DATASETS = {
     'domainnet': _domainnet,
     'digit_five': _digit_five,
 }
+
+
+# the domains of each dataset's standard layout, the default target first (folder: its root's sub-folders)
+DATASET_DOMAINS: Dict[str, Tuple[str, ...]] = {
+    'offline_digits': ('mnistm_style',) + tuple(d for d in OFFLINE_DOMAINS if d != 'mnistm_style'),
+    'pacs': ('art_painting', 'cartoon', 'photo', 'sketch'),
+    'office_home': ('Art', 'Clipart', 'Product', 'Real World'),
+    'domainnet': ('clipart', 'infograph', 'painting', 'quickdraw', 'real', 'sketch'),
+    'digit_five': ('mnist', 'mnist_m', 'svhn', 'syn', 'usps'),
+}
+# Dassl's Office-Home folders name the same four domains in lower case
+_OFFICE_HOME_DASSL = ('art', 'clipart', 'product', 'real_world')
+
+
+def dataset_domains(dataset: str, root: Optional[PathLike] = None) -> Tuple[str, ...]:
+    """The domain names `dataset` accepts; for `folder` (and Dassl's Office-Home) they are read from `root`.
+
+    Raises:
+        ValueError: for an unknown dataset, or a `folder` dataset without a readable root.
+    """
+    if dataset not in DATASETS:
+        raise ValueError(f'unknown dataset {dataset!r}; choose one of {sorted(DATASETS)}')
+    if dataset == 'folder':
+        if root is None:
+            raise ValueError('the folder dataset needs --data-dir, whose sub-folders are its domains')
+        return tuple(_class_dirs(_require_dir(Path(root), 'folder root')))
+    if dataset == 'office_home' and root is not None and (Path(root) / _OFFICE_HOME_DASSL[0]).is_dir():
+        return _OFFICE_HOME_DASSL
+    return DATASET_DOMAINS[dataset]
+
+
+def default_domains(dataset: str, root: Optional[PathLike] = None, sources: Optional[Sequence[str]] = None,
+                    target: Optional[str] = None) -> Tuple[List[str], str]:
+    """Sources and target of a run where not given: the dataset's default target (else the first domain not a
+    source), and every other domain as a source. `folder` has no defaults: both must be given.
+
+    Raises:
+        ValueError: naming the valid domains, for an unknown name or a missing choice.
+    """
+    domains = dataset_domains(dataset, root)
+    for name in list(sources or []) + ([target] if target is not None else []):
+        if name not in domains:
+            raise ValueError(f'{name!r} is not a domain of {dataset}; its domains are {list(domains)}')
+    if dataset == 'folder' and (sources is None or target is None):
+        raise ValueError(f'the folder dataset has no default domains: give --source and --target, from the '
+                         f'sub-folders of its root {list(domains)}')
+    if target is None:
+        rest = [d for d in domains if d not in (sources or [])]
+        if not rest:
+            raise ValueError(f'every domain of {dataset} is a source; give --target')
+        target = rest[0]
+    if sources is None:
+        sources = [d for d in domains if d != target]
+    return list(sources), target
 
 
 def create_domain_datasets(

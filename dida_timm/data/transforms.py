@@ -11,7 +11,15 @@ from timm.data import create_transform, rand_augment_transform
 from torch.utils.data import Dataset
 from torchvision import transforms as T
 
-__all__ = ['create_uda_transforms', 'TransformedDataset', 'TwoViewDataset']
+__all__ = ['create_uda_transforms', 'test_data_config', 'TransformedDataset', 'TwoViewDataset']
+
+
+def test_data_config(input_size: int, mean: Sequence[float], std: Sequence[float],
+                     interpolation: str = 'bilinear') -> Dict[str, object]:
+    """timm data config of the test view (resize to the input size, no centre crop): what a run evaluates with
+    and what its export records for prediction."""
+    return dict(input_size=(3, input_size, input_size), interpolation=interpolation, mean=tuple(mean),
+                std=tuple(std), crop_pct=1.0, crop_mode='squash')
 
 
 def create_uda_transforms(
@@ -36,8 +44,7 @@ def create_uda_transforms(
         cutout: Side in pixels of the Cutout square in the strong view (0 = off).
         interpolation: Resize interpolation.
     """
-    test = create_transform(input_size, is_training=False, interpolation=interpolation, mean=mean, std=std,
-                            crop_pct=1.0, crop_mode='squash')
+    test = create_transform(**test_data_config(input_size, mean, std, interpolation), is_training=False)
     resize = T.Resize((input_size, input_size), interpolation=T.InterpolationMode(interpolation))
     geometric = [resize]
     if flip:

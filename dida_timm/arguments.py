@@ -1,0 +1,158 @@
+"""Checks of command-line options, shared by train.py, the bench and hub commands and `dida_timm.inference`.
+
+A command lists its rules as a table of (option dest, check) next to its parser and calls `check_options`
+right after parsing; a value that makes no sense ends the command with argparse's usage error (exit 2) and one
+line `error: --option: why`. Values from a YAML config go through `config_defaults` first, which converts and
+checks them as the command line would (types, choices, list shapes).
+"""
+import argparse
+import math
+import re
+from pathlib import Path
+from typing import Any, Callable, Dict, Optional, Sequence, Tuple
+
+import yaml
+
+__all__ = ['Check', 'at_least', 'between', 'greater_than', 'distinct', 'hub_repo_id', 'check_options', 'config_defaults', 'option_name']
+
+# a check returns why the value is wrong, or None when it is fine; None values (option not given) pass
+Check = Callable[[Any], Optional[str]]
+
+
+def _values(value) -> list:
+    return list(value) if isinstance(value, (list, tuple)) else [value]
+
+
+def _number_problem(x) -> Optional[str]:
+    if isinstance(x, bool) or not isinstance(x, (int, float)):
+        return f'must be a number, got {x!r}'
+    if not math.isfinite(x):
+        return f'must be finite, got {x}'
+    return None
+
+
+def _each_number(ok: Callable[[float], bool], rule: str) -> Check:
+    """A check that every value (one, or each of a list) is a finite number for which ok(x) holds."""
+    def check(value):
+        for x in _values(value) if value is not None else []:
+            why = _number_problem(x)
+            if why or not ok(x):
+                return why or f'{rule}, got {x}'
+        return None
+    return check
+
+
+def at_least(minimum: float) -> Check:
+    """Every value is a finite number >= minimum."""
+    return _each_number(lambda x: x >= minimum, f'must be >= {minimum}')
+
+
+def greater_than(bound: float) -> Check:
+    """Every value is a finite number > bound."""
+    return _each_number(lambda x: x > bound, f'must be > {bound}')
+
+
+def between(low: float, high: float, high_open: bool = False) -> Check:
+    """Every value is a finite number in [low, high] (or [low, high) with high_open)."""
+    return _each_number(lambda x: low <= x < high if high_open else low <= x <= high,
+                        f'must be in [{low}, {high}{")" if high_open else "]"}')
+
+
+def distinct(value) -> Optional[str]:
+    """No element of a list is given twice (a domain or seed named twice would silently count double)."""
+    seen, twice = set(), []
+    for x in _values(value) if value is not None else []:
+        key = str(Path(x).resolve()) if isinstance(x, Path) else x
+        if key in seen and x not in twice:
+            twice.append(x)
+        seen.add(key)
+    return f'{", ".join(map(str, twice))} given twice' if twice else None
+
+
+def hub_repo_id(value) -> Optional[str]:
+    """A Hugging Face repo id, ORG/NAME."""
+    if value is not None and not re.fullmatch(r'[A-Za-z0-9][\w.-]{0,95}/[A-Za-z0-9][\w.-]{0,95}', value):
+        return f'must be ORG/NAME (letters, digits, - _ .), got {value!r}'
+    return None
+
+
+def option_name(parser: argparse.ArgumentParser, dest: str) -> str:
+    """The option a dest belongs to, as users type it (`--batch-size`; a positional's own name)."""
+    for action in parser._actions:
+        if action.dest == dest:
+            long = [o for o in action.option_strings if o.startswith('--')]
+            return (long or action.option_strings or [action.dest])[0]
+    return '--' + dest.replace('_', '-')
+
+
+def check_options(parser: argparse.ArgumentParser, args: argparse.Namespace,
+                  rules: Sequence[Tuple[str, Check]]) -> None:
+    """Apply (dest, check) rules in order; the first failure ends the command: `error: --option: why`."""
+    for dest, check in rules:
+        why = check(getattr(args, dest))
+        if why:
+            parser.error(f'{option_name(parser, dest)}: {why}')
+
+
+def _convert(parser: argparse.ArgumentParser, action: argparse.Action, value, where: str):
+    """One config value converted and checked as if it had been typed after the action's option."""
+    name = option_name(parser, action.dest)
+
+    def fail(why: str):
+        parser.error(f'{name}: {why} (in {where})')
+
+    if action.nargs == 0:  # flags: store_true / BooleanOptionalAction
+        if not isinstance(value, bool):
+            fail(f'must be true or false, got {value!r}')
+        return value
+    if value is None:
+        return None
+    is_list = action.nargs in ('+', '*') or isinstance(action.nargs, int)
+    if is_list:
+        items = value if isinstance(value, list) else [value]
+        if isinstance(action.nargs, int) and len(items) != action.nargs:
+            fail(f'needs {action.nargs} values, got {value!r}')
+        if action.nargs == '+' and not items:
+            fail('needs at least one value')
+    elif isinstance(value, (list, dict)) and action.type is not yaml.safe_load:
+        fail(f'takes one value, got {value!r}')
+    else:
+        items = [value]
+    out = []
+    for item in items:
+        if action.type in (int, float):
+            if isinstance(item, str):
+                try:
+                    item = action.type(item)
+                except ValueError:
+                    fail(f'must be {"an integer" if action.type is int else "a number"}, got {item!r}')
+            if isinstance(item, bool) or not isinstance(item, (int, float)) or (
+                    action.type is int and isinstance(item, float) and not item.is_integer()):
+                fail(f'must be {"an integer" if action.type is int else "a number"}, got {item!r}')
+            item = action.type(item)
+        elif action.type is Path:
+            item = Path(str(item))
+        elif action.type is None and not isinstance(item, str):
+            item = str(item)  # YAML reads `target: 0` as a number; the command line would give '0'
+        if action.choices is not None and item not in action.choices:
+            fail(f'{item!r} is not one of {list(action.choices)}')
+        out.append(item)
+    return out if is_list else out[0]
+
+
+def config_defaults(parser: argparse.ArgumentParser, path: Path) -> Dict[str, Any]:
+    """The YAML config at `path` as parser defaults, every value checked like the command line's."""
+    path = Path(path)
+    if not path.is_file():
+        parser.error(f'--config: file not found: {path}')
+    try:
+        cfg = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        parser.error(f'--config: {path} is not valid YAML: {e}')
+    if not isinstance(cfg, dict):
+        parser.error(f'--config: {path} must hold a mapping of option: value')
+    actions = {a.dest: a for a in parser._actions}
+    unknown = sorted(set(cfg) - set(actions))
+    if unknown:
+        parser.error(f'{path}: unknown keys {unknown}')
+    return {key: _convert(parser, actions[key], value, str(path)) for key, value in cfg.items()}

@@ -1,0 +1,159 @@
+"""Options that make no sense are refused where they are parsed: `error: --option: why`, exit 2."""
+import runpy
+import sys
+from pathlib import Path
+
+import pytest
+
+from dida_timm.data import default_domains
+from dida_timm.inference import main as predict_main
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / 'train'))
+import train  # noqa: E402
+
+
+def _refused(parse, capsys, option):
+    with pytest.raises(SystemExit) as exit_info:
+        parse()
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2, err
+    assert f'error: {option}: ' in err, err
+    return err
+
+
+@pytest.mark.parametrize('argv, option', [
+    (['--epochs', '-1'], '--epochs'),
+    (['--epochs', '0'], '--epochs'),
+    (['--source-only-epochs', '-2'], '--source-only-epochs'),
+    (['--unlabelled-weight', '-1'], '--unlabelled-weight'),
+    (['--unlabelled-weight', 'inf'], '--unlabelled-weight'),
+    (['--keep-checkpoints', '0'], '--keep-checkpoints'),
+    (['--cutout', '64'], '--cutout'),
+    (['--cutout', '32'], '--cutout'),
+    (['--cutout', '-1'], '--cutout'),
+    (['--model', 'dida_resnet18', '--input-size', '7'], '--input-size'),
+    (['--input-size', '0'], '--input-size'),
+    (['--source', 'mnist', 'mnist'], '--source'),
+    (['--source', 'mnist', '--target', 'mnist'], '--target'),
+    (['--source', 'mnist', '--target', 'mnist_m'], '--target'),
+    (['--source', 'photo'], '--source'),
+    (['--threshold', '1.5'], '--threshold'),
+    (['--lr', '-0.1'], '--lr'),
+    (['--lr', 'nan'], '--lr'),
+    (['--batch-size', '0'], '--batch-size'),
+    (['--eval-batch-size', '0'], '--eval-batch-size'),
+    (['--new-lr-scale', '-1'], '--new-lr-scale'),
+    (['--momentum', '1'], '--momentum'),
+    (['--opt-betas', '0.9', '1.0'], '--opt-betas'),
+    (['--weight-decay=-1e-4'], '--weight-decay'),
+    (['--warmup-epochs', '10'], '--warmup-epochs'),
+    (['--source-only-epochs', '2', '--warmup-epochs', '2'], '--warmup-epochs'),
+    (['--min-lr', '1'], '--min-lr'),
+    (['--clip-grad', '0'], '--clip-grad'),
+    (['--ema-decay', '1'], '--ema-decay'),
+    (['--translate', '2'], '--translate'),
+    (['--rand-augment', 'nonsense'], '--rand-augment'),
+    (['--workers', '-1'], '--workers'),
+    (['--offline-train-size', '5'], '--offline-train-size'),
+    (['--offline-test-size', '0'], '--offline-test-size'),
+    (['--dist-timeout', '0'], '--dist-timeout'),
+    (['--seed', '-1'], '--seed'),
+    (['--tsne-per-domain', '-1'], '--tsne-per-domain'),
+    (['--model-kwargs', '[1, 2]'], '--model-kwargs'),
+    (['--model', 'no_such_model'], '--model'),
+    (['--resume'], '--resume'),
+    (['--init-checkpoint', 'no/such/file.safetensors'], '--init-checkpoint'),
+])
+def test_train_refuses_a_value_that_makes_no_sense(argv, option, capsys):
+    _refused(lambda: train.parse_args(argv), capsys, option)
+
+
+@pytest.mark.parametrize('config, option', [
+    ('epochs: -1', '--epochs'),
+    ('source: [mnist, mnist]', '--source'),
+    ('cutout: 64', '--cutout'),
+    ('lr: fast', '--lr'),
+    ('batch_size: 2.5', '--batch-size'),
+    ('flip: maybe', '--flip'),
+    ('method: supervised', '--method'),
+    ('opt_betas: [0.9]', '--opt-betas'),
+    ('target: [svhn_style, mnist]', '--target'),
+])
+def test_a_config_file_is_checked_like_the_command_line(config, option, tmp_path, capsys):
+    path = tmp_path / 'config.yaml'
+    path.write_text(config + '\n')
+    _refused(lambda: train.parse_args(['-c', str(path)]), capsys, option)
+
+
+def test_config_values_are_converted_as_the_command_line_would(tmp_path):
+    path = tmp_path / 'config.yaml'
+    path.write_text('lr: 1e-3\nsource: uci_digits\ntarget: mnist\n')  # YAML reads 1e-3 as a string
+    args = train.parse_args(['-c', str(path)])
+    assert args.lr == 0.001 and args.source == ['uci_digits'] and args.target == 'mnist'
+
+
+def test_defaults_record_the_resolved_input_size():
+    assert train.parse_args([]).input_size == 32
+    assert train.parse_args(['--model', 'dida_resnet18']).input_size == 224
+
+
+def test_each_dataset_gives_its_own_default_domains():
+    args = train.parse_args([])
+    assert args.target == 'mnistm_style' and args.source == ['mnist', 'syn_style', 'svhn_style', 'uci_digits']
+    args = train.parse_args(['--dataset', 'pacs', '--data-dir', 'not/read/yet', '--model', 'dida_resnet18'])
+    assert args.target == 'art_painting' and args.source == ['cartoon', 'photo', 'sketch']
+    args = train.parse_args(['--dataset', 'digit_five', '--data-dir', 'x', '--target', 'svhn'])
+    assert args.source == ['mnist', 'mnist_m', 'syn', 'usps']
+    assert default_domains('domainnet', None, sources=['real']) == (['real'], 'clipart')
+
+
+def test_an_unknown_domain_is_refused_with_the_valid_names(capsys):
+    err = _refused(lambda: train.parse_args(['--dataset', 'pacs', '--data-dir', 'x', '--target', 'mnist']), capsys,
+                   '--target')
+    assert "'mnist' not a domain of pacs; its domains are ['art_painting', 'cartoon', 'photo', 'sketch']" in err
+
+
+def test_folder_domains_are_the_sub_folders_and_must_be_chosen(tmp_path, capsys):
+    for domain in ('clipart', 'photos'):
+        (tmp_path / domain).mkdir()
+    args = train.parse_args(['--dataset', 'folder', '--data-dir', str(tmp_path), '--source', 'clipart',
+                             '--target', 'photos'])
+    assert args.source == ['clipart'] and args.target == 'photos'
+    err = _refused(lambda: train.parse_args(['--dataset', 'folder', '--data-dir', str(tmp_path)]), capsys,
+                   '--source/--target')
+    assert "['clipart', 'photos']" in err
+    _refused(lambda: train.parse_args(['--dataset', 'folder', '--data-dir', str(tmp_path), '--source', 'sketches',
+                                       '--target', 'photos']), capsys, '--source')
+
+
+@pytest.mark.parametrize('script, argv, option', [
+    ('bench/bench_uda_accuracy.py', ['--seeds', '0', '0'], '--seeds'),
+    ('bench/bench_uda_accuracy.py', ['--jobs', '0'], '--jobs'),
+    ('bench/bench_uda_accuracy.py', ['--seeds', '-1'], '--seeds'),
+    ('bench/bench_uda_accuracy.py', ['--targets', 'mnist', 'mnist'], '--targets'),
+    ('bench/bench_cost.py', ['--reps', '0'], '--reps'),
+    ('bench/bench_cost.py', ['--depths', '18', '18'], '--depths'),
+    ('bench/bench_cost.py', ['--depths', '18', '--train-depths', '50'], '--train-depths'),
+    ('bench/bench_cost.py', ['--batch-scale', '0'], '--batch-scale'),
+    ('hub/export.py', ['run', 'run', '--out', 'x', '--repo-name', 'org/name'], 'runs'),
+    ('hub/export.py', ['run', '--out', 'x', '--repo-name', 'no-org'], '--repo-name'),
+    ('hub/push.py', ['folder', '--repo-id', 'a/b/c'], '--repo-id'),
+])
+def test_bench_and_hub_commands_refuse_what_makes_no_sense(script, argv, option, monkeypatch, capsys):
+    monkeypatch.setattr(sys, 'argv', [script] + argv)
+    _refused(lambda: runpy.run_path(str(REPO / script), run_name='__main__'), capsys, option)
+
+
+@pytest.mark.parametrize('argv, option', [
+    (['--batch-size', '0'], '--batch-size'),
+    (['--topk', '0'], '--topk'),
+    (['--topk', '11'], '--topk'),
+    (['--workers', '-1'], '--workers'),
+    (['--images', 'no/such/folder'], '--images'),
+])
+def test_predict_command_refuses_what_makes_no_sense(argv, option, tmp_path, capsys):
+    (tmp_path / 'images').mkdir()
+    base = ['--model', 'dida_digitnet_compact.offline_mnist', '--images', str(tmp_path / 'images'), '--output',
+            str(tmp_path / 'preds.csv')]
+    _refused(lambda: predict_main(base + argv), capsys, option)
