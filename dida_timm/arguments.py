@@ -52,10 +52,10 @@ def greater_than(bound: float) -> Check:
     return _each_number(lambda x: x > bound, f'must be > {bound}')
 
 
-def between(low: float, high: float, high_open: bool = False) -> Check:
-    """Every value is a finite number in [low, high] (or [low, high) with high_open)."""
-    return _each_number(lambda x: low <= x < high if high_open else low <= x <= high,
-                        f'must be in [{low}, {high}{")" if high_open else "]"}')
+def between(low: float, high: float, high_open: bool = False, low_open: bool = False) -> Check:
+    """Every value is a finite number in [low, high] (either end open with high_open / low_open)."""
+    return _each_number(lambda x: (low < x if low_open else low <= x) and (x < high if high_open else x <= high),
+                        f'must be in {"(" if low_open else "["}{low}, {high}{")" if high_open else "]"}')
 
 
 def distinct(value) -> Optional[str]:

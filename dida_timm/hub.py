@@ -135,6 +135,7 @@ def model_card(runs: List[Dict], repo_name: str, license: str = 'apache-2.0') ->
     seeds = [r['seed'] for r in runs]
     target = first['target']
     accs = [r['target_accuracy'] for r in runs]
+    labelled = all(a is not None for a in accs)
     start, pretrained = initial_weights(first)
     base_model = None
     if pretrained and '.' in pretrained and ':' not in pretrained and not Path(pretrained).is_dir():
@@ -152,8 +153,11 @@ def model_card(runs: List[Dict], repo_name: str, license: str = 'apache-2.0') ->
         eval_results=[EvalResult(
             task_type='image-classification', dataset_type=first['dataset'],
             dataset_name=f"{first['dataset']} ({target} as target)", dataset_split=args['target_test_split'],
-            metric_type='accuracy', metric_value=round(statistics.mean(accs), 2))],
+            metric_type='accuracy', metric_value=round(statistics.mean(accs), 2))] if labelled else None,
     )
+    selection = first.get('selection') if isinstance(first.get('selection'), dict) else None
+    checkpoint = (f"the checkpoint selected without target labels (epoch {selection['epoch']}, rule "
+                  f"`{selection['rule']}`, see below)" if selection else "the last epoch's weights (no model selection)")
     domains = list(first['per_domain_accuracy'])
     lines = [
         f'# {repo_name}', '',
@@ -168,8 +172,9 @@ def model_card(runs: List[Dict], repo_name: str, license: str = 'apache-2.0') ->
         f"- transductive: {'yes, the target images trained on (without labels) are the ones evaluated' if first['transductive'] else 'no, the target test split was never seen in training'}",
         f"- classes: {len(first['classes'])} ({', '.join(first['classes'][:20])}{' ...' if len(first['classes']) > 20 else ''})",
         '', '## Results', '',
-        "Test accuracy (%) of the last epoch's weights (no model selection on target labels), "
-        f"{'mean ± std over seeds ' + ', '.join(map(str, seeds)) if len(runs) > 1 else f'seed {seeds[0]}'}:", '',
+        f"Test accuracy (%) of {checkpoint}, "
+        f"{'mean ± std over seeds ' + ', '.join(map(str, seeds)) if len(runs) > 1 else f'seed {seeds[0]}'}"
+        f"{'' if labelled else '; the target had no labels, so its accuracy is unknown (estimate below)'}:", '',
         '| domain | role | accuracy |', '|---|---|---|',
     ]
     for d in domains:
@@ -178,10 +183,13 @@ def model_card(runs: List[Dict], repo_name: str, license: str = 'apache-2.0') ->
     if first.get('source_only_start_target_accuracy') is not None:
         lines += ['', f"Source-only starting point of the same run on {target}: "
                       f"{_mean_std([r['source_only_start_target_accuracy'] for r in runs])}."]
-    lines += ['', f'Per-class accuracy on {target} (%):', '', '| class | accuracy |', '|---|---|']
-    for i, c in enumerate(first['classes']):
-        values = [r['target_per_class_accuracy'][c] for r in runs if r['target_per_class_accuracy'][c] is not None]
-        lines.append(f"| {c} | {_mean_std(values) if values else 'n/a (no test images)'} |")
+    if selection:
+        lines += selection_section(first)
+    if labelled:
+        lines += ['', f'Per-class accuracy on {target} (%):', '', '| class | accuracy |', '|---|---|']
+        for i, c in enumerate(first['classes']):
+            values = [r['target_per_class_accuracy'][c] for r in runs if r['target_per_class_accuracy'][c] is not None]
+            lines.append(f"| {c} | {_mean_std(values) if values else 'n/a (no test images)'} |")
     lines += ['', '## Published number', '']
     if paper is not None:
         lines.append(f'DIDA-Net paper, {first["dataset"]} with {target} as target: {paper:.2f}%.')
@@ -214,13 +222,42 @@ def model_card(runs: List[Dict], repo_name: str, license: str = 'apache-2.0') ->
         '- Adapted to one target domain; accuracy on other domains is the table above and nothing more.',
         '- Pseudo-label training can reinforce its own mistakes on classes the source-only model confuses; '
         'check the per-class table before relying on a class.',
-        '- The reported model is the last epoch: target labels were used for evaluation only, never for training '
-        'or model selection.',
+        '- Target labels, where they existed, were used for evaluation only, never for training or for choosing '
+        'the checkpoint' + (': the checkpoint was chosen by the label-free rule above.' if selection else
+                            ': the reported model is the last epoch.'),
     ]
     if first['dataset'] == 'offline_digits':
         lines.append('- The offline benchmark imitates Digit-Five with data from PyPI packages; its MNIST-M-, '
                      'SynDigits- and SVHN-style domains are stand-ins, not the real datasets.')
     return ModelCard(f'---\n{data.to_yaml()}\n---\n\n' + '\n'.join(lines) + '\n').content
+
+
+def selection_section(run: Dict) -> List[str]:
+    """Card lines: which checkpoint the run chose without target labels, by which rule, with which scores."""
+    sel = run['selection']
+    scores = sel['label_free_scores']
+    last = run['history'][-1]
+    lines = ['', '## Checkpoint selection without target labels', '',
+             f"Rule `{sel['rule']}` chose epoch {sel['epoch']} of {last['epoch']}: {sel['reason']}."]
+    if sel['guard_fired']:
+        lines += ['', f"**The collapse guard fired** on epochs {', '.join(sorted(sel['flagged'], key=int))}:"]
+        lines += [f"- epoch {e}: {'; '.join(reasons)}" for e, reasons in sorted(sel['flagged'].items(),
+                                                                             key=lambda kv: int(kv[0]))][:5]
+    if run.get('last_target_accuracy') is not None:
+        lines += ['', f"Target accuracy of the last epoch, for comparison: {run['last_target_accuracy']:.2f}%."]
+    lines += ['', 'Label-free scores of the chosen checkpoint on held-out target images (never trained on):', '',
+              '| score | value |', '|---|---|']
+    names = dict(estimated_accuracy='estimated target accuracy (ATC), %', source_val_accuracy='source validation '
+                 'accuracy, %', effective_classes='effective predicted classes', dead_classes='classes predicted '
+                 'for < 1% of images', agreement='agreement with the source-only model, %',
+                 mean_confidence='mean confidence', information_maximization='information maximisation (IM)')
+    for key, name in names.items():
+        if scores.get(key) is not None:
+            lines.append(f'| {name} | {scores[key]:.4g} |')
+    lines += ['', 'The estimate is ATC (Garg et al., ICLR 2022) with its threshold fitted on held-out source images; '
+                  'its measured error on the offline benchmark is in the project\'s docs/RESULTS.md. '
+                  '`python -m dida_timm.inference` repeats this check on any folder of new images.']
+    return lines
 
 
 def export_runs(run_dirs: Sequence[Path], out_dir: Path, repo_name: str, license: str = 'apache-2.0') -> Path:
@@ -251,8 +288,29 @@ def export_runs(run_dirs: Sequence[Path], out_dir: Path, repo_name: str, license
     out_dir = Path(out_dir)
     timm.models.save_for_hf(model, str(out_dir), model_config=dict(label_names=list(first['classes'])),
                             model_args=model_kwargs, safe_serialization=True, data_config=run_data_config(first))
+    label_free = run_label_free(first)
+    if label_free:
+        config_file = out_dir / 'config.json'
+        config_file.write_text(json.dumps(dict(json.loads(config_file.read_text()), label_free=label_free), indent=2))
     (out_dir / 'README.md').write_text(model_card(runs, repo_name, license))
     return out_dir
+
+
+def run_label_free(run: Dict) -> Optional[Dict]:
+    """What prediction needs to judge new images without labels (written into config.json as `label_free`): the
+    ATC threshold fitted on the source domains, the collapse guard, the selected checkpoint's predicted-class
+    spread on the training target's held-out images, and which checkpoint was selected. None for runs that
+    predate label-free selection."""
+    selection, label_free = run.get('selection'), run.get('label_free')
+    if not isinstance(selection, dict) or not label_free or label_free.get('atc_threshold') is None:
+        return None
+    scores = selection['label_free_scores']
+    return dict(
+        atc_score=label_free['atc_score'], atc_threshold=label_free['atc_threshold'], target=run['target'],
+        target_scores={k: scores[k] for k in ('effective_classes', 'dead_classes', 'mean_confidence')},
+        guard=label_free['guard'],
+        selection={k: selection[k] for k in ('rule', 'epoch', 'reason', 'guard_fired')},
+    )
 
 
 def push_folder(folder: Path, repo_id: str, private: bool = False, dry_run: bool = False,

@@ -20,8 +20,11 @@ from torch.utils.data import DataLoader, Dataset
 from .arguments import at_least, check_options
 from .data import read_unlabelled_folder
 from .hub import validate_hub_config
+from .models._published import published_folder
+from .training.selection import CollapseGuard, atc_estimate, label_free_scores
 
-__all__ = ['create_model', 'load_model', 'predict_images', 'smallest_input_size', 'main']
+__all__ = ['create_model', 'label_free_check', 'label_free_config', 'load_model', 'predict_images',
+           'smallest_input_size', 'main']
 
 
 def _hub_config(spec: str) -> Optional[dict]:
@@ -90,6 +93,46 @@ def smallest_input_size(model: torch.nn.Module) -> int:
     raise ValueError(f'{type(model).__name__} takes no square input of up to 1024 px')
 
 
+def label_free_config(spec: str) -> Optional[dict]:
+    """The `label_free` section an export wrote into the spec's config.json (the ATC threshold fitted on the
+    source domains, the collapse guard and the predicted-class spread the model had on its training target);
+    None for a model that has none (e.g. an ImageNet tag)."""
+    if Path(spec).is_dir():
+        spec = f'local-dir:{Path(spec).resolve()}'
+    config = _hub_config(spec)
+    if config is None:
+        folder = published_folder(spec)
+        config = json.loads((folder / 'config.json').read_text()) if folder else {}
+    return config.get('label_free')
+
+
+def label_free_check(probs: torch.Tensor, cfg: dict) -> List[str]:
+    """Report lines on how the model does on unlabelled images: the ATC accuracy estimate and the collapse
+    indicators, compared with those the model had on its training target's held-out images.
+
+    Args:
+        probs: [N, C] softmax outputs on the images.
+        cfg: The `label_free` section of the model's config.json.
+    """
+    scores = label_free_scores(probs)
+    estimate = atc_estimate(probs, cfg['atc_threshold'], cfg['atc_score'])
+    lines = [
+        f'estimated accuracy on these {len(probs)} images: {estimate:.1f}% (ATC: share of images whose '
+        f'{cfg["atc_score"]} clears {cfg["atc_threshold"]:.4f}, the threshold fitted on the source domains at '
+        f'training; a rough guide, see the model card for its measured error)',
+        f'predicted classes: {scores["effective_classes"]:.2f} effective of {probs.shape[1]}, '
+        f'{scores["dead_classes"]} predicted for < 1% of the images; mean confidence {scores["mean_confidence"]:.3f}',
+    ]
+    at_training = cfg.get('target_scores')
+    if at_training:
+        lines.append(f'on its training target ({cfg.get("target", "held-out images")}) the model had '
+                     f'{at_training["effective_classes"]:.2f} effective and {at_training["dead_classes"]} dead classes')
+        reasons = CollapseGuard(**cfg['guard']).check(dict(scores), at_training) if cfg.get('guard') else []
+        for reason in reasons:
+            lines.append(f'WARNING: possible collapse on these images: {reason.replace("source-only model", "model on its training target")}')
+    return lines
+
+
 def load_model(spec: str, device: str = 'cpu', **kwargs) -> torch.nn.Module:
     """A pretrained model in eval mode, from any spec `create_model` takes."""
     return create_model(spec, pretrained=True, **kwargs).eval().to(device)
@@ -130,11 +173,13 @@ def predict_images(
         topk: int = 1,
         num_workers: int = 0,
         progress: Optional[bool] = None,
+        probabilities: Optional[List[torch.Tensor]] = None,
 ) -> Iterator[Dict[str, object]]:
     """Yield one row per image under `folder` (any depth): path, top-k labels and their probabilities.
 
     A file that cannot be read (corrupt, empty, not an image) gets the row {'image': path, 'error': why} and
-    the others are predicted. `progress` (default: when stderr is a terminal) shows a bar.
+    the others are predicted. `progress` (default: when stderr is a terminal) shows a bar. When `probabilities`
+    is a list, each batch's full softmax output is appended to it (for the label-free check).
     """
     # the evaluation transform of training: resize to the input size, no centre crop
     config = dict(timm.data.resolve_data_config({}, model=model), crop_pct=1.0, crop_mode='squash')
@@ -155,6 +200,8 @@ def predict_images(
         if images is None:
             continue
         probs = model(images.to(device)).float().softmax(-1)
+        if probabilities is not None:
+            probabilities.append(probs.cpu())
         top_p, top_i = probs.topk(min(topk, probs.shape[-1]), dim=-1)
         for index, p_row, i_row in zip(indices, top_p.tolist(), top_i.tolist()):
             row = {'image': str(dataset.paths[index])}
@@ -197,7 +244,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         model = load_model(args.model, args.device)
         if args.topk > model.num_classes:
             parser.error(f'--topk: {args.topk} is more than the model\'s {model.num_classes} classes')
-        rows = list(predict_images(model, args.images, args.batch_size, args.topk, args.workers))
+        probabilities: List[torch.Tensor] = []
+        rows = list(predict_images(model, args.images, args.batch_size, args.topk, args.workers,
+                                   probabilities=probabilities))
+        check = label_free_config(args.model)
     except (RuntimeError, FileNotFoundError, ValueError, OSError) as e:
         print(f'error: {e}', file=sys.stderr)
         return 2
@@ -217,6 +267,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     _write_csv(args.output, predicted)
     print(f'{len(predicted)} predictions written to {args.output}' + (
         f'; {len(unreadable)} unreadable files listed in {unreadable_file}' if unreadable else ''))
+    if check:
+        print('\n'.join(label_free_check(torch.cat(probabilities), check)))
+    else:
+        print('no label-free check: the model\'s config.json has no label_free section (not a dida-timm export)')
     return 0
 
 

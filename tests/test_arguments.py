@@ -64,6 +64,11 @@ def _refused(parse, capsys, option):
     (['--model', 'no_such_model'], '--model'),
     (['--resume'], '--resume'),
     (['--init-checkpoint', 'no/such/file.safetensors'], '--init-checkpoint'),
+    (['--target-dir', 'no/such/folder'], '--target-dir'),
+    (['--target-eval-dir', 'tests'], '--target-eval-dir'),
+    (['--source-val-fraction', '0'], '--source-val-fraction'),
+    (['--target-val-fraction', '1'], '--target-val-fraction'),
+    (['--val-max-images', '0'], '--val-max-images'),
 ])
 def test_train_refuses_a_value_that_makes_no_sense(argv, option, capsys):
     _refused(lambda: train.parse_args(argv), capsys, option)

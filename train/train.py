@@ -26,6 +26,7 @@ import random
 import shlex
 import sys
 import time
+from dataclasses import asdict
 from functools import partial
 from pathlib import Path
 from typing import Optional
@@ -159,8 +160,8 @@ def build_parser() -> argparse.ArgumentParser:
 # are checked in check_args below
 OPTION_RULES = [
     ('offline_train_size', at_least(10)), ('offline_test_size', at_least(10)), ('workers', at_least(0)),
-    ('source', distinct), ('source_val_fraction', between(0, 1, high_open=True)),
-    ('target_val_fraction', between(0, 1, high_open=True)), ('val_max_images', at_least(1)), ('input_size', at_least(1)),
+    ('source', distinct), ('source_val_fraction', between(0, 1, high_open=True, low_open=True)),
+    ('target_val_fraction', between(0, 1, high_open=True, low_open=True)), ('val_max_images', at_least(1)), ('input_size', at_least(1)),
     ('threshold', between(0, 1)), ('unlabelled_weight', at_least(0)), ('source_only_epochs', at_least(0)),
     ('translate', between(0, 1)), ('cutout', at_least(0)),
     ('epochs', at_least(1)), ('batch_size', at_least(1)), ('lr', at_least(0)), ('new_lr_scale', at_least(0)),
@@ -201,6 +202,12 @@ def check_args(args: argparse.Namespace, parser: argparse.ArgumentParser) -> arg
             parser.error(f'--source/--target: {e}')
     if args.resume and not args.experiment:
         parser.error('--resume: needs --experiment, the run folder to continue')
+    for option in ('target_dir', 'target_eval_dir'):
+        folder = getattr(args, option)
+        if folder and not Path(folder).is_dir():
+            parser.error(f'--{option.replace("_", "-")}: {folder} is not a folder')
+    if args.target_eval_dir and not args.target_dir:
+        parser.error('--target-eval-dir: goes with --target-dir (a --target domain brings its own test split)')
     if args.init_checkpoint and not Path(args.init_checkpoint).is_file():
         parser.error(f'--init-checkpoint: {args.init_checkpoint} is not a file')
     if not isinstance(args.model_kwargs, dict):
@@ -573,7 +580,7 @@ class Run:
             label_free=dict(
                 atc_score=a.atc_score, atc_threshold=chosen.get('atc_threshold'),
                 target_held_out_images=len(self.target_val), source_held_out_images=len(self.source_val),
-                reference_epoch=self.monitor.reference_epoch),
+                reference_epoch=self.monitor.reference_epoch, guard=asdict(self.monitor.guard)),
             per_domain_accuracy={d: r['accuracy'] for d, r in per_domain.items()},
             target_per_class_accuracy=dict(zip(self.classes, target['per_class_accuracy'])) if target else None,
             target_confusion=target['confusion'] if target else None,
