@@ -97,7 +97,8 @@ def spearman(x: Sequence[float], y: Sequence[float]) -> float:
 
 def estimates(run_dir: Path, epoch: int) -> Dict[str, float]:
     """Label-free accuracy estimates of one epoch recomputed from its saved probabilities: ATC with either
-    confidence score, and the difference of confidences (DoC: source accuracy minus the drop in mean confidence)."""
+    confidence score, the average confidence (AC) and the difference of confidences (DoC: source accuracy minus
+    the drop in mean confidence)."""
     dump = np.load(run_dir / 'label_free' / f'epoch-{epoch:04d}.npz')
     target = torch.from_numpy(dump['target_probs']).float()
     source = torch.from_numpy(dump['source_probs']).float()
@@ -105,6 +106,7 @@ def estimates(run_dir: Path, epoch: int) -> Dict[str, float]:
     out = {}
     for score in ('max_prob', 'neg_entropy'):
         out[f'ATC ({score})'] = atc_estimate(target, fit_atc_threshold(source, labels, score), score)
+    out['AC'] = float(target.max(-1).values.mean() * 100)
     source_acc = float((source.argmax(-1) == labels).float().mean() * 100)
     drop = float(source.max(-1).values.mean() - target.max(-1).values.mean()) * 100
     out['DoC'] = source_acc - drop
