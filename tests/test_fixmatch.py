@@ -139,3 +139,28 @@ def test_mixstyle_mixes_only_in_training_and_copies_follow_their_own_mode():
     torch.testing.assert_close(twin(x), reference)  # the eval-mode copy does not mix
     with pytest.raises(ValueError, match='no such module'):
         attach_mixstyle(model, 'layer9', MixStyle())
+
+
+def test_ema_after_two_epochs_equals_a_hand_rolled_ema_of_every_update():
+    from timm.utils import ModelEmaV3
+    from dida_timm.training import train_one_epoch
+    torch.manual_seed(0)
+    net = nn.Linear(3, 2)
+    ema, decay = ModelEmaV3(net, decay=0.9), 0.9
+    optimizer = torch.optim.SGD(net.parameters(), lr=0.5)
+    batches = [(torch.randn(4, 3), torch.randint(0, 2, (4,))) for _ in range(3)]
+    expected, updates = None, 0
+
+    def hand_rolled(_metrics):
+        nonlocal expected, updates
+        weights = [p.detach().clone() for p in net.parameters()]
+        # timm's warmup: the first two updates copy the weights, then the EMA decays
+        expected = weights if updates < 2 else [decay * e + (1 - decay) * w for e, w in zip(expected, weights)]
+        updates += 1
+
+    for epoch in range(2):
+        train_one_epoch(MultiViewModel(net), UdaConfig(method='source_only'), batches, None, optimizer,
+                        epoch=epoch, update_offset=epoch * len(batches), ema=ema, progress=hand_rolled)
+    assert updates == 6
+    for got, want in zip(ema.module.parameters(), expected):
+        torch.testing.assert_close(got, want)

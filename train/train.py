@@ -344,7 +344,8 @@ class Run:
                 metrics = train_one_epoch(
                     wrapped, cfg, source, target, optimizer, scheduler, epoch, (epoch - epoch0) * self.steps_per_epoch,
                     device=self.device, autocast=self._autocast(), scaler=scaler, clip_grad=a.clip_grad,
-                    ema=self.ema, world_size=self.world_size, progress=progress if bar else None)
+                    ema=self.ema, ema_update_offset=epoch * self.steps_per_epoch, world_size=self.world_size,
+                    progress=progress if bar else None)
                 if bar:
                     bar.close()
                 result = self.evaluate_target()
