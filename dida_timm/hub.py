@@ -9,13 +9,13 @@ import math
 import re
 import statistics
 from pathlib import Path
-from typing import Dict, List, Sequence
+from typing import Dict, List, Optional, Sequence
 
 import safetensors.torch
 import timm
 import yaml
 
-__all__ = ['PAPER_RESULTS', 'export_runs', 'model_card', 'push_folder', 'read_run', 'validate_hub_config']
+__all__ = ['PAPER_RESULTS', 'export_runs', 'export_tag', 'model_card', 'push_folder', 'read_run', 'validate_hub_config']
 
 # published DIDA-Net target accuracies (%) per dataset and target domain (paper Tables I-III, SPEC section 4)
 PAPER_RESULTS: Dict[str, Dict[str, float]] = {
@@ -190,11 +190,23 @@ def model_card(runs: List[Dict], repo_name: str, license: str = 'apache-2.0') ->
     return ModelCard(f'---\n{data.to_yaml()}\n---\n\n' + '\n'.join(lines) + '\n').content
 
 
-def export_runs(run_dirs: Sequence[Path], out_dir: Path, repo_name: str, license: str = 'apache-2.0') -> Path:
+def export_tag(architecture: str, out_dir: Path, dataset: str, target: str, tag: Optional[str] = None) -> str:
+    """The pretrained tag an export names: `tag`, else TAG of an `ARCH.TAG` folder, else `DATASET_TARGET`."""
+    name = Path(out_dir).name
+    if tag is None:
+        tag = name[len(architecture) + 1:] if name.startswith(f'{architecture}.') else f'{dataset}_{target}'
+    if not re.fullmatch(r'[a-z0-9_]{1,64}', tag):
+        raise ValueError(f'pretrained tag must be lower-case letters, digits and underscores, got {tag!r}')
+    return tag
+
+
+def export_runs(run_dirs: Sequence[Path], out_dir: Path, repo_name: str, license: str = 'apache-2.0',
+                tag: Optional[str] = None) -> Path:
     """Write a Hugging Face model repo folder (config.json, model.safetensors, README.md) for runs of one setting.
 
     Several runs must be seeds of the same setting; the first run's weights are exported, the card reports
-    every run.
+    every run. The config's pretrained_cfg names this export's own tag (see `export_tag`) and notes, never
+    those of the architecture's default tag, and no path of the machine that built it.
     """
     runs = [read_run(d) for d in run_dirs]
     keys = ('model', 'dataset', 'sources', 'target', 'method', 'classes')
@@ -208,7 +220,10 @@ def export_runs(run_dirs: Sequence[Path], out_dir: Path, repo_name: str, license
     weights = Path(first['run_dir']) / 'model.safetensors'
     model.load_state_dict(safetensors.torch.load_file(str(weights)))
     out_dir = Path(out_dir)
-    timm.models.save_for_hf(model, str(out_dir), model_config=dict(label_names=list(first['classes'])),
+    tag = export_tag(first['architecture'], out_dir, first['dataset'], first['target'], tag)
+    own = dict(tag=tag, notes=[f"adapted to {first['dataset']}/{first['target']}; card: README.md"])
+    timm.models.save_for_hf(model, str(out_dir), model_config=dict(label_names=list(first['classes']),
+                                                                   pretrained_cfg=own),
                             model_args=model_kwargs, safe_serialization=True)
     (out_dir / 'README.md').write_text(model_card(runs, repo_name, license))
     return out_dir

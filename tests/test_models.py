@@ -32,6 +32,13 @@ def test_every_depth_is_registered_with_its_pretrained_tags():
             f'dida_resnet{depth}.a1_in1k', f'dida_resnet{depth}.tv_in1k']
 
 
+def test_untagged_name_of_every_model_is_untrained():
+    # `pretrained=True` without a tag must not silently load ImageNet or adapted weights
+    for name in timm.list_models(module=['dida_resnet', 'dida_digitnet']):
+        cfg = timm.models.get_pretrained_cfg(name)
+        assert cfg.tag == 'untrained' and not cfg.has_weights, f'{name} defaults to {cfg.tag}'
+
+
 def test_pretrained_tags_name_existing_timm_checkpoints():
     for name in timm.list_pretrained('dida_resnet*'):
         hub_id = timm.models.get_pretrained_cfg(name).hf_hub_id
