@@ -153,3 +153,22 @@ def test_config_with_unknown_key_is_refused(tmp_path, capsys):
     with pytest.raises(SystemExit):
         train.parse_args(['-c', str(bad)])
     assert "unknown keys ['learning_rate']" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_run_finishes_without_the_plotting_packages(tmp_path, data_dir):
+    # the core install has no matplotlib / scikit-learn (the [data] extra has them): stubs that fail to import
+    hidden = tmp_path / 'hidden'
+    for package in ('matplotlib', 'sklearn'):
+        (hidden / package).mkdir(parents=True)
+        (hidden / package / '__init__.py').write_text(f"raise ImportError('{package} hidden by the test')\n")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(hidden), os.environ.get('PYTHONPATH', '')]))
+    args = ['--source', 'mnist', '--target', 'uci_digits', '--method', 'source_only', '--epochs', '1']
+    # the offline benchmark itself is built from [data] packages: build its cache first
+    _train(args + ['--experiment', 'warm', '--tsne-per-domain', '0'], tmp_path, data_dir)
+    cmd = [sys.executable, str(TRAIN), '--output', str(tmp_path), '--data-dir', str(data_dir)] + TINY + args + [
+        '--experiment', 'core']
+    result = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, env=env)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert (tmp_path / 'core' / 'results.json').is_file() and not list((tmp_path / 'core').glob('*.png'))
+    assert 'report pictures skipped: matplotlib and scikit-learn not installed' in result.stdout

@@ -51,7 +51,7 @@ from dida_timm.inference import create_model
 from dida_timm.models import static_twin_filter_fn
 from dida_timm.training.checkpoint import rng_state
 from dida_timm.training.distributed import init_distributed
-from dida_timm.training.report import plot_confusion, plot_curves, plot_tsne
+from dida_timm.training.report import write_report
 
 _logger = logging.getLogger('train')
 
@@ -398,15 +398,17 @@ class Run:
         (self.out_dir / 'results.json').write_text(json.dumps(results, indent=2))
         safetensors.torch.save_file({k: v.contiguous().cpu() for k, v in model.state_dict().items()},
                                     str(self.out_dir / 'model.safetensors'))
-        plot_confusion(target['confusion'], self.classes,
-                       f'{a.model} on {a.target}: {target["accuracy"]:.1f}%', self.out_dir / 'confusion_matrix.png')
-        plot_curves(self.history, self.out_dir / 'curves.png')
-        if a.tsne_per_domain:
+
+        def tsne_features():
             feats, labels = {}, {}
             for name, ds in self.test_sets.items():
                 feats[name], labels[name] = extract_features(model, ds, a.tsne_per_domain, device=self.device,
                                                              seed=a.seed)
-            plot_tsne(feats, labels, self.classes, a.target, self.out_dir / 'tsne.png', seed=a.seed)
+            return feats, labels
+
+        write_report(self.out_dir, target['confusion'], self.classes,
+                     f'{a.model} on {a.target}: {target["accuracy"]:.1f}%', self.history,
+                     tsne_features if a.tsne_per_domain else None, a.target, a.seed)
         return results
 
 
