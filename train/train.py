@@ -94,7 +94,8 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group('augmentation')
     g.add_argument('--flip', action=argparse.BooleanOptionalAction, default=False)
     g.add_argument('--translate', type=float, default=0.0)
-    g.add_argument('--rand-augment', default='rand-m10-n2-mstd0.5')
+    g.add_argument('--rand-augment', default='rand-m10-n2-mstd0.5',
+                   help="strong view: a timm RandAugment string, or 'fixmatch' (FixMatch's op list and Cutout)")
     g.add_argument('--cutout', type=int, default=16)
     g = p.add_argument_group('optimisation')
     g.add_argument('--epochs', type=int, default=10)
