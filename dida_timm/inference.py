@@ -7,7 +7,6 @@ A model spec is a timm name with an optional tag (`dida_resnet18.tv_in1k`), a Hu
 """
 import argparse
 import csv
-import json
 import sys
 from pathlib import Path
 from typing import Dict, Iterator, List, Optional, Sequence
@@ -17,51 +16,14 @@ import torch
 from torch.utils.data import DataLoader
 
 from .data import read_unlabelled_folder
-from .hub import validate_hub_config
+from .models.factory import create_model  # re-exported: it used to live here
 
 __all__ = ['create_model', 'load_model', 'predict_images', 'main']
 
 
-def _hub_config(spec: str) -> Optional[dict]:
-    """config.json of a local-dir: or hf-hub: spec (None for registry names)."""
-    if spec.startswith('local-dir:'):
-        path = Path(spec[len('local-dir:'):]) / 'config.json'
-        if not path.is_file():
-            raise FileNotFoundError(f'{spec}: no config.json in {path.parent}')
-        return json.loads(path.read_text())
-    if spec.startswith('hf-hub:'):
-        from huggingface_hub import hf_hub_download
-        return json.loads(Path(hf_hub_download(spec[len('hf-hub:'):].split('@')[0], 'config.json')).read_text())
-    return None
-
-
-def create_model(spec: str, pretrained: bool = False, **kwargs) -> torch.nn.Module:
-    """timm.create_model, with Hub / local configs validated first and a clear word on unknown architectures.
-
-    Args:
-        spec: name[.tag], hf-hub:ORG/NAME, local-dir:PATH, or the path of an exported repo folder.
-        pretrained: Load the weights the spec names.
-        **kwargs: Passed to timm.create_model.
-    """
-    if Path(spec).is_dir():
-        spec = f'local-dir:{Path(spec).resolve()}'
-    config = _hub_config(spec)
-    if config is not None:
-        validate_hub_config(config, spec)
-    try:
-        return timm.create_model(spec, pretrained=pretrained, **kwargs)
-    except RuntimeError as e:
-        if 'Unknown model' in str(e):
-            known = timm.list_models(module=['dida_resnet', 'dida_digitnet'])
-            raise RuntimeError(
-                f'{spec}: {e}. dida-timm architectures are registered by `import dida_timm`, which must come '
-                f'before timm.create_model; this install registers {known}') from e
-        raise
-
-
-def load_model(spec: str, device: str = 'cpu', **kwargs) -> torch.nn.Module:
-    """A pretrained model in eval mode, from any spec `create_model` takes."""
-    return create_model(spec, pretrained=True, **kwargs).eval().to(device)
+def load_model(spec: str, device: str = 'cpu', allow_pickle: bool = False, **kwargs) -> torch.nn.Module:
+    """A pretrained model in eval mode, from any spec `create_model` takes (pickled weights refused by default)."""
+    return create_model(spec, pretrained=True, allow_pickle=allow_pickle, **kwargs).eval().to(device)
 
 
 def label_names(model: torch.nn.Module) -> List[str]:
@@ -111,9 +73,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument('--topk', type=int, default=1)
     parser.add_argument('--workers', type=int, default=0)
     parser.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
+    parser.add_argument('--allow-pickle', action='store_true',
+                        help='load a hub / local repo without model.safetensors (unpickles its weights)')
     args = parser.parse_args(argv)
     try:
-        model = load_model(args.model, args.device)
+        model = load_model(args.model, args.device, allow_pickle=args.allow_pickle)
         rows = list(predict_images(model, args.images, args.batch_size, args.topk, args.workers))
     except (RuntimeError, FileNotFoundError, ValueError, OSError) as e:
         print(f'error: {e}', file=sys.stderr)

@@ -75,6 +75,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument('--model', default='dida_digitnet_compact', help='any timm model name, with an optional .tag')
     g.add_argument('--pretrained', action=argparse.BooleanOptionalAction, default=False,
                    help='start from the tag\'s pretrained weights (--no-pretrained overrides a config)')
+    g.add_argument('--allow-pickle', action='store_true',
+                   help='let a hf-hub: / local-dir: model without model.safetensors load pickled weights')
     g.add_argument('--init-checkpoint', default='',
                    help='weights to start from (safetensors, or a weights-only torch file): the model\'s own, or its '
                         'static twin\'s (e.g. a source-trained digitnet_compact for dida_digitnet_compact), whose '
@@ -238,7 +240,8 @@ class Run:
 
     def _build_model(self) -> None:
         a = self.args
-        model = create_model(a.model, pretrained=a.pretrained, num_classes=len(self.classes), **a.model_kwargs)
+        model = create_model(a.model, pretrained=a.pretrained, allow_pickle=a.allow_pickle,
+                             num_classes=len(self.classes), **a.model_kwargs)
         if a.init_checkpoint:
             if not Path(a.init_checkpoint).is_file():
                 raise SystemExit(f'error: --init-checkpoint {a.init_checkpoint} is not a file')
