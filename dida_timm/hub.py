@@ -5,7 +5,6 @@ The repo folder is what timm loads with `timm.create_model('hf-hub:ORG/NAME', pr
 `timm.models.save_for_hf`), plus a model card whose every number comes from the runs' `results.json`.
 """
 import json
-import math
 import re
 import statistics
 from pathlib import Path
@@ -16,74 +15,16 @@ import timm
 import yaml
 
 from .data.transforms import test_data_config
+from .models.factory import validate_hub_config  # noqa: F401  (re-exported)
 
-__all__ = ['PAPER_RESULTS', 'export_runs', 'initial_weights', 'model_card', 'push_folder', 'read_run',
-           'run_data_config', 'validate_hub_config']
+__all__ = ['PAPER_RESULTS', 'export_runs', 'export_tag', 'initial_weights', 'model_card', 'push_folder', 'read_run',
+           'run_data_config', 'run_label_free', 'selection_section', 'validate_hub_config']
 
 # published DIDA-Net target accuracies (%) per dataset and target domain (paper Tables I-III, SPEC section 4)
 PAPER_RESULTS: Dict[str, Dict[str, float]] = {
     'pacs': {'art_painting': 93.39, 'cartoon': 90.81, 'sketch': 84.77, 'photo': 98.36},
     'digit_five': {'mnist': 99.3, 'usps': 98.6, 'mnist_m': 85.7, 'svhn': 91.7, 'syn': 97.3},
 }
-
-
-# constructor arguments a downloaded config may not set: they would redirect what gets loaded
-_FORBIDDEN_MODEL_ARGS = {'pretrained', 'pretrained_cfg', 'pretrained_cfg_overlay', 'checkpoint_path', 'cache_dir',
-                         'features_only', 'feature_cfg', 'device'}
-_FORBIDDEN_CFG_KEYS = {'file', 'url', 'state_dict', 'hf_hub_id', 'hf_hub_filename', 'source'}
-
-
-def _is_plain(value, depth: int = 0) -> bool:
-    """JSON scalars (finite numbers, short strings) and small lists / dicts of them."""
-    if value is None or isinstance(value, bool):
-        return True
-    if isinstance(value, (int, float)):
-        return math.isfinite(value)
-    if isinstance(value, str):
-        return len(value) <= 256
-    if isinstance(value, list) and depth < 2:
-        return len(value) <= 64 and all(_is_plain(v, depth + 1) for v in value)
-    if isinstance(value, dict) and depth < 2:
-        return len(value) <= 64 and all(isinstance(k, str) and _is_plain(v, depth + 1) for k, v in value.items())
-    return False
-
-
-def validate_hub_config(config: Dict, where: str) -> None:
-    """Check a downloaded config.json before any of its values reach a model constructor.
-
-    Raises:
-        ValueError: naming `where` and the offending field.
-    """
-    def bad(field: str, why: str):
-        raise ValueError(f'{where}: config.json field {field!r} {why}')
-
-    if not isinstance(config, dict):
-        bad('(root)', 'is not an object')
-    arch = config.get('architecture')
-    if not isinstance(arch, str) or not re.fullmatch(r'[A-Za-z0-9_]{1,128}', arch):
-        bad('architecture', f'must be a model name, got {arch!r}')
-    num_classes = config.get('num_classes', 0)
-    if not isinstance(num_classes, int) or isinstance(num_classes, bool) or not 0 <= num_classes <= 1_000_000:
-        bad('num_classes', f'must be an integer in [0, 1000000], got {num_classes!r}')
-    model_args = config.get('model_args', {})
-    if not isinstance(model_args, dict):
-        bad('model_args', 'must be an object')
-    for key, value in model_args.items():
-        if key in _FORBIDDEN_MODEL_ARGS or not re.fullmatch(r'[a-z][a-z0-9_]{0,63}', key):
-            bad(f'model_args.{key}', 'may not be set by a downloaded config')
-        if not _is_plain(value):
-            bad(f'model_args.{key}', f'must be plain JSON data, got {value!r:.80}')
-    pretrained_cfg = config.get('pretrained_cfg', {})
-    if not isinstance(pretrained_cfg, dict):
-        bad('pretrained_cfg', 'must be an object')
-    for key in _FORBIDDEN_CFG_KEYS & set(pretrained_cfg):
-        bad(f'pretrained_cfg.{key}', 'may not be set by a downloaded config (it would redirect the weights)')
-    if pretrained_cfg.get('custom_load'):
-        bad('pretrained_cfg.custom_load', 'must be false: only plain state dicts are loaded')
-    labels = config.get('label_names', [])
-    labels = list(labels.values()) if isinstance(labels, dict) else labels
-    if not isinstance(labels, list) or not all(isinstance(n, str) and len(n) <= 256 for n in labels):
-        bad('label_names', 'must be a list of strings (or an id -> string map)')
 
 
 def read_run(run_dir: Path) -> Dict:
@@ -260,11 +201,23 @@ def selection_section(run: Dict) -> List[str]:
     return lines
 
 
-def export_runs(run_dirs: Sequence[Path], out_dir: Path, repo_name: str, license: str = 'apache-2.0') -> Path:
+def export_tag(architecture: str, out_dir: Path, dataset: str, target: str, tag: Optional[str] = None) -> str:
+    """The pretrained tag an export names: `tag`, else TAG of an `ARCH.TAG` folder, else `DATASET_TARGET`."""
+    name = Path(out_dir).name
+    if tag is None:
+        tag = name[len(architecture) + 1:] if name.startswith(f'{architecture}.') else f'{dataset}_{target}'
+    if not re.fullmatch(r'[a-z0-9_]{1,64}', tag):
+        raise ValueError(f'pretrained tag must be lower-case letters, digits and underscores, got {tag!r}')
+    return tag
+
+
+def export_runs(run_dirs: Sequence[Path], out_dir: Path, repo_name: str, license: str = 'apache-2.0',
+                tag: Optional[str] = None) -> Path:
     """Write a Hugging Face model repo folder (config.json, model.safetensors, README.md) for runs of one setting.
 
     Several runs must be seeds of the same setting; the first run's weights are exported, the card reports
-    every run.
+    every run. The config's pretrained_cfg names this export's own tag (see `export_tag`) and notes, never
+    those of the architecture's default tag, and no path of the machine that built it.
     """
     runs = [read_run(d) for d in run_dirs]
     keys = ('model', 'dataset', 'sources', 'target', 'method', 'classes')
@@ -286,7 +239,9 @@ def export_runs(run_dirs: Sequence[Path], out_dir: Path, repo_name: str, license
         f"{first['method']} on {first['dataset']} ({', '.join(first['sources'])} -> {first['target']}) at {size} px "
         f'with dida-timm, started from {start}',))
     out_dir = Path(out_dir)
-    timm.models.save_for_hf(model, str(out_dir), model_config=dict(label_names=list(first['classes'])),
+    tag = export_tag(first['architecture'], out_dir, first['dataset'], first['target'], tag)
+    timm.models.save_for_hf(model, str(out_dir), model_config=dict(label_names=list(first['classes']),
+                                                                   pretrained_cfg=dict(tag=tag)),
                             model_args=model_kwargs, safe_serialization=True, data_config=run_data_config(first))
     label_free = run_label_free(first)
     if label_free:

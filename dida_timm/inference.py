@@ -7,7 +7,6 @@ A model spec is a timm name with an optional tag (`dida_resnet18.tv_in1k`), a Hu
 """
 import argparse
 import csv
-import json
 import sys
 from pathlib import Path
 from typing import Dict, Iterator, List, Optional, Sequence
@@ -19,49 +18,12 @@ from torch.utils.data import DataLoader, Dataset
 
 from .arguments import at_least, check_options
 from .data import read_unlabelled_folder
-from .hub import validate_hub_config
 from .models._published import published_folder
+from .models.factory import create_model, read_hub_config  # create_model re-exported: it used to live here
 from .training.selection import CollapseGuard, atc_estimate, label_free_scores
 
 __all__ = ['create_model', 'label_free_check', 'label_free_config', 'load_model', 'predict_images',
            'smallest_input_size', 'main']
-
-
-def _hub_config(spec: str) -> Optional[dict]:
-    """config.json of a local-dir: or hf-hub: spec (None for registry names)."""
-    if spec.startswith('local-dir:'):
-        path = Path(spec[len('local-dir:'):]) / 'config.json'
-        if not path.is_file():
-            raise FileNotFoundError(f'{spec}: no config.json in {path.parent}')
-        return json.loads(path.read_text())
-    if spec.startswith('hf-hub:'):
-        from huggingface_hub import hf_hub_download
-        return json.loads(Path(hf_hub_download(spec[len('hf-hub:'):].split('@')[0], 'config.json')).read_text())
-    return None
-
-
-def create_model(spec: str, pretrained: bool = False, **kwargs) -> torch.nn.Module:
-    """timm.create_model, with Hub / local configs validated first and a clear word on unknown architectures.
-
-    Args:
-        spec: name[.tag], hf-hub:ORG/NAME, local-dir:PATH, or the path of an exported repo folder.
-        pretrained: Load the weights the spec names.
-        **kwargs: Passed to timm.create_model.
-    """
-    if Path(spec).is_dir():
-        spec = f'local-dir:{Path(spec).resolve()}'
-    config = _hub_config(spec)
-    if config is not None:
-        validate_hub_config(config, spec)
-    try:
-        return timm.create_model(spec, pretrained=pretrained, **kwargs)
-    except RuntimeError as e:
-        if 'Unknown model' in str(e):
-            known = timm.list_models(module=['dida_resnet', 'dida_digitnet'])
-            raise RuntimeError(
-                f'{spec}: {e}. dida-timm architectures are registered by `import dida_timm`, which must come '
-                f'before timm.create_model; this install registers {known}') from e
-        raise
 
 
 @torch.no_grad()
@@ -99,7 +61,7 @@ def label_free_config(spec: str) -> Optional[dict]:
     None for a model that has none (e.g. an ImageNet tag)."""
     if Path(spec).is_dir():
         spec = f'local-dir:{Path(spec).resolve()}'
-    config = _hub_config(spec)
+    config = read_hub_config(spec)
     if config is None:
         folder = published_folder(spec)
         config = json.loads((folder / 'config.json').read_text()) if folder else {}
@@ -133,9 +95,9 @@ def label_free_check(probs: torch.Tensor, cfg: dict) -> List[str]:
     return lines
 
 
-def load_model(spec: str, device: str = 'cpu', **kwargs) -> torch.nn.Module:
-    """A pretrained model in eval mode, from any spec `create_model` takes."""
-    return create_model(spec, pretrained=True, **kwargs).eval().to(device)
+def load_model(spec: str, device: str = 'cpu', allow_pickle: bool = False, **kwargs) -> torch.nn.Module:
+    """A pretrained model in eval mode, from any spec `create_model` takes (pickled weights refused by default)."""
+    return create_model(spec, pretrained=True, allow_pickle=allow_pickle, **kwargs).eval().to(device)
 
 
 def label_names(model: torch.nn.Module) -> List[str]:
@@ -236,12 +198,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument('--topk', type=int, default=1, help='labels per image, at most the model\'s classes')
     parser.add_argument('--workers', type=int, default=0)
     parser.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
+    parser.add_argument('--allow-pickle', action='store_true',
+                        help='load a hub / local repo without model.safetensors (unpickles its weights)')
     args = parser.parse_args(argv)
     check_options(parser, args, RULES)
     if not args.images.is_dir():
         parser.error(f'--images: {args.images} is not a folder')
     try:
-        model = load_model(args.model, args.device)
+        model = load_model(args.model, args.device, allow_pickle=args.allow_pickle)
         if args.topk > model.num_classes:
             parser.error(f'--topk: {args.topk} is more than the model\'s {model.num_classes} classes')
         probabilities: List[torch.Tensor] = []

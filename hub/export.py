@@ -22,10 +22,13 @@ def main(argv=None) -> int:
     parser.add_argument('--out', type=Path, required=True, help='repo folder to write')
     parser.add_argument('--repo-name', required=True, help='ORG/NAME used in the card')
     parser.add_argument('--license', default='apache-2.0')
+    parser.add_argument('--tag', default=None,
+                        help='pretrained tag in config.json (default: TAG of an --out folder named ARCH.TAG, '
+                             'else DATASET_TARGET)')
     args = parser.parse_args(argv)
     check_options(parser, args, [('runs', distinct), ('repo_name', hub_repo_id)])
     try:
-        out = export_runs(args.runs, args.out, args.repo_name, args.license)
+        out = export_runs(args.runs, args.out, args.repo_name, args.license, tag=args.tag)
     except (FileNotFoundError, ValueError, RuntimeError) as e:
         print(f'error: {e}', file=sys.stderr)
         return 2

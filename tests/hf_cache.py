@@ -18,14 +18,14 @@ def cache_repo_dir(cache_dir: Path, repo_id: str) -> Path:
     return Path(cache_dir) / ('models--' + repo_id.replace('/', '--'))
 
 
-def add_snapshot(cache_dir: Path, repo_id: str, files: dict) -> Path:
-    """Write `files` ({name: bytes}) as the `main` snapshot of `repo_id` in a hub cache; returns the snapshot."""
-    commit = hashlib.sha1(repo_id.encode()).hexdigest()
+def add_snapshot(cache_dir: Path, repo_id: str, files: dict, revision: str = 'main') -> Path:
+    """Write `files` ({name: bytes}) as the `revision` snapshot of `repo_id` in a hub cache; returns the snapshot."""
+    commit = hashlib.sha1(f'{repo_id}@{revision}'.encode() if revision != 'main' else repo_id.encode()).hexdigest()
     repo_dir = cache_repo_dir(cache_dir, repo_id)
     snapshot = repo_dir / 'snapshots' / commit
     snapshot.mkdir(parents=True, exist_ok=True)
     (repo_dir / 'refs').mkdir(exist_ok=True)
-    (repo_dir / 'refs' / 'main').write_text(commit)
+    (repo_dir / 'refs' / revision).write_text(commit)
     for name, data in files.items():
         (snapshot / name).write_bytes(data)
     return snapshot

@@ -36,17 +36,28 @@ def test_domains_differ_in_appearance(small_benchmark):
 
 
 def test_train_and_test_splits_share_no_image(small_benchmark):
+    # catches exact duplicates only: a generated image (MNIST-M-style background, printed numbers) never equals
+    # another, so the real-digit leak is checked on the images' sources below
     for domain in DOMAINS:
         train = {x.tobytes() for x in small_benchmark[f'{domain}_train_images']}
         test = {x.tobytes() for x in small_benchmark[f'{domain}_test_images']}
         assert not train & test, domain
 
 
-def test_mnist_based_domains_draw_test_digits_from_a_disjoint_pool():
-    arrays = build_offline_digits(seed=0, train_size=4000, test_size=1000)
+def test_no_real_digit_is_in_both_the_train_and_the_test_split_of_a_domain():
+    sources = {}
+    arrays = build_offline_digits(seed=0, train_size=4000, test_size=1000, sources=sources)
     train = {x.tobytes() for x in arrays['mnist_train_images']}
     test = {x.tobytes() for x in arrays['mnist_test_images']}
     assert len(train) == 4000 and len(test) == 1000 and not train & test
+    # generated domains never repeat an image byte for byte: compare the real digits the images are made from
+    assert set(sources) == {f'{d}_{s}' for d in ('mnist', 'mnistm_style', 'uci_digits') for s in ('train', 'test')}
+    for domain in ('mnist', 'mnistm_style', 'uci_digits'):
+        train, test = set(sources[f'{domain}_train'].tolist()), set(sources[f'{domain}_test'].tolist())
+        assert train and test and not train & test, domain
+    # the two MNIST-based domains also keep their test digits out of each other's train split
+    assert not set(sources['mnist_train'].tolist()) & set(sources['mnistm_style_test'].tolist())
+    assert not set(sources['mnistm_style_train'].tolist()) & set(sources['mnist_test'].tolist())
 
 
 def test_cache_is_reused_and_equal(tmp_path, small_benchmark):

@@ -139,3 +139,48 @@ def test_mixstyle_mixes_only_in_training_and_copies_follow_their_own_mode():
     torch.testing.assert_close(twin(x), reference)  # the eval-mode copy does not mix
     with pytest.raises(ValueError, match='no such module'):
         attach_mixstyle(model, 'layer9', MixStyle())
+
+
+def test_ema_after_two_epochs_equals_a_hand_rolled_ema_of_every_update():
+    from timm.utils import ModelEmaV3
+    from dida_timm.training import train_one_epoch
+    torch.manual_seed(0)
+    net = nn.Linear(3, 2)
+    ema, decay = ModelEmaV3(net, decay=0.9), 0.9
+    optimizer = torch.optim.SGD(net.parameters(), lr=0.5)
+    batches = [(torch.randn(4, 3), torch.randint(0, 2, (4,))) for _ in range(3)]
+    expected, updates = None, 0
+
+    def hand_rolled(_metrics):
+        nonlocal expected, updates
+        weights = [p.detach().clone() for p in net.parameters()]
+        # timm's warmup: the first two updates copy the weights, then the EMA decays
+        expected = weights if updates < 2 else [decay * e + (1 - decay) * w for e, w in zip(expected, weights)]
+        updates += 1
+
+    for epoch in range(2):
+        train_one_epoch(MultiViewModel(net), UdaConfig(method='source_only'), batches, None, optimizer,
+                        epoch=epoch, update_offset=epoch * len(batches), ema=ema, progress=hand_rolled)
+    assert updates == 6
+    for got, want in zip(ema.module.parameters(), expected):
+        torch.testing.assert_close(got, want)
+
+
+@pytest.mark.parametrize('stream', ['target', 'source+target'])
+def test_separate_mode_makes_the_released_codes_three_passes(stream):
+    net = nn.Sequential(nn.Linear(3, 8), nn.BatchNorm1d(8), nn.Linear(8, 2))
+    seen = []  # (batch size, gradients enabled, training mode) of every batch the BN normalises
+    net[1].register_forward_pre_hook(lambda m, x: seen.append((len(x[0]), torch.is_grad_enabled(), m.training)))
+    source, labels = torch.randn(6, 3), torch.randint(0, 2, (6,))
+    weak, strong, source_strong = torch.randn(4, 3), torch.randn(4, 3), torch.randn(6, 3)
+    for mode, joint in (('joint', True), ('separate', False)):
+        seen.clear()
+        out = uda_step(MultiViewModel(net, joint), UdaConfig(forward_mode=mode, unlabelled_stream=stream, threshold=0),
+                       source, labels, weak, strong, source_strong=source_strong)
+        out['loss'].backward()
+        unlabelled = 10 if stream == 'source+target' else 4
+        if mode == 'joint':
+            assert seen == [(6 + 4 + 4 + (6 if stream == 'source+target' else 0), True, True)]
+        else:
+            # pseudo-labels: weak views without gradients; then the supervised pass; then the strong views
+            assert seen == [(unlabelled, False, True), (6, True, True), (unlabelled, True, True)]

@@ -156,6 +156,39 @@ PUBLISHED = [f'dida_digitnet_compact.offline_{t}'
              for t in ('mnist', 'mnistm_style', 'syn_style', 'svhn_style', 'uci_digits')]
 
 
+def test_every_shipped_config_names_its_own_tag_and_card():
+    for name in PUBLISHED:
+        config = json.loads((REPO / 'hub' / 'checkpoints' / name / 'config.json').read_text())
+        architecture, tag = name.split('.')
+        assert (config['architecture'], config['pretrained_cfg']['tag']) == (architecture, tag), name
+        target = tag[len('offline_'):]
+        assert config['pretrained_cfg']['notes'] == [f'adapted to offline_digits/{target}; card: README.md'], name
+
+
+def test_export_names_the_tag_of_its_folder(trained_run, tmp_path):
+    from dida_timm.hub import export_tag
+    out = export_runs([trained_run], tmp_path / 'dida_digitnet_compact.offline_mnistm_style', 'dida-timm/x')
+    pretrained_cfg = json.loads((out / 'config.json').read_text())['pretrained_cfg']
+    assert pretrained_cfg['tag'] == 'offline_mnistm_style'
+    assert pretrained_cfg['notes'] == ['adapted to offline_digits/mnistm_style; card: README.md']
+    assert export_tag('dida_digitnet_compact', tmp_path / 'repo', 'offline_digits', 'svhn_style') == \
+        'offline_digits_svhn_style'
+
+
+def test_no_tracked_file_names_a_path_of_the_build_machine():
+    if not (REPO / '.git').exists():
+        pytest.skip('not a git checkout: the tracked files are unknown')
+    files = subprocess.run(['git', 'ls-files', '-z'], cwd=REPO, capture_output=True, check=True).stdout
+    prefixes = [f'/{d}/'.encode() for d in ('work', 'root', 'home')]  # spelled so this file does not match
+    offending = []
+    for name in filter(None, files.decode().split('\0')):
+        path = REPO / name
+        data = path.read_bytes() if path.is_file() else b''
+        if b'\0' not in data and any(p in data for p in prefixes):
+            offending.append(name)
+    assert not offending, f'absolute paths of a build machine in {offending}'
+
+
 def test_every_published_checkpoint_is_registered():
     assert timm.list_pretrained('dida_digitnet_compact.offline_*') == sorted(PUBLISHED)
 

@@ -32,6 +32,13 @@ def test_every_depth_is_registered_with_its_pretrained_tags():
             f'dida_resnet{depth}.a1_in1k', f'dida_resnet{depth}.tv_in1k']
 
 
+def test_untagged_name_of_every_model_is_untrained():
+    # `pretrained=True` without a tag must not silently load ImageNet or adapted weights
+    for name in timm.list_models(module=['dida_resnet', 'dida_digitnet']):
+        cfg = timm.models.get_pretrained_cfg(name)
+        assert cfg.tag == 'untrained' and not cfg.has_weights, f'{name} defaults to {cfg.tag}'
+
+
 def test_pretrained_tags_name_existing_timm_checkpoints():
     for name in timm.list_pretrained('dida_resnet*'):
         hub_id = timm.models.get_pretrained_cfg(name).hf_hub_id
@@ -297,3 +304,34 @@ def test_digit_net_loads_its_static_twins_weights_with_a_fresh_branch(tmp_path):
     safetensors.torch.save_file(timm.create_model('resnet18').state_dict(), str(other))
     with pytest.raises(RuntimeError, match='do not match the static network inside this DigitNet'):
         load_checkpoint(model, str(other), filter_fn=static_twin_filter_fn)
+
+
+def _static_parts(model):
+    from dida_timm.layers import DidaModule
+    modules = [m for m in model.modules() if isinstance(m, DidaModule) and m.dynamic]
+    assert modules
+    return [v for m in modules for _, v in m.kernel_bases()]
+
+
+def test_generated_kernels_start_purely_dynamic_in_every_model():
+    # released code: branch convs kaiming-normal (fan_out, relu) with zero biases, so in K = g * u + v the
+    # static part v is zero at initialisation
+    for name in timm.list_models(module=['dida_resnet', 'dida_digitnet']):
+        if not name.startswith('dida_'):
+            continue
+        model = timm.create_model(name)
+        for v in _static_parts(model):
+            assert torch.count_nonzero(v) == 0, name
+        convs = [m for n, m in model.named_modules() if '.branch.' in f'.{n}.' and isinstance(m, torch.nn.Conv2d)]
+        assert convs and all(m.bias is None or torch.count_nonzero(m.bias) == 0 for m in convs), name
+
+
+def test_loading_static_weights_keeps_the_fresh_branch_initialisation(tmp_path):
+    path = tmp_path / 'resnet18.safetensors'
+    safetensors.torch.save_file(timm.create_model('resnet18').state_dict(), str(path))
+    model = timm.create_model('dida_resnet18', pretrained=True, pretrained_cfg_overlay=dict(file=str(path)))
+    for v in _static_parts(model):
+        assert torch.count_nonzero(v) == 0
+    fuse = model.layer4.branch[0].dida.fuse.weight
+    # kaiming normal, fan_out, relu: std = sqrt(2 / (out_chs * 1 * 1))
+    assert fuse.std().item() == pytest.approx((2 / fuse.shape[0]) ** 0.5, rel=0.1)

@@ -193,3 +193,50 @@ def test_cli_user_mistakes_end_with_a_message_not_a_stack_trace(tmp_path):
         result = _train(['--experiment', args[1].replace('.', '_')] + args, tmp_path, check=False)
         assert result.returncode == 2 and message in result.stderr, result.stderr[-2000:]
         assert 'Traceback' not in result.stderr
+
+
+def _repo_files(tmp_path, safe=True):
+    import timm
+    folder = tmp_path / ('safe' if safe else 'pickled')
+    timm.models.save_for_hf(timm.create_model('dida_digitnet_compact', dida_reduction=8), str(folder),
+                            model_args=dict(dida_reduction=8), safe_serialization=safe)
+    return folder
+
+
+def test_a_config_without_pretrained_cfg_is_refused_not_read_unchecked(tmp_path):
+    from dida_timm.inference import create_model
+    folder = _repo_files(tmp_path)
+    config = json.loads((folder / 'config.json').read_text())
+    # a legacy config: timm makes every top-level key a pretrained_cfg key, `file` included
+    legacy = dict(architecture=config['architecture'], num_classes=10, file=str(tmp_path / 'elsewhere.pth'))
+    (folder / 'config.json').write_text(json.dumps(legacy))
+    with pytest.raises(ValueError, match="field 'pretrained_cfg' is missing"):
+        create_model(str(folder), pretrained=True)
+
+
+def test_pickled_weights_of_a_local_repo_are_refused_unless_allowed(tmp_path):
+    from dida_timm.inference import create_model, load_model
+    folder = _repo_files(tmp_path, safe=False)
+    assert not (folder / 'model.safetensors').exists()
+    with pytest.raises(ValueError, match='no model.safetensors'):
+        load_model(str(folder))
+    assert create_model(f'local-dir:{folder}', pretrained=True, allow_pickle=True).num_classes == 10
+    assert load_model(str(_repo_files(tmp_path))).num_classes == 10  # safetensors load as before
+
+
+def test_hub_config_is_validated_at_the_revision_timm_loads(tmp_path, offline_hub):
+    from dida_timm.inference import create_model
+    from hf_cache import add_snapshot
+    folder = _repo_files(tmp_path)
+    files = {name: (folder / name).read_bytes() for name in ('config.json', 'model.safetensors')}
+    add_snapshot(offline_hub, 'org/model', files)
+    evil = json.loads(files['config.json'])
+    evil['pretrained_cfg']['file'] = str(tmp_path / 'elsewhere.pth')
+    add_snapshot(offline_hub, 'org/model', dict(files, **{'config.json': json.dumps(evil).encode()}), revision='v2')
+    assert create_model('hf-hub:org/model', pretrained=True).num_classes == 10
+    with pytest.raises(ValueError, match="field 'pretrained_cfg.file'"):
+        create_model('hf-hub:org/model@v2', pretrained=True)
+    pickled = _repo_files(tmp_path, safe=False)
+    add_snapshot(offline_hub, 'org/pickled', {n: (pickled / n).read_bytes() for n in ('config.json', 'pytorch_model.bin')})
+    with pytest.raises(ValueError, match='no model.safetensors'):
+        create_model('hf-hub:org/pickled', pretrained=True)

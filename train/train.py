@@ -55,7 +55,7 @@ from dida_timm.training import (
 from dida_timm.inference import create_model, smallest_input_size
 from dida_timm.models import static_twin_filter_fn
 from dida_timm.training.distributed import init_distributed
-from dida_timm.training.report import plot_confusion, plot_curves, plot_tsne
+from dida_timm.training.report import write_report
 from dida_timm.training.selection import ATC_SCORES, LABEL_FREE_KEYS, RULES, Selection
 from dida_timm.training.label_free import LabelFreeMonitor
 
@@ -94,6 +94,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument('--model', default='dida_digitnet_compact', help='any timm model name, with an optional .tag')
     g.add_argument('--pretrained', action=argparse.BooleanOptionalAction, default=False,
                    help='start from the tag\'s pretrained weights (--no-pretrained overrides a config)')
+    g.add_argument('--allow-pickle', action='store_true',
+                   help='let a hf-hub: / local-dir: model without model.safetensors load pickled weights')
     g.add_argument('--init-checkpoint', default='',
                    help='weights to start from (safetensors, or a weights-only torch file): the model\'s own, or its '
                         'static twin\'s (e.g. a source-trained digitnet_compact for dida_digitnet_compact), whose '
@@ -120,7 +122,8 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group('augmentation')
     g.add_argument('--flip', action=argparse.BooleanOptionalAction, default=False)
     g.add_argument('--translate', type=float, default=0.0)
-    g.add_argument('--rand-augment', default='rand-m10-n2-mstd0.5')
+    g.add_argument('--rand-augment', default='rand-m10-n2-mstd0.5',
+                   help="strong view: a timm RandAugment string, or 'fixmatch' (FixMatch's op list and Cutout)")
     g.add_argument('--cutout', type=int, default=16, help='side of the Cutout square (px), below the input size')
     g = p.add_argument_group('optimisation')
     g.add_argument('--epochs', type=int, default=10)
@@ -377,7 +380,8 @@ class Run:
 
     def _build_model(self) -> None:
         a = self.args
-        model = create_model(a.model, pretrained=a.pretrained, num_classes=len(self.classes), **a.model_kwargs)
+        model = create_model(a.model, pretrained=a.pretrained, allow_pickle=a.allow_pickle,
+                             num_classes=len(self.classes), **a.model_kwargs)
         if a.init_checkpoint:
             if not Path(a.init_checkpoint).is_file():
                 raise SystemExit(f'error: --init-checkpoint {a.init_checkpoint} is not a file')
@@ -496,7 +500,8 @@ class Run:
                 metrics = train_one_epoch(
                     wrapped, cfg, source, target, optimizer, scheduler, epoch, (epoch - epoch0) * self.steps_per_epoch,
                     device=self.device, autocast=self._autocast(), scaler=scaler, clip_grad=a.clip_grad,
-                    ema=self.ema, world_size=self.world_size, progress=progress if bar else None)
+                    ema=self.ema, ema_update_offset=epoch * self.steps_per_epoch, world_size=self.world_size,
+                    progress=progress if bar else None)
                 if bar:
                     bar.close()
                 row = self.epoch_row(epoch + 1, phase)
@@ -596,18 +601,20 @@ class Run:
         self._write_summary(selection.epoch)
         safetensors.torch.save_file({k: v.contiguous().cpu() for k, v in model.state_dict().items()},
                                     str(self.out_dir / 'model.safetensors'))
-        if target:
-            plot_confusion(target['confusion'], self.classes, f'{a.model} on {self.target_name}: '
-                           f'{target["accuracy"]:.1f}% (epoch {selection.epoch})', self.out_dir / 'confusion_matrix.png')
-        plot_curves(self.history, self.out_dir / 'curves.png', selected_epoch=selection.epoch)
-        if a.tsne_per_domain:
+
+        def tsne_features():
             feats, labels = {}, {}
             domains = {name: ds for name, ds in self.test_sets.items() if name != self.target_name}
             domains[self.target_name] = self.tsne_target
             for name, ds in domains.items():
                 feats[name], labels[name] = extract_features(model, ds, a.tsne_per_domain, device=self.device,
                                                              seed=a.seed)
-            plot_tsne(feats, labels, self.classes, self.target_name, self.out_dir / 'tsne.png', seed=a.seed)
+            return feats, labels
+
+        write_report(self.out_dir, target['confusion'] if target else None, self.classes,
+                     f'{a.model} on {self.target_name}: {target["accuracy"]:.1f}% (epoch {selection.epoch})'
+                     if target else '', self.history, tsne_features if a.tsne_per_domain else None,
+                     self.target_name, a.seed, selected_epoch=selection.epoch)
         return results
 
 

@@ -241,7 +241,12 @@ def _svhn(rng: np.random.Generator, labels: np.ndarray) -> np.ndarray:
     return out
 
 
-def build_offline_digits(seed: int = 0, train_size: int = 2000, test_size: int = 500) -> Dict[str, np.ndarray]:
+def build_offline_digits(
+        seed: int = 0,
+        train_size: int = 2000,
+        test_size: int = 500,
+        sources: Optional[Dict[str, np.ndarray]] = None,
+) -> Dict[str, np.ndarray]:
     """Build every domain: {'<domain>_<split>_images': [N, 32, 32, 3] uint8, '<domain>_<split>_labels': [N]}.
 
     Args:
@@ -249,7 +254,11 @@ def build_offline_digits(seed: int = 0, train_size: int = 2000, test_size: int =
         train_size: Train images per domain (capped by the real data available: 4,000 for MNIST-based
             domains, 1,297 for `uci_digits`).
         test_size: Test images per domain (at most 500 for `uci_digits`, 1,000 for MNIST-based domains).
+        sources: If given, filled with '<domain>_<split>' -> the index of the real digit (in its package's data)
+            each image is made from, for the domains made from real digits (`mnist`, `mnistm_style`,
+            `uci_digits`): what a train/test leak check compares, since a generated image never equals another.
     """
+    sources = {} if sources is None else sources
     if train_size < 10 or test_size < 10:
         raise ValueError(f'train_size and test_size must be >= 10, got {train_size}, {test_size}')
     rng = np.random.default_rng(seed)
@@ -267,6 +276,7 @@ def build_offline_digits(seed: int = 0, train_size: int = 2000, test_size: int =
             idx = _pick_per_class(rng, mnist_y, pool, min(size, len(pool)))
             images = mnist_rgb[idx] if domain == 'mnist' else _mnistm(rng, mnist_rgb[idx])
             put(domain, split, images, mnist_y[idx])
+            sources[f'{domain}_{split}'] = idx
 
     uci_x, uci_y = _real_uci_digits()
     uci_test = _pick_per_class(rng, uci_y, np.arange(len(uci_y)), min(test_size, 500))
@@ -274,6 +284,7 @@ def build_offline_digits(seed: int = 0, train_size: int = 2000, test_size: int =
     uci_rgb = _gray_to_rgb32(uci_x, 28)
     put('uci_digits', 'train', uci_rgb[uci_train], uci_y[uci_train])
     put('uci_digits', 'test', uci_rgb[uci_test], uci_y[uci_test])
+    sources.update(uci_digits_train=uci_train, uci_digits_test=uci_test)
 
     for domain, render in (('syn_style', _syn), ('svhn_style', _svhn)):
         for split, size in (('train', train_size), ('test', test_size)):

@@ -82,6 +82,24 @@ class DidaBranch(nn.Sequential):
                 layers.update(scale=LayerScale2d(out_chs, layer_scale_init, **dd))
             units.append(nn.Sequential(layers))
         super().__init__(*units)
+        _init_branch_weights(self)
+
+
+@torch.no_grad()
+def _init_branch_weights(branch: nn.Module) -> None:
+    """The released code's initialisation: convs kaiming-normal (fan_out, relu) with zero biases, norms 1 / 0.
+
+    With zero generator biases the static part v of every generated kernel K = g * u + v is zero: the kernels
+    start purely dynamic.
+    """
+    for m in branch.modules():
+        if isinstance(m, nn.Conv2d):
+            nn.init.kaiming_normal_(m.weight, mode='fan_out', nonlinearity='relu')
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, (nn.BatchNorm2d, nn.GroupNorm)) and m.affine:
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
 
 
 class DidaStage(nn.Module):

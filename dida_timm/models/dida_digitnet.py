@@ -314,12 +314,14 @@ def _published_cfgs():
     return cfgs
 
 
+# the default tag is `untrained`: `pretrained=True` without a tag must never silently load weights adapted to
+# some target domain. timm makes the first tag WITH weights the default; a `*` tag placed after them overrides it.
 default_cfgs = generate_default_cfgs({
     **_published_cfgs(),
-    'dida_digitnet.untrained': _cfg(),
-    'digitnet.untrained': _cfg(),
-    'dida_digitnet_compact.untrained': _cfg(),
-    'digitnet_compact.untrained': _cfg(),
+    'dida_digitnet.untrained*': _cfg(),
+    'digitnet.untrained*': _cfg(),
+    'dida_digitnet_compact.untrained*': _cfg(),
+    'digitnet_compact.untrained*': _cfg(),
 })
 
 _COMPACT = dict(widths=(32, 64, 128), hidden_dims=(256, 128), flatten_size=4)

@@ -210,10 +210,12 @@ def _backbone_cfg(backbone: str) -> Dict[str, Any]:
     return _cfg(**cfg, notes=(f'static network from timm/{backbone}, DIDA branch initialised fresh',))
 
 
+# the default tag is `untrained` (ImageNet weights are asked for by their tag, like every adapted checkpoint).
+# timm makes the first tag WITH weights the default; a `*` tag placed after them overrides it.
 default_cfgs = generate_default_cfgs({
-    f'dida_resnet{depth}.{tag}': _backbone_cfg(f'resnet{depth}.{tag}') if tag != 'untrained' else _cfg()
+    f'dida_resnet{depth}.{tag}': _backbone_cfg(f'resnet{depth}.{tag}') if tag != 'untrained*' else _cfg()
     for depth in (18, 34, 50, 101, 152)
-    for tag in ('tv_in1k', 'a1_in1k', 'untrained')
+    for tag in ('tv_in1k', 'a1_in1k', 'untrained*')
 })
 
 

@@ -44,6 +44,7 @@ def train_one_epoch(
         epoch: int = 0,
         update_offset: int = 0,
         start_step: int = 0,
+        ema_update_offset: Optional[int] = None,
         device: torch.device = torch.device('cpu'),
         autocast: Optional[Callable] = None,
         scaler=None,
@@ -55,11 +56,14 @@ def train_one_epoch(
     """Train `model` (a MultiViewModel, maybe DDP-wrapped) for one epoch; returns averaged metrics.
 
     `epoch` (0-based) names the epoch in messages; the scheduler is stepped to `update_offset + step + 1`.
+    The EMA is told the run's global update count, `ema_update_offset + step` (default `update_offset`): timm's
+    EMA copies the weights outright at its first two steps, so a count restarting each epoch would reset it.
 
     Raises:
         NonFiniteLossError: naming the epoch and step where the loss stopped being finite.
     """
     model.train()
+    ema_update_offset = update_offset if ema_update_offset is None else ema_update_offset
     sums: Dict[str, float] = {}
     steps = 0
     targets = target_loader if target_loader is not None else iter(lambda: None, 0)
@@ -93,7 +97,8 @@ def train_one_epoch(
                 torch.nn.utils.clip_grad_norm_(model.parameters(), clip_grad)
             optimizer.step()
         if ema is not None:
-            ema.update(model.module.model if hasattr(model, 'module') else model.model, step=step)
+            ema.update(model.module.model if hasattr(model, 'module') else model.model,
+                       step=ema_update_offset + step)
         if scheduler is not None:
             scheduler.step_update(num_updates=update_offset + step + 1)
         for key, value in out.items():

@@ -1,10 +1,68 @@
-"""End-of-run pictures: confusion matrix, t-SNE of source and target features (paper Fig. 8), curves."""
+"""End-of-run pictures: confusion matrix, t-SNE of source and target features (paper Fig. 8), curves.
+
+matplotlib and scikit-learn come with the `[data]` extra, not with the core install: `write_report` skips the
+pictures it cannot draw, with one log line, and the run still finishes.
+"""
+import importlib
+import logging
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-__all__ = ['plot_confusion', 'plot_tsne', 'plot_curves']
+__all__ = ['missing_report_packages', 'plot_confusion', 'plot_tsne', 'plot_curves', 'write_report']
+
+_logger = logging.getLogger(__name__)
+
+
+def missing_report_packages(tsne: bool = True) -> List[str]:
+    """The packages the report pictures need (scikit-learn only for the t-SNE) that cannot be imported."""
+    needed = [('matplotlib', 'matplotlib')] + ([('sklearn', 'scikit-learn')] if tsne else [])
+    missing = []
+    for module, package in needed:
+        try:
+            importlib.import_module(module)
+        except ImportError:
+            missing.append(package)
+    return missing
+
+
+def write_report(
+        out_dir: Path,
+        confusion: Optional[Sequence[Sequence[int]]],
+        classes: Sequence[str],
+        title: str,
+        history: List[Dict[str, float]],
+        tsne_features: Optional[Callable[[], Tuple[Dict[str, np.ndarray], Dict[str, np.ndarray]]]] = None,
+        target: str = '',
+        seed: int = 0,
+        selected_epoch: Optional[int] = None,
+) -> List[Path]:
+    """Draw confusion_matrix.png (when the target has labels), curves.png and (given `tsne_features`) tsne.png;
+    returns the files written.
+
+    `tsne_features` returns per-domain features and labels; it is called only when the t-SNE can be drawn.
+    """
+    out_dir = Path(out_dir)
+    missing = missing_report_packages(tsne=tsne_features is not None)
+    if 'matplotlib' in missing:
+        _logger.info(f"report pictures skipped: {' and '.join(missing)} not installed "
+                     "(pip install 'dida-timm[data]' to draw them)")
+        return []
+    written = [out_dir / 'curves.png']
+    plot_curves(history, written[0], selected_epoch)
+    if confusion is not None:
+        written.append(out_dir / 'confusion_matrix.png')
+        plot_confusion(confusion, classes, title, written[-1])
+    if tsne_features is not None:
+        if missing:
+            _logger.info(f"t-SNE picture skipped: {' and '.join(missing)} not installed "
+                         "(pip install 'dida-timm[data]' to draw it)")
+        else:
+            features, labels = tsne_features()
+            written.append(out_dir / 'tsne.png')
+            plot_tsne(features, labels, classes, target, written[-1], seed=seed)
+    return written
 
 
 def _pyplot():

@@ -8,9 +8,10 @@ Two choices the paper and the authors' released code (Dassl) make differently ar
   no strong view of the source is needed) or 'source+target' (released code: source images are also
   pseudo-labelled, the loss averaged over K*B + B).
 - `forward_mode`: 'joint' (the default: source, weak-target and strong-target images in ONE forward pass,
-  one set of batch statistics, as the original FixMatch; a prototype measured it 4.4 points above the
-  alternative on an SVHN-style target, see shared DATA.md) or 'separate' (released code: three passes
-  in training mode).
+  one set of batch statistics, as the original FixMatch; a single-seed prototype measured it 4.4 points above
+  the alternative on an SVHN-style target, not yet re-measured by this project) or 'separate' (released code,
+  three passes in training mode: pseudo-labels from a no-grad pass over the unlabelled stream's weak views,
+  the supervised pass over the source, the pass over the strong views).
 """
 from dataclasses import dataclass
 from typing import Dict, Optional
@@ -71,7 +72,8 @@ def uda_step(
 
     Args:
         model: Maps a list of input batches to a list of logits (`MultiViewModel`, whose `joint` flag must
-            match `cfg.forward_mode`), in training mode.
+            match `cfg.forward_mode`), in training mode. 'joint' calls it once; 'separate' calls it twice, first
+            under `torch.no_grad()` for the pseudo-labels.
         cfg: Loss configuration.
         source: Weak view of the K*B labelled source images.
         source_labels: Their labels.
@@ -94,13 +96,23 @@ def uda_step(
     if with_source and source_strong is None:
         raise ValueError("unlabelled_stream='source+target' needs the strong view of the source batch")
 
-    inputs = [source, target_weak, target_strong] + ([source_strong] if with_source else [])
-    logits = model(inputs)
-    source_logits, weak_logits, strong_logits = logits[:3]
+    if cfg.forward_mode == 'separate':
+        # the released code's three passes, all in training mode: pseudo-labels from a no-grad pass over the
+        # unlabelled stream's weak views, then the supervised pass, then the pass over the strong views (the
+        # last two in one module call: DDP allows one forward with gradients per step)
+        weak = torch.cat([source, target_weak]) if with_source else target_weak
+        with torch.no_grad():
+            weak_logits = model([weak])[0]
+        source_logits, strong_logits = model(
+            [source, torch.cat([source_strong, target_strong]) if with_source else target_strong])
+    else:
+        inputs = [source, target_weak, target_strong] + ([source_strong] if with_source else [])
+        logits = model(inputs)
+        source_logits, weak_logits, strong_logits = logits[:3]
+        if with_source:
+            weak_logits = torch.cat([source_logits, weak_logits])
+            strong_logits = torch.cat([logits[3], strong_logits])
     source_loss = F.cross_entropy(source_logits.float(), source_labels)
-    if with_source:
-        weak_logits = torch.cat([source_logits, weak_logits])
-        strong_logits = torch.cat([logits[3], strong_logits])
     pseudo = pseudo_label(weak_logits, cfg.threshold, cfg.soft_weighting)
     unlabelled_loss = fixmatch_loss(strong_logits, weak_logits, pseudo=pseudo)
 

@@ -1,0 +1,36 @@
+"""End-of-run report pictures, with and without the optional plotting packages."""
+import logging
+import sys
+
+import numpy as np
+
+from dida_timm.training.report import write_report
+
+HISTORY = [dict(epoch=1, phase='source_only', target_accuracy=50.0, source_loss=1.0),
+           dict(epoch=2, phase='fixmatch', target_accuracy=60.0, source_loss=0.5, keep_rate=0.4)]
+
+
+def _features():
+    rng = np.random.default_rng(0)
+    return ({d: rng.normal(size=(20, 4)) for d in ('a', 'b')}, {d: rng.integers(0, 2, 20) for d in ('a', 'b')})
+
+
+def test_core_install_skips_the_pictures_with_one_log_line(tmp_path, monkeypatch, caplog):
+    # the core install has neither matplotlib nor scikit-learn (they come with the [data] extra)
+    for name in [m for m in sys.modules if m.split('.')[0] in ('matplotlib', 'sklearn')]:
+        monkeypatch.delitem(sys.modules, name)
+    monkeypatch.setitem(sys.modules, 'matplotlib', None)
+    monkeypatch.setitem(sys.modules, 'sklearn', None)
+    called = []
+    with caplog.at_level(logging.INFO):
+        written = write_report(tmp_path, [[3, 1], [0, 4]], ['x', 'y'], 'title', HISTORY,
+                               lambda: called.append(1) or _features(), 'b')
+    assert written == [] and not list(tmp_path.iterdir()) and not called
+    skipped = [r.getMessage() for r in caplog.records if 'skipped' in r.getMessage()]
+    assert len(skipped) == 1 and 'matplotlib' in skipped[0] and "dida-timm[data]" in skipped[0]
+
+
+def test_report_draws_every_picture_when_the_packages_are_there(tmp_path):
+    written = write_report(tmp_path, [[3, 1], [0, 4]], ['x', 'y'], 'title', HISTORY, _features, 'b')
+    assert sorted(p.name for p in written) == ['confusion_matrix.png', 'curves.png', 'tsne.png']
+    assert all(p.stat().st_size > 1000 for p in written)
