@@ -30,6 +30,7 @@ from uda_runs import (  # noqa: E402
 
 import dida_timm  # noqa: E402,F401  registers the models
 from dida_timm.data.offline_digits import DOMAINS  # noqa: E402
+from dida_timm.layers import is_branch_parameter  # noqa: E402
 
 # recipe changes probed for DIDA-Net and plain FixMatch alike; the strong view's RandAugment magnitude 10 -> 5 and
 # Cutout 16 -> 8 px
@@ -76,7 +77,7 @@ VARIANTS = {
 def branch_params(study: Study, method: str, options: dict) -> int:
     kwargs = {**METHODS[method][2], **options}
     model = timm.create_model(study.method_model(method), **kwargs)
-    return sum(p.numel() for n, p in model.named_parameters() if '.branch.' in n)
+    return sum(p.numel() for n, p in model.named_parameters() if is_branch_parameter(n))
 
 
 def main():

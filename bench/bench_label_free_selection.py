@@ -116,7 +116,6 @@ def estimates(run_dir: Path, epoch: int) -> Dict[str, float]:
 def analyse(results: Dict[Tuple[int, str, str], dict], out: Path, names: Dict, csv_path: Path) -> List[str]:
     """The study's tables (markdown lines) and the per-run CSV."""
     targets = sorted({t for _, t, _ in results}, key=DOMAINS.index)
-    seeds = sorted({s for s, _, _ in results})
     lines = []
     # leave one target out: the rule fitted on the other targets' runs picks on this target's runs
     folds = {}

@@ -13,12 +13,11 @@ import sys
 import tempfile
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / 'train'))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import train  # noqa: E402
 from uda_runs import emit_table  # noqa: E402
 
 from dida_timm.data.offline_digits import DOMAINS  # noqa: E402
+from dida_timm.training.run import main as train_main  # noqa: E402
 
 
 def main():
@@ -33,7 +32,7 @@ def main():
     parser.add_argument('--markdown', type=Path, default=None, help='also write the table here')
     args = parser.parse_args()
     def run(sources, target, out, batch_size, lr):
-        code = train.main(['--model', args.model, '--method', 'source_only', '--source', *sources,
+        code = train_main(['--model', args.model, '--method', 'source_only', '--source', *sources,
                            '--target', target, '--epochs', str(args.epochs), '--seed', str(args.seed),
                            '--batch-size', str(batch_size), '--lr', str(lr),
                            '--output', out, '--experiment', f"{'+'.join(sources)}-{target}", '--no-progress',

@@ -7,6 +7,7 @@ A model spec is a timm name with an optional tag (`dida_resnet18.tv_in1k`), a Hu
 """
 import argparse
 import csv
+import json
 import sys
 from pathlib import Path
 from typing import Dict, Iterator, List, Optional, Sequence

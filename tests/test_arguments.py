@@ -8,9 +8,9 @@ import pytest
 from dida_timm.data import default_domains
 from dida_timm.inference import main as predict_main
 
+from dida_timm.training import options as train  # train.py's parser
+
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / 'train'))
-import train  # noqa: E402
 
 
 def _refused(parse, capsys, option):

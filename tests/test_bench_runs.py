@@ -10,9 +10,8 @@ from PIL import Image
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / 'bench'))
-sys.path.insert(0, str(REPO / 'train'))
 
-import train  # noqa: E402
+from dida_timm.training import options as train  # noqa: E402  (train.py's parser)
 from bench_dida_ablations import VARIANTS  # noqa: E402
 from uda_runs import (  # noqa: E402
     METHODS, SIZES, Run, offline_study, published_study, run_all, run_name, static_twin, study_run)

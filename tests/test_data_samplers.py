@@ -40,14 +40,6 @@ def test_ranks_get_disjoint_balanced_shards():
             assert [_domain_of(i, sizes) for i in batch] == [0, 0, 1, 1]
 
 
-def test_start_batch_resumes_mid_epoch():
-    sampler = DomainBalancedSampler([9, 9], batch_per_domain=2, seed=2)
-    sampler.set_epoch(3)
-    full = list(sampler)
-    sampler.set_epoch(3, start_batch=2)
-    assert list(sampler) == full[2:]
-
-
 def test_too_small_source_domain_is_refused():
     with pytest.raises(ValueError, match='cannot fill one batch'):
         DomainBalancedSampler([100, 3], batch_per_domain=4)

@@ -11,6 +11,8 @@ import pytest
 import safetensors.torch
 import torch
 
+from dida_timm.layers import is_branch_parameter
+
 REPO = Path(__file__).resolve().parents[1]
 TRAIN = REPO / 'train' / 'train.py'
 TINY = ['--offline-train-size', '320', '--offline-test-size', '200', '--batch-size', '16', '--no-progress',
@@ -137,7 +139,7 @@ def test_dida_model_starts_from_its_static_twins_run(tmp_path, data_dir):
     _train(common + ['--model', 'dida_digitnet_compact', '--init-checkpoint', str(tmp_path / 'static' /
                      'model.safetensors'), '--epochs', '1', '--lr', '0', '--experiment', 'dida'], tmp_path, data_dir)
     static, dida = _weights(tmp_path / 'static'), _weights(tmp_path / 'dida')
-    assert {k for k in dida if '.branch.' not in k} == {k.replace('block3.', 'block3.blocks.') for k in static}
+    assert {k for k in dida if not is_branch_parameter(k)} == {k.replace('block3.', 'block3.blocks.') for k in static}
     for name, value in static.items():
         if 'running' not in name and 'num_batches' not in name:
             assert torch.equal(value, dida[name.replace('block3.', 'block3.blocks.')]), name
@@ -146,8 +148,7 @@ def test_dida_model_starts_from_its_static_twins_run(tmp_path, data_dir):
 @pytest.mark.parametrize('config', sorted((REPO / 'train' / 'configs').glob('*.yaml')), ids=lambda p: p.stem)
 def test_every_config_parses_and_names_a_registered_model_and_dataset(config):
     import timm
-    sys.path.insert(0, str(REPO / 'train'))
-    import train
+    from dida_timm.training import options as train
     from dida_timm.data import DATASETS
     args = train.parse_args(['-c', str(config)])
     assert timm.is_model(args.model.split('.')[0]) and args.dataset in DATASETS
@@ -155,8 +156,7 @@ def test_every_config_parses_and_names_a_registered_model_and_dataset(config):
 
 
 def test_config_with_unknown_key_is_refused(tmp_path, capsys):
-    sys.path.insert(0, str(REPO / 'train'))
-    import train
+    from dida_timm.training import options as train
     bad = tmp_path / 'bad.yaml'
     bad.write_text('epochs: 3\nlearning_rate: 0.1\n')
     with pytest.raises(SystemExit):

@@ -14,19 +14,17 @@ __all__ = ['DomainBalancedSampler', 'CyclingBatchSampler']
 
 
 class _ShardedEpochSampler(Sampler[List[int]]):
-    """Seeded per-epoch permutations, sharded across ranks, resumable at a batch index."""
+    """Seeded per-epoch permutations, sharded across ranks (a resumed run restarts at an epoch boundary)."""
 
     def __init__(self, seed: int, rank: int, world_size: int):
         self.seed = seed
         self.rank = rank
         self.world_size = world_size
         self.epoch = 0
-        self.start_batch = 0
 
-    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
-        """Select the epoch's permutations; `start_batch` skips batches already consumed (resume)."""
+    def set_epoch(self, epoch: int) -> None:
+        """Select the epoch's permutations."""
         self.epoch = epoch
-        self.start_batch = start_batch
 
     def _shard(self, size: int, stream: int) -> List[int]:
         """This rank's share of permutation number `stream` of range(size) for the current epoch."""
@@ -72,7 +70,7 @@ class DomainBalancedSampler(_ShardedEpochSampler):
     def __iter__(self) -> Iterator[List[int]]:
         shards = [self._shard(size, d) for d, size in enumerate(self.domain_sizes)]
         b = self.batch_per_domain
-        for i in range(self.start_batch, len(self)):
+        for i in range(len(self)):
             yield [offset + idx for shard, offset in zip(shards, self.offsets) for idx in shard[i * b:(i + 1) * b]]
 
 
@@ -106,5 +104,5 @@ class CyclingBatchSampler(_ShardedEpochSampler):
         while len(stream) < needed:
             stream += self._shard(self.size, 7919 * (cycle + 1))
             cycle += 1
-        for i in range(self.start_batch, self.num_batches):
+        for i in range(self.num_batches):
             yield stream[i * self.batch_size:(i + 1) * self.batch_size]

@@ -143,7 +143,7 @@ def create_uda_transforms(
         return dict(weak=T.Compose(geometric + to_tensor), strong=T.Compose(strong), test=test)
     if rand_augment:
         fill: Tuple[int, ...] = tuple(round(255 * m) for m in mean)
-        strong.append(rand_augment_transform(rand_augment, dict(translate_const=int(input_size * 0.45), img_mean=fill)))
+        strong.append(rand_augment_transform(rand_augment, dict(img_mean=fill)))
     strong += to_tensor
     if cutout:
         area = min(1.0, cutout ** 2 / input_size ** 2)

@@ -1,2 +1,2 @@
 from .dida import DidaModule, kernel_basis
-from .dida_branch import DidaBranch, DidaStage
+from .dida_branch import DidaBranch, DidaStage, is_branch_parameter

@@ -22,7 +22,7 @@ from timm.layers import LayerScale2d
 
 from .dida import DidaModule
 
-__all__ = ['DidaBranch', 'DidaStage']
+__all__ = ['DidaBranch', 'DidaStage', 'is_branch_parameter']
 
 
 class DidaBranch(nn.Sequential):
@@ -112,3 +112,9 @@ class DidaStage(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.blocks(x) + self.branch(x)
+
+
+def is_branch_parameter(name: str) -> bool:
+    """Whether a parameter or state-dict key of a model belongs to a DIDA branch (`<stage>.branch.<...>`): the
+    weights trained from scratch, at the higher learning rate, and absent from a static twin."""
+    return '.branch.' in f'.{name}'

@@ -12,7 +12,7 @@ from typing import Dict
 import torch
 import torch.nn as nn
 
-from dida_timm.layers import DidaStage
+from dida_timm.layers import DidaStage, is_branch_parameter
 
 __all__ = ['static_twin_filter_fn']
 
@@ -28,7 +28,7 @@ def static_twin_filter_fn(state_dict: Dict[str, torch.Tensor], model: nn.Module)
     """
     state_dict = state_dict.get('state_dict', state_dict)
     stages = tuple(f'{name}.' for name, m in model.named_modules() if isinstance(m, DidaStage))
-    if not stages or any('.branch.' in k for k in state_dict):
+    if not stages or any(is_branch_parameter(k) for k in state_dict):
         return state_dict
     out = {}
     for k, v in state_dict.items():
@@ -36,7 +36,7 @@ def static_twin_filter_fn(state_dict: Dict[str, torch.Tensor], model: nn.Module)
         out[f'{stage}blocks.{k[len(stage):]}' if stage else k] = v
     model_state = model.state_dict()
     classifier = model.get_classifier(name_only=True) + '.'
-    static_keys = {k for k in model_state if '.branch.' not in k and not k.startswith(classifier)}
+    static_keys = {k for k in model_state if not is_branch_parameter(k) and not k.startswith(classifier)}
     loaded_keys = {k for k in out if not k.startswith(classifier)}
     missing, unexpected = sorted(static_keys - loaded_keys), sorted(loaded_keys - static_keys)
     if missing or unexpected:
@@ -45,5 +45,5 @@ def static_twin_filter_fn(state_dict: Dict[str, torch.Tensor], model: nn.Module)
             f'missing {missing[:8]}{" ..." if len(missing) > 8 else ""}, '
             f'unexpected {unexpected[:8]}{" ..." if len(unexpected) > 8 else ""}.'
         )
-    out.update({k: v for k, v in model_state.items() if '.branch.' in k})
+    out.update({k: v for k, v in model_state.items() if is_branch_parameter(k)})
     return out

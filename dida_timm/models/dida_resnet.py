@@ -27,7 +27,7 @@ from timm.models._features import feature_take_indices
 from timm.models._manipulate import checkpoint
 from timm.models.resnet import BasicBlock, Bottleneck, ResNet
 
-from dida_timm.layers import DidaBranch, DidaStage
+from dida_timm.layers import DidaBranch, DidaStage, is_branch_parameter
 
 from ._static_twin import static_twin_filter_fn
 
@@ -119,7 +119,7 @@ class DidaResNet(ResNet):
     @torch.jit.ignore
     def branch_parameters(self) -> List[nn.Parameter]:
         """Parameters of the DIDA branches (trained from scratch, at the head's learning rate)."""
-        return [p for n, p in self.named_parameters() if '.branch.' in n]
+        return [p for n, p in self.named_parameters() if is_branch_parameter(n)]
 
     def _stages(self) -> List[nn.Module]:
         return [self.layer1, self.layer2, self.layer3, self.layer4]

@@ -1,7 +1,7 @@
 """Crash-safe training checkpoints: weights as safetensors, the rest of the state loaded with weights_only.
 
 A checkpoint is a folder `epoch-NNNN/` with `model.safetensors` (and `ema.safetensors`) plus `state.pt`
-(optimizer, scheduler, epoch, RNG states, metric history). It is written under a temporary name and renamed
+(optimizer, scheduler, epoch, metric history; a resumed epoch reseeds from the run seed). It is written under a temporary name and renamed
 into place, then `last` (a one-line file) is replaced to point at it; a run killed at any moment leaves
 either the previous checkpoint or the new one as `last`, never a half-written one.
 """
@@ -15,22 +15,11 @@ import safetensors.torch
 import torch
 import torch.nn as nn
 
-__all__ = ['save_checkpoint', 'load_last_checkpoint', 'rng_state', 'set_rng_state']
+__all__ = ['save_checkpoint', 'load_last_checkpoint']
 
 
 def _weights(model: nn.Module) -> Dict[str, torch.Tensor]:
     return {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-
-
-def rng_state() -> Dict[str, Any]:
-    import random
-    return dict(torch=torch.get_rng_state(), python=random.getstate())
-
-
-def set_rng_state(state: Dict[str, Any]) -> None:
-    import random
-    torch.set_rng_state(state['torch'])
-    random.setstate(state['python'])
 
 
 def save_checkpoint(

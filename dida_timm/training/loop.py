@@ -43,7 +43,6 @@ def train_one_epoch(
         scheduler=None,
         epoch: int = 0,
         update_offset: int = 0,
-        start_step: int = 0,
         ema_update_offset: Optional[int] = None,
         device: torch.device = torch.device('cpu'),
         autocast: Optional[Callable] = None,
@@ -67,7 +66,7 @@ def train_one_epoch(
     sums: Dict[str, float] = {}
     steps = 0
     targets = target_loader if target_loader is not None else iter(lambda: None, 0)
-    for step, (source_batch, target_batch) in enumerate(zip(source_loader, targets), start=start_step):
+    for step, (source_batch, target_batch) in enumerate(zip(source_loader, targets)):
         source = [t.to(device, non_blocking=True) for t in source_batch]
         # the source set yields (weak, strong, label) for the 'source+target' stream in every phase, and a
         # source-only phase of such a run has no use for the strong view

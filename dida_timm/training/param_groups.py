@@ -7,6 +7,8 @@ from typing import Dict, List
 
 import torch.nn as nn
 
+from ..layers import is_branch_parameter
+
 __all__ = ['uda_param_groups']
 
 
@@ -23,7 +25,7 @@ def uda_param_groups(model: nn.Module, new_lr_scale: float = 10.0, weight_decay:
     for name, param in model.named_parameters():
         if not param.requires_grad:
             continue
-        new = '.branch.' in f'.{name}' or (classifier is not None and name.startswith(classifier))
+        new = is_branch_parameter(name) or (classifier is not None and name.startswith(classifier))
         decay = param.ndim > 1
         key = (new, decay)
         if key not in groups:

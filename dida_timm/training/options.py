@@ -1,0 +1,216 @@
+"""The options of a training run (train/train.py): the parser, the checks every value passes where it is parsed
+(command line and config files alike), and the defaults that depend on the dataset and the model.
+
+A value that makes no sense stops the command with one `error: --option: why` line and exit code 2.
+"""
+import argparse
+from pathlib import Path
+
+import torch
+import yaml
+from timm.data import rand_augment_transform
+
+from ..arguments import at_least, between, check_options, config_defaults, distinct, greater_than
+from ..data import DATASETS, dataset_domains, default_domains
+from ..models.factory import create_model
+from ..inference import smallest_input_size
+from .selection import ATC_SCORES, RULES
+
+__all__ = ['build_parser', 'check_args', 'parse_args']
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument('-c', '--config', default='', help='YAML file of argument defaults (CLI flags override it)')
+    g = p.add_argument_group('data')
+    g.add_argument('--dataset', default='offline_digits', choices=sorted(DATASETS),
+                   help='offline_digits | folder | pacs | office_home | domainnet | digit_five')
+    g.add_argument('--data-dir', default=None, help='dataset root (offline_digits: its cache folder)')
+    g.add_argument('--source', nargs='+', default=None,
+                   help='labelled domains (default: every domain of the dataset but the target)')
+    g.add_argument('--target', default=None,
+                   help='the target domain of --dataset, its labels used for evaluation only (default: the '
+                        'dataset\'s first, e.g. mnistm_style, art_painting)')
+    g.add_argument('--target-dir', default='',
+                   help='a folder of UNLABELLED target images (any layout; sub-folder names are ignored); replaces '
+                        '--target')
+    g.add_argument('--target-eval-dir', default='',
+                   help='labelled target images to evaluate on (class folders), with --target-dir')
+    g.add_argument('--source-val-fraction', type=float, default=0.1,
+                   help='share of each source domain held out (never trained on) for source validation')
+    g.add_argument('--target-val-fraction', type=float, default=0.2,
+                   help='share of the unlabelled target held out (never trained on) for the label-free scores')
+    g.add_argument('--val-max-images', type=int, default=1000, help='cap on each held-out slice')
+    g.add_argument('--source-split', default='train')
+    g.add_argument('--target-train-split', default='train', help='unlabelled target images trained on')
+    g.add_argument('--target-test-split', default='test', help='labelled target images evaluated on')
+    g.add_argument('--offline-train-size', type=int, default=2000, help='offline_digits: train images per domain')
+    g.add_argument('--offline-test-size', type=int, default=500, help='offline_digits: test images per domain')
+    g.add_argument('--workers', type=int, default=0)
+    g = p.add_argument_group('model')
+    g.add_argument('--model', default='dida_digitnet_compact', help='any timm model name, with an optional .tag')
+    g.add_argument('--pretrained', action=argparse.BooleanOptionalAction, default=False,
+                   help='start from the tag\'s pretrained weights (--no-pretrained overrides a config)')
+    g.add_argument('--allow-pickle', action='store_true',
+                   help='let a hf-hub: / local-dir: model without model.safetensors load pickled weights')
+    g.add_argument('--init-checkpoint', default='',
+                   help='weights to start from (safetensors, or a weights-only torch file): the model\'s own, or its '
+                        'static twin\'s (e.g. a source-trained digitnet_compact for dida_digitnet_compact), whose '
+                        'branch then starts fresh')
+    g.add_argument('--model-kwargs', default={}, type=yaml.safe_load,
+                   help='extra timm.create_model kwargs as YAML, e.g. "{branch_depth: 1}"')
+    g.add_argument('--mixstyle-after', default='', help='module whose output MixStyle mixes (e.g. layer1, block1)')
+    g.add_argument('--input-size', type=int, default=None,
+                   help='default: the model\'s pretrained_cfg; at least the model\'s total stride')
+    g = p.add_argument_group('method')
+    g.add_argument('--method', default='fixmatch', choices=['fixmatch', 'source_only'])
+    g.add_argument('--threshold', type=float, default=0.95)
+    g.add_argument('--soft-weighting', action='store_true', help='confidence-weighted pseudo-labels (DomainNet)')
+    g.add_argument('--unlabelled-stream', default='target', choices=['target', 'source+target'])
+    g.add_argument('--forward-mode', default='joint', choices=['joint', 'separate'])
+    g.add_argument('--unlabelled-weight', type=float, default=1.0)
+    g.add_argument('--source-only-epochs', type=int, default=0, help='source-only phase before adapting')
+    g.add_argument('--select', default='guarded_last', choices=sorted(RULES),
+                   help='which checkpoint the run reports, exports and ships: last = the last epoch; guarded_* = '
+                        'among the source-only model and the epochs the collapse guard does not flag, the latest '
+                        '(guarded_last) or the one with the highest estimated accuracy (guarded_estimate)')
+    g.add_argument('--atc-score', default='max_prob', choices=ATC_SCORES,
+                   help='confidence score of the label-free accuracy estimate (ATC)')
+    g = p.add_argument_group('augmentation')
+    g.add_argument('--flip', action=argparse.BooleanOptionalAction, default=False)
+    g.add_argument('--translate', type=float, default=0.0)
+    g.add_argument('--rand-augment', default='rand-m10-n2-mstd0.5',
+                   help="strong view: a timm RandAugment string, or 'fixmatch' (FixMatch's op list and Cutout)")
+    g.add_argument('--cutout', type=int, default=16, help='side of the Cutout square (px), below the input size')
+    g = p.add_argument_group('optimisation')
+    g.add_argument('--epochs', type=int, default=10)
+    g.add_argument('--batch-size', type=int, default=32, help='per source domain and for the target, per process')
+    g.add_argument('--opt', default='sgd')
+    g.add_argument('--lr', type=float, default=0.05, help='backbone learning rate')
+    g.add_argument('--new-lr-scale', type=float, default=1.0, help='learning-rate multiplier of branch + classifier')
+    g.add_argument('--momentum', type=float, default=0.9)
+    g.add_argument('--opt-betas', type=float, nargs=2, default=None)
+    g.add_argument('--weight-decay', type=float, default=5e-4)
+    g.add_argument('--sched', default='cosine')
+    g.add_argument('--warmup-epochs', type=int, default=0)
+    g.add_argument('--min-lr', type=float, default=0.0)
+    g.add_argument('--clip-grad', type=float, default=None)
+    g.add_argument('--ema-decay', type=float, default=0.0, help='> 0 keeps an EMA of the weights (evaluated)')
+    g = p.add_argument_group('runtime')
+    g.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
+    g.add_argument('--dist-timeout', type=float, default=600, help='seconds a rank waits for the others (torchrun)')
+    g.add_argument('--amp', action='store_true', help='autocast (bfloat16 on CPU, float16 + scaler on CUDA)')
+    g.add_argument('--grad-checkpointing', action='store_true')
+    g.add_argument('--channels-last', action='store_true')
+    g.add_argument('--compile', action='store_true', help='torch.compile the model')
+    g.add_argument('--seed', type=int, default=0)
+    g.add_argument('--deterministic', action='store_true', help='deterministic kernels (bitwise resume on CPU)')
+    g = p.add_argument_group('output')
+    g.add_argument('--output', default='output')
+    g.add_argument('--experiment', default='', help='run folder name (default: time, model, target, method)')
+    g.add_argument('--resume', action='store_true', help='continue the run --experiment names')
+    g.add_argument('--keep-checkpoints', type=int, default=2)
+    g.add_argument('--eval-batch-size', type=int, default=256)
+    g.add_argument('--tsne-per-domain', type=int, default=300, help='0 skips the t-SNE picture')
+    g.add_argument('--no-progress', action='store_true', help='no progress bars (they only show on a terminal)')
+    return p
+
+
+# each option's valid values; options whose limits depend on others (input size, cutout, warmup, domains)
+# are checked in check_args below
+OPTION_RULES = [
+    ('offline_train_size', at_least(10)), ('offline_test_size', at_least(10)), ('workers', at_least(0)),
+    ('source', distinct), ('source_val_fraction', between(0, 1, high_open=True, low_open=True)),
+    ('target_val_fraction', between(0, 1, high_open=True, low_open=True)), ('val_max_images', at_least(1)), ('input_size', at_least(1)),
+    ('threshold', between(0, 1)), ('unlabelled_weight', at_least(0)), ('source_only_epochs', at_least(0)),
+    ('translate', between(0, 1)), ('cutout', at_least(0)),
+    ('epochs', at_least(1)), ('batch_size', at_least(1)), ('lr', at_least(0)), ('new_lr_scale', at_least(0)),
+    ('momentum', between(0, 1, high_open=True)), ('opt_betas', between(0, 1, high_open=True)),
+    ('weight_decay', at_least(0)), ('warmup_epochs', at_least(0)), ('min_lr', at_least(0)),
+    ('clip_grad', greater_than(0)), ('ema_decay', between(0, 1, high_open=True)),
+    ('dist_timeout', greater_than(0)), ('seed', at_least(0)),
+    ('keep_checkpoints', at_least(1)), ('eval_batch_size', at_least(1)), ('tsne_per_domain', at_least(0)),
+]
+
+
+def check_args(args: argparse.Namespace, parser: argparse.ArgumentParser) -> argparse.Namespace:
+    """Refuse what makes no sense (`error: --option: why`, exit 2) and fill the defaults that depend on the
+    dataset (its domains) and the model (its input size), so args.yaml records what the run uses."""
+    check_options(parser, args, OPTION_RULES)
+    try:
+        domains = dataset_domains(args.dataset, args.data_dir)
+    except (ValueError, FileNotFoundError) as e:
+        parser.error(f'--data-dir: {e}')
+    # with --target-dir the target is that folder, not a domain of the dataset: every domain may be a source
+    target_is_domain = not args.target_dir
+    for dest in ('source', 'target') if target_is_domain else ('source',):
+        unknown = [d for d in ([args.target] if dest == 'target' else args.source or []) if d is not None
+                   and d not in domains]
+        if unknown:
+            parser.error(f'--{dest}: {", ".join(map(repr, unknown))} not a domain of {args.dataset}; its domains '
+                         f'are {list(domains)}')
+    if not target_is_domain:
+        args.source = args.source or list(domains)
+        if not args.source:
+            parser.error(f'--source: {args.data_dir} has no sub-folders to use as source domains')
+    else:
+        if args.target is not None and args.target in (args.source or []):
+            parser.error(f'--target: the target {args.target!r} is also a source')
+        try:
+            args.source, args.target = default_domains(args.dataset, args.data_dir, args.source, args.target)
+        except ValueError as e:
+            parser.error(f'--source/--target: {e}')
+    if args.resume and not args.experiment:
+        parser.error('--resume: needs --experiment, the run folder to continue')
+    for option in ('target_dir', 'target_eval_dir'):
+        folder = getattr(args, option)
+        if folder and not Path(folder).is_dir():
+            parser.error(f'--{option.replace("_", "-")}: {folder} is not a folder')
+    if args.target_eval_dir and not args.target_dir:
+        parser.error('--target-eval-dir: goes with --target-dir (a --target domain brings its own test split)')
+    if args.init_checkpoint and not Path(args.init_checkpoint).is_file():
+        parser.error(f'--init-checkpoint: {args.init_checkpoint} is not a file')
+    if not isinstance(args.model_kwargs, dict):
+        parser.error(f'--model-kwargs: must be a mapping such as "{{branch_depth: 1}}", got {args.model_kwargs!r}')
+    try:
+        model = create_model(args.model, **args.model_kwargs)
+    except (RuntimeError, ValueError, TypeError, FileNotFoundError, AssertionError) as e:
+        parser.error(f'--model: {args.model}{f" with {args.model_kwargs}" if args.model_kwargs else ""}: {e}')
+    default_size = model.pretrained_cfg['input_size'][-1]
+    size = args.input_size or default_size
+    smallest = smallest_input_size(model)
+    if size < smallest:
+        parser.error(f'--input-size: {args.model} takes at least {smallest} px (its total stride), got {size}')
+    if model.pretrained_cfg.get('fixed_input_size') and size != default_size:
+        parser.error(f'--input-size: {args.model} takes only {default_size} px, got {size}')
+    args.input_size = size
+    if args.cutout >= size:
+        parser.error(f'--cutout: a {args.cutout} px square covers the whole {size} px input; use less than {size} '
+                     '(0 turns Cutout off)')
+    phases = [n for n in (args.source_only_epochs, args.epochs) if n]
+    if args.warmup_epochs and args.warmup_epochs >= min(phases):
+        parser.error(f'--warmup-epochs: {args.warmup_epochs} warm-up epochs leave nothing of a {min(phases)}-epoch '
+                     'phase (every phase warms up)')
+    if args.min_lr > args.lr:
+        parser.error(f'--min-lr: {args.min_lr} is above --lr {args.lr}')
+    if args.rand_augment:
+        try:
+            rand_augment_transform(args.rand_augment, {})
+        except (AssertionError, ValueError, KeyError, IndexError) as e:
+            parser.error(f'--rand-augment: {args.rand_augment!r} is not a timm RandAugment string such as '
+                         f'rand-m10-n2-mstd0.5 ({type(e).__name__}: {e})')
+    return args
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = build_parser()
+    config_parser = argparse.ArgumentParser(add_help=False)
+    config_parser.add_argument('-c', '--config', default='')
+    known, remaining = config_parser.parse_known_args(argv)
+    if known.config:
+        parser.set_defaults(**config_defaults(parser, Path(known.config)))
+    args = parser.parse_args(remaining)
+    args.config = known.config
+    return check_args(args, parser)
+
+

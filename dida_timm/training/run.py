@@ -1,0 +1,484 @@
+"""One training run of DIDA-Net's recipe: data, model, phases, label-free monitoring, checkpoints, results.
+
+Paper: `Dynamic Instance Domain Adaptation` - https://arxiv.org/abs/2203.05028.
+
+`Run(args).train()` does what train/train.py promises: an optional source-only phase, then FixMatch on the
+unlabelled target; after each epoch the target accuracy (where target labels exist) and the label-free scores
+(`label_free.LabelFreeMonitor`) join the history, a crash-safe checkpoint is written and the selection rule
+keeps its pick; at the end the selected checkpoint is evaluated, saved and reported.
+"""
+import argparse
+import csv
+import json
+import logging
+import os
+import random
+import shlex
+import sys
+import time
+from dataclasses import asdict
+from functools import partial
+from pathlib import Path
+from typing import Optional, Sequence
+
+import numpy as np
+import safetensors.torch
+import timm
+import torch
+import yaml
+from timm.models import load_checkpoint
+from timm.optim import create_optimizer_v2
+from timm.scheduler import create_scheduler_v2
+from timm.utils import ModelEmaV3
+from torch.utils.data import ConcatDataset, DataLoader
+
+import dida_timm
+from ..data import (
+    CyclingBatchSampler, DomainBalancedSampler, TransformedDataset, TwoViewDataset, create_domain_datasets,
+    create_uda_transforms, holdout_split, read_class_folders, read_unlabelled_folder, test_data_config)
+from ..models import static_twin_filter_fn
+from ..models.factory import create_model
+from .checkpoint import load_last_checkpoint, save_checkpoint
+from .distributed import init_distributed
+from .evaluation import evaluate, extract_features
+from .label_free import LabelFreeMonitor
+from .loop import MultiViewModel, NonFiniteLossError, train_one_epoch
+from .mixstyle import MixStyle, attach_mixstyle
+from .options import parse_args
+from .param_groups import uda_param_groups
+from .report import write_report
+from .selection import LABEL_FREE_KEYS, Selection
+from .step import UdaConfig
+
+__all__ = ['Run', 'RunError', 'main', 'print_result_table']
+
+_logger = logging.getLogger('train')
+
+
+class RunError(Exception):
+    """A mistake in what the user asked for (data, model, weights, run folder): the run ends with its message."""
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2 ** 32)
+    torch.manual_seed(seed)
+
+
+def _seed_worker(worker_id: int) -> None:
+    seed = torch.initial_seed() % 2 ** 32
+    np.random.seed(seed)
+    random.seed(seed)
+
+
+class Run:
+    """The wiring of one training run (datasets, model, phases, checkpoints, report)."""
+
+    def __init__(self, args: argparse.Namespace, command: str = ''):
+        self.args = args
+        self.command = command
+        self.device, self.rank, self.world_size = init_distributed(args.device, args.dist_timeout)
+        self.is_main = self.rank == 0
+        if args.deterministic:
+            torch.use_deterministic_algorithms(True, warn_only=True)
+        name = args.experiment or '-'.join([
+            time.strftime('%Y%m%d-%H%M%S'), args.model.replace('/', '_').replace(':', '_'),
+            Path(args.target_dir).resolve().name if args.target_dir else args.target, args.method])
+        self.out_dir = Path(args.output) / name
+        if self.is_main:
+            if self.out_dir.exists() and any(self.out_dir.iterdir()) and not args.resume:
+                raise RunError(f'{self.out_dir} already holds a run; pass --resume to continue it or '
+                               f'--experiment to start another')
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+        self._setup_logging()
+        seed_everything(args.seed)
+        try:
+            self._build_data()
+            self._build_model()
+            self._build_inputs()
+        except (ValueError, OSError, RuntimeError) as e:
+            # everything built here comes from the user's data, model name and weight files
+            raise RunError(f'{type(e).__name__}: {e}') from e
+        self.history = []
+
+    def _setup_logging(self) -> None:
+        handlers = [logging.StreamHandler(sys.stdout)]
+        if self.is_main:
+            handlers.append(logging.FileHandler(self.out_dir / 'log.txt'))
+        logging.basicConfig(level=logging.INFO if self.is_main else logging.WARNING,
+                            format='%(asctime)s %(message)s', datefmt='%H:%M:%S', handlers=handlers, force=True)
+
+    def _build_data(self) -> None:
+        a = self.args
+        extra = dict(train_size=a.offline_train_size, test_size=a.offline_test_size) \
+            if a.dataset == 'offline_digits' else {}
+        read = partial(create_domain_datasets, a.dataset, a.data_dir, **extra)
+        if a.target_dir:
+            self.target_name = Path(a.target_dir).resolve().name
+            _logger.info(f'target: the unlabelled images under {a.target_dir} (--target {a.target} not used)')
+        else:
+            self.target_name = a.target
+        if self.target_name in a.source:
+            raise RunError(f'the target {self.target_name!r} is also a source')
+        sources = read(a.source, a.source_split)
+        self.classes = sources[0].classes
+        if a.target_dir:
+            target = read_unlabelled_folder(a.target_dir, self.target_name, self.classes)
+            target, unreadable = target.without_unreadable()
+            for path, why in unreadable:
+                _logger.warning(f'skipping unreadable target image {path}: {why}')
+            _logger.info(f'target {a.target_dir}: {len(target)} images, {target.skipped} non-image files skipped, '
+                         f'{len(unreadable)} unreadable images skipped')
+        else:
+            target, = read([a.target], a.target_train_split, classes=self.classes)
+        test_sets = read(a.source, a.target_test_split, classes=self.classes)
+        if a.target_eval_dir:
+            test_sets.append(read_class_folders(a.target_eval_dir, self.target_name, self.classes,
+                                                allow_missing_classes=True))
+        elif not a.target_dir:
+            test_sets += read([a.target], a.target_test_split, classes=self.classes)
+        self.test_sets = {d.domain: d for d in test_sets}
+        self.target_test = self.test_sets.get(self.target_name)
+        # held-out slices for the label-free scores: never trained on, fixed by the seed
+        val_seed = a.seed * 7 + 3
+        self.target_train, self.target_val = holdout_split(target, a.target_val_fraction, a.val_max_images, val_seed)
+        splits = [holdout_split(ds, a.source_val_fraction, a.val_max_images, val_seed + i + 1)
+                  for i, ds in enumerate(sources)]
+        self.sources = [train for train, _ in splits]
+        self.source_val = ConcatDataset([val for _, val in splits])
+        self.uda_cfg = UdaConfig(a.method, a.threshold, a.soft_weighting, a.unlabelled_stream, a.forward_mode,
+                                 a.unlabelled_weight)
+
+    def _build_inputs(self) -> None:
+        """Transforms from the model's data config (input size, mean, std), samplers and datasets."""
+        a = self.args
+        data_cfg = timm.data.resolve_data_config({}, model=self.model)
+        size = a.input_size or data_cfg['input_size'][-1]
+        tf = create_uda_transforms(size, data_cfg['mean'], data_cfg['std'], flip=a.flip, translate=a.translate,
+                                   rand_augment=a.rand_augment, cutout=a.cutout)
+        self.test_data_config = test_data_config(size, data_cfg['mean'], data_cfg['std'])
+        for ds in self.test_sets.values():
+            ds.transform = tf['test']
+        self.tsne_target = self.target_test or TransformedDataset(self.target_val, tf['test'])
+        self.monitor = LabelFreeMonitor(
+            self.out_dir, self.is_main, TransformedDataset(self.target_val, tf['test']),
+            TransformedDataset(self.source_val, tf['test']), a.select, atc_score=a.atc_score,
+            pseudo_label_threshold=a.threshold, batch_size=a.eval_batch_size, device=self.device)
+        cfg = self.uda_cfg
+        self.source_train = ConcatDataset([
+            TwoViewDataset(ds, tf['weak'], tf['strong']) if cfg.needs_source_strong
+            else TransformedDataset(ds, tf['weak'])
+            for ds in self.sources])
+        self.target_two_view = TwoViewDataset(self.target_train, tf['weak'], tf['strong'])
+        self.source_sampler = DomainBalancedSampler([len(d) for d in self.sources], a.batch_size, a.seed,
+                                                    self.rank, self.world_size)
+        self.steps_per_epoch = len(self.source_sampler)
+        self.target_sampler = CyclingBatchSampler(len(self.target_train), a.batch_size, self.steps_per_epoch,
+                                                  a.seed + 1, self.rank, self.world_size)
+        target_test = f'{len(self.target_test)} labelled test images' if self.target_test else 'no target labels'
+        _logger.info(f'sources {[f"{d.domain}:{len(d)}" for d in self.sources]} ({len(self.source_val)} held out), '
+                     f'target {self.target_name}: {len(self.target_train)} unlabelled train / '
+                     f'{len(self.target_val)} held out / {target_test}, '
+                     f'{len(self.classes)} classes, input {size}px, {self.steps_per_epoch} steps per epoch, '
+                     f'{self.world_size} process(es)')
+
+    def _build_model(self) -> None:
+        a = self.args
+        model = create_model(a.model, pretrained=a.pretrained, allow_pickle=a.allow_pickle,
+                             num_classes=len(self.classes), **a.model_kwargs)
+        if a.init_checkpoint:
+            if not Path(a.init_checkpoint).is_file():
+                raise RunError(f'--init-checkpoint {a.init_checkpoint} is not a file')
+            load_checkpoint(model, a.init_checkpoint, filter_fn=static_twin_filter_fn)
+        if a.mixstyle_after:
+            attach_mixstyle(model, a.mixstyle_after, MixStyle())
+        if a.grad_checkpointing:
+            model.set_grad_checkpointing(True)
+        model.to(self.device)
+        if a.channels_last:
+            model.to(memory_format=torch.channels_last)
+        self.model = model
+        self.ema = ModelEmaV3(model, decay=a.ema_decay) if a.ema_decay > 0 else None
+        _logger.info(f'model {a.model}: {sum(p.numel() for p in model.parameters()) / 1e6:.3f}M parameters')
+
+    def _wrap(self, joint: bool) -> torch.nn.Module:
+        wrapped = MultiViewModel(self.model, joint=joint)
+        if self.world_size > 1:
+            wrapped = torch.nn.parallel.DistributedDataParallel(wrapped)
+        if self.args.compile:
+            wrapped = torch.compile(wrapped)
+        return wrapped
+
+    def _optimizer(self, epochs: int):
+        a = self.args
+        kwargs = dict(betas=tuple(a.opt_betas)) if a.opt_betas else {}
+        groups = uda_param_groups(self.model, a.new_lr_scale, a.weight_decay)
+        optimizer = create_optimizer_v2(groups, a.opt, lr=a.lr, weight_decay=a.weight_decay, momentum=a.momentum,
+                                        **kwargs)
+        scheduler, _ = create_scheduler_v2(optimizer, a.sched, num_epochs=epochs, warmup_epochs=a.warmup_epochs,
+                                           min_lr=a.min_lr, updates_per_epoch=self.steps_per_epoch,
+                                           step_on_epochs=False)
+        scheduler.step_update(0)  # apply lr_scale before the first step
+        return optimizer, scheduler
+
+    def _autocast(self):
+        if not self.args.amp:
+            return None
+        dtype = torch.float16 if self.device.type == 'cuda' else torch.bfloat16
+        return partial(torch.autocast, self.device.type, dtype=dtype)
+
+    def _loaders(self, epoch: int, with_target: bool):
+        a = self.args
+        self.source_sampler.set_epoch(epoch)
+        self.target_sampler.set_epoch(epoch)
+        common = dict(num_workers=a.workers, worker_init_fn=_seed_worker,
+                      pin_memory=self.device.type == 'cuda', persistent_workers=False)
+        gen = torch.Generator().manual_seed(a.seed * 7919 + epoch * 31 + self.rank)
+        source = DataLoader(self.source_train, batch_sampler=self.source_sampler, generator=gen, **common)
+        target = DataLoader(self.target_two_view, batch_sampler=self.target_sampler, generator=gen,
+                            **common) if with_target else None
+        return source, target
+
+    @property
+    def evaluated_model(self) -> torch.nn.Module:
+        """The weights every score and export uses: the EMA when there is one."""
+        return self.ema.module if self.ema is not None else self.model
+
+    def epoch_row(self, epoch: int, phase: str) -> dict:
+        """Target accuracy (when target labels exist) and label-free scores of the model after `epoch`."""
+        row = dict(epoch=epoch, phase=phase)
+        if self.target_test is not None:
+            row['target_accuracy'] = evaluate(
+                self.evaluated_model, self.target_test, len(self.classes), self.args.eval_batch_size, self.device,
+                rank=self.rank, world_size=self.world_size)['accuracy']
+        row.update(self.monitor.score(self.evaluated_model, epoch))
+        return row
+
+    def phases(self):
+        a = self.args
+        phases = []
+        if a.source_only_epochs:
+            phases.append(('source_only', UdaConfig('source_only'), a.source_only_epochs))
+        phases.append((a.method, self.uda_cfg, a.epochs))
+        return phases
+
+    def train(self) -> dict:
+        a = self.args
+        ckpt_dir = self.out_dir / 'checkpoints'
+        state = load_last_checkpoint(ckpt_dir, self.model, self.ema) if a.resume else None
+        done = state['epoch'] if state else 0
+        if state:
+            self.history = state['history']
+            _logger.info(f'resumed from {ckpt_dir} after epoch {done}')
+        elif a.resume:
+            _logger.info(f'--resume: no checkpoint in {ckpt_dir} yet, starting from scratch')
+        epoch0 = 0
+        progress_on = self.is_main and not a.no_progress and sys.stderr.isatty()
+        for phase_index, (phase, cfg, epochs) in enumerate(self.phases()):
+            phase_end = epoch0 + epochs
+            if done >= phase_end:
+                epoch0 = phase_end
+                continue
+            optimizer, scheduler = self._optimizer(epochs)
+            if state and state.get('phase') == phase_index and done > epoch0:
+                optimizer.load_state_dict(state['optimizer'])
+                scheduler.load_state_dict(state['scheduler'])
+            if cfg.method == 'fixmatch':
+                self._start_adaptation(epoch0, done)
+            wrapped = self._wrap(cfg.forward_mode == 'joint')
+            scaler = torch.amp.GradScaler('cuda') if a.amp and self.device.type == 'cuda' else None
+            for epoch in range(max(done, epoch0), phase_end):
+                seed_everything(a.seed * 1_000_003 + epoch * 101 + self.rank)
+                source, target = self._loaders(epoch, cfg.method == 'fixmatch')
+                bar = None
+                if progress_on:
+                    from tqdm import tqdm
+                    bar = tqdm(total=self.steps_per_epoch, desc=f'{phase} {epoch + 1}/{phase_end}', leave=False,
+                               dynamic_ncols=True)
+
+                def progress(m, bar=bar):
+                    bar.update(1)
+                    bar.set_postfix({k: f'{v:.3f}' for k, v in m.items()}, refresh=False)
+
+                start = time.time()
+                metrics = train_one_epoch(
+                    wrapped, cfg, source, target, optimizer, scheduler, epoch, (epoch - epoch0) * self.steps_per_epoch,
+                    device=self.device, autocast=self._autocast(), scaler=scaler, clip_grad=a.clip_grad,
+                    ema=self.ema, ema_update_offset=epoch * self.steps_per_epoch, world_size=self.world_size,
+                    progress=progress if bar else None)
+                if bar:
+                    bar.close()
+                row = self.epoch_row(epoch + 1, phase)
+                row.update(lr=optimizer.param_groups[0]['lr'], epoch_seconds=time.time() - start, **metrics)
+                self.history.append(row)
+                _logger.info(' '.join(f'{k}={v:.4f}' if isinstance(v, float) else f'{k}={v}' for k, v in row.items()))
+                if cfg.method == 'fixmatch':
+                    selection = self.monitor.update(self.evaluated_model, self.history)
+                    for reason in selection.flagged.get(epoch + 1, []):
+                        _logger.warning(f'collapse guard, epoch {epoch + 1}: {reason}')
+                if self.is_main:
+                    save_checkpoint(ckpt_dir, epoch + 1, self.model, dict(
+                        phase=phase_index, optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(),
+                        history=self.history), self.ema, keep=a.keep_checkpoints)
+                    self._write_summary()
+                if self.world_size > 1:
+                    torch.distributed.barrier()
+            done = epoch0 = phase_end
+        return self.finish()
+
+    def _start_adaptation(self, epoch0: int, done: int) -> None:
+        """Fix the reference of the label-free scores: the model as adaptation starts (after `epoch0` epochs)."""
+        if done > epoch0:  # resumed inside the adaptation phase: its start is on disk
+            self.monitor.restore_reference(epoch0)
+            return
+        rows = [h for h in self.history if h['epoch'] == epoch0]
+        if rows:
+            row = rows[0]
+        else:  # no source-only phase: score the starting weights as epoch 0
+            row = self.epoch_row(epoch0, 'start')
+            self.history.append(row)
+        self.monitor.set_reference(self.evaluated_model, epoch0, row)
+        _logger.info(f'reference for the label-free scores: the model after epoch {epoch0} ({row["phase"]})')
+
+    def _write_summary(self, selected_epoch: Optional[int] = None) -> None:
+        """Per-epoch history as CSV; at the end, the `selected` column marks the checkpoint the run reports."""
+        rows = [dict(h, selected=int(h['epoch'] == selected_epoch)) if selected_epoch is not None else h
+                for h in self.history]
+        keys = sorted({k for row in rows for k in row}, key=lambda k: (k != 'epoch', k != 'phase', k))
+        with open(self.out_dir / 'summary.csv', 'w', newline='') as f:
+            writer = csv.DictWriter(f, fieldnames=keys)
+            writer.writeheader()
+            writer.writerows(rows)
+
+    def select(self) -> Selection:
+        """The checkpoint this run reports, exports and ships (a source-only run: its last epoch)."""
+        if self.args.method != 'fixmatch':
+            return Selection('last', self.history[-1]['epoch'], 'a source-only run reports its last epoch')
+        return self.monitor.select(self.history)
+
+    def finish(self) -> dict:
+        a = self.args
+        model = self.evaluated_model
+        selection = self.select()
+        if self.world_size > 1:
+            torch.distributed.barrier()  # rank 0 has written the kept weights
+        if selection.epoch != self.history[-1]['epoch']:
+            model.load_state_dict(self.monitor.selected_weights(selection))
+        if selection.guard_fired:
+            _logger.warning(f'collapse guard fired on epochs {sorted(selection.flagged)}; {selection.reason}')
+        per_domain = {name: evaluate(model, ds, len(self.classes), a.eval_batch_size, self.device,
+                                     rank=self.rank, world_size=self.world_size)
+                      for name, ds in self.test_sets.items()}
+        if not self.is_main:
+            return {}
+        chosen = next(h for h in self.history if h['epoch'] == selection.epoch)
+        source_only = [h for h in self.history if h['phase'] == 'source_only']
+        target = per_domain.get(self.target_name)
+        results = dict(
+            model=a.model, architecture=self.model.pretrained_cfg['architecture'], method=a.method,
+            dataset=a.dataset, sources=a.source, target=self.target_name, target_dir=a.target_dir or None,
+            target_labelled=target is not None, classes=self.classes, seed=a.seed, epochs=a.epochs,
+            source_only_epochs=a.source_only_epochs,
+            transductive=not a.target_dir and a.target_train_split == a.target_test_split,
+            target_accuracy=target['accuracy'] if target else None,
+            last_target_accuracy=self.history[-1].get('target_accuracy'),
+            source_only_start_target_accuracy=source_only[-1].get('target_accuracy') if source_only else None,
+            estimated_target_accuracy=chosen.get('estimated_accuracy'),
+            selection=dict(selection.to_dict(), label_free_scores={
+                k: chosen[k] for k in LABEL_FREE_KEYS if k in chosen}),
+            label_free=dict(
+                atc_score=a.atc_score, atc_threshold=chosen.get('atc_threshold'),
+                target_held_out_images=len(self.target_val), source_held_out_images=len(self.source_val),
+                reference_epoch=self.monitor.reference_epoch, guard=asdict(self.monitor.guard)),
+            per_domain_accuracy={d: r['accuracy'] for d, r in per_domain.items()},
+            target_per_class_accuracy=dict(zip(self.classes, target['per_class_accuracy'])) if target else None,
+            target_confusion=target['confusion'] if target else None,
+            history=self.history, world_size=self.world_size, evaluated_weights='ema' if self.ema else 'model',
+            wall_seconds=sum(h.get('epoch_seconds', 0.0) for h in self.history),
+            versions=dict(torch=torch.__version__, timm=timm.__version__, dida_timm=dida_timm.__version__),
+            device=str(self.device), hardware=_hardware(self.device), command=self.command,
+            # what the weights started from and the preprocessing they were trained and evaluated with
+            pretrained_weights=_pretrained_name(a.model, self.model) if a.pretrained else None,
+            init_checkpoint=a.init_checkpoint or None, test_data_config=self.test_data_config,
+        )
+        (self.out_dir / 'results.json').write_text(json.dumps(results, indent=2))
+        self._write_summary(selection.epoch)
+        safetensors.torch.save_file({k: v.contiguous().cpu() for k, v in model.state_dict().items()},
+                                    str(self.out_dir / 'model.safetensors'))
+
+        def tsne_features():
+            feats, labels = {}, {}
+            domains = {name: ds for name, ds in self.test_sets.items() if name != self.target_name}
+            domains[self.target_name] = self.tsne_target
+            for name, ds in domains.items():
+                feats[name], labels[name] = extract_features(model, ds, a.tsne_per_domain, device=self.device,
+                                                             seed=a.seed)
+            return feats, labels
+
+        write_report(self.out_dir, target['confusion'] if target else None, self.classes,
+                     f'{a.model} on {self.target_name}: {target["accuracy"]:.1f}% (epoch {selection.epoch})'
+                     if target else '', self.history, tsne_features if a.tsne_per_domain else None,
+                     self.target_name, a.seed, selected_epoch=selection.epoch)
+        return results
+
+
+def _pretrained_name(spec: str, model: torch.nn.Module) -> str:
+    """The weights --pretrained loaded: a registry name with the tag timm resolved (dida_resnet18 ->
+    dida_resnet18.tv_in1k); Hub ids and folders as given."""
+    tag = model.pretrained_cfg.get('tag')
+    if ':' in spec or '.' in spec or Path(spec).is_dir() or not tag:
+        return spec
+    return f'{spec}.{tag}'
+
+
+def _hardware(device: torch.device) -> str:
+    import platform
+    if device.type == 'cuda':
+        return f'{torch.cuda.get_device_name(device)} (CUDA {torch.version.cuda})'
+    cpu = platform.processor() or platform.machine()
+    return f'{cpu} CPU, {torch.get_num_threads()} threads ({os.cpu_count()} cores visible)'
+
+
+def print_result_table(results: dict) -> None:
+    """The run's outcome: source-only start, last epoch, the selected checkpoint and the label-free estimate."""
+    def pct(v):
+        return 'n/a' if v is None else f'{v:.2f}'
+    sel = results['selection']
+    labels = 'test accuracy (%)' if results['target_labelled'] else 'no target labels: accuracy unknown'
+    print(f"\ntarget {results['target']}, {results['model']}, {labels}")
+    print('| source-only start | last epoch | selected | estimated (label-free) | selected epoch, rule |')
+    print('|---|---|---|---|---|')
+    print(f"| {pct(results['source_only_start_target_accuracy'])} | {pct(results['last_target_accuracy'])} | "
+          f"{pct(results['target_accuracy'])} | {pct(results['estimated_target_accuracy'])} | "
+          f"{sel['epoch']}, {sel['rule']} |")
+    print(sel['reason'])
+    if sel['guard_fired']:
+        print(f"WARNING: the collapse guard flagged epochs {sorted(int(e) for e in sel['flagged'])}")
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """train/train.py: parse the options, run, print the outcome. Exit 0, 2 for a user mistake, 3 for a
+    non-finite loss."""
+    args = parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    launcher = 'torchrun --nproc_per_node N ' if 'LOCAL_RANK' in os.environ else ''
+    command = launcher + shlex.join(['python', 'train/train.py'] + argv)
+    try:
+        run = Run(args, command)
+        if run.is_main:
+            (run.out_dir / 'args.yaml').write_text(yaml.safe_dump(vars(args), sort_keys=False))
+        results = run.train()
+    except NonFiniteLossError as e:
+        _logger.error(f'error: {e}')
+        return 3
+    except RunError as e:
+        # user mistakes (data, model names, weights, run folders) end with their message, not a stack trace
+        print(f'error: {e}', file=sys.stderr)
+        return 2
+    if results:
+        print_result_table(results)
+        print(f'report, checkpoint and results: {run.out_dir}')
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+    return 0
+
