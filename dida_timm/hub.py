@@ -237,7 +237,7 @@ def export_runs(run_dirs: Sequence[Path], out_dir: Path, repo_name: str, license
                             if k not in ('tag', 'hf_hub_id', 'url', 'file', 'notes', 'test_input_size', 'test_crop_pct')}
     model.pretrained_cfg.update(license=license, notes=(
         f"{first['method']} on {first['dataset']} ({', '.join(first['sources'])} -> {first['target']}) at {size} px "
-        f'with dida-timm, started from {start}',))
+        f'with dida-timm, started from {start}; card: README.md',))
     out_dir = Path(out_dir)
     tag = export_tag(first['architecture'], out_dir, first['dataset'], first['target'], tag)
     timm.models.save_for_hf(model, str(out_dir), model_config=dict(label_names=list(first['classes']),

@@ -170,7 +170,9 @@ def test_export_names_the_tag_of_its_folder(trained_run, tmp_path):
     out = export_runs([trained_run], tmp_path / 'dida_digitnet_compact.offline_mnistm_style', 'dida-timm/x')
     pretrained_cfg = json.loads((out / 'config.json').read_text())['pretrained_cfg']
     assert pretrained_cfg['tag'] == 'offline_mnistm_style'
-    assert pretrained_cfg['notes'] == ['adapted to offline_digits/mnistm_style; card: README.md']
+    note, = pretrained_cfg['notes']
+    assert note.startswith('fixmatch on offline_digits (') and '-> mnistm_style) at 32 px' in note
+    assert note.endswith('; card: README.md')
     assert export_tag('dida_digitnet_compact', tmp_path / 'repo', 'offline_digits', 'svhn_style') == \
         'offline_digits_svhn_style'
 
