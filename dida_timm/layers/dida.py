@@ -10,15 +10,13 @@ conv, once per dilation; the dilation outputs are concatenated.
 
     F = ReLU(conv(X)),  g = ReLU(conv(GAP(X))),  K[n, j] = a * (g[n, j] * u0 + v0) + c = g[n, j] * u + v
 
-Because K is affine in g, the dynamic depthwise conv factors into two static convs and a scale:
+Because K is affine in g, the dynamic depthwise conv factors into static convs and a per-(sample, channel) blend:
 
-    O[n, j] = g[n, j] * (u * F[n, j]) + (v * F[n, j])
+    O[n, j] = lerp(K(0) * F[n, j], K(1) * F[n, j], g[n, j]),    K(e) = the generator's kernel for code e
 
-so the default forward has no loop over the batch and no batch-size-dependent groups: both static convs run
-as one grouped conv with two output channels per reduced channel, then a per-(sample, channel) scale and add.
-That formulation was chosen by timing the branch's training step (batch 64, dida_resnet18 shapes, 2 CPU
-cores, torch 2.14.1): the grouped conv beat a single-plane conv over the [N * r, 1, H, W] view (which took
-25 ms instead of 3 ms on 7x7 maps) and a 9-tap shift-and-add; it is also cuDNN's fast depthwise path on GPU.
+so the forward has no loop over the batch and no batch-size-dependent groups. Every path runs in ONE grouped conv
+(per reduced channel, one output per code e in (0, 1) and path, each path's kernels embedded in a common S x S
+window), one lerp, and ONE `fuse` conv over the paths stacked along the height: 17 aten ops for two paths.
 
 Parameter names (`conv`, `conv_kernel`, `conv_kernel2`, `conv_k`, `conv_k2`, `fuse`) follow the authors'
 released code so that checkpoints stay convertible. Differences from that code: the generator is never
@@ -168,9 +166,11 @@ class DidaModule(nn.Module):
         if dynamic:
             # All paths run as one grouped conv: each path's kernels sit in a common S x S window, dilated by
             # dilation / conv_dilation (3x3 at dilations 1 and 2: a 5x5 window, the dilation-2 taps on its even rows
-            # and columns). For speed: the forward was ~50 small ops per unit, and eager on GPU that launch overhead
-            # was most of the branch's cost; on CPU one dense 5x5 conv also beat two 3x3 convs, one dilated
-            # (training step of the conv, 2 CPU cores, torch 2.14).
+            # and columns). For speed: a unit ran 47 small aten ops, and eager on GPU that launch overhead was most of
+            # the branch's cost (1.6-1.7x the static twin's step for +0.16% MACs). On CPU (forward + backward of the
+            # depthwise conv alone, 1 thread, torch 2.14.1) the 5x5 conv also beat two 3x3 convs, one dilated: 10 vs
+            # 13 ms at dida_digitnet_compact shapes, 9 vs 12 ms at dida_resnet18's; applying the code before the conv
+            # (two inputs per channel) took 16-20 ms, a conv over the [N * r, 1, H, W] view 19-21 ms.
             self.conv_dilation = math.gcd(*dilations)
             steps = tuple(d // self.conv_dilation for d in dilations)
             window = max(s * (k - 1) + 1 for s, k in zip(steps, kernel_sizes))
