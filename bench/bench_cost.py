@@ -48,6 +48,24 @@ def count_macs(model: torch.nn.Module, input_size: Tuple[int, ...]) -> int:
     return counter.get_total_flops() // 2
 
 
+def count_top_level_ops(fn: Callable[[], None]) -> int:
+    """Top-level aten ops one call of `fn` runs (CPU profiler events named aten::* without an aten::* ancestor):
+    the eager dispatches, each a kernel launch or more on GPU, that Python issues."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        fn()
+    count = 0
+    for event in prof.events():
+        parent = event.cpu_parent
+        while parent is not None and not parent.name.startswith('aten::'):
+            parent = parent.cpu_parent
+        count += event.name.startswith('aten::') and parent is None
+    return count
+
+
+def dida_units(model: torch.nn.Module) -> int:
+    return sum(isinstance(m, DidaModule) for m in model.modules())
+
+
 def paired_times(fns: Dict[str, Callable[[], None]], reps: int, warmup: int) -> Dict[str, List[float]]:
     """Seconds per call of each function over `reps` rounds, calls interleaved (CUDA work is waited for)."""
     sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
@@ -140,10 +158,9 @@ def dynamic_conv_step_fn(
                 outs += [F.conv2d(f[n:n + 1], kernels[n].unsqueeze(1), None, module.stride, padding, dilation,
                                   groups=module.reduced_chs) for n in range(f.shape[0])]
             return torch.cat(outs)
-        return torch.cat([
-            module.dynamic_conv(f, code, basis, d, p)
-            for code, basis, d, p in zip(module.kernel_codes(x), module.kernel_bases(), module.dilations,
-                                         module.paddings)])
+        codes = module.kernel_codes(x)
+        code = codes[0][:, :, None, None] if module.shared_reduction else torch.stack(codes, 2)[..., None, None]
+        return module.dynamic_conv(f, code)
     if compile_mode:
         forward = torch.compile(forward, mode=compile_mode)
 
@@ -162,6 +179,12 @@ def model_pairs(depths: List[int]) -> List[Tuple[str, str, int, int]]:
     return pairs + [('dida_digitnet', 'digitnet', 32, 192), ('dida_digitnet_compact', 'digitnet_compact', 32, 192)]
 
 
+def ops_cells(static: torch.nn.Module, dida: torch.nn.Module, x: torch.Tensor, units: int) -> str:
+    """'fwd aten ops (DIDA / static) | extra ops per DIDA unit' table cells, counted on warm models."""
+    o_s, o_d = (count_top_level_ops(forward_fn(m, x)) for m in (static, dida))
+    return f'{o_d} / {o_s} | {(o_d - o_s) / units:.1f} ({units} units)'
+
+
 def print_model_table(
         depths: List[int],
         train_depths: List[int],
@@ -169,24 +192,40 @@ def print_model_table(
         device: torch.device,
         batch_scale: int = 1,
         compile_mode: Optional[str] = None,
+        ops_only: bool = False,
 ) -> None:
-    """Items 1-3 of the module docstring, one row per DIDA model (batches times `batch_scale`; with
-    `compile_mode`, both models of a pair are timed through `torch.compile(mode=compile_mode)`)."""
+    """Items 1-3 of the module docstring, one row per DIDA model, with the top-level aten ops of a forward (batches
+    times `batch_scale`; with `compile_mode`, both models of a pair are timed through
+    `torch.compile(mode=compile_mode)`; `ops_only` skips everything but the op counts)."""
     warmup = 3 if compile_mode else 1
-    print('| model vs static twin | params | MACs | extra params | extra MACs | fwd latency ratio '
-          '| train step images/s (static / DIDA) | train-step time ratio |')
-    print('|---|---|---|---|---|---|---|---|')
+    if ops_only:
+        print('| model vs static twin | fwd aten ops (DIDA / static) | extra ops per DIDA unit |')
+        print('|---|---|---|')
+    else:
+        print('| model vs static twin | params | MACs | extra params | extra MACs | fwd aten ops (DIDA / static) '
+              '| extra ops per DIDA unit | fwd latency ratio | train step images/s (static / DIDA) '
+              '| train-step time ratio |')
+        print('|---|---|---|---|---|---|---|---|---|---|')
     for dida_name, static_name, img_size, batch_size in model_pairs(depths):
         batch_size *= batch_scale
         static, dida = timm.create_model(static_name), timm.create_model(dida_name)
-        p_s, p_d = (sum(p.numel() for p in m.parameters()) for m in (static, dida))
-        m_s, m_d = (count_macs(m, (1, 3, img_size, img_size)) for m in (static, dida))
+        units = dida_units(dida)
+        if not ops_only:
+            p_s, p_d = (sum(p.numel() for p in m.parameters()) for m in (static, dida))
+            m_s, m_d = (count_macs(m, (1, 3, img_size, img_size)) for m in (static, dida))
         static, dida = static.to(device), dida.to(device)
         if compile_mode:
             static, dida = (torch.compile(m, mode=compile_mode) for m in (static, dida))
         x = torch.randn(batch_size, 3, img_size, img_size, device=device)
+        if ops_only:
+            for m in (static, dida):
+                for _ in range(warmup):
+                    forward_fn(m, x)()
+            print(f'| {dida_name} vs {static_name} | {ops_cells(static, dida, x, units)} |', flush=True)
+            continue
         y = torch.randint(0, static.num_classes, (batch_size,), device=device)
         fwd = paired_times({'static': forward_fn(static, x), 'dida': forward_fn(dida, x)}, reps, warmup)
+        ops = ops_cells(static, dida, x, units)
         throughput, ratio = '-', '-'
         if not dida_name.startswith('dida_resnet') or int(dida_name[len('dida_resnet'):]) in train_depths:
             t = paired_times({'static': train_step_fn(static, x, y), 'dida': train_step_fn(dida, x, y)}, reps,
@@ -195,7 +234,7 @@ def print_model_table(
             ratio = ratio_with_spread(t)
         print(f'| {dida_name} vs {static_name} | {p_d / 1e6:.2f}M vs {p_s / 1e6:.2f}M '
               f'| {m_d / 1e6:.1f}M vs {m_s / 1e6:.1f}M | +{(p_d - p_s) / p_s:.2%} | +{(m_d - m_s) / m_s:.3%} '
-              f'| {ratio_with_spread(fwd)} (b{batch_size}, {img_size} px) | {throughput} | {ratio} |',
+              f'| {ops} | {ratio_with_spread(fwd)} (b{batch_size}, {img_size} px) | {throughput} | {ratio} |',
               flush=True)
 
 
@@ -210,6 +249,8 @@ def main():
     parser.add_argument('--batch-scale', type=int, default=1, help='multiply the model table\'s batch sizes')
     parser.add_argument('--compile', default=None, metavar='MODE',
                         help='time every contender through torch.compile(mode=MODE), e.g. default, reduce-overhead')
+    parser.add_argument('--ops-only', action='store_true',
+                        help='only count the top-level aten ops of each model\'s forward (seconds, no timing)')
     args = parser.parse_args()
     check_options(parser, args, [('depths', distinct), ('train_depths', distinct), ('reps', at_least(1)),
                                  ('batch_scale', at_least(1))])
@@ -225,7 +266,10 @@ def main():
     print(f'# DIDA cost, {hardware}, torch {torch.__version__}, timm {timm.__version__}{compiled}\n')
 
     if not args.branch_only:
-        print_model_table(args.depths, args.train_depths, args.reps, device, args.batch_scale, args.compile)
+        print_model_table(args.depths, args.train_depths, args.reps, device, args.batch_scale, args.compile,
+                          args.ops_only)
+    if args.ops_only:
+        return
     print('\n## Factored DIDA branch vs the per-sample-loop reference (training step, batch 64, dida_resnet18 '
           'layer4 branch: 256x14x14 -> 512x7x7, two units)\n')
     branch = DidaBranch(256, 512, 512, depth=2, stride=2).to(device)

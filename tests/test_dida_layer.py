@@ -1,9 +1,15 @@
 """The DIDA module (SPEC section 1): equations, parameter counts, gradients and per-sample kernels."""
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
 from dida_timm.layers import DidaModule
-from dida_timm.layers.dida_reference import dida_forward_per_sample
+from dida_timm.layers.dida_reference import dida_forward_per_sample, literal_kernels
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / 'bench'))
+from bench_cost import count_top_level_ops  # noqa: E402
 
 
 def _randomise(module: DidaModule, seed: int = 0) -> DidaModule:
@@ -16,21 +22,51 @@ def _randomise(module: DidaModule, seed: int = 0) -> DidaModule:
 
 
 @pytest.mark.parametrize('stride', [1, 2])
-@pytest.mark.parametrize('dilations', [(1,), (2,), (1, 2)])
+@pytest.mark.parametrize('dilations', [(1,), (2,), (1, 2), (2, 1), (2, 4)])
 @pytest.mark.parametrize('shared_reduction', [True, False])
-def test_factored_forward_equals_per_sample_loop(stride, dilations, shared_reduction):
+@pytest.mark.parametrize('dynamic', [True, False])
+def test_factored_forward_equals_per_sample_loop(stride, dilations, shared_reduction, dynamic):
     module = _randomise(DidaModule(32, 16, stride=stride, reduction=4, dilations=dilations,
-                                   shared_reduction=shared_reduction))
+                                   shared_reduction=shared_reduction, dynamic=dynamic))
     x = torch.randn(6, 32, 11, 11)
     factored, loop = module(x), dida_forward_per_sample(module, x)
     assert factored.shape == loop.shape == (6, 16, (11 - 1) // stride + 1, (11 - 1) // stride + 1)
     assert (factored - loop).abs().max().item() <= 1e-5
 
 
-def test_factored_forward_equals_loop_with_1x1_kernel_on_dilation_1_path():
-    module = _randomise(DidaModule(32, 16, reduction=4, kernel_size=(1, 3)))
-    x = torch.randn(3, 32, 8, 8)
+@pytest.mark.parametrize('kernel_size', [(1, 3), (3, 1), (3, 5), (5, 3), 1])
+@pytest.mark.parametrize('stride', [1, 2])
+def test_factored_forward_equals_loop_with_a_kernel_size_per_dilation(kernel_size, stride):
+    module = _randomise(DidaModule(32, 16, stride=stride, reduction=4, kernel_size=kernel_size))
+    x = torch.randn(3, 32, 9, 9)
     assert (module(x) - dida_forward_per_sample(module, x)).abs().max().item() <= 1e-5
+
+
+def test_reference_kernels_from_the_generator_convs_equal_the_factored_kernels():
+    module = _randomise(DidaModule(32, 16, reduction=4, kernel_size=(1, 3)))
+    x = torch.randn(5, 32, 6, 6)
+    for literal, factored in zip(literal_kernels(module, x), module.generate_kernels(x)):
+        torch.testing.assert_close(literal, factored)
+
+
+@pytest.mark.parametrize('shared_reduction', [True, False])
+def test_bfloat16_autocast_stays_within_bfloat16_precision(shared_reduction):
+    module = _randomise(DidaModule(32, 16, reduction=4, shared_reduction=shared_reduction))
+    x = torch.randn(4, 32, 9, 9)
+    with torch.autocast('cpu', dtype=torch.bfloat16):
+        out = module(x)
+    reference = dida_forward_per_sample(module, x)
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out.float(), reference, rtol=2e-2, atol=2e-2 * reference.abs().max().item())
+
+
+def test_forward_runs_few_aten_ops():
+    # each op is a dispatch (a kernel launch on GPU): the unit used to run 47, most of its cost in eager mode
+    module = DidaModule(64, 128, reduction=16).eval()
+    x = torch.randn(8, 64, 16, 16)
+    with torch.no_grad():
+        module(x)
+        assert count_top_level_ops(lambda: module(x)) <= 17
 
 
 @pytest.mark.parametrize('in_chs, out_chs, reduction, expected', [

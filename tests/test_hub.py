@@ -190,6 +190,30 @@ def test_no_tracked_file_names_a_path_of_the_build_machine():
             offending.append(name)
     assert not offending, f'absolute paths of a build machine in {offending}'
 
+@pytest.mark.parametrize('name', PUBLISHED)
+def test_published_checkpoint_loads_strict_and_predicts_as_the_literal_reference(name):
+    import types
+    from dida_timm.layers import DidaModule
+    from dida_timm.layers.dida_reference import dida_forward_per_sample
+    from dida_timm.models._published import published_folder
+    model = timm.create_model(name.split('.')[0]).eval()
+    model.load_state_dict(safetensors.torch.load_file(str(published_folder(name) / 'model.safetensors')), strict=True)
+    units = [m for m in model.modules() if isinstance(m, DidaModule)]
+    inputs = {}
+    hooks = [m.register_forward_pre_hook(lambda m, args: inputs.__setitem__(m, args[0])) for m in units]
+    x = torch.randn(16, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        logits = model(x)
+        for h in hooks:
+            h.remove()
+        for unit in units:
+            reference = dida_forward_per_sample(unit, inputs[unit])
+            assert (unit(inputs[unit]) - reference).abs().max().item() <= 1e-5 * max(1.0, reference.abs().max().item())
+            unit.forward = types.MethodType(dida_forward_per_sample, unit)
+        reference_logits = model(x)
+    torch.testing.assert_close(logits, reference_logits, rtol=1e-5, atol=1e-5)
+    assert torch.equal(logits.argmax(1), reference_logits.argmax(1))
+
 
 def test_every_published_checkpoint_is_registered():
     assert timm.list_pretrained('dida_digitnet_compact.offline_*') == sorted(PUBLISHED)
