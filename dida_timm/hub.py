@@ -180,8 +180,10 @@ def selection_section(run: Dict) -> List[str]:
     last = run['history'][-1]
     lines = ['', '## Checkpoint selection without target labels', '',
              f"Rule `{sel['rule']}` chose epoch {sel['epoch']} of {last['epoch']}: {sel['reason']}."]
-    if sel['guard_fired']:
-        lines += ['', f"**The collapse guard fired** on epochs {', '.join(sorted(sel['flagged'], key=int))}:"]
+    if sel['flagged']:
+        lines += ['', ('**The collapse guard fired**: it flagged the last epoch, so an earlier checkpoint ships. '
+                       if sel['guard_fired'] else 'The collapse guard flagged earlier epochs only. ') +
+                  f"Flagged epochs: {', '.join(sorted(sel['flagged'], key=int))}:"]
         lines += [f"- epoch {e}: {'; '.join(reasons)}" for e, reasons in sorted(sel['flagged'].items(),
                                                                              key=lambda kv: int(kv[0]))][:5]
     if run.get('last_target_accuracy') is not None:

@@ -122,6 +122,15 @@ def test_the_guard_passes_a_healthy_adaptation_and_the_rule_keeps_the_latest_epo
     assert selection.epoch == 8 and not selection.guard_fired
 
 
+def test_a_flag_on_an_early_epoch_only_is_not_a_fired_guard():
+    balanced = torch.arange(500) % C
+    collapsed = balanced.clone()
+    collapsed[balanced >= 5] = 0
+    epochs = [_row(5, balanced, balanced, 0.6), _row(6, collapsed, balanced, 0.97), _row(7, balanced, balanced, 0.9)]
+    selection = select_checkpoint(epochs, 'guarded_last')
+    assert selection.epoch == 7 and set(selection.flagged) == {6} and not selection.guard_fired
+
+
 def test_a_confident_relabelling_trips_the_agreement_check():
     balanced = torch.arange(500) % C
     swapped = (balanced + 1) % C  # every class alive, none where it was

@@ -89,7 +89,7 @@ def test_source_and_target_stream_runs_after_a_source_only_phase_in_either_forwa
     for forward_mode in ('joint', 'separate'):
         _train(['--source', 'mnist', '--target', 'uci_digits', '--source-only-epochs', '1', '--epochs', '1',
                 '--unlabelled-stream', 'source+target', '--forward-mode', forward_mode, '--tsne-per-domain', '0',
-                '--deterministic', '--experiment', forward_mode], tmp_path, data_dir)
+                '--deterministic', '--select', 'last', '--experiment', forward_mode], tmp_path, data_dir)
         history = json.loads((tmp_path / forward_mode / 'results.json').read_text())['history']
         assert [h['phase'] for h in history] == ['source_only', 'fixmatch'] and 'keep_rate' in history[1]
         weights[forward_mode] = _weights(tmp_path / forward_mode)
@@ -233,7 +233,7 @@ def test_a_run_forced_to_collapse_falls_back_to_the_source_only_model_with_a_war
     assert results['target_accuracy'] == pytest.approx(results['source_only_start_target_accuracy'])
     assert results['history'][-1]['effective_classes'] < 2
     assert 'collapse guard fired' in (tmp_path / 'collapse' / 'log.txt').read_text()
-    assert 'WARNING: the collapse guard flagged epochs [3, 4]' in result.stdout
+    assert 'WARNING: the collapse guard fired: it flagged the last epoch (flagged epochs [3, 4])' in result.stdout
     # the shipped weights are the source-only model's
     reference = safetensors.torch.load_file(str(tmp_path / 'collapse' / 'selection' / 'reference.safetensors'))
     assert all(torch.equal(v, _weights(tmp_path / 'collapse')[k]) for k, v in reference.items())

@@ -315,7 +315,7 @@ class Run:
                 if cfg.method == 'fixmatch':
                     selection = self.monitor.update(self.evaluated_model, self.history)
                     for reason in selection.flagged.get(epoch + 1, []):
-                        _logger.warning(f'collapse guard, epoch {epoch + 1}: {reason}')
+                        _logger.info(f'collapse guard flags epoch {epoch + 1}: {reason}')
                 if self.is_main:
                     save_checkpoint(ckpt_dir, epoch + 1, self.model, dict(
                         phase=phase_index, optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(),
@@ -365,7 +365,8 @@ class Run:
         if selection.epoch != self.history[-1]['epoch']:
             model.load_state_dict(self.monitor.selected_weights(selection))
         if selection.guard_fired:
-            _logger.warning(f'collapse guard fired on epochs {sorted(selection.flagged)}; {selection.reason}')
+            _logger.warning(f'collapse guard fired: the last epoch is flagged (flagged epochs '
+                            f'{sorted(selection.flagged)}); {selection.reason}')
         per_domain = {name: evaluate(model, ds, len(self.classes), a.eval_batch_size, self.device,
                                      rank=self.rank, world_size=self.world_size)
                       for name, ds in self.test_sets.items()}
@@ -453,7 +454,8 @@ def print_result_table(results: dict) -> None:
           f"{sel['epoch']}, {sel['rule']} |")
     print(sel['reason'])
     if sel['guard_fired']:
-        print(f"WARNING: the collapse guard flagged epochs {sorted(int(e) for e in sel['flagged'])}")
+        print(f"WARNING: the collapse guard fired: it flagged the last epoch (flagged epochs "
+              f"{sorted(int(e) for e in sel['flagged'])}), so the run ships epoch {sel['epoch']}")
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
