@@ -37,8 +37,13 @@ from ._static_twin import static_twin_filter_fn
 
 __all__ = ['add_dida']
 
-# features_only indices where the family has fewer than timm's default five feature levels
-_FEATURE_INDICES = {'convnext': (0, 1, 2, 3)}
+# features_only settings of the families: ConvNeXt has four feature levels (timm's default is five); stages
+# named inside a Sequential (`stages.3`, `blocks.6`) need it flattened, ResNet's `layer1`.. must stay whole
+_FEATURE_CFGS = {
+    'convnext': dict(out_indices=(0, 1, 2, 3), flatten_sequential=True),
+    'efficientnet': dict(flatten_sequential=True),
+    'mobilenetv3': dict(flatten_sequential=True),
+}
 
 # activations that gate (SE, attention) rather than follow a norm; never the branch's activation
 _GATES = (nn.Sigmoid, nn.Hardsigmoid, nn.Tanh, nn.Softmax, nn.Identity)
@@ -253,8 +258,7 @@ def _create_dida(variant: str, pretrained: bool = False, **kwargs: Any) -> nn.Mo
         pretrained,
         pretrained_filter_fn=static_twin_filter_fn,
         # the base family's features_only classes (EfficientNetFeatures, ...) have no branch: wrap this model
-        feature_cfg=dict(out_indices=_FEATURE_INDICES.get(base.split('_')[0], (0, 1, 2, 3, 4)),
-                         flatten_sequential=True),
+        feature_cfg=dict(_FEATURE_CFGS.get(base.split('_')[0], {})),
         **kwargs,
     )
 
