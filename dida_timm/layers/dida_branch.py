@@ -14,7 +14,7 @@ stage's output (forward hooks, the flattened feature list, FX node names, `forwa
 sum, never the branch-less blocks.
 """
 from collections import OrderedDict
-from typing import Any, Optional, Type
+from typing import Any, Iterator, Optional, Type
 
 import torch
 import torch.nn as nn
@@ -89,7 +89,9 @@ class DidaStage(nn.Module):
     """A static stage with a DIDA branch beside it: blocks(x) + branch(x).
 
     `grad_checkpointing` is set by models that switch checkpointing per stage (ConvNeXt, RegNet): the wrapper
-    receives the flag instead of the stage it wraps, so it checkpoints both paths itself.
+    receives the flag instead of the stage it wraps, so it checkpoints both paths itself. Models that checkpoint
+    block by block (timm's `checkpoint_seq(blocks, flatten=True)` in EfficientNet, MobileNetV3) iterate each
+    stage into its blocks; iterating a DidaStage yields the whole stage, so blocks and branch stay one unit.
     """
 
     def __init__(self, blocks: nn.Module, branch: nn.Module):
@@ -97,6 +99,10 @@ class DidaStage(nn.Module):
         self.blocks = blocks
         self.branch = branch
         self.grad_checkpointing = False
+
+    @torch.jit.ignore
+    def __iter__(self) -> Iterator[nn.Module]:
+        return iter((self,))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.grad_checkpointing and not torch.jit.is_scripting():
