@@ -98,14 +98,10 @@ def add_dida(
         model: nn.Module,
         stages: Optional[Sequence[int]] = None,
         branch_depth: int = 1,
-        dida_reduction: int = 16,
-        dida_dilations: Sequence[int] = (1, 2),
-        dida_kernel_size: Union[int, Sequence[int]] = 3,
-        dida_shared_reduction: bool = True,
-        dida_dynamic: bool = True,
-        dida_layer_scale: Optional[float] = None,
-        dida_norm_layer: Optional[Union[str, Type[nn.Module]]] = None,
-        dida_act_layer: Optional[Union[str, Type[nn.Module]]] = None,
+        norm_layer: Optional[Union[str, Type[nn.Module]]] = None,
+        act_layer: Optional[Union[str, Type[nn.Module]]] = None,
+        layer_scale_init: Optional[float] = None,
+        **dida_options: Any,
 ) -> nn.Module:
     """Add DIDA branches beside feature stages of a timm CNN, in place: Z = stage(X) + branch(X).
 
@@ -114,14 +110,10 @@ def add_dida(
         stages: `feature_info` indices (as timm's `out_indices`, negative allowed) of the stages that get a
             branch; None gives the last one (the paper's res4 placement).
         branch_depth: Units per branch (the paper's text: one).
-        dida_reduction: Channel reduction m of the DIDA modules.
-        dida_dilations: Dilations of the DIDA modules (one or two).
-        dida_kernel_size: Generated kernel size, or one per dilation.
-        dida_shared_reduction: Share the reduction conv between features and kernel generators.
-        dida_dynamic: Per-sample kernels (True) or the static-kernel ablation (False).
-        dida_layer_scale: Initial value of a learned per-channel scale on the branch output (None: no scale).
-        dida_norm_layer: Branch norm (e.g. 'batchnorm2d'); None follows the stage's own norm.
-        dida_act_layer: Branch activation (e.g. 'relu'); None follows the stage's own activation.
+        norm_layer: Branch norm (e.g. 'batchnorm2d'); None follows the stage's own norm.
+        act_layer: Branch activation (e.g. 'relu'); None follows the stage's own activation.
+        layer_scale_init: Initial value of a learned per-channel scale on the branch output (None: no scale).
+        **dida_options: DidaModule options: reduction, dilations, kernel_size, shared_reduction, dynamic.
 
     Returns:
         The same model, its class now a subclass of its timm class with a branch-aware `group_matcher`.
@@ -153,7 +145,7 @@ def add_dida(
             raise ValueError(
                 f'add_dida needs NCHW feature maps: {type(model).__name__}.{name} maps {in_shape} to {out_shape}')
         stage = model.get_submodule(name)
-        norm_layer, act_layer = _stage_norm_act(stage)
+        stage_norm, stage_act = _stage_norm_act(stage)
         param = next(stage.parameters())
         branch = DidaBranch(
             in_shape[1],
@@ -162,16 +154,12 @@ def add_dida(
             depth=branch_depth,
             # the probe's sizes are multiples of the stride, so the ratio is exact (1 for a dilated stage)
             stride=math.ceil(in_shape[2] / out_shape[2]),
-            reduction=dida_reduction,
-            dilations=dida_dilations,
-            kernel_size=dida_kernel_size,
-            shared_reduction=dida_shared_reduction,
-            dynamic=dida_dynamic,
-            layer_scale_init=dida_layer_scale,
-            norm_layer=get_norm_layer(dida_norm_layer) if dida_norm_layer else norm_layer,
-            act_layer=get_act_layer(dida_act_layer) if dida_act_layer else act_layer,
+            layer_scale_init=layer_scale_init,
+            norm_layer=get_norm_layer(norm_layer) if norm_layer else stage_norm,
+            act_layer=get_act_layer(act_layer) if act_layer else stage_act,
             device=param.device,
             dtype=param.dtype,
+            **dida_options,
         )
         parent, _, child = name.rpartition('.')
         parent_module = model.get_submodule(parent) if parent else model
@@ -244,10 +232,17 @@ def _with_dida_class(cls: type) -> type:
     return _CLASSES[cls]
 
 
-def _create_dida_model(base: str, dida_stages: Optional[Sequence[int]] = None, **kwargs: Any) -> nn.Module:
+# model kwargs of the registered families (DidaResNet's names) -> add_dida's
+_RENAMED = {'dida_stages': 'stages', 'dida_layer_scale': 'layer_scale_init', 'dida_norm_layer': 'norm_layer',
+            'dida_act_layer': 'act_layer'}
+
+
+def _create_dida_model(base: str, **kwargs: Any) -> nn.Module:
     """timm's `base` architecture (built by its own entrypoint, no weights) with DIDA branches."""
-    dida_kwargs = {k: kwargs.pop(k) for k in list(kwargs) if k.startswith('dida_') or k == 'branch_depth'}
-    return add_dida(model_entrypoint(base)(pretrained=False, **kwargs), dida_stages, **dida_kwargs)
+    dida_kwargs = {_RENAMED.get(k, k[len('dida_'):]): kwargs.pop(k) for k in list(kwargs) if k.startswith('dida_')}
+    if 'branch_depth' in kwargs:
+        dida_kwargs['branch_depth'] = kwargs.pop('branch_depth')
+    return add_dida(model_entrypoint(base)(pretrained=False, **kwargs), **dida_kwargs)
 
 
 def _create_dida(variant: str, pretrained: bool = False, **kwargs: Any) -> nn.Module:
