@@ -5,7 +5,7 @@ import timm
 
 import dida_timm  # noqa: F401  registers the models
 
-OUR_MODULES = ('dida_resnet', 'dida_digitnet')
+OUR_MODULES = ('dida_resnet', 'dida_digitnet', 'dida_generic')
 
 
 def our_models(pretrained: bool = False, include_tags: bool = False) -> List[str]:

@@ -255,3 +255,28 @@ def test_run_finishes_without_the_plotting_packages(tmp_path, data_dir):
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert (tmp_path / 'core' / 'results.json').is_file() and not list((tmp_path / 'core').glob('*.png'))
     assert 'report pictures skipped: matplotlib and scikit-learn not installed' in result.stdout
+
+@pytest.mark.slow
+def test_a_generic_timm_cnn_adapts_from_its_static_twin_and_exports(tmp_path, data_dir):
+    # dida_regnety_004 (add_dida on timm's RegNetY, untrained) through the unchanged train.py and hub export
+    import timm
+    from dida_timm.hub import export_runs
+    from dida_timm.inference import load_model
+    twin = timm.create_model('regnety_004', num_classes=10)
+    twin_path = tmp_path / 'regnety_004.safetensors'
+    safetensors.torch.save_file(twin.state_dict(), str(twin_path))
+    _train(['--model', 'dida_regnety_004.untrained', '--input-size', '32', '--init-checkpoint', str(twin_path),
+            '--source', 'mnist', '--target', 'uci_digits', '--source-only-epochs', '1', '--epochs', '1',
+            '--tsne-per-domain', '0', '--experiment', 'regnet'], tmp_path, data_dir)
+    run = tmp_path / 'regnet'
+    results = json.loads((run / 'results.json').read_text())
+    assert [h['phase'] for h in results['history']] == ['source_only', 'fixmatch']
+    weights = _weights(run)
+    assert {k for k in weights if '.branch.' not in k} == {k.replace('s4.', 's4.blocks.', 1) for k in twin.state_dict()}
+    assert any(k.startswith('s4.branch.0.dida.') for k in weights)
+    exported = export_runs([run], tmp_path / 'export', 'dida-timm/regnet-test')
+    model = load_model(f'local-dir:{exported}')
+    reference = timm.create_model('dida_regnety_004', num_classes=10)
+    reference.load_state_dict(weights)
+    x = torch.randn(2, 3, 32, 32)
+    torch.testing.assert_close(model(x), reference.eval()(x))

@@ -14,11 +14,12 @@ stage's output (forward hooks, the flattened feature list, FX node names, `forwa
 sum, never the branch-less blocks.
 """
 from collections import OrderedDict
-from typing import Any, Optional, Type
+from typing import Any, Iterator, Optional, Type
 
 import torch
 import torch.nn as nn
-from timm.layers import LayerScale2d
+from timm.layers import LayerScale2d, create_act_layer
+from timm.models._manipulate import checkpoint
 
 from .dida import DidaModule
 
@@ -34,8 +35,8 @@ class DidaBranch(nn.Sequential):
         out_chs: Channels of the stage output the branch is added to.
         depth: Number of units.
         stride: Stride of the first unit (the stage's stride).
-        norm_layer: Normalization layer.
-        act_layer: Activation layer.
+        norm_layer: Normalization layer, called with the channel count (BatchNorm2d, LayerNorm2d, ...).
+        act_layer: Activation layer, in place when it takes `inplace` (GELU does not).
         layer_scale_init: If set, the branch output is multiplied by a learned per-channel scale starting at
             this value (a small value makes the network start as its static twin). A BN with zero weight
             before the ReLU would do that too but kills the branch's gradients for good.
@@ -70,13 +71,13 @@ class DidaBranch(nn.Sequential):
                     **dd,
                 ),
                 bn=norm_layer(hidden_chs, **dd),
-                act=act_layer(inplace=True),
+                act=create_act_layer(act_layer, inplace=True),
             )
             if out_chs != hidden_chs:
                 layers.update(
                     conv=nn.Conv2d(hidden_chs, out_chs, 1, bias=False, **dd),
                     bn2=norm_layer(out_chs, **dd),
-                    act2=act_layer(inplace=True),
+                    act2=create_act_layer(act_layer, inplace=True),
                 )
             if i == depth - 1 and layer_scale_init is not None:
                 layers.update(scale=LayerScale2d(out_chs, layer_scale_init, **dd))
@@ -103,14 +104,27 @@ def _init_branch_weights(branch: nn.Module) -> None:
 
 
 class DidaStage(nn.Module):
-    """A static stage with a DIDA branch beside it: blocks(x) + branch(x)."""
+    """A static stage with a DIDA branch beside it: blocks(x) + branch(x).
+
+    `grad_checkpointing` is set by models that switch checkpointing per stage (ConvNeXt, RegNet): the wrapper
+    receives the flag instead of the stage it wraps, so it checkpoints both paths itself. Models that checkpoint
+    block by block (timm's `checkpoint_seq(blocks, flatten=True)` in EfficientNet, MobileNetV3) iterate each
+    stage into its blocks; iterating a DidaStage yields the whole stage, so blocks and branch stay one unit.
+    """
 
     def __init__(self, blocks: nn.Module, branch: nn.Module):
         super().__init__()
         self.blocks = blocks
         self.branch = branch
+        self.grad_checkpointing = False
+
+    @torch.jit.ignore
+    def __iter__(self) -> Iterator[nn.Module]:
+        return iter((self,))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.grad_checkpointing and not torch.jit.is_scripting():
+            return checkpoint(self.blocks, x) + checkpoint(self.branch, x)
         return self.blocks(x) + self.branch(x)
 
 

@@ -1,3 +1,4 @@
 from .dida_digitnet import DigitNet
 from .dida_resnet import DidaResNet
 from ._static_twin import static_twin_filter_fn
+from .dida_generic import add_dida

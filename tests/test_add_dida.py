@@ -1,0 +1,219 @@
+"""`add_dida` on timm CNNs and the registered families (ConvNeXt, EfficientNet, RegNetY, MobileNetV3, ResNet-D)."""
+import pickle
+
+import pytest
+import safetensors.torch
+import timm
+import torch
+import torch.nn.functional as F
+from timm.layers import LayerNorm2d
+from timm.models import load_checkpoint
+from timm.models._manipulate import group_parameters
+
+from dida_timm import add_dida
+from dida_timm.layers import DidaStage
+from dida_timm.models import static_twin_filter_fn
+
+FAMILIES = {
+    'convnext': ['atto', 'femto', 'pico', 'nano', 'tiny', 'small'],
+    'efficientnet': ['b0', 'b1', 'b2', 'b3'],
+    'regnety': ['004', '008', '016', '032'],
+    'mobilenetv3': ['large_100'],
+    'resnet': ['26d', '50d'],
+}
+REGISTERED = [f'dida_{family}{"" if family == "resnet" else "_"}{v}' for family, vs in FAMILIES.items() for v in vs]
+SMALLEST = ['dida_convnext_atto', 'dida_efficientnet_b0', 'dida_regnety_004', 'dida_mobilenetv3_large_100',
+            'dida_resnet26d']
+UNREGISTERED = ['resnet26', 'regnetx_002', 'efficientnet_lite0']
+X = torch.randn(2, 3, 64, 64)
+
+
+def _silence_branch(model: torch.nn.Module) -> None:
+    """Zero the last norm of every branch unit, so the branch adds exactly zero."""
+    for stage in model.modules():
+        if isinstance(stage, DidaStage):
+            for unit in stage.branch:
+                torch.nn.init.zeros_(unit.bn.weight)
+                torch.nn.init.zeros_(unit.bn.bias)
+
+
+def _static_keys(model: torch.nn.Module) -> dict:
+    """{key of the static twin: key in `model`} for every non-branch entry of the state dict."""
+    stages = [f'{n}.' for n, m in model.named_modules() if isinstance(m, DidaStage)]
+    out = {}
+    for key in model.state_dict():
+        stage = next((s for s in stages if key.startswith(s)), None)
+        if stage and key.startswith(f'{stage}branch.'):
+            continue
+        out[key.replace(f'{stage}blocks.', stage, 1) if stage else key] = key
+    return out
+
+
+def test_every_family_is_registered_with_backbone_tags_and_an_untrained_one():
+    assert set(REGISTERED) <= set(timm.list_models('dida_*'))
+    for name in REGISTERED:
+        base = name[len('dida_'):]
+        tags = timm.list_models(name, include_tags=True)
+        assert f'{name}.untrained' in tags
+        # the default tag loads the base model's default ImageNet checkpoint, never an adapted one
+        default = timm.models.get_pretrained_cfg(name)
+        assert default.hf_hub_id == timm.models.get_pretrained_cfg(base).hf_hub_id
+        assert default.hf_hub_id.startswith('timm/') and default.hf_hub_id.endswith('in1k')
+        for tag in timm.list_pretrained(f'{name}.*'):
+            assert timm.models.get_pretrained_cfg(tag).hf_hub_id == f'timm/{tag[len("dida_"):]}'
+        untrained = timm.models.get_pretrained_cfg(f'{name}.untrained')
+        assert not (untrained.hf_hub_id or untrained.url or untrained.file)
+        base_cfg = timm.models.get_pretrained_cfg(base)
+        for key in ('input_size', 'mean', 'std', 'crop_pct', 'interpolation', 'pool_size', 'first_conv'):
+            assert getattr(untrained, key) == getattr(base_cfg, key) == getattr(default, key), (name, key)
+
+
+def test_untrained_tag_refuses_pretrained_loading():
+    with pytest.raises(RuntimeError, match='No pretrained weights'):
+        timm.create_model('dida_convnext_atto.untrained', pretrained=True)
+
+
+def test_branch_follows_the_stage_norm_and_activation_unless_told_otherwise():
+    expected = {
+        'dida_convnext_atto': ('stages.3', LayerNorm2d, 'GELU', 2),
+        'dida_efficientnet_b0': ('blocks.6', torch.nn.BatchNorm2d, 'SiLU', 1),
+        'dida_regnety_004': ('s4', torch.nn.BatchNorm2d, 'ReLU', 2),
+        'dida_mobilenetv3_large_100': ('blocks.6', torch.nn.BatchNorm2d, 'Hardswish', 1),
+        'dida_resnet26d': ('layer4', torch.nn.BatchNorm2d, 'ReLU', 2),
+    }
+    for name, (stage_name, norm, act, stride) in expected.items():
+        model = timm.create_model(name, device='meta')
+        stages = [n for n, m in model.named_modules() if isinstance(m, DidaStage)]
+        assert stages == [stage_name], name
+        unit = model.get_submodule(stage_name).branch[0]
+        assert type(unit.bn) is norm and type(unit.act).__name__ == act and unit.dida.stride == stride, name
+    unit = timm.create_model('dida_convnext_atto', dida_norm_layer='batchnorm2d', dida_act_layer='relu',
+                             device='meta').stages[3].branch[0]
+    assert type(unit.bn) is torch.nn.BatchNorm2d and type(unit.act) is torch.nn.ReLU
+
+
+@pytest.mark.parametrize('name', REGISTERED)
+def test_branch_gets_nonzero_gradients_after_loading_the_plain_models_weights(name, tmp_path):
+    base = name[len('dida_'):]
+    plain = timm.create_model(base, num_classes=5)
+    path = tmp_path / f'{base}.safetensors'
+    safetensors.torch.save_file(plain.state_dict(), str(path))
+    model = timm.create_model(name, num_classes=5, pretrained=True,
+                              pretrained_cfg_overlay=dict(file=str(path), num_classes=5)).train()
+    state, keys = model.state_dict(), _static_keys(model)
+    assert keys.keys() == plain.state_dict().keys()
+    for key, value in plain.state_dict().items():
+        assert torch.equal(state[keys[key]], value), key
+    F.cross_entropy(model(torch.randn(4, 3, 64, 64)), torch.tensor([0, 1, 2, 3])).backward()
+    for n, p in model.named_parameters():
+        if '.branch.' in n:
+            assert p.grad is not None and p.grad.abs().sum() > 0, f'{name}: {n} gets no gradient'
+
+
+@pytest.mark.parametrize('feature_cls', ['list', 'dict', 'hook', 'fx', 'getter'])
+@pytest.mark.parametrize('name', ['dida_convnext_atto', 'dida_efficientnet_b0', 'dida_resnet26d'])
+def test_every_feature_extractor_includes_the_branch(name, feature_cls):
+    torch.manual_seed(0)
+    model = timm.create_model(name).eval()
+    torch.manual_seed(0)
+    features = timm.create_model(name, features_only=True, feature_cls=feature_cls).eval()
+    out = features(X)
+    out = list(out.values()) if isinstance(out, dict) else out
+    taps = model.forward_intermediates(X, intermediates_only=True)
+    assert [o.shape for o in out] == [t.shape for t in taps]
+    torch.testing.assert_close(out[-1], taps[-1])
+    _silence_branch(model)
+    assert not torch.allclose(out[-1], model.forward_intermediates(X, intermediates_only=True)[-1])
+
+
+@pytest.mark.parametrize('name', SMALLEST)
+def test_group_matcher_puts_the_branch_after_its_stage_and_before_the_head(name):
+    model = timm.create_model(name, device='meta')
+    stage = next(n for n, m in model.named_modules() if isinstance(m, DidaStage))
+    for coarse in (False, True):
+        groups = group_parameters(model, model.group_matcher(coarse=coarse))
+        group_of = {n: gid for gid, names in groups.items() for n in names}
+        branch = {g for n, g in group_of.items() if n.startswith(f'{stage}.branch.')}
+        blocks = {g for n, g in group_of.items() if n.startswith(f'{stage}.blocks.')}
+        assert len(branch) == 1, (name, coarse)
+        if coarse:
+            assert branch <= blocks
+        else:
+            # after its stage; timm's "join the previous group" ordinal may put a head conv with it
+            assert min(branch) > max(blocks) and min(branch) < group_of[f"{model.pretrained_cfg['classifier']}.weight"]
+    assert len(model.branch_parameters()) == sum(1 for n, _ in model.named_parameters() if '.branch.' in n)
+
+
+@pytest.mark.parametrize('name', ['dida_convnext_atto', 'dida_mobilenetv3_large_100'])
+def test_torchscript_fx_and_reset_classifier_match_eager(name):
+    model = timm.create_model(name).eval()
+    with timm.layers.set_layer_config(scriptable=True):
+        scripted = torch.jit.script(model)
+    torch.testing.assert_close(scripted(X), model(X))
+    torch.testing.assert_close(torch.fx.symbolic_trace(model)(X), model(X))
+    model.reset_classifier(3)
+    assert model(X).shape == (2, 3)
+    assert model.forward_head(model.forward_features(X), pre_logits=True).shape[1] == model.head_hidden_size
+
+
+@pytest.mark.slow
+def test_torch_compile_fullgraph_matches_eager():
+    model = timm.create_model('dida_regnety_004', num_classes=7).eval()
+    compiled = torch.compile(model, fullgraph=True)
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(X), model(X), rtol=1e-4, atol=1e-4)
+
+
+def test_output_stride_dilates_the_last_stage_and_keeps_the_branch_aligned():
+    model = timm.create_model('dida_regnety_004', output_stride=16).eval()
+    assert model.s4.branch[0].dida.stride == 1
+    assert model.forward_features(X).shape[-2:] == (4, 4)
+
+
+def test_earlier_stages_and_deeper_branches():
+    model = timm.create_model('dida_convnext_atto', dida_stages=(1, -1), branch_depth=2).eval()
+    assert [n for n, m in model.named_modules() if isinstance(m, DidaStage)] == ['stages.1', 'stages.3']
+    assert len(model.stages[1].branch) == 2 and model.stages[1].branch[0].dida.stride == 2
+    assert model(X).shape == (2, 1000)
+    with pytest.raises(ValueError, match='feature_info indices'):
+        timm.create_model('dida_convnext_atto', dida_stages=(4,))
+
+
+@pytest.mark.parametrize('base', UNREGISTERED)
+def test_add_dida_on_unregistered_cnns_changes_outputs_and_round_trips_its_weights(base, tmp_path):
+    # the static twin's weights come through timm's own pretrained path, then the branch is added
+    twin = timm.create_model(base, num_classes=4)
+    twin_path = tmp_path / 'twin.safetensors'
+    safetensors.torch.save_file(twin.state_dict(), str(twin_path))
+    model = add_dida(timm.create_model(base, num_classes=4, pretrained=True,
+                                       pretrained_cfg_overlay=dict(file=str(twin_path), num_classes=4))).eval()
+    assert isinstance(model, type(twin)) and type(model).__name__ == f'{type(twin).__name__}WithDida'
+    keys = _static_keys(model)
+    for key, value in twin.state_dict().items():
+        assert torch.equal(model.state_dict()[keys[key]], value), key
+    out = model(X)
+    # the whole DIDA model round-trips through a safetensors file
+    path = tmp_path / 'dida.safetensors'
+    safetensors.torch.save_file(model.state_dict(), str(path))
+    loaded = add_dida(timm.create_model(base, num_classes=4)).eval()
+    load_checkpoint(loaded, str(path), filter_fn=static_twin_filter_fn)
+    torch.testing.assert_close(loaded(X), out)
+    assert type(pickle.loads(pickle.dumps(model))) is type(model)
+    _silence_branch(model)
+    assert not torch.allclose(model(X), out), 'the branch does not reach the output'
+
+
+def test_add_dida_refuses_what_it_cannot_handle():
+    with pytest.raises(ValueError, match='vision transformer'):
+        add_dida(timm.create_model('vit_tiny_patch16_224', device='meta'))
+    model = add_dida(timm.create_model('regnetx_002'))
+    with pytest.raises(ValueError, match='already have a DIDA branch'):
+        add_dida(model)
+    with pytest.raises(ValueError, match='features_only wrappers'):
+        add_dida(timm.create_model('regnetx_002', features_only=True))
+
+
+def test_released_resnet_layout_is_untouched():
+    model = timm.create_model('dida_resnet50', device='meta')
+    assert type(model).__name__ == 'DidaResNet' and len(model.layer4.branch) == 3
+    assert model.layer4.branch[0].conv.out_channels == 2048
