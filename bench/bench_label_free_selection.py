@@ -32,6 +32,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from uda_runs import SIZES, emit_table, offline_study, run_all, run_name, study_run  # noqa: E402
 
+from dida_timm.arguments import at_least, check_options, distinct  # noqa: E402
 from dida_timm.data.offline_digits import DOMAINS  # noqa: E402
 from dida_timm.training.selection import (  # noqa: E402
     LABEL_FREE_KEYS, RULES, CollapseGuard, atc_estimate, fit_atc_threshold, select_checkpoint)
@@ -209,8 +210,8 @@ def main() -> None:
     parser.add_argument('--analyse-only', action='store_true', help='read the finished runs, train nothing')
     args = parser.parse_args()
     study = offline_study(args.size)
-    if args.jobs < 1:
-        parser.error(f'--jobs: must be >= 1, got {args.jobs}')
+    check_options(parser, args, [('seeds', at_least(0)), ('seeds', distinct), ('targets', distinct),
+                                 ('jobs', at_least(1))])
     out = args.out or Path(f'output/label_free_selection_{args.size}')
     grid = study_grid(args.targets, args.seeds)
     if args.analyse_only:

@@ -133,6 +133,8 @@ def test_folder_domains_are_the_sub_folders_and_must_be_chosen(tmp_path, capsys)
 
 
 @pytest.mark.parametrize('script, argv, option', [
+    ('bench/bench_label_free_selection.py', ['--seeds', '0', '0'], '--seeds'),
+    ('bench/bench_label_free_selection.py', ['--jobs', '0'], '--jobs'),
     ('bench/bench_uda_accuracy.py', ['--seeds', '0', '0'], '--seeds'),
     ('bench/bench_uda_accuracy.py', ['--jobs', '0'], '--jobs'),
     ('bench/bench_uda_accuracy.py', ['--seeds', '-1'], '--seeds'),
