@@ -241,9 +241,9 @@ class DidaModule(nn.Module):
                        groups=self.reduced_chs)
         n, _, h, w = out.shape
         if self.shared_reduction:
-            at_zero, at_one = out.view(n, self.reduced_chs, 2, -1, w).unbind(2)
+            at_zero, at_one = out.reshape(n, self.reduced_chs, 2, -1, w).unbind(2)
             return torch.lerp(at_zero, at_one, code)
-        at_zero, at_one = out.view(n, self.reduced_chs, 2, -1, h, w).unbind(2)
+        at_zero, at_one = out.reshape(n, self.reduced_chs, 2, -1, h, w).unbind(2)
         return torch.lerp(at_zero, at_one, code).flatten(2, 3)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
