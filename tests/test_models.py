@@ -24,7 +24,7 @@ def _silence_branch(model: DidaResNet) -> None:
 
 
 def test_every_depth_is_registered_with_its_pretrained_tags():
-    assert timm.list_models('dida_resnet*') == [f'dida_resnet{d}' for d in DEPTHS]
+    assert timm.list_models('dida_resnet*', module='dida_resnet') == [f'dida_resnet{d}' for d in DEPTHS]
     for depth in DEPTHS:
         tags = timm.list_models(f'dida_resnet{depth}', include_tags=True)
         assert set(tags) == {f'dida_resnet{depth}.{t}' for t in ('tv_in1k', 'a1_in1k', 'untrained')}
