@@ -179,7 +179,7 @@ def selection_section(run: Dict) -> List[str]:
     scores = sel['label_free_scores']
     last = run['history'][-1]
     lines = ['', '## Checkpoint selection without target labels', '',
-             f"Rule `{sel['rule']}` chose epoch {sel['epoch']} of {last['epoch']}: {sel['reason']}."]
+             f"Epoch {sel['epoch']} of {last['epoch']} was chosen by the rule {sel['reason']}."]
     if sel['flagged']:
         lines += ['', ('**The collapse guard fired**: it flagged the last epoch, so an earlier checkpoint ships. '
                        if sel['guard_fired'] else 'The collapse guard flagged earlier epochs only. ') +
