@@ -17,7 +17,7 @@ from dida_timm.layers import DidaStage, is_branch_parameter
 __all__ = ['static_twin_filter_fn']
 
 
-def _classifier_name(model: nn.Module) -> str:
+def classifier_name(model: nn.Module) -> str:
     """Module name of the classifier (not every timm model's `get_classifier` takes `name_only`)."""
     classifier = model.get_classifier()
     return next(name for name, module in model.named_modules() if module is classifier)
@@ -41,7 +41,7 @@ def static_twin_filter_fn(state_dict: Dict[str, torch.Tensor], model: nn.Module)
         stage = next((s for s in stages if k.startswith(s)), None)
         out[f'{stage}blocks.{k[len(stage):]}' if stage else k] = v
     model_state = model.state_dict()
-    classifier = _classifier_name(model) + '.'
+    classifier = classifier_name(model) + '.'
     static_keys = {k for k in model_state if not is_branch_parameter(k) and not k.startswith(classifier)}
     loaded_keys = {k for k in out if not k.startswith(classifier)}
     missing, unexpected = sorted(static_keys - loaded_keys), sorted(loaded_keys - static_keys)

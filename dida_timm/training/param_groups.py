@@ -8,6 +8,7 @@ from typing import Dict, List
 import torch.nn as nn
 
 from ..layers import is_branch_parameter
+from ..models._static_twin import classifier_name
 
 __all__ = ['uda_param_groups']
 
@@ -20,7 +21,7 @@ def uda_param_groups(model: nn.Module, new_lr_scale: float = 10.0, weight_decay:
         new_lr_scale: Learning-rate multiplier of the branch and the classifier.
         weight_decay: Weight decay of weights; biases and norm parameters (1-D) get none, as in timm.
     """
-    classifier = model.get_classifier(name_only=True) + '.' if hasattr(model, 'get_classifier') else None
+    classifier = classifier_name(model) + '.' if hasattr(model, 'get_classifier') else None
     groups: Dict[tuple, Dict] = {}
     for name, param in model.named_parameters():
         if not param.requires_grad:
