@@ -50,6 +50,7 @@ def _refused(parse, capsys, option):
     (['--warmup-epochs', '10'], '--warmup-epochs'),
     (['--source-only-epochs', '2', '--warmup-epochs', '2'], '--warmup-epochs'),
     (['--min-lr', '1'], '--min-lr'),
+    (['--no-pseudo-label-dropout'], '--no-pseudo-label-dropout'),  # the joint pass has no pass of its own
     (['--clip-grad', '0'], '--clip-grad'),
     (['--ema-decay', '1'], '--ema-decay'),
     (['--translate', '2'], '--translate'),

@@ -7,6 +7,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from dida_timm.training import MultiViewModel, UdaConfig, fixmatch_loss, pseudo_label, uda_step, uda_param_groups
+from dida_timm.training.step import stochastic_layers_off
 
 
 def _logits(probs):
@@ -184,3 +185,24 @@ def test_separate_mode_makes_the_released_codes_three_passes(stream):
         else:
             # pseudo-labels: weak views without gradients; then the supervised pass; then the strong views
             assert seen == [(unlabelled, False, True), (6, True, True), (unlabelled, True, True)]
+
+
+def test_pseudo_labels_without_dropout_keep_batch_statistics_and_restore_every_mode():
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(3, 8), nn.BatchNorm1d(8), nn.Dropout(0.9), nn.Linear(8, 2))
+    seen = []  # (gradients enabled, BN training, dropout training) of every pass
+    net[1].register_forward_pre_hook(lambda m, x: seen.append((torch.is_grad_enabled(), m.training, net[2].training)))
+    source, labels = torch.randn(6, 3), torch.randint(0, 2, (6,))
+    weak, strong = torch.randn(4, 3), torch.randn(4, 3)
+    model = MultiViewModel(net, joint=False)
+    for dropout in (True, False):
+        seen.clear()
+        uda_step(model, UdaConfig(forward_mode='separate', pseudo_label_dropout=dropout), source, labels, weak, strong)
+        assert seen == [(False, True, dropout), (True, True, True), (True, True, True)]
+        assert all(m.training for m in net.modules())
+    # with dropout off the pseudo-labels are a function of the batch: two steps agree exactly
+    with torch.no_grad(), stochastic_layers_off(model):
+        first, second = model([weak])[0], model([weak])[0]
+    torch.testing.assert_close(first, second)
+    with pytest.raises(ValueError, match='separate'):
+        UdaConfig(forward_mode='joint', pseudo_label_dropout=False)

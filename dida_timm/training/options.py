@@ -68,6 +68,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument('--soft-weighting', action='store_true', help='confidence-weighted pseudo-labels (DomainNet)')
     g.add_argument('--unlabelled-stream', default='target', choices=['target', 'source+target'])
     g.add_argument('--forward-mode', default='joint', choices=['joint', 'separate'])
+    g.add_argument('--pseudo-label-dropout', action=argparse.BooleanOptionalAction, default=True,
+                   help='dropout active in the pseudo-label pass (off: only with --forward-mode separate)')
     g.add_argument('--unlabelled-weight', type=float, default=1.0)
     g.add_argument('--source-only-epochs', type=int, default=0, help='source-only phase before adapting')
     g.add_argument('--select', default='guarded_last', choices=sorted(RULES),
@@ -191,6 +193,9 @@ def check_args(args: argparse.Namespace, parser: argparse.ArgumentParser) -> arg
     if args.warmup_epochs and args.warmup_epochs >= min(phases):
         parser.error(f'--warmup-epochs: {args.warmup_epochs} warm-up epochs leave nothing of a {min(phases)}-epoch '
                      'phase (every phase warms up)')
+    if not args.pseudo_label_dropout and args.forward_mode == 'joint':
+        parser.error('--no-pseudo-label-dropout: needs --forward-mode separate (the joint pass computes the '
+                     'pseudo-labels in the same pass as the strong views)')
     if args.min_lr > args.lr:
         parser.error(f'--min-lr: {args.min_lr} is above --lr {args.lr}')
     if args.rand_augment:

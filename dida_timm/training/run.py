@@ -147,7 +147,7 @@ class Run:
         self.sources = [train for train, _ in splits]
         self.source_val = ConcatDataset([val for _, val in splits])
         self.uda_cfg = UdaConfig(a.method, a.threshold, a.soft_weighting, a.unlabelled_stream, a.forward_mode,
-                                 a.unlabelled_weight)
+                                 a.unlabelled_weight, a.pseudo_label_dropout)
 
     def _build_inputs(self) -> None:
         """Transforms from the model's data config (input size, mean, std), samplers and datasets."""

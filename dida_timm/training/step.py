@@ -12,9 +12,13 @@ Two choices the paper and the authors' released code (Dassl) make differently ar
   the alternative on an SVHN-style target, not yet re-measured by this project) or 'separate' (released code,
   three passes in training mode: pseudo-labels from a no-grad pass over the unlabelled stream's weak views,
   the supervised pass over the source, the pass over the strong views).
+- `pseudo_label_dropout` (separate mode only): the released code's no-grad pass runs in training mode, so dropout
+  perturbs the pseudo-labels; off, that pass runs with every layer in evaluation mode except the normalisation
+  layers (which keep using and updating batch statistics, as in the other passes).
 """
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
-from typing import Dict, Optional
+from typing import Dict, Iterator, Optional
 
 import torch
 import torch.nn as nn
@@ -22,7 +26,7 @@ import torch.nn.functional as F
 
 from .fixmatch import fixmatch_loss, pseudo_label
 
-__all__ = ['UdaConfig', 'uda_step']
+__all__ = ['UdaConfig', 'uda_step', 'stochastic_layers_off']
 
 
 @dataclass
@@ -36,6 +40,8 @@ class UdaConfig:
         unlabelled_stream: 'target' or 'source+target'.
         forward_mode: 'joint' or 'separate'.
         unlabelled_weight: Weight of the unlabelled loss (1 in the paper).
+        pseudo_label_dropout: Keep dropout (and every other train-time layer but normalisation) active in the
+            pseudo-label pass; only 'separate' has a pass of its own to turn it off in.
     """
     method: str = 'fixmatch'
     threshold: float = 0.95
@@ -43,6 +49,7 @@ class UdaConfig:
     unlabelled_stream: str = 'target'
     forward_mode: str = 'joint'
     unlabelled_weight: float = 1.0
+    pseudo_label_dropout: bool = True
 
     def __post_init__(self):
         choices = dict(method=('fixmatch', 'source_only'), unlabelled_stream=('target', 'source+target'),
@@ -52,10 +59,29 @@ class UdaConfig:
                 raise ValueError(f'{name} must be one of {allowed}, got {getattr(self, name)!r}')
         if not 0.0 <= self.threshold <= 1.0:
             raise ValueError(f'threshold must be in [0, 1], got {self.threshold}')
+        if not self.pseudo_label_dropout and self.forward_mode == 'joint':
+            raise ValueError("pseudo_label_dropout=False needs forward_mode='separate': the joint pass computes the "
+                             'pseudo-labels in the same pass as the strong views, with dropout')
 
     @property
     def needs_source_strong(self) -> bool:
         return self.method == 'fixmatch' and self.unlabelled_stream == 'source+target'
+
+
+@contextmanager
+def stochastic_layers_off(model: nn.Module) -> Iterator[None]:
+    """Evaluation mode for every layer but batch normalisation (dropout, drop path, MixStyle off; batch statistics
+    still used and tracked) inside the block; every module's mode is restored after it."""
+    modes = {m: m.training for m in model.modules()}
+    model.eval()
+    for m, training in modes.items():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            m.training = training
+    try:
+        yield
+    finally:
+        for m, training in modes.items():
+            m.training = training
 
 
 def uda_step(
@@ -101,7 +127,7 @@ def uda_step(
         # unlabelled stream's weak views, then the supervised pass, then the pass over the strong views (the
         # last two in one module call: DDP allows one forward with gradients per step)
         weak = torch.cat([source, target_weak]) if with_source else target_weak
-        with torch.no_grad():
+        with torch.no_grad(), nullcontext() if cfg.pseudo_label_dropout else stochastic_layers_off(model):
             weak_logits = model([weak])[0]
         source_logits, strong_logits = model(
             [source, torch.cat([source_strong, target_strong]) if with_source else target_strong])

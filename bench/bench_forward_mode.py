@@ -1,0 +1,133 @@
+"""Which FixMatch step should be the default: one joint pass or the released code's separate passes, and
+pseudo-labels with or without dropout?
+
+DIDA-Net's released code (Dassl) computes pseudo-labels in a no-grad pass over the weak views in training mode
+(dropout active), then runs the supervised and the strong passes separately; the original FixMatch runs every
+view in one pass (one set of batch statistics). Three steps are compared:
+
+    joint                  source + weak + strong target in one pass (`--forward-mode joint`, dropout on the weak
+                           view too: it shares the pass)
+    separate               the released code's three passes (`--forward-mode separate`)
+    separate, no dropout   the same, the pseudo-label pass without dropout (`--no-pseudo-label-dropout`;
+                           batch normalisation still in training mode)
+
+Leave one domain out on the built-in offline benchmark, every domain as the target, 3 seeds, FixMatch
+(`digitnet_compact`) and DIDA-Net (`dida_digitnet_compact`), the README recipe at the CPU size of the other
+studies (1,000 train images per domain, 12 FixMatch epochs). Every adapting run of a (target, seed) starts from
+ONE static source-only run (3 epochs), DIDA-Net with a fresh branch on it, so the steps are compared from the
+same start and differences are paired. Runs are seed-major and resumable: a stopped study keeps whole seeds,
+re-running the command continues it, and `--analyse-only` tables whatever has finished.
+
+    python bench/bench_forward_mode.py --jobs 2 --markdown forward_mode.md
+    python bench/bench_forward_mode.py --analyse-only
+"""
+import argparse
+import json
+import statistics
+import sys
+from pathlib import Path
+from typing import Dict, List, Tuple
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from uda_runs import (  # noqa: E402
+    emit_table, mean_std, offline_study, run_all, run_name, shared_start_run, study_run)
+
+from dida_timm.arguments import at_least, check_options, distinct  # noqa: E402
+from dida_timm.data.offline_digits import DOMAINS  # noqa: E402
+
+METHODS = ('FixMatch', 'DIDA-Net')
+STEPS: Dict[str, Tuple[str, ...]] = {
+    'joint': ('--forward-mode', 'joint'),
+    'separate': ('--forward-mode', 'separate'),
+    'separate, no dropout': ('--forward-mode', 'separate', '--no-pseudo-label-dropout'),
+}
+BASELINE = 'joint'
+
+
+def finished(out: Path, names: List[str]) -> Dict[str, dict]:
+    """results.json of the runs among `names` that have finished."""
+    paths = {name: out / name / 'results.json' for name in names}
+    return {name: json.loads(p.read_text()) for name, p in paths.items() if p.exists()}
+
+
+def table(grid: Dict[Tuple[int, str, str, str], str], starts: Dict[Tuple[int, str], str],
+          results: Dict[str, dict], targets: List[str]) -> List[str]:
+    """Markdown tables over the seeds whose every run has finished."""
+    seeds = sorted({s for s, *_ in grid})
+    seeds = [s for s in seeds if all(n in results for (seed, *_), n in grid.items() if seed == s)
+             and all(n in results for (seed, _), n in starts.items() if seed == s)]
+    if not seeds:
+        return ['No seed has finished every run yet.']
+
+    def acc(seed, target, method, step):
+        return results[grid[seed, target, method, step]]['target_accuracy']
+
+    columns = [(m, s) for m in METHODS for s in STEPS]
+    lines = [
+        f'Target test accuracy (%) of the last epoch, mean ± std over seeds {", ".join(map(str, seeds))}; '
+        'start: the shared static source-only run.',
+        '',
+        '| target | start | ' + ' | '.join(f'{m}: {s}' for m, s in columns) + ' |',
+        '|---|---|' + '---|' * len(columns),
+    ]
+    for target in targets:
+        start = mean_std([results[starts[seed, target]]['target_accuracy'] for seed in seeds])
+        cells = [mean_std([acc(seed, target, m, s) for seed in seeds]) for m, s in columns]
+        lines.append(f'| {target} | {start} | ' + ' | '.join(cells) + ' |')
+    # the average's std is over seeds of the per-seed mean over targets
+    start = mean_std([statistics.mean(results[starts[seed, t]]['target_accuracy'] for t in targets) for seed in seeds])
+    cells = [mean_std([statistics.mean(acc(seed, t, m, s) for t in targets) for seed in seeds]) for m, s in columns]
+    lines.append(f'| **average** | {start} | ' + ' | '.join(cells) + ' |')
+
+    lines += [
+        '',
+        f'Paired with `{BASELINE}` over the {len(seeds) * len(targets)} (target, seed) pairs: mean difference '
+        '(points), pairs better / worse, and in the last epoch the kept share of target pseudo-labels and how many '
+        'of them were right (means); training time per run on this machine.',
+        '',
+        f'| method | step | minus {BASELINE} | better / worse | kept | kept correct | min per run |',
+        '|---|---|---|---|---|---|---|',
+    ]
+    pairs = [(seed, t) for seed in seeds for t in targets]
+    for m, s in columns:
+        runs = [results[grid[seed, t, m, s]] for seed, t in pairs]
+        last = [[h for h in r['history'] if h['phase'] == 'fixmatch'][-1] for r in runs]
+        diff = [acc(seed, t, m, s) - acc(seed, t, m, BASELINE) for seed, t in pairs]
+        versus = '- | -' if s == BASELINE else (f'{statistics.mean(diff):+.1f} ± {statistics.stdev(diff):.1f} | '
+                                                f'{sum(d > 0 for d in diff)} / {sum(d < 0 for d in diff)}')
+        lines.append(
+            f'| {m} | {s} | {versus} | '
+            f'{statistics.mean(h["keep_rate"] for h in last):.0%} | '
+            f'{statistics.mean(h["pseudo_accuracy"] for h in last):.0%} | '
+            f'{statistics.mean(r["wall_seconds"] for r in runs) / 60:.1f} |')
+    return lines
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument('--seeds', type=int, nargs='+', default=[0, 1, 2])
+    parser.add_argument('--targets', nargs='+', default=list(DOMAINS), choices=DOMAINS)
+    parser.add_argument('--jobs', type=int, default=1, help='runs side by side (CPU threads are split)')
+    parser.add_argument('--out', type=Path, default=Path('output/forward_mode'), help='run folders (resumable)')
+    parser.add_argument('--markdown', type=Path, default=None, help='also write the tables here')
+    parser.add_argument('--analyse-only', action='store_true', help='table the finished runs, train nothing')
+    args = parser.parse_args()
+    check_options(parser, args, [('seeds', at_least(0)), ('seeds', distinct), ('targets', distinct),
+                                 ('jobs', at_least(1))])
+    study = offline_study('cpu')
+    starts = {(seed, t): run_name(t, 'shared start', {}, seed) for seed in args.seeds for t in args.targets}
+    grid = {(seed, t, m, s): run_name(t, m, {}, seed, STEPS[s], shared_start=True)
+            for seed in args.seeds for t in args.targets for m in METHODS for s in STEPS}
+    if not args.analyse_only:
+        run_all([shared_start_run(study, name, t, seed) for (seed, t), name in starts.items()], args.out, args.jobs)
+        run_all([study_run(study, name, m, t, seed, train_args=STEPS[s],
+                           start=args.out / starts[seed, t] / 'model.safetensors')
+                 for (seed, t, m, s), name in grid.items()], args.out, args.jobs)
+    results = finished(args.out, [*starts.values(), *grid.values()])
+    emit_table([f'{study.description}, leave one domain out, `{study.model}` (DIDA-Net) and its static twin '
+                '(FixMatch), every adapting run from one shared static start per target and seed.', '',
+                *table(grid, starts, results, args.targets)], args.markdown)
+
+
+if __name__ == '__main__':
+    main()
