@@ -3,6 +3,6 @@
 Importing the package registers its models with timm, so `timm.create_model('dida_resnet18')` works.
 """
 from .layers import DidaBranch, DidaModule, DidaStage
-from .models import DidaResNet, DigitNet, add_dida
+from .models import DidaResNet, DigitNet, add_dida, register_dida
 
 __version__ = '0.1.0'

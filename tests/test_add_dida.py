@@ -10,9 +10,10 @@ from timm.layers import LayerNorm2d
 from timm.models import load_checkpoint
 from timm.models._manipulate import group_parameters
 
-from dida_timm import add_dida
+from dida_timm import add_dida, register_dida
 from dida_timm.layers import DidaStage
 from dida_timm.models import static_twin_filter_fn
+from dida_timm_models import our_models
 
 FAMILIES = {
     'convnext': ['atto', 'femto', 'pico', 'nano', 'tiny', 'small'],
@@ -199,6 +200,17 @@ def test_add_dida_on_unregistered_cnns_changes_outputs_and_round_trips_its_weigh
     loaded = add_dida(timm.create_model(base, num_classes=4)).eval()
     load_checkpoint(loaded, str(path), filter_fn=static_twin_filter_fn)
     torch.testing.assert_close(loaded(X), out)
+    # ... and through timm's own loading path once the architecture has a name
+    name = register_dida(base)
+    assert register_dida(base) == name == f'dida_{base}' and name not in our_models()
+    for weights in (path, twin_path):  # the DIDA state dict, or the static twin's with a fresh branch
+        rebuilt = timm.create_model(name, num_classes=4, pretrained=True,
+                                    pretrained_cfg_overlay=dict(file=str(weights), num_classes=4)).eval()
+        assert type(rebuilt) is type(model)
+        if weights == path:
+            torch.testing.assert_close(rebuilt(X), out)
+        else:
+            assert all(torch.equal(rebuilt.state_dict()[keys[k]], v) for k, v in twin.state_dict().items())
     assert type(pickle.loads(pickle.dumps(model))) is type(model)
     _silence_branch(model)
     assert not torch.allclose(model(X), out), 'the branch does not reach the output'
@@ -212,6 +224,9 @@ def test_add_dida_refuses_what_it_cannot_handle():
         add_dida(model)
     with pytest.raises(ValueError, match='features_only wrappers'):
         add_dida(timm.create_model('regnetx_002', features_only=True))
+    for name in ('no_such_model', 'regnetx_002.pycls_in1k', 'dida_resnet18'):
+        with pytest.raises(ValueError, match='register_dida needs'):
+            register_dida(name)
 
 
 def test_released_resnet_layout_is_untouched():

@@ -386,3 +386,4 @@ def dida_resnet26d(pretrained: bool = False, **kwargs) -> nn.Module:
 def dida_resnet50d(pretrained: bool = False, **kwargs) -> nn.Module:
     """DIDA-ResNet-50-D: timm's resnet50d with a one-unit DIDA branch beside layer4."""
     return _create_dida('dida_resnet50d', pretrained, **kwargs)
+
