@@ -233,3 +233,12 @@ def test_released_resnet_layout_is_untouched():
     model = timm.create_model('dida_resnet50', device='meta')
     assert type(model).__name__ == 'DidaResNet' and len(model.layer4.branch) == 3
     assert model.layer4.branch[0].conv.out_channels == 2048
+
+
+def test_the_package_factory_registers_any_timm_cnn_named_dida_base():
+    from dida_timm.models.factory import create_model
+    model = create_model('dida_efficientnet_lite0.untrained', num_classes=3)
+    assert sum(isinstance(m, DidaStage) for m in model.modules()) == 1
+    assert model.pretrained_cfg['architecture'] == 'dida_efficientnet_lite0'
+    with pytest.raises(RuntimeError, match='Unknown model'):
+        create_model('dida_no_such_cnn')

@@ -18,6 +18,8 @@ from typing import Dict, Optional, Tuple
 import timm
 import torch
 
+from .dida_any import register_dida
+
 __all__ = ['create_model', 'read_hub_config', 'require_safetensors', 'validate_hub_config']
 
 
@@ -134,6 +136,9 @@ def require_safetensors(spec: str) -> None:
 def create_model(spec: str, pretrained: bool = False, allow_pickle: bool = False, **kwargs) -> torch.nn.Module:
     """timm.create_model, with Hub / local configs validated first and a clear word on unknown architectures.
 
+    A `dida_<base>` architecture that is not registered yet is registered with `register_dida` when `<base>` is a
+    timm model, so runs and exports of any timm CNN rebuild by name.
+
     Args:
         spec: name[.tag], hf-hub:ORG/NAME[@REVISION], local-dir:PATH, or the path of an exported repo folder.
         pretrained: Load the weights the spec names.
@@ -147,6 +152,9 @@ def create_model(spec: str, pretrained: bool = False, allow_pickle: bool = False
         validate_hub_config(config, spec)
         if pretrained and not allow_pickle:
             require_safetensors(spec)
+    arch = config['architecture'] if config is not None else spec.split('.')[0]
+    if arch.startswith('dida_') and not timm.is_model(arch) and timm.is_model(arch[len('dida_'):]):
+        register_dida(arch[len('dida_'):])
     try:
         return timm.create_model(spec, pretrained=pretrained, **kwargs)
     except RuntimeError as e:
