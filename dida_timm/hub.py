@@ -15,7 +15,7 @@ import timm
 import yaml
 
 from .data.transforms import test_data_config
-from .models.factory import validate_hub_config  # noqa: F401  (re-exported)
+from .models.factory import create_model, validate_hub_config  # noqa: F401  (validate_hub_config re-exported)
 
 __all__ = ['PAPER_RESULTS', 'export_runs', 'export_tag', 'initial_weights', 'model_card', 'push_folder', 'read_run',
            'run_data_config', 'run_label_free', 'selection_section', 'validate_hub_config']
@@ -229,7 +229,7 @@ def export_runs(run_dirs: Sequence[Path], out_dir: Path, repo_name: str, license
             raise ValueError(f"{r['run_dir']} differs from {runs[0]['run_dir']} in {differing}: not seeds of one setting")
     first = runs[0]
     model_kwargs = first['args'].get('model_kwargs') or {}
-    model = timm.create_model(first['architecture'], num_classes=len(first['classes']), **model_kwargs)
+    model = create_model(first['architecture'], num_classes=len(first['classes']), **model_kwargs)
     weights = Path(first['run_dir']) / 'model.safetensors'
     model.load_state_dict(safetensors.torch.load_file(str(weights)))
     # the config describes this run, not the architecture's default weights: no tag, Hub id or notes of those
