@@ -151,3 +151,23 @@ def test_guarded_estimate_picks_the_highest_estimate_among_unflagged_epochs():
 def test_an_unknown_rule_is_refused_with_the_choices():
     with pytest.raises(ValueError, match='guarded_last'):
         select_checkpoint([dict(epoch=0, effective_classes=10, dead_classes=0, mean_confidence=0.5)], 'best')
+
+
+def test_the_monitor_takes_the_reference_from_the_epoch_it_just_scored(monkeypatch):
+    from torch.utils.data import TensorDataset
+
+    import dida_timm.training.label_free as label_free
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(12, 4))
+    target = TensorDataset(torch.randn(20, 3, 2, 2), torch.full((20,), -1))
+    source = TensorDataset(torch.randn(8, 3, 2, 2), torch.randint(0, 4, (8,)))
+    passes = []
+    predict = label_free.predict_probs
+    monkeypatch.setattr(label_free, 'predict_probs', lambda m, ds, *a: passes.append(ds) or predict(m, ds, *a))
+    scored = label_free.LabelFreeMonitor(None, False, target, source)
+    scored.set_reference(model, 3, scored.score(model, 3))
+    assert [p is target for p in passes] == [True, False]  # one pass over the target slice, one over the source
+    fresh = label_free.LabelFreeMonitor(None, False, target, source)  # resumed: epoch 3 not scored here
+    fresh.set_reference(model, 3, {})
+    assert torch.equal(fresh.reference_predictions, scored.reference_predictions)
+    assert len(passes) == 3

@@ -11,7 +11,7 @@ collapse guard fires; its weights and those of the currently selected epoch are 
 import json
 import os
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 import safetensors.torch
@@ -73,6 +73,8 @@ class LabelFreeMonitor:
         self.device = device
         self.reference_epoch: Optional[int] = None
         self.reference_predictions: Optional[torch.Tensor] = None
+        # (epoch, target predictions) of the last score() call, so the reference needs no second pass
+        self._scored: Optional[Tuple[int, torch.Tensor]] = None
         if self.write:
             (self.out_dir / 'label_free').mkdir(parents=True, exist_ok=True)
             (self.out_dir / 'selection').mkdir(parents=True, exist_ok=True)
@@ -85,6 +87,7 @@ class LabelFreeMonitor:
         target_probs, target_labels = predict_probs(model, self.target_val, self.batch_size, self.device)
         source_probs, source_labels = predict_probs(model, self.source_val, self.batch_size, self.device)
         threshold = fit_atc_threshold(source_probs, source_labels, self.atc_score)
+        self._scored = (epoch, target_probs.argmax(-1))
         row = dict(
             source_val_accuracy=float((source_probs.argmax(-1) == source_labels).double().mean() * 100),
             **label_free_scores(target_probs, self.reference_predictions, self.pseudo_label_threshold),
@@ -100,7 +103,10 @@ class LabelFreeMonitor:
     def set_reference(self, model: nn.Module, epoch: int, row: Dict[str, float]) -> None:
         """Make `model` (the state after `epoch`, whose scores are `row`) the source-only reference."""
         self.reference_epoch = epoch
-        self.reference_predictions = predict_probs(model, self.target_val, self.batch_size, self.device)[0].argmax(-1)
+        if self._scored is not None and self._scored[0] == epoch:
+            self.reference_predictions = self._scored[1]
+        else:  # resumed right after that epoch: not scored by this process
+            self.reference_predictions = predict_probs(model, self.target_val, self.batch_size, self.device)[0].argmax(-1)
         row['agreement'] = 100.0
         if self.write:
             _save_weights(model, self.out_dir / 'selection' / 'reference.safetensors')
