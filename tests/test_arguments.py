@@ -165,3 +165,11 @@ def test_predict_command_refuses_what_makes_no_sense(argv, option, tmp_path, cap
     base = ['--model', 'dida_digitnet_compact.offline_mnist', '--images', str(tmp_path / 'images'), '--output',
             str(tmp_path / 'preds.csv')]
     _refused(lambda: predict_main(base + argv), capsys, option)
+
+
+def test_a_target_folder_named_like_a_source_domain_is_refused(tmp_path, capsys):
+    (tmp_path / 'mnist').mkdir()
+    err = _refused(lambda: train.parse_args(['--target-dir', str(tmp_path / 'mnist')]), capsys, '--target-dir')
+    assert "named like the source domain 'mnist'" in err
+    args = train.parse_args(['--target-dir', str(tmp_path / 'mnist'), '--source', 'syn_style', 'svhn_style'])
+    assert args.source == ['syn_style', 'svhn_style']

@@ -155,6 +155,11 @@ def check_args(args: argparse.Namespace, parser: argparse.ArgumentParser) -> arg
         args.source = args.source or list(domains)
         if not args.source:
             parser.error(f'--source: {args.data_dir} has no sub-folders to use as source domains')
+        # the target is named by its folder, and every domain's results are keyed by name
+        name = Path(args.target_dir).resolve().name
+        if name in args.source:
+            parser.error(f'--target-dir: the folder {args.target_dir} is named like the source domain {name!r}; '
+                         'rename it or leave that domain out of --source')
     else:
         if args.target is not None and args.target in (args.source or []):
             parser.error(f'--target: the target {args.target!r} is also a source')

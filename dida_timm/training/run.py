@@ -118,8 +118,6 @@ class Run:
             _logger.info(f'target: the unlabelled images under {a.target_dir} (--target {a.target} not used)')
         else:
             self.target_name = a.target
-        if self.target_name in a.source:
-            raise RunError(f'the target {self.target_name!r} is also a source')
         sources = read(a.source, a.source_split)
         self.classes = sources[0].classes
         if a.target_dir:
