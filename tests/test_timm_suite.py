@@ -1,5 +1,4 @@
-"""timm's own model test suite (tests/test_models.py of the installed timm's sdist) run on every model we register
-(of the generic families, the smallest member each: see dida_timm_models.SUITE_SKIPPED).
+"""timm's own model test suite (tests/test_models.py of the installed timm's sdist) run on every model we register.
 
 The sdist is downloaded from PyPI (not vendored); pretrained tests load their weights from a Hugging Face
 cache built locally, with the hub offline.
@@ -14,7 +13,7 @@ from pathlib import Path
 import pytest
 import timm
 
-from dida_timm_models import SUITE_SKIPPED, suite_models
+from dida_timm_models import our_models
 from hf_cache import build_backbone_cache
 
 # suite tests every dida_ architecture (or tag) must pass, with the batch size the suite uses
@@ -53,7 +52,7 @@ def timm_test_models(tmp_path_factory) -> Path:
 @pytest.mark.timeout(3000)
 def test_timm_model_suite_passes_for_every_dida_model(timm_test_models, tmp_path):
     hf_cache = tmp_path / 'hf_cache'
-    build_backbone_cache(hf_cache, suite_models(pretrained=True))
+    build_backbone_cache(hf_cache, our_models(pretrained=True))
     report = tmp_path / 'report.xml'
     env = dict(
         os.environ,
@@ -63,7 +62,7 @@ def test_timm_model_suite_passes_for_every_dida_model(timm_test_models, tmp_path
     )
     result = subprocess.run(
         [sys.executable, '-m', 'pytest', str(timm_test_models),
-         '-k', f"({' or '.join(suite_models())}) and not ({' or '.join(SUITE_SKIPPED)})",
+         '-k', ' or '.join(our_models()),
          '-p', 'timm_suite_plugin',
          '-p', 'no:cacheprovider', '-q', '-W', 'ignore::pytest.PytestUnknownMarkWarning',
          '--rootdir', str(timm_test_models.parent), '-o', 'addopts=', f'--junitxml={report}'],
@@ -78,13 +77,13 @@ def test_timm_model_suite_passes_for_every_dida_model(timm_test_models, tmp_path
     required = [
         f'{test}[{batch_size}-{name}]'
         for names, tests in (
-            (suite_models(), REQUIRED_PER_MODEL),
-            (suite_models(include_tags=True), REQUIRED_PER_TAG),
-            (suite_models(pretrained=True), REQUIRED_PER_PRETRAINED_TAG),
+            (our_models(), REQUIRED_PER_MODEL),
+            (our_models(include_tags=True), REQUIRED_PER_TAG),
+            (our_models(pretrained=True), REQUIRED_PER_PRETRAINED_TAG),
         )
         for name in names
         for test, batch_size in tests.items()
-    ] + [f'test_prune_intermediate_layers_contract[{name}]' for name in suite_models()]
+    ] + [f'test_prune_intermediate_layers_contract[{name}]' for name in our_models()]
     missing = [name for name in required if name not in passed]
     assert not missing, f'timm suite did not run or pass: {missing}\n{result.stdout[-3000:]}'
     print(result.stdout.strip().splitlines()[-1])
