@@ -11,7 +11,7 @@ from timm.models import load_checkpoint
 from timm.models._manipulate import group_parameters
 
 from dida_timm import add_dida, register_dida
-from dida_timm.layers import DidaStage
+from dida_timm.layers import DidaStage, is_branch_parameter
 from dida_timm.models import static_twin_filter_fn
 from dida_timm_models import our_models
 
@@ -101,14 +101,18 @@ def test_branch_gets_nonzero_gradients_after_loading_the_plain_models_weights(na
     safetensors.torch.save_file(plain.state_dict(), str(path))
     model = timm.create_model(name, num_classes=5, pretrained=True,
                               pretrained_cfg_overlay=dict(file=str(path), num_classes=5)).train()
-    state, keys = model.state_dict(), _static_keys(model)
-    assert keys.keys() == plain.state_dict().keys()
-    for key, value in plain.state_dict().items():
-        assert torch.equal(state[keys[key]], value), key
+    # train.py --init-checkpoint loads the same file this way (dida_timm/training/run.py)
+    initialised = timm.create_model(name, num_classes=5)
+    load_checkpoint(initialised, str(path), filter_fn=static_twin_filter_fn)
+    for loaded in (model, initialised):
+        state, keys = loaded.state_dict(), _static_keys(loaded)
+        assert keys.keys() == plain.state_dict().keys()
+        for key, value in plain.state_dict().items():
+            assert torch.equal(state[keys[key]], value), key
     torch.manual_seed(0)
     F.cross_entropy(model(torch.randn(4, 3, 64, 64)), torch.tensor([0, 1, 2, 3])).backward()
     for n, p in model.named_parameters():
-        if '.branch.' in n:
+        if is_branch_parameter(n):
             assert p.grad is not None and p.grad.abs().sum() > 0, f'{name}: {n} gets no gradient'
 
 
@@ -143,7 +147,7 @@ def test_group_matcher_puts_the_branch_after_its_stage_and_before_the_head(name)
         else:
             # after its stage; timm's "join the previous group" ordinal may put a head conv with it
             assert min(branch) > max(blocks) and min(branch) < group_of[f"{model.pretrained_cfg['classifier']}.weight"]
-    assert len(model.branch_parameters()) == sum(1 for n, _ in model.named_parameters() if '.branch.' in n)
+    assert len(model.branch_parameters()) == sum(1 for n, _ in model.named_parameters() if is_branch_parameter(n))
 
 
 @pytest.mark.parametrize('name', ['dida_convnext_atto', 'dida_mobilenetv3_large_100'])
