@@ -83,9 +83,10 @@ def table(grid: Dict[Tuple[int, str, str, str], str], starts: Dict[Tuple[int, st
         '',
         f'Paired with `{BASELINE}` over the {len(seeds) * len(targets)} (target, seed) pairs: mean difference '
         '(points), pairs better / worse, and in the last epoch the kept share of target pseudo-labels and how many '
-        'of them were right (means); training time per run on this machine.',
+        'of them were right (means); seconds per FixMatch epoch on this machine (median over the run\'s epochs, so '
+        'a paused or crowded epoch does not count).',
         '',
-        f'| method | step | minus {BASELINE} | better / worse | kept | kept correct | min per run |',
+        f'| method | step | minus {BASELINE} | better / worse | kept | kept correct | s per epoch |',
         '|---|---|---|---|---|---|---|',
     ]
     pairs = [(seed, t) for seed in seeds for t in targets]
@@ -99,7 +100,7 @@ def table(grid: Dict[Tuple[int, str, str, str], str], starts: Dict[Tuple[int, st
             f'| {m} | {s} | {versus} | '
             f'{statistics.mean(h["keep_rate"] for h in last):.0%} | '
             f'{statistics.mean(h["pseudo_accuracy"] for h in last):.0%} | '
-            f'{statistics.mean(r["wall_seconds"] for r in runs) / 60:.1f} |')
+            f'{statistics.median(h["epoch_seconds"] for r in runs for h in r["history"] if h["phase"] == "fixmatch"):.0f} |')
     return lines
 
 
