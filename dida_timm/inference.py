@@ -14,11 +14,11 @@ from typing import Dict, Iterator, List, Optional, Sequence
 
 import timm
 import torch
-from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
 from .arguments import at_least, check_options
 from .data import read_unlabelled_folder
+from .data.domain_dataset import READ_ERRORS, read_error_reason
 from .models._published import published_folder
 from .models.factory import create_model, read_hub_config  # create_model re-exported: it used to live here
 from .training.selection import CollapseGuard, atc_estimate, label_free_scores
@@ -118,8 +118,8 @@ class _ReadOrReason(Dataset):
     def __getitem__(self, index: int):
         try:
             return self.dataset[index][0], index, ''
-        except (OSError, ValueError, Image.DecompressionBombError) as e:
-            return None, index, f'{type(e.__cause__ or e).__name__}: {e.__cause__ or e}'
+        except READ_ERRORS as e:
+            return None, index, read_error_reason(e)
 
 
 def _collate_readable(items):

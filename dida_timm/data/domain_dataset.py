@@ -11,7 +11,7 @@ import numpy as np
 from PIL import Image
 from torch.utils.data import Dataset
 
-__all__ = ['DomainDataset', 'ArrayDomainDataset', 'FileDomainDataset', 'UNLABELLED']
+__all__ = ['DomainDataset', 'ArrayDomainDataset', 'FileDomainDataset', 'UNLABELLED', 'READ_ERRORS', 'read_error_reason']
 
 UNLABELLED = -1
 
@@ -114,8 +114,8 @@ class FileDomainDataset(DomainDataset):
             try:
                 with Image.open(path) as img:
                     img.load()
-            except (OSError, ValueError, Image.DecompressionBombError) as e:
-                unreadable.append((path, f'{type(e).__name__}: {e}'))
+            except READ_ERRORS as e:
+                unreadable.append((path, read_error_reason(e)))
         if not unreadable:
             return self, []
         bad = {p for p, _ in unreadable}
@@ -126,8 +126,18 @@ class FileDomainDataset(DomainDataset):
         try:
             with Image.open(path) as img:
                 return to_rgb(img)
-        except (OSError, ValueError) as e:
+        except READ_ERRORS as e:
             raise OSError(f'cannot read image {path} (domain {self.domain!r}): {e}') from e
+
+
+# what PIL raises for a file it cannot decode (truncated, not an image, a decompression bomb)
+READ_ERRORS = (OSError, ValueError, Image.DecompressionBombError)
+
+
+def read_error_reason(error: BaseException) -> str:
+    """'ErrorType: message' of the decoding error behind `error` (a `load` error names its cause)."""
+    cause = error.__cause__ or error
+    return f'{type(cause).__name__}: {cause}'
 
 
 def to_rgb(img: Image.Image) -> Image.Image:
