@@ -22,7 +22,6 @@ re-running the command continues it, and `--analyse-only` tables whatever has fi
     python bench/bench_forward_mode.py --analyse-only
 """
 import argparse
-import json
 import statistics
 import sys
 from pathlib import Path
@@ -30,7 +29,7 @@ from typing import Dict, List, Tuple
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from uda_runs import (  # noqa: E402
-    emit_table, mean_std, offline_study, run_all, run_name, shared_start_run, study_run)
+    emit_table, finished_results, mean_std, offline_study, run_all, run_name, shared_start_run, study_run)
 
 from dida_timm.arguments import at_least, check_options, distinct  # noqa: E402
 from dida_timm.data.offline_digits import DOMAINS  # noqa: E402
@@ -42,12 +41,6 @@ STEPS: Dict[str, Tuple[str, ...]] = {
     'separate, no dropout': ('--forward-mode', 'separate', '--no-pseudo-label-dropout'),
 }
 BASELINE = 'joint'
-
-
-def finished(out: Path, names: List[str]) -> Dict[str, dict]:
-    """results.json of the runs among `names` that have finished."""
-    paths = {name: out / name / 'results.json' for name in names}
-    return {name: json.loads(p.read_text()) for name, p in paths.items() if p.exists()}
 
 
 def table(grid: Dict[Tuple[int, str, str, str], str], starts: Dict[Tuple[int, str], str],
@@ -124,7 +117,7 @@ def main():
         run_all([study_run(study, name, m, t, seed, train_args=STEPS[s],
                            start=args.out / starts[seed, t] / 'model.safetensors')
                  for (seed, t, m, s), name in grid.items()], args.out, args.jobs)
-    results = finished(args.out, [*starts.values(), *grid.values()])
+    results = finished_results(args.out, [*starts.values(), *grid.values()])
     emit_table([f'{study.description}, leave one domain out, `{study.model}` (DIDA-Net) and its static twin '
                 '(FixMatch), every adapting run from one shared static start per target and seed.', '',
                 *table(grid, starts, results, args.targets)], args.markdown)

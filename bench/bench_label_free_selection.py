@@ -20,7 +20,6 @@ that any rule can be replayed on the histories and the rule's pick re-exported. 
 import argparse
 import csv
 import itertools
-import json
 import statistics
 import sys
 from pathlib import Path
@@ -30,7 +29,8 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from uda_runs import SIZES, emit_table, offline_study, run_all, run_name, study_run  # noqa: E402
+from uda_runs import (  # noqa: E402
+    SIZES, emit_table, finished_results, offline_study, run_all, run_name, study_run)
 
 from dida_timm.arguments import at_least, check_options, distinct  # noqa: E402
 from dida_timm.data.offline_digits import DOMAINS  # noqa: E402
@@ -231,10 +231,10 @@ def main() -> None:
     out = args.out or Path(f'output/label_free_selection_{args.size}')
     grid = study_grid(args.targets, args.seeds)
     if args.analyse_only:
-        missing = [n for n in grid.values() if not (out / n / 'results.json').is_file()]
+        by_name = finished_results(out, grid.values())
+        missing = [n for n in grid.values() if n not in by_name]
         if missing:
             parser.error(f'--analyse-only: {len(missing)} runs are not finished in {out}, e.g. {missing[0]}')
-        by_name = {n: json.loads((out / n / 'results.json').read_text()) for n in grid.values()}
     else:
         by_name = run_all([study_run(study, name, method, target, seed, train_args=KEEP_ALL)
                            for (seed, target, method), name in grid.items()], out, args.jobs)

@@ -14,7 +14,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
 import yaml
 
@@ -184,6 +184,12 @@ def shared_start_run(study: Study, name: str, target: str, seed: int, train_args
     return _run(study, name, static_twin(study.model), 'source_only', {}, schedule, target, seed, train_args)
 
 
+def finished_results(out: Path, names: Iterable[str]) -> Dict[str, dict]:
+    """results.json of the runs among `names` that have finished in `out`, by name."""
+    paths = {name: out / name / 'results.json' for name in names}
+    return {name: json.loads(p.read_text()) for name, p in paths.items() if p.is_file()}
+
+
 def run_all(runs: Sequence[Run], out: Path, jobs: int = 1) -> Dict[str, dict]:
     """Run every run not finished yet, `jobs` at a time; returns {name: results.json}.
 
@@ -193,7 +199,7 @@ def run_all(runs: Sequence[Run], out: Path, jobs: int = 1) -> Dict[str, dict]:
     out.mkdir(parents=True, exist_ok=True)
     threads = max(1, (os.cpu_count() or 1) // jobs)
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
-    todo = [r for r in runs if not (out / r.name / 'results.json').exists()]
+    todo = [r for r in runs if not (out / r.name / 'results.json').is_file()]
     print(f'{len(runs) - len(todo)} of {len(runs)} runs already done in {out}; {len(todo)} to run, {jobs} at a time',
           flush=True)
 
@@ -212,7 +218,7 @@ def run_all(runs: Sequence[Run], out: Path, jobs: int = 1) -> Dict[str, dict]:
     with ThreadPoolExecutor(jobs) as pool:
         for future in [pool.submit(launch, r) for r in todo]:
             future.result()
-    return {r.name: json.loads((out / r.name / 'results.json').read_text()) for r in runs}
+    return finished_results(out, [r.name for r in runs])
 
 
 def mean_std(values: List[float]) -> str:

@@ -13,7 +13,7 @@ import timm
 import torch.nn as nn
 from timm.models import generate_default_cfgs, register_model
 
-from .dida_generic import _cfgs, _create_dida
+from .dida_generic import create_dida, dida_cfgs
 
 __all__ = ['register_dida']
 
@@ -45,9 +45,9 @@ def register_dida(base: str) -> str:
         return name
 
     def entrypoint(pretrained: bool = False, **kwargs: Any) -> nn.Module:
-        return _create_dida(name, pretrained, **kwargs)
+        return create_dida(name, pretrained, **kwargs)
 
     entrypoint.__name__ = entrypoint.__qualname__ = name
     entrypoint.__doc__ = f"timm's {base} with a one-unit DIDA branch beside its last feature stage."
-    default_cfgs.update(generate_default_cfgs(_cfgs(base)))
+    default_cfgs.update(generate_default_cfgs(dida_cfgs(base)))
     return register_model(entrypoint).__name__

@@ -245,7 +245,9 @@ def _create_dida_model(base: str, **kwargs: Any) -> nn.Module:
     return add_dida(model_entrypoint(base)(pretrained=False, **kwargs), **dida_kwargs)
 
 
-def _create_dida(variant: str, pretrained: bool = False, **kwargs: Any) -> nn.Module:
+def create_dida(variant: str, pretrained: bool = False, **kwargs: Any) -> nn.Module:
+    """Build `dida_<base>` through timm's `build_model_with_cfg` (weights of a static checkpoint load with the
+    branch left fresh)."""
     base = variant[len('dida_'):]
     return build_model_with_cfg(
         lambda **kw: _create_dida_model(base, **kw),
@@ -258,7 +260,7 @@ def _create_dida(variant: str, pretrained: bool = False, **kwargs: Any) -> nn.Mo
     )
 
 
-def _cfgs(base: str) -> Dict[str, Dict[str, Any]]:
+def dida_cfgs(base: str) -> Dict[str, Dict[str, Any]]:
     """One tag per ImageNet-1k tag of `base` (loading that checkpoint), default first, then `untrained`."""
     default = get_pretrained_cfg(base).to_dict()
     tags = sorted((t for t in list_pretrained(f'{base}.*') if t.endswith('in1k')),
@@ -283,107 +285,107 @@ _BASES = (
     'mobilenetv3_large_100', 'resnet26d', 'resnet50d',
 )
 
-default_cfgs = generate_default_cfgs({name: cfg for base in _BASES for name, cfg in _cfgs(base).items()})
+default_cfgs = generate_default_cfgs({name: cfg for base in _BASES for name, cfg in dida_cfgs(base).items()})
 
 
 @register_model
 def dida_convnext_atto(pretrained: bool = False, **kwargs) -> nn.Module:
     """DIDA-ConvNeXt-Atto: timm's convnext_atto with a one-unit DIDA branch beside stages.3."""
-    return _create_dida('dida_convnext_atto', pretrained, **kwargs)
+    return create_dida('dida_convnext_atto', pretrained, **kwargs)
 
 
 @register_model
 def dida_convnext_femto(pretrained: bool = False, **kwargs) -> nn.Module:
     """DIDA-ConvNeXt-Femto: timm's convnext_femto with a one-unit DIDA branch beside stages.3."""
-    return _create_dida('dida_convnext_femto', pretrained, **kwargs)
+    return create_dida('dida_convnext_femto', pretrained, **kwargs)
 
 
 @register_model
 def dida_convnext_pico(pretrained: bool = False, **kwargs) -> nn.Module:
     """DIDA-ConvNeXt-Pico: timm's convnext_pico with a one-unit DIDA branch beside stages.3."""
-    return _create_dida('dida_convnext_pico', pretrained, **kwargs)
+    return create_dida('dida_convnext_pico', pretrained, **kwargs)
 
 
 @register_model
 def dida_convnext_nano(pretrained: bool = False, **kwargs) -> nn.Module:
     """DIDA-ConvNeXt-Nano: timm's convnext_nano with a one-unit DIDA branch beside stages.3."""
-    return _create_dida('dida_convnext_nano', pretrained, **kwargs)
+    return create_dida('dida_convnext_nano', pretrained, **kwargs)
 
 
 @register_model
 def dida_convnext_tiny(pretrained: bool = False, **kwargs) -> nn.Module:
     """DIDA-ConvNeXt-T: timm's convnext_tiny with a one-unit DIDA branch beside stages.3."""
-    return _create_dida('dida_convnext_tiny', pretrained, **kwargs)
+    return create_dida('dida_convnext_tiny', pretrained, **kwargs)
 
 
 @register_model
 def dida_convnext_small(pretrained: bool = False, **kwargs) -> nn.Module:
     """DIDA-ConvNeXt-S: timm's convnext_small with a one-unit DIDA branch beside stages.3."""
-    return _create_dida('dida_convnext_small', pretrained, **kwargs)
+    return create_dida('dida_convnext_small', pretrained, **kwargs)
 
 
 @register_model
 def dida_efficientnet_b0(pretrained: bool = False, **kwargs) -> nn.Module:
     """DIDA-EfficientNet-B0: timm's efficientnet_b0 with a one-unit DIDA branch beside blocks.6."""
-    return _create_dida('dida_efficientnet_b0', pretrained, **kwargs)
+    return create_dida('dida_efficientnet_b0', pretrained, **kwargs)
 
 
 @register_model
 def dida_efficientnet_b1(pretrained: bool = False, **kwargs) -> nn.Module:
     """DIDA-EfficientNet-B1: timm's efficientnet_b1 with a one-unit DIDA branch beside blocks.6."""
-    return _create_dida('dida_efficientnet_b1', pretrained, **kwargs)
+    return create_dida('dida_efficientnet_b1', pretrained, **kwargs)
 
 
 @register_model
 def dida_efficientnet_b2(pretrained: bool = False, **kwargs) -> nn.Module:
     """DIDA-EfficientNet-B2: timm's efficientnet_b2 with a one-unit DIDA branch beside blocks.6."""
-    return _create_dida('dida_efficientnet_b2', pretrained, **kwargs)
+    return create_dida('dida_efficientnet_b2', pretrained, **kwargs)
 
 
 @register_model
 def dida_efficientnet_b3(pretrained: bool = False, **kwargs) -> nn.Module:
     """DIDA-EfficientNet-B3: timm's efficientnet_b3 with a one-unit DIDA branch beside blocks.6."""
-    return _create_dida('dida_efficientnet_b3', pretrained, **kwargs)
+    return create_dida('dida_efficientnet_b3', pretrained, **kwargs)
 
 
 @register_model
 def dida_regnety_004(pretrained: bool = False, **kwargs) -> nn.Module:
     """DIDA-RegNetY-400MF: timm's regnety_004 with a one-unit DIDA branch beside s4."""
-    return _create_dida('dida_regnety_004', pretrained, **kwargs)
+    return create_dida('dida_regnety_004', pretrained, **kwargs)
 
 
 @register_model
 def dida_regnety_008(pretrained: bool = False, **kwargs) -> nn.Module:
     """DIDA-RegNetY-800MF: timm's regnety_008 with a one-unit DIDA branch beside s4."""
-    return _create_dida('dida_regnety_008', pretrained, **kwargs)
+    return create_dida('dida_regnety_008', pretrained, **kwargs)
 
 
 @register_model
 def dida_regnety_016(pretrained: bool = False, **kwargs) -> nn.Module:
     """DIDA-RegNetY-1.6GF: timm's regnety_016 with a one-unit DIDA branch beside s4."""
-    return _create_dida('dida_regnety_016', pretrained, **kwargs)
+    return create_dida('dida_regnety_016', pretrained, **kwargs)
 
 
 @register_model
 def dida_regnety_032(pretrained: bool = False, **kwargs) -> nn.Module:
     """DIDA-RegNetY-3.2GF: timm's regnety_032 with a one-unit DIDA branch beside s4."""
-    return _create_dida('dida_regnety_032', pretrained, **kwargs)
+    return create_dida('dida_regnety_032', pretrained, **kwargs)
 
 
 @register_model
 def dida_mobilenetv3_large_100(pretrained: bool = False, **kwargs) -> nn.Module:
     """DIDA-MobileNetV3-Large 1.0: timm's mobilenetv3_large_100 with a one-unit DIDA branch beside blocks.6."""
-    return _create_dida('dida_mobilenetv3_large_100', pretrained, **kwargs)
+    return create_dida('dida_mobilenetv3_large_100', pretrained, **kwargs)
 
 
 @register_model
 def dida_resnet26d(pretrained: bool = False, **kwargs) -> nn.Module:
     """DIDA-ResNet-26-D: timm's resnet26d with a one-unit DIDA branch beside layer4."""
-    return _create_dida('dida_resnet26d', pretrained, **kwargs)
+    return create_dida('dida_resnet26d', pretrained, **kwargs)
 
 
 @register_model
 def dida_resnet50d(pretrained: bool = False, **kwargs) -> nn.Module:
     """DIDA-ResNet-50-D: timm's resnet50d with a one-unit DIDA branch beside layer4."""
-    return _create_dida('dida_resnet50d', pretrained, **kwargs)
+    return create_dida('dida_resnet50d', pretrained, **kwargs)
 
