@@ -11,7 +11,8 @@ that any rule can be replayed on the histories and the rule's pick re-exported. 
   label-free estimate of the pick and whether the collapse guard fired -> docs/results/label_free_selection.csv;
 - the mean of last / selected / oracle, how often the pick is > 2 points below the source-only start;
 - the Spearman correlation of each score with the true accuracy over the epochs of each run;
-- the mean absolute error of the accuracy estimate on the picked checkpoints;
+- the mean absolute error of the accuracy estimate on the picked checkpoints, and of other label-free estimates
+  (ATC with either score, average confidence, DoC, COT) recomputed from the saved probabilities;
 - the guard's thresholds fitted leave one target out: fitted on four targets' runs, graded on the fifth.
 
     python bench/bench_label_free_selection.py --jobs 2        # the 30 runs (resumable), then the tables
@@ -98,10 +99,25 @@ def spearman(x: Sequence[float], y: Sequence[float]) -> float:
     return float(spearmanr(x, y).statistic)
 
 
+def cot_estimate(target: np.ndarray, source_labels: np.ndarray) -> float:
+    """Confidence optimal transport (COT; Lu et al., "Characterizing Out-of-Distribution Error via Optimal
+    Transport", NeurIPS 2023): accuracy = 1 - the cost of transporting the target predictions onto one-hot labels
+    drawn with the source label marginal, the cost of prediction p to label y being 1 - p_y. It charges a model that
+    predicts some classes more often than the labels occur, which ATC and average confidence do not."""
+    from scipy.optimize import linear_sum_assignment
+    n, num_classes = target.shape
+    share = np.bincount(source_labels, minlength=num_classes) / len(source_labels)
+    counts = np.floor(share * n).astype(int)
+    counts[np.argsort(counts - share * n)[:n - counts.sum()]] += 1  # largest remainders
+    cost = 1 - target[:, np.repeat(np.arange(num_classes), counts)]
+    rows, cols = linear_sum_assignment(cost)
+    return float((1 - cost[rows, cols].mean()) * 100)
+
+
 def estimates(run_dir: Path, epoch: int) -> Dict[str, float]:
     """Label-free accuracy estimates of one epoch recomputed from its saved probabilities: ATC with either
-    confidence score, the average confidence (AC) and the difference of confidences (DoC: source accuracy minus
-    the drop in mean confidence)."""
+    confidence score, the average confidence (AC), the difference of confidences (DoC: source accuracy minus
+    the drop in mean confidence) and COT."""
     dump = np.load(run_dir / 'label_free' / f'epoch-{epoch:04d}.npz')
     target = torch.from_numpy(dump['target_probs']).float()
     source = torch.from_numpy(dump['source_probs']).float()
@@ -113,6 +129,7 @@ def estimates(run_dir: Path, epoch: int) -> Dict[str, float]:
     source_acc = float((source.argmax(-1) == labels).float().mean() * 100)
     drop = float(source.max(-1).values.mean() - target.max(-1).values.mean()) * 100
     out['DoC'] = source_acc - drop
+    out['COT'] = cot_estimate(dump['target_probs'].astype(np.float64), dump['source_labels'])
     return out
 
 
