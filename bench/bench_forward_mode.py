@@ -1,15 +1,18 @@
-"""Which FixMatch step should be the default: one joint pass or the released code's separate passes, and
-pseudo-labels with or without dropout?
+"""Which FixMatch step and strong view should be the default: one joint pass or the released code's separate
+passes, pseudo-labels with or without dropout, timm's RandAugment or FixMatch's?
 
 DIDA-Net's released code (Dassl) computes pseudo-labels in a no-grad pass over the weak views in training mode
 (dropout active), then runs the supervised and the strong passes separately; the original FixMatch runs every
-view in one pass (one set of batch statistics). Three steps are compared:
+view in one pass (one set of batch statistics). Its strong view is its own RandAugment (14 ops, each always
+applied at a magnitude drawn uniformly) and a Cutout square placed anywhere, where the README recipe uses timm's
+`rand-m10-n2-mstd0.5` (ops applied with p=0.5 at a magnitude near 10). Four steps are compared:
 
     joint                  source + weak + strong target in one pass (`--forward-mode joint`, dropout on the weak
-                           view too: it shares the pass)
+                           view too: it shares the pass), timm's RandAugment (the README recipe)
     separate               the released code's three passes (`--forward-mode separate`)
     separate, no dropout   the same, the pseudo-label pass without dropout (`--no-pseudo-label-dropout`;
                            batch normalisation still in training mode)
+    joint, FixMatch view   one pass, FixMatch's RandAugment and Cutout (`--rand-augment fixmatch`)
 
 Leave one domain out on the built-in offline benchmark, every domain as the target, 3 seeds, FixMatch
 (`digitnet_compact`) and DIDA-Net (`dida_digitnet_compact`), the README recipe at the CPU size of the other
@@ -39,6 +42,7 @@ STEPS: Dict[str, Tuple[str, ...]] = {
     'joint': ('--forward-mode', 'joint'),
     'separate': ('--forward-mode', 'separate'),
     'separate, no dropout': ('--forward-mode', 'separate', '--no-pseudo-label-dropout'),
+    'joint, FixMatch view': ('--forward-mode', 'joint', '--rand-augment', 'fixmatch'),
 }
 BASELINE = 'joint'
 

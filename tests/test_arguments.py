@@ -99,6 +99,12 @@ def test_config_values_are_converted_as_the_command_line_would(tmp_path):
     assert args.lr == 0.001 and args.source == ['uci_digits'] and args.target == 'mnist'
 
 
+def test_every_strong_view_the_help_names_is_accepted():
+    assert train.parse_args(['--rand-augment', 'fixmatch']).rand_augment == 'fixmatch'
+    assert train.parse_args(['--rand-augment', 'rand-m5-n2-mstd0.5']).rand_augment == 'rand-m5-n2-mstd0.5'
+    assert train.parse_args(['--rand-augment', '']).rand_augment == ''
+
+
 def test_defaults_record_the_resolved_input_size():
     assert train.parse_args([]).input_size == 32
     assert train.parse_args(['--model', 'dida_resnet18']).input_size == 224

@@ -217,3 +217,17 @@ def test_cot_estimate_charges_predictions_the_label_marginal_cannot_absorb():
     soft = np.full((8, 4), 0.1)
     soft[np.arange(8), np.repeat(np.arange(4), 2)] = 0.7
     assert cot_estimate(soft, labels) == pytest.approx(70.0)
+
+
+def test_forward_mode_study_steps_parse_to_the_options_they_name():
+    from bench_forward_mode import STEPS
+    seen = set()
+    for step, train_args in STEPS.items():
+        run = study_run(offline_study('cpu'), 'x', 'DIDA-Net', 'mnist', 0, train_args=train_args)
+        args = train.parse_args(list(run.args))
+        setting = (args.forward_mode, args.pseudo_label_dropout, args.rand_augment)
+        assert setting[0] == ('separate' if step.startswith('separate') else 'joint')
+        assert setting[1] == ('no dropout' not in step)
+        assert setting[2] == ('fixmatch' if 'FixMatch view' in step else 'rand-m10-n2-mstd0.5')
+        seen.add(setting)
+    assert len(seen) == len(STEPS)

@@ -20,8 +20,11 @@ from timm.data import create_transform, rand_augment_transform
 from torch.utils.data import Dataset
 from torchvision import transforms as T
 
-__all__ = ['create_uda_transforms', 'test_data_config', 'Cutout', 'FIXMATCH_OPS', 'FixMatchRandAugment',
-           'TransformedDataset', 'TwoViewDataset']
+__all__ = ['create_uda_transforms', 'test_data_config', 'Cutout', 'FIXMATCH_OPS', 'FIXMATCH_RAND_AUGMENT',
+           'FixMatchRandAugment', 'TransformedDataset', 'TwoViewDataset']
+
+# the value of `rand_augment` that selects FixMatch's strong view instead of a timm RandAugment string
+FIXMATCH_RAND_AUGMENT = 'fixmatch'
 
 
 def _identity(img: Image.Image, **_) -> Image.Image:
@@ -138,7 +141,7 @@ def create_uda_transforms(
         geometric.append(T.RandomAffine(0, translate=(translate, translate)))
     to_tensor = [T.ToTensor(), T.Normalize(mean, std)]
     strong = list(geometric)
-    if rand_augment == 'fixmatch':
+    if rand_augment == FIXMATCH_RAND_AUGMENT:
         strong += [FixMatchRandAugment()] + ([Cutout(cutout)] if cutout else []) + to_tensor
         return dict(weak=T.Compose(geometric + to_tensor), strong=T.Compose(strong), test=test)
     if rand_augment:

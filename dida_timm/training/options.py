@@ -12,6 +12,7 @@ from timm.data import rand_augment_transform
 
 from ..arguments import at_least, between, check_options, config_defaults, distinct, greater_than
 from ..data import DATASETS, dataset_domains, default_domains
+from ..data.transforms import FIXMATCH_RAND_AUGMENT
 from ..models.factory import create_model
 from ..inference import smallest_input_size
 from .selection import ATC_SCORES, RULES
@@ -82,7 +83,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument('--flip', action=argparse.BooleanOptionalAction, default=False)
     g.add_argument('--translate', type=float, default=0.0)
     g.add_argument('--rand-augment', default='rand-m10-n2-mstd0.5',
-                   help="strong view: a timm RandAugment string, or 'fixmatch' (FixMatch's op list and Cutout)")
+                   help=f"strong view: a timm RandAugment string, or {FIXMATCH_RAND_AUGMENT!r} (FixMatch's op list and "
+                        "Cutout)")
     g.add_argument('--cutout', type=int, default=16, help='side of the Cutout square (px), below the input size')
     g = p.add_argument_group('optimisation')
     g.add_argument('--epochs', type=int, default=10)
@@ -203,12 +205,12 @@ def check_args(args: argparse.Namespace, parser: argparse.ArgumentParser) -> arg
                      'pseudo-labels in the same pass as the strong views)')
     if args.min_lr > args.lr:
         parser.error(f'--min-lr: {args.min_lr} is above --lr {args.lr}')
-    if args.rand_augment:
+    if args.rand_augment and args.rand_augment != FIXMATCH_RAND_AUGMENT:
         try:
             rand_augment_transform(args.rand_augment, {})
         except (AssertionError, ValueError, KeyError, IndexError) as e:
-            parser.error(f'--rand-augment: {args.rand_augment!r} is not a timm RandAugment string such as '
-                         f'rand-m10-n2-mstd0.5 ({type(e).__name__}: {e})')
+            parser.error(f'--rand-augment: {args.rand_augment!r} is neither {FIXMATCH_RAND_AUGMENT!r} nor a timm '
+                         f'RandAugment string such as rand-m10-n2-mstd0.5 ({type(e).__name__}: {e})')
     return args
 
 
