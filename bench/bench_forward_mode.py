@@ -48,8 +48,9 @@ BASELINE = 'joint'
 
 
 def table(grid: Dict[Tuple[int, str, str, str], str], starts: Dict[Tuple[int, str], str],
-          results: Dict[str, dict], targets: List[str]) -> List[str]:
-    """Markdown tables over the seeds whose every run has finished."""
+          results: Dict[str, dict], targets: List[str], steps: List[str]) -> List[str]:
+    """Markdown tables of `steps` over the seeds whose every run has finished, and the decision rule's verdict."""
+    grid = {key: name for key, name in grid.items() if key[3] in steps}
     seeds = sorted({s for s, *_ in grid})
     seeds = [s for s in seeds if all(n in results for (seed, *_), n in grid.items() if seed == s)
              and all(n in results for (seed, _), n in starts.items() if seed == s)]
@@ -59,7 +60,7 @@ def table(grid: Dict[Tuple[int, str, str, str], str], starts: Dict[Tuple[int, st
     def acc(seed, target, method, step):
         return results[grid[seed, target, method, step]]['target_accuracy']
 
-    columns = [(m, s) for m in METHODS for s in STEPS]
+    columns = [(m, s) for m in METHODS for s in steps]
     lines = [
         f'Target test accuracy (%) of the last epoch, mean ± std over seeds {", ".join(map(str, seeds))}; '
         'start: the shared static source-only run.',
@@ -98,6 +99,21 @@ def table(grid: Dict[Tuple[int, str, str, str], str], starts: Dict[Tuple[int, st
             f'{statistics.mean(h["keep_rate"] for h in last):.0%} | '
             f'{statistics.mean(h["pseudo_accuracy"] for h in last):.0%} | '
             f'{statistics.median(h["epoch_seconds"] for r in runs for h in r["history"] if h["phase"] == "fixmatch"):.0f} |')
+
+    lines += ['', f'The rule (fixed before the last seed ran): a step replaces `{BASELINE}` as the default only if its '
+                  f'mean paired difference over both methods ({len(pairs) * len(METHODS)} pairs) is positive and '
+                  f'above 2 standard errors.', '', f'| step | minus {BASELINE}, both methods | standard error | '
+                  'verdict |', '|---|---|---|---|']
+    adopted = []
+    for s in steps:
+        if s == BASELINE:
+            continue
+        diff = [acc(seed, t, m, s) - acc(seed, t, m, BASELINE) for seed, t in pairs for m in METHODS]
+        mean, error = statistics.mean(diff), statistics.stdev(diff) / len(diff) ** 0.5
+        if mean > 2 * error:
+            adopted.append((mean, s))
+        lines.append(f'| {s} | {mean:+.1f} | {error:.1f} | {"better" if mean > 2 * error else "not shown better"} |')
+    lines += ['', f'Default: `{max(adopted)[1] if adopted else BASELINE}`.']
     return lines
 
 
@@ -108,14 +124,17 @@ def main():
     parser.add_argument('--jobs', type=int, default=1, help='runs side by side (CPU threads are split)')
     parser.add_argument('--out', type=Path, default=Path('output/forward_mode'), help='run folders (resumable)')
     parser.add_argument('--markdown', type=Path, default=None, help='also write the tables here')
+    parser.add_argument('--steps', nargs='+', default=list(STEPS), choices=list(STEPS),
+                        help=f'steps to run and table ({BASELINE!r} always included: the others are paired with it)')
     parser.add_argument('--analyse-only', action='store_true', help='table the finished runs, train nothing')
     args = parser.parse_args()
     check_options(parser, args, [('seeds', at_least(0)), ('seeds', distinct), ('targets', distinct),
-                                 ('jobs', at_least(1))])
+                                 ('steps', distinct), ('jobs', at_least(1))])
+    steps = [BASELINE] + [s for s in args.steps if s != BASELINE]
     study = offline_study('cpu')
     starts = {(seed, t): run_name(t, 'shared start', {}, seed) for seed in args.seeds for t in args.targets}
     grid = {(seed, t, m, s): run_name(t, m, {}, seed, STEPS[s], shared_start=True)
-            for seed in args.seeds for t in args.targets for m in METHODS for s in STEPS}
+            for seed in args.seeds for t in args.targets for m in METHODS for s in steps}
     if not args.analyse_only:
         run_all([shared_start_run(study, name, t, seed) for (seed, t), name in starts.items()], args.out, args.jobs)
         run_all([study_run(study, name, m, t, seed, train_args=STEPS[s],
@@ -124,7 +143,7 @@ def main():
     results = finished_results(args.out, [*starts.values(), *grid.values()])
     emit_table([f'{study.description}, leave one domain out, `{study.model}` (DIDA-Net) and its static twin '
                 '(FixMatch), every adapting run from one shared static start per target and seed.', '',
-                *table(grid, starts, results, args.targets)], args.markdown)
+                *table(grid, starts, results, args.targets, steps)], args.markdown)
 
 
 if __name__ == '__main__':
