@@ -14,7 +14,7 @@ import safetensors.torch
 import timm
 import yaml
 
-from .data.transforms import test_data_config
+from .data.transforms import FIXMATCH_RAND_AUGMENT, test_data_config
 from .models.factory import create_model, validate_hub_config  # noqa: F401  (validate_hub_config re-exported)
 
 __all__ = ['PAPER_RESULTS', 'export_runs', 'export_tag', 'initial_weights', 'model_card', 'push_folder', 'read_run',
@@ -66,6 +66,12 @@ def _mean_std(values: Sequence[float]) -> str:
     if len(values) == 1:
         return f'{values[0]:.2f}'
     return f'{statistics.mean(values):.2f} ± {statistics.stdev(values):.2f}'
+
+
+def _strong_view(rand_augment: str) -> str:
+    if rand_augment == FIXMATCH_RAND_AUGMENT:
+        return "FixMatch's RandAugment (2 of 14 ops, each always applied at a uniform magnitude)"
+    return f'timm RandAugment `{rand_augment}`' if rand_augment else 'no RandAugment'
 
 
 def model_card(runs: List[Dict], repo_name: str, license: str = 'apache-2.0') -> str:
@@ -152,8 +158,10 @@ def model_card(runs: List[Dict], repo_name: str, license: str = 'apache-2.0') ->
         f"- batch {len(first['sources'])} x {args['batch_size']} source + {args['batch_size']} target images per "
         f"step on each of {first['world_size']} process(es)",
         f"- pseudo-labels: threshold {args['threshold']}, {'soft weighting' if args['soft_weighting'] else 'hard mask'}, "
-        f"unlabelled stream '{args['unlabelled_stream']}', forward mode '{args['forward_mode']}'",
-        f"- strong view: RandAugment `{args['rand_augment']}`, Cutout {args['cutout']} px",
+        f"unlabelled stream '{args['unlabelled_stream']}', forward mode '{args['forward_mode']}'"
+        # runs from before the option existed had dropout on (the only behaviour then)
+        + ('' if args.get('pseudo_label_dropout', True) else ', pseudo-label pass without dropout'),
+        f"- strong view: {_strong_view(args['rand_augment'])}, Cutout {args['cutout']} px",
         f'- weights shipped here: {shipped}; evaluated weights: {first["evaluated_weights"]}',
         '', '## Reproduce', '', '```bash', *[r['command'] for r in runs], '```', '',
         f"Versions: torch {first['versions']['torch']}, timm {first['versions']['timm']}, "

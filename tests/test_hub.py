@@ -14,7 +14,7 @@ import torch
 import yaml
 from PIL import Image
 
-from dida_timm.hub import export_runs, push_folder
+from dida_timm.hub import export_runs, model_card, push_folder, read_run
 from dida_timm.inference import load_model, main as predict_main, predict_images
 from hf_cache import add_snapshot
 
@@ -62,6 +62,17 @@ def test_export_writes_timm_config_weights_and_a_card_from_results(exported, tra
     assert metric['value'] == round(results['target_accuracy'], 2)
     assert f"| mnistm_style | target | {results['target_accuracy']:.2f} |" in card
     assert results['command'] in card and 'last epoch' in card.lower()
+
+
+def test_card_states_the_step_and_strong_view_the_run_used(trained_run):
+    run = read_run(trained_run)
+    card = model_card([run], 'dida-timm/test-model')
+    assert "forward mode 'joint'" in card and 'without dropout' not in card
+    assert 'timm RandAugment `rand-m10-n2-mstd0.5`' in card
+    run['args'].update(forward_mode='separate', pseudo_label_dropout=False, rand_augment='fixmatch')
+    card = model_card([run], 'dida-timm/test-model')
+    assert "forward mode 'separate', pseudo-label pass without dropout" in card
+    assert "FixMatch's RandAugment" in card and 'rand-m10' not in card
 
 
 def test_local_dir_and_plain_folder_load_the_exported_weights(exported, trained_run):
