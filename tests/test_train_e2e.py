@@ -280,3 +280,22 @@ def test_a_generic_timm_cnn_adapts_from_its_static_twin_and_exports(tmp_path, da
     reference.load_state_dict(weights)
     x = torch.randn(2, 3, 32, 32)
     torch.testing.assert_close(model(x), reference.eval()(x))
+
+
+def test_run_killed_after_its_last_checkpoint_finishes_on_resume(tmp_path, data_dir):
+    """Killed between the last epoch's checkpoint and the results: --resume trains nothing and reports as planned."""
+    common = ['--source', 'mnist', '--target', 'uci_digits', '--source-only-epochs', '1', '--epochs', '2',
+              '--tsne-per-domain', '0', '--experiment', 'run']
+    _train(common, tmp_path, data_dir)
+    run = tmp_path / 'run'
+    before = json.loads((run / 'results.json').read_text())
+    weights = _weights(run)
+    for name in ('results.json', 'model.safetensors'):
+        (run / name).unlink()
+    result = _train(common + ['--resume'], tmp_path, data_dir)
+    assert 'resumed from' in result.stdout and 'after epoch 3' in result.stdout
+    after = json.loads((run / 'results.json').read_text())
+    assert after['selection'] == before['selection'] and after['history'] == before['history']
+    assert after['target_accuracy'] == before['target_accuracy']
+    for name, value in weights.items():
+        assert torch.equal(value, _weights(run)[name]), f'{name} differs from the run before the kill'

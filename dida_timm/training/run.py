@@ -275,6 +275,8 @@ class Run:
         for phase_index, (phase, cfg, epochs) in enumerate(self.phases()):
             phase_end = epoch0 + epochs
             if done >= phase_end:
+                if cfg.method == 'fixmatch':  # killed after its last checkpoint: selecting needs the reference
+                    self.monitor.restore_reference(epoch0)
                 epoch0 = phase_end
                 continue
             optimizer, scheduler = self._optimizer(epochs)
