@@ -8,10 +8,11 @@ Two choices the paper and the authors' released code (Dassl) make differently ar
   no strong view of the source is needed) or 'source+target' (released code: source images are also
   pseudo-labelled, the loss averaged over K*B + B).
 - `forward_mode`: 'joint' (the default: source, weak-target and strong-target images in ONE forward pass,
-  one set of batch statistics, as the original FixMatch; a single-seed prototype measured it 4.4 points above
-  the alternative on an SVHN-style target, not yet re-measured by this project) or 'separate' (released code,
-  three passes in training mode: pseudo-labels from a no-grad pass over the unlabelled stream's weak views,
-  the supervised pass over the source, the pass over the strong views).
+  one set of batch statistics, as the original FixMatch) or 'separate' (released code, three passes in training
+  mode, each view with its own batch statistics: pseudo-labels from a no-grad pass over the unlabelled stream's
+  weak views, the supervised pass over the source, the pass over the strong views). Measured on the offline
+  digits (5 targets x 3 seeds, docs/RESULTS.md) neither is better on average; they fail on different targets
+  (the joint pass can collapse, the separate passes can fail to adapt), so the default stays FixMatch's.
 - `pseudo_label_dropout` (separate mode only): the released code's no-grad pass runs in training mode, so dropout
   perturbs the pseudo-labels; off, that pass runs with every layer in evaluation mode except the normalisation
   layers (which keep using and updating batch statistics, as in the other passes).
