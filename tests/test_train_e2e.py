@@ -299,3 +299,12 @@ def test_run_killed_after_its_last_checkpoint_finishes_on_resume(tmp_path, data_
     assert after['target_accuracy'] == before['target_accuracy']
     for name, value in weights.items():
         assert torch.equal(value, _weights(run)[name]), f'{name} differs from the run before the kill'
+
+
+def test_adapting_without_a_source_only_phase_warns_that_the_guard_reference_is_the_loaded_model(tmp_path, data_dir):
+    common = ['--source', 'mnist', '--target', 'uci_digits', '--source-only-epochs', '0', '--epochs', '1',
+              '--tsne-per-domain', '0']
+    guarded = _train(common + ['--experiment', 'guarded'], tmp_path, data_dir)
+    assert 'no source-only phase: the label-free reference' in guarded.stdout + guarded.stderr
+    last = _train(common + ['--select', 'last', '--experiment', 'last'], tmp_path, data_dir)
+    assert 'no source-only phase' not in last.stdout + last.stderr

@@ -337,6 +337,12 @@ class Run:
         else:  # no source-only phase: score the starting weights as epoch 0
             row = self.epoch_row(epoch0, 'start')
             self.history.append(row)
+            if self.args.select != 'last':
+                _logger.warning(
+                    f'no source-only phase: the label-free reference, which --select {self.args.select} compares '
+                    'every epoch with and falls back to, is the model as loaded. If it has new layers (a DIDA branch '
+                    'on static weights, a resized classifier) that reference is untrained and the collapse guard '
+                    'misfires: train a source-only phase first (--source-only-epochs) or use --select last')
         self.monitor.set_reference(self.evaluated_model, epoch0, row)
         _logger.info(f'reference for the label-free scores: the model after epoch {epoch0} ({row["phase"]})')
 
