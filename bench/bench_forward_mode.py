@@ -18,8 +18,11 @@ Leave one domain out on the built-in offline benchmark, every domain as the targ
 (`digitnet_compact`) and DIDA-Net (`dida_digitnet_compact`), the README recipe at the CPU size of the other
 studies (1,000 train images per domain, 12 FixMatch epochs). Every adapting run of a (target, seed) starts from
 ONE static source-only run (3 epochs), DIDA-Net with a fresh branch on it, so the steps are compared from the
-same start and differences are paired. Runs are seed-major and resumable: a stopped study keeps whole seeds,
-re-running the command continues it, and `--analyse-only` tables whatever has finished.
+same start and differences are paired. Under the tables: the verdict of the decision rule (a step replaces
+`joint` only if better by more than 2 standard errors over both methods), and what the default selection
+(`--select guarded_last`) would have shipped, replayed on each run's per-epoch history. Runs are seed-major and
+resumable: a stopped study keeps whole seeds, re-running the command continues it, and `--analyse-only` tables
+whatever has finished.
 
     python bench/bench_forward_mode.py --jobs 2 --markdown forward_mode.md
     python bench/bench_forward_mode.py --analyse-only
