@@ -35,11 +35,11 @@ from typing import Dict, List, Tuple
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from uda_runs import (  # noqa: E402
-    emit_table, finished_results, mean_std, offline_study, run_all, run_name, shared_start_run, study_run)
+    emit_table, finished_results, mean_std, offline_study, pick, run_all, run_name, shared_start_run, study_run)
 
 from dida_timm.arguments import at_least, check_options, distinct  # noqa: E402
 from dida_timm.data.offline_digits import DOMAINS  # noqa: E402
-from dida_timm.training.selection import CollapseGuard, select_checkpoint  # noqa: E402
+from dida_timm.training.selection import CollapseGuard  # noqa: E402
 
 METHODS = ('FixMatch', 'DIDA-Net')
 STEPS: Dict[str, Tuple[str, ...]] = {
@@ -114,26 +114,23 @@ def table(grid: Dict[Tuple[int, str, str, str], str], starts: Dict[Tuple[int, st
             continue
         diff = [acc(seed, t, m, s) - acc(seed, t, m, BASELINE) for seed, t in pairs for m in METHODS]
         mean, error = statistics.mean(diff), statistics.stdev(diff) / len(diff) ** 0.5
-        if mean > 2 * error:
+        better = mean > 2 * error
+        if better:
             adopted.append((mean, s))
-        lines.append(f'| {s} | {mean:+.1f} | {error:.1f} | {"better" if mean > 2 * error else "not shown better"} |')
+        lines.append(f'| {s} | {mean:+.1f} | {error:.1f} | {"better" if better else "not shown better"} |')
     lines += ['', f'Default: `{max(adopted)[1] if adopted else BASELINE}`.', '']
 
     # what a user of the defaults gets: the runs kept the last epoch (--select last), their histories replay the rule
-    def shipped(seed, target, method, step):
-        r = results[grid[seed, target, method, step]]
-        rows = [h for h in r['history'] if h['epoch'] >= r['source_only_epochs']]
-        chosen = select_checkpoint(rows, 'guarded_last', CollapseGuard())
-        return next(h for h in rows if h['epoch'] == chosen.epoch)['target_accuracy']
-
+    shipped = {key: pick(results[name], 'guarded_last', CollapseGuard())[0]['target_accuracy']
+               for key, name in grid.items() if key[0] in seeds}
     lines += ['What `--select guarded_last` (the default, its guard as shipped) would have shipped from the same runs, '
               'replayed on their per-epoch histories: target test accuracy (%), mean ± std over seeds.', '',
               '| target | ' + ' | '.join(f'{m}: {s}' for m, s in columns) + ' |', '|---|' + '---|' * len(columns)]
     for target in targets:
         lines.append(f'| {target} | ' + ' | '.join(
-            mean_std([shipped(seed, target, m, s) for seed in seeds]) for m, s in columns) + ' |')
+            mean_std([shipped[seed, target, m, s] for seed in seeds]) for m, s in columns) + ' |')
     lines.append('| **average** | ' + ' | '.join(
-        mean_std([statistics.mean(shipped(seed, t, m, s) for t in targets) for seed in seeds]) for m, s in columns)
+        mean_std([statistics.mean(shipped[seed, t, m, s] for t in targets) for seed in seeds]) for m, s in columns)
         + ' |')
     return lines
 

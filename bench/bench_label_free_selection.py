@@ -31,12 +31,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from uda_runs import (  # noqa: E402
-    SIZES, emit_table, finished_results, offline_study, run_all, run_name, study_run)
+    SIZES, candidates, emit_table, finished_results, offline_study, pick, run_all, run_name, study_run)
 
 from dida_timm.arguments import at_least, check_options, distinct  # noqa: E402
 from dida_timm.data.offline_digits import DOMAINS  # noqa: E402
 from dida_timm.training.selection import (  # noqa: E402
-    LABEL_FREE_KEYS, RULES, CollapseGuard, atc_estimate, fit_atc_threshold, select_checkpoint)
+    LABEL_FREE_KEYS, RULES, CollapseGuard, atc_estimate, fit_atc_threshold)
 
 METHODS = ('FixMatch', 'DIDA-Net')
 # every epoch's checkpoint stays, so the pick of any rule can be exported afterwards
@@ -59,19 +59,6 @@ GUARD_GRID = [
 GUARDED_RULES = [r for r, (guarded, _) in RULES.items() if guarded]
 # a pick more than this many points below the source-only start counts as harm
 HARM_MARGIN = 2.0
-
-
-def candidates(results: dict) -> List[dict]:
-    """The source-only model (the last source-only epoch) and every FixMatch epoch of a run's history."""
-    start = results['source_only_epochs']
-    return [h for h in results['history'] if h['epoch'] >= start]
-
-
-def pick(results: dict, rule: str, guard: CollapseGuard) -> Tuple[dict, bool]:
-    """The candidate row `rule` picks and whether the guard fired."""
-    rows = candidates(results)
-    selection = select_checkpoint(rows, rule, guard)
-    return next(r for r in rows if r['epoch'] == selection.epoch), selection.guard_fired
 
 
 def outcome(runs: Sequence[dict], rule: str, guard: CollapseGuard) -> Tuple[int, float]:

@@ -19,6 +19,7 @@ from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 import yaml
 
 from dida_timm.data.offline_digits import DOMAINS
+from dida_timm.training.selection import CollapseGuard, select_checkpoint
 
 TRAIN_SCRIPT = Path(__file__).resolve().parents[1] / 'train' / 'train.py'
 OFFLINE_RECIPE = TRAIN_SCRIPT.parent / 'configs' / 'offline_digits_cpu.yaml'
@@ -182,6 +183,19 @@ def shared_start_run(study: Study, name: str, target: str, seed: int, train_args
     backbone, a new branch)."""
     schedule = ('--epochs', str(study.source_only_epochs), '--source-only-epochs', '0')
     return _run(study, name, static_twin(study.model), 'source_only', {}, schedule, target, seed, train_args)
+
+
+def candidates(results: dict) -> List[dict]:
+    """The source-only model (the last source-only epoch) and every FixMatch epoch of a run's history."""
+    start = results['source_only_epochs']
+    return [h for h in results['history'] if h['epoch'] >= start]
+
+
+def pick(results: dict, rule: str, guard: CollapseGuard) -> Tuple[dict, bool]:
+    """The candidate row `rule` picks and whether the guard fired."""
+    rows = candidates(results)
+    selection = select_checkpoint(rows, rule, guard)
+    return next(r for r in rows if r['epoch'] == selection.epoch), selection.guard_fired
 
 
 def finished_results(out: Path, names: Iterable[str]) -> Dict[str, dict]:
