@@ -274,17 +274,15 @@ class Run:
         progress_on = self.is_main and not a.no_progress and sys.stderr.isatty()
         for phase_index, (phase, cfg, epochs) in enumerate(self.phases()):
             phase_end = epoch0 + epochs
+            if cfg.method == 'fixmatch':  # also for a finished phase: the final selection needs the reference
+                self._start_adaptation(epoch0, done)
             if done >= phase_end:
-                if cfg.method == 'fixmatch':  # killed after its last checkpoint: selecting needs the reference
-                    self.monitor.restore_reference(epoch0)
                 epoch0 = phase_end
                 continue
             optimizer, scheduler = self._optimizer(epochs)
             if state and state.get('phase') == phase_index and done > epoch0:
                 optimizer.load_state_dict(state['optimizer'])
                 scheduler.load_state_dict(state['scheduler'])
-            if cfg.method == 'fixmatch':
-                self._start_adaptation(epoch0, done)
             wrapped = self._wrap(cfg.forward_mode == 'joint')
             scaler = torch.amp.GradScaler('cuda') if a.amp and self.device.type == 'cuda' else None
             for epoch in range(max(done, epoch0), phase_end):
