@@ -337,3 +337,28 @@ def test_loading_static_weights_keeps_the_fresh_branch_initialisation(tmp_path):
     fuse = model.layer4.branch[0].dida.fuse.weight
     # kaiming normal, fan_out, relu: std = sqrt(2 / (out_chs * 1 * 1))
     assert fuse.std().item() == pytest.approx((2 / fuse.shape[0]) ** 0.5, rel=0.1)
+
+
+@pytest.mark.parametrize('name,kwargs', [
+    ('dida_digitnet_compact', {}), ('dida_resnet50', {}),  # the branch ends in bn / in conv -> bn2
+    ('dida_resnet18', dict(dida_layer_scale=0.5)), ('dida_convnext_atto', {})])  # a scale; LayerNorm2d + GELU
+def test_a_model_with_untrained_branches_is_muted_to_its_static_twin(name, kwargs):
+    from dida_timm.layers import muted_if_untrained
+    size = 32 if 'digit' in name else 64
+    model = timm.create_model(name, num_classes=5, **kwargs)
+    twin = timm.create_model(name.replace('dida_', ''), num_classes=5)
+    model.load_state_dict(static_twin_filter_fn(twin.state_dict(), model))
+    x = torch.randn(2, 3, size, size)
+    muted = muted_if_untrained(model)
+    assert muted is not model and muted is not None
+    torch.testing.assert_close(muted.eval()(x), twin.eval()(x), rtol=0, atol=1e-5)
+    assert not torch.allclose(model.eval()(x), twin(x), atol=1e-3)  # the model itself is untouched
+    model.train()(x)  # a train-mode forward moves the branch's BN statistics: it is no longer "as initialised"
+    trained = muted_if_untrained(model)
+    if 'convnext' in name:  # LayerNorm has no counters: its affine parameters tell
+        assert trained is not None
+        with torch.no_grad():
+            next(m for m in model.modules() if isinstance(m, DidaStage)).branch[0].bn.weight.add_(1e-3)
+        trained = muted_if_untrained(model)
+    assert trained is None
+    assert muted_if_untrained(twin) is None  # no branch to mute

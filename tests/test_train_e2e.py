@@ -136,10 +136,20 @@ def test_dida_model_starts_from_its_static_twins_run(tmp_path, data_dir):
     _train(common + ['--model', 'digitnet_compact', '--method', 'source_only', '--epochs', '1',
                      '--experiment', 'static'], tmp_path, data_dir)
     # lr 0: the weights stay the loaded ones (BN running statistics still move)
-    _train(common + ['--model', 'dida_digitnet_compact', '--init-checkpoint', str(tmp_path / 'static' /
-                     'model.safetensors'), '--epochs', '1', '--lr', '0', '--experiment', 'dida'], tmp_path, data_dir)
+    result = _train(common + ['--model', 'dida_digitnet_compact', '--init-checkpoint', str(tmp_path / 'static' /
+                              'model.safetensors'), '--epochs', '1', '--lr', '0', '--experiment', 'dida'],
+                    tmp_path, data_dir)
     static, dida = _weights(tmp_path / 'static'), _weights(tmp_path / 'dida')
     assert {k for k in dida if not is_branch_parameter(k)} == {k.replace('block3.', 'block3.blocks.') for k in static}
+    # with no source-only phase, the label-free reference (a --select candidate) is the static network it came from
+    assert 'the static network inside, its branch muted' in result.stdout
+    assert 'no source-only phase: the label-free reference' not in result.stdout + result.stderr
+    start = json.loads((tmp_path / 'dida' / 'results.json').read_text())['history'][0]
+    assert start['phase'] == 'static_start' and start['epoch'] == 0
+    assert start['target_accuracy'] == json.loads((tmp_path / 'static' / 'results.json').read_text())[
+        'target_accuracy']
+    reference = safetensors.torch.load_file(str(tmp_path / 'dida' / 'selection' / 'reference.safetensors'))
+    assert not reference['block3.branch.0.bn.weight'].any() and dida['block3.branch.0.bn.weight'].any()
     for name, value in static.items():
         if 'running' not in name and 'num_batches' not in name:
             assert torch.equal(value, dida[name.replace('block3.', 'block3.blocks.')]), name

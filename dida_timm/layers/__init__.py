@@ -1,2 +1,2 @@
 from .dida import DidaModule, kernel_basis
-from .dida_branch import DidaBranch, DidaStage, is_branch_parameter
+from .dida_branch import DidaBranch, DidaStage, is_branch_parameter, muted_if_untrained

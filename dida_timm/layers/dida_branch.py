@@ -13,6 +13,7 @@ Putting the static blocks and the branch inside one `DidaStage` module means eve
 stage's output (forward hooks, the flattened feature list, FX node names, `forward_intermediates`) sees the
 sum, never the branch-less blocks.
 """
+import copy
 from collections import OrderedDict
 from typing import Any, Iterator, Optional, Type
 
@@ -23,7 +24,7 @@ from timm.models._manipulate import checkpoint
 
 from .dida import DidaModule
 
-__all__ = ['DidaBranch', 'DidaStage', 'is_branch_parameter']
+__all__ = ['DidaBranch', 'DidaStage', 'is_branch_parameter', 'muted_if_untrained']
 
 
 class DidaBranch(nn.Sequential):
@@ -132,3 +133,51 @@ def is_branch_parameter(name: str) -> bool:
     """Whether a parameter or state-dict key of a model belongs to a DIDA branch (`<stage>.branch.<...>`): the
     weights trained from scratch, at the higher learning rate, and absent from a static twin."""
     return '.branch.' in f'.{name}'
+
+
+def _branch_is_untrained(branch: nn.Module) -> bool:
+    """Whether `branch` is as initialised: no batch seen by its batch norms, every norm and scale at its initial
+    value. Training moves all three (a forward in train mode alone moves the BN counters)."""
+    for m in branch.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.num_batches_tracked is not None \
+                and int(m.num_batches_tracked) > 0:
+            return False
+        if isinstance(m, (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm)) and m.weight is not None:
+            if not (torch.all(m.weight == 1) and torch.all(m.bias == 0)):
+                return False
+        if isinstance(m, LayerScale2d) and torch.unique(m.gamma).numel() != 1:
+            return False
+    return True
+
+
+@torch.no_grad()
+def _mute(branch: nn.Module) -> None:
+    """Make `branch` output exactly zero: zero its output scale, else the affine of its last norm (the activation
+    after it maps 0 to 0)."""
+    last = branch[-1]
+    if hasattr(last, 'scale'):
+        last.scale.gamma.zero_()
+        return
+    norm = last.bn2 if hasattr(last, 'bn2') else last.bn
+    if getattr(norm, 'weight', None) is None:
+        raise ValueError(f'cannot mute a branch whose last norm ({type(norm).__name__}) has no affine parameters')
+    norm.weight.zero_()
+    norm.bias.zero_()
+
+
+def muted_if_untrained(model: nn.Module) -> Optional[nn.Module]:
+    """A copy of `model` that computes its static twin (every branch outputs zero), if all its DIDA branches are
+    untrained; else None.
+
+    A DIDA model loaded from a trained static twin carries a freshly initialised branch: as a model it is the static
+    network plus noise, while the network its user trained is the static twin. The copy is that network, in the DIDA
+    model's own parameter layout (a zero norm also stops the branch's gradients: it is for evaluating, not training).
+    """
+    stages = [m for m in model.modules() if isinstance(m, DidaStage)]
+    if not stages or not all(_branch_is_untrained(stage.branch) for stage in stages):
+        return None
+    muted = copy.deepcopy(model)
+    for stage in muted.modules():
+        if isinstance(stage, DidaStage):
+            _mute(stage.branch)
+    return muted

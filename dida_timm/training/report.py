@@ -169,7 +169,7 @@ def plot_curves(history: List[Dict[str, float]], path: Path, selected_epoch: Opt
         twin.set_ylim(0, 102)
         twin.legend(fontsize=7, loc='lower right')
     axes[3].set_title('collapse indicators (held-out target, no labels)')
-    adapt_from = [h['epoch'] for h in history if h.get('phase') in ('source_only', 'start')]
+    adapt_from = [h['epoch'] for h in history if h.get('phase') in ('source_only', 'start', 'static_start')]
     for ax in axes:
         if adapt_from:
             ax.axvline(adapt_from[-1] + 0.5, color='grey', linestyle='--', linewidth=1)

@@ -36,6 +36,7 @@ import dida_timm
 from ..data import (
     CyclingBatchSampler, DomainBalancedSampler, TransformedDataset, TwoViewDataset, create_domain_datasets,
     create_uda_transforms, holdout_split, read_class_folders, read_unlabelled_folder, test_data_config)
+from ..layers import muted_if_untrained
 from ..models import static_twin_filter_fn
 from ..models.factory import create_model
 from .checkpoint import load_last_checkpoint, save_checkpoint
@@ -242,14 +243,21 @@ class Run:
         """The weights every score and export uses: the EMA when there is one."""
         return self.ema.module if self.ema is not None else self.model
 
-    def epoch_row(self, epoch: int, phase: str) -> dict:
-        """Target accuracy (when target labels exist) and label-free scores of the model after `epoch`."""
+    def epoch_row(self, epoch: int, phase: str, model: Optional[torch.nn.Module] = None) -> dict:
+        """Target accuracy (when target labels exist) and label-free scores of the model after `epoch`.
+
+        Args:
+            epoch: Epochs trained.
+            phase: The phase name the row records.
+            model: The model to score, default `evaluated_model`.
+        """
+        model = model if model is not None else self.evaluated_model
         row = dict(epoch=epoch, phase=phase)
         if self.target_test is not None:
             row['target_accuracy'] = evaluate(
-                self.evaluated_model, self.target_test, len(self.classes), self.args.eval_batch_size, self.device,
+                model, self.target_test, len(self.classes), self.args.eval_batch_size, self.device,
                 rank=self.rank, world_size=self.world_size)['accuracy']
-        row.update(self.monitor.score(self.evaluated_model, epoch))
+        row.update(self.monitor.score(model, epoch))
         return row
 
     def phases(self):
@@ -329,19 +337,30 @@ class Run:
         if done > epoch0:  # resumed inside the adaptation phase: its start is on disk
             self.monitor.restore_reference(epoch0)
             return
+        reference = self.evaluated_model
         rows = [h for h in self.history if h['epoch'] == epoch0]
         if rows:
             row = rows[0]
         else:  # no source-only phase: score the starting weights as epoch 0
-            row = self.epoch_row(epoch0, 'start')
-            self.history.append(row)
-            if self.args.select != 'last':
+            a = self.args
+            # timm keeps a pretrained classifier only at its own class count
+            trained_head = a.init_checkpoint or (
+                a.pretrained and getattr(self.model, 'pretrained_cfg', {}).get('num_classes') == len(self.classes))
+            muted = muted_if_untrained(reference) if trained_head else None
+            if muted is not None:
+                # trained static weights with a fresh branch: the source-only model is the static network
+                reference = muted
+                _logger.info('no source-only phase and an untrained DIDA branch: the label-free reference (epoch '
+                             f'{epoch0}, a candidate of --select) is the static network inside, its branch muted')
+            elif a.select != 'last':
                 _logger.warning(
-                    f'no source-only phase: the label-free reference, which --select {self.args.select} compares '
-                    'every epoch with and falls back to, is the model as loaded. If it has new layers (a DIDA branch '
-                    'on static weights, a resized classifier) that reference is untrained and the collapse guard '
-                    'misfires: train a source-only phase first (--source-only-epochs) or use --select last')
-        self.monitor.set_reference(self.evaluated_model, epoch0, row)
+                    f'no source-only phase: the label-free reference, which --select {a.select} compares '
+                    'every epoch with and falls back to, is the model as loaded. If it is untrained or has new layers '
+                    '(a resized classifier) that reference is untrained and the collapse guard misfires: train a '
+                    'source-only phase first (--source-only-epochs) or use --select last')
+            row = self.epoch_row(epoch0, 'start' if muted is None else 'static_start', reference)
+            self.history.append(row)
+        self.monitor.set_reference(reference, epoch0, row)
         _logger.info(f'reference for the label-free scores: the model after epoch {epoch0} ({row["phase"]})')
 
     def _write_summary(self, selected_epoch: Optional[int] = None) -> None:
