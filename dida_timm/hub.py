@@ -188,6 +188,10 @@ def selection_section(run: Dict) -> List[str]:
     last = run['history'][-1]
     lines = ['', '## Checkpoint selection without target labels', '',
              f"Epoch {sel['epoch']} of {last['epoch']} was chosen by the rule {sel['reason']}."]
+    if any(h['epoch'] == sel['epoch'] and h.get('phase') == 'static_start' for h in run['history']):
+        lines += ['', 'That checkpoint is the static network the run started from: its DIDA branch was still '
+                      'untrained, so the weights carry the branch muted (its last norm zeroed) and compute exactly '
+                      'the static twin.']
     if sel['flagged']:
         lines += ['', ('**The collapse guard fired**: it flagged the last epoch, so an earlier checkpoint ships. '
                        if sel['guard_fired'] else 'The collapse guard flagged earlier epochs only. ') +

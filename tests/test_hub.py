@@ -75,6 +75,14 @@ def test_card_states_the_step_and_strong_view_the_run_used(trained_run):
     assert "FixMatch's RandAugment" in card and 'rand-m10' not in card
 
 
+def test_card_says_when_the_selected_checkpoint_is_the_static_start_with_its_branch_muted(trained_run):
+    run = read_run(trained_run)
+    assert 'branch muted' not in model_card([run], 'dida-timm/test-model')
+    run['selection']['epoch'] = 0
+    run['history'] = [dict(run['history'][0], epoch=0, phase='static_start')] + run['history']
+    assert 'the weights carry the branch muted' in model_card([run], 'dida-timm/test-model')
+
+
 def test_local_dir_and_plain_folder_load_the_exported_weights(exported, trained_run):
     x = torch.randn(2, 3, 32, 32)
     expected = _reference_logits(trained_run, x)
