@@ -19,7 +19,7 @@ With the data of a published setting, `--config` runs the same study on it: its 
 its recipe and its model (DIDA-Net; FixMatch and source-only use the static twin, e.g. dida_resnet18.tv_in1k ->
 resnet18.tv_in1k, with the same pretrained weights).
 
-    python bench/bench_uda_accuracy.py --jobs 2 --markdown uda_accuracy.md
+    python bench/bench_uda_accuracy.py --jobs 2 --markdown uda_accuracy.md --records uda_accuracy.csv
     python bench/bench_uda_accuracy.py --full --out output/uda_accuracy_full
     python bench/bench_uda_accuracy.py --jobs 2 --train-args '--new-lr-scale 10'   # a recipe change, every method
     python bench/bench_uda_accuracy.py --jobs 2 --branch-kwargs '{dida_blocks: [2]}'  # both branches moved
@@ -39,8 +39,8 @@ from dida_timm.arguments import at_least, check_options, distinct
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from uda_runs import (  # noqa: E402
-    METHODS, emit_table, mean_std, offline_study, published_study, pseudo_label_cells, run_all, run_name,
-    shared_start_run, study_run)
+    METHODS, emit_table, finished_results, mean_std, offline_study, published_study, pseudo_label_cells,
+    restore_records, run_all, run_name, shared_start_run, study_run, write_records)
 
 
 def main():
@@ -65,7 +65,14 @@ def main():
     parser.add_argument('--branch-kwargs', type=yaml.safe_load, default={},
                         help='model options (YAML) for the two methods with a branch, e.g. a placement ablation; '
                              'run names record them')
+    parser.add_argument('--records', type=Path, default=None,
+                        help='CSV of one row per finished run: the runs it holds that --out has not finished are '
+                             'taken from it (a study continued on another machine), and it is rewritten at the end')
+    parser.add_argument('--records-only', action='store_true',
+                        help='write --records from the runs finished so far and stop (run nothing)')
     args = parser.parse_args()
+    if args.records_only and args.records is None:
+        parser.error('--records-only needs --records')
     check_options(parser, args, [('seeds', at_least(0)), ('seeds', distinct), ('targets', distinct),
                                  ('jobs', at_least(1)), ('methods', distinct)])
     if not isinstance(args.branch_kwargs, dict):
@@ -105,6 +112,16 @@ def main():
     if args.shared_start:
         starts = {(seed, target): run_name(target, 'shared start', {}, seed, recipe)
                   for seed in args.seeds for target in targets}
+    names = [*starts.values(), *grid.values()]
+    if args.records is not None and args.records.is_file():
+        restored = restore_records(args.records, out, names)
+        print(f'{len(restored)} finished runs taken from {args.records}', flush=True)
+    if args.records_only:
+        finished = finished_results(out, names)
+        write_records(args.records, finished)
+        print(f'{len(finished)} of {len(names)} runs finished; their records are in {args.records}')
+        return
+    if args.shared_start:
         start_results = run_all([shared_start_run(study, name, target, seed, recipe)
                                  for (seed, target), name in starts.items()], out, args.jobs)
     runs = [study_run(study, name, method, target, seed, model_kwargs=options(method), train_args=recipe,
@@ -154,6 +171,8 @@ def main():
         for method in [m for m in methods if METHODS[m][1] == 'fixmatch']:
             c = pseudo_label_cells([results[grid[seed, target, method]] for seed in args.seeds])
             lines.append(f"| {target} | {method} | {c['start']} | {c['final']} | {c['kept']} | {c['correct']} |")
+    if args.records is not None:
+        write_records(args.records, {**results, **(start_results if args.shared_start else {})})
     wall = sum(r['wall_seconds'] for r in results.values())
     lines += ['', f'Training time summed over the {len(runs)} runs: {wall / 60:.0f} min.']
     emit_table(lines, args.markdown)

@@ -4,7 +4,12 @@ Each run is a separate process writing to `<out>/<name>/`; a finished run (resul
 an interrupted one continues from its last checkpoint (`--resume`), so a killed study loses at most one epoch
 per run in flight. With `jobs` > 1 the CPU threads are split between the processes (2 single-thread runs side
 by side train ~1.1x faster on 2 cores than one after the other, and hide each run's start-up).
+
+A study's per-run records (`write_records`: one CSV row per finished run, the numbers its tables read) travel
+where run folders do not: `restore_records` turns them back into results.json files, so a study started on one
+machine continues on another.
 """
+import csv
 import json
 import os
 import statistics
@@ -202,6 +207,49 @@ def finished_results(out: Path, names: Iterable[str]) -> Dict[str, dict]:
     """results.json of the runs among `names` that have finished in `out`, by name."""
     paths = {name: out / name / 'results.json' for name in names}
     return {name: json.loads(p.read_text()) for name, p in paths.items() if p.is_file()}
+
+
+RECORD_FIELDS = ('run', 'target_accuracy', 'source_only_start_target_accuracy', 'keep_rate', 'pseudo_accuracy',
+                 'wall_seconds')
+
+
+def write_records(path: Path, results: Dict[str, dict]) -> None:
+    """One CSV row per run of `results` (name -> results.json): final and source-only-start target accuracy, the
+    last FixMatch epoch's kept share and pseudo-label accuracy (empty for a source-only run), wall seconds."""
+    with Path(path).open('w', newline='') as f:
+        writer = csv.DictWriter(f, fieldnames=RECORD_FIELDS)
+        writer.writeheader()
+        for name, r in sorted(results.items()):
+            adapting = [h for h in r['history'] if h['phase'] == 'fixmatch']
+            start = r.get('source_only_start_target_accuracy')
+            writer.writerow(dict(
+                run=name, target_accuracy=round(r['target_accuracy'], 2), wall_seconds=round(r['wall_seconds']),
+                source_only_start_target_accuracy='' if start is None else round(start, 2),
+                keep_rate=round(adapting[-1]['keep_rate'], 4) if adapting else '',
+                pseudo_accuracy=round(adapting[-1]['pseudo_accuracy'], 4) if adapting else ''))
+
+
+def restore_records(path: Path, out: Path, names: Iterable[str]) -> List[str]:
+    """Write `<out>/<name>/results.json` (the fields the study tables read) for every run of `names` that the
+    records at `path` hold and `out` has not finished; returns the restored names."""
+    with Path(path).open(newline='') as f:
+        records = {row['run']: row for row in csv.DictReader(f)}
+    restored = []
+    for name in names:
+        target = out / name / 'results.json'
+        if name not in records or target.is_file():
+            continue
+        row = records[name]
+        history = [dict(phase='fixmatch', keep_rate=float(row['keep_rate']),
+                        pseudo_accuracy=float(row['pseudo_accuracy']))] if row['keep_rate'] else []
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_text(json.dumps(dict(
+            target_accuracy=float(row['target_accuracy']), wall_seconds=float(row['wall_seconds']),
+            source_only_start_target_accuracy=float(row['source_only_start_target_accuracy'])
+            if row['source_only_start_target_accuracy'] else None,
+            history=history, restored_from=Path(path).name)))
+        restored.append(name)
+    return restored
 
 
 def run_all(runs: Sequence[Run], out: Path, jobs: int = 1) -> Dict[str, dict]:

@@ -14,7 +14,8 @@ sys.path.insert(0, str(REPO / 'bench'))
 from dida_timm.training import options as train  # noqa: E402  (train.py's parser)
 from bench_dida_ablations import VARIANTS  # noqa: E402
 from uda_runs import (  # noqa: E402
-    METHODS, SIZES, Run, offline_study, published_study, run_all, run_name, static_twin, study_run)
+    METHODS, SIZES, Run, finished_results, offline_study, published_study, pseudo_label_cells, restore_records,
+    run_all, run_name, static_twin, study_run, write_records)
 
 from dida_timm.data.offline_digits import DOMAINS  # noqa: E402
 
@@ -231,3 +232,22 @@ def test_forward_mode_study_steps_parse_to_the_options_they_name():
         assert setting[2] == ('fixmatch' if 'FixMatch view' in step else 'rand-m10-n2-mstd0.5')
         seen.add(setting)
     assert len(seen) == len(STEPS)
+
+
+def test_records_of_finished_runs_restore_what_the_study_tables_read(tmp_path):
+    adapting = dict(target_accuracy=71.25, source_only_start_target_accuracy=50.5, wall_seconds=300.0, history=[
+        dict(phase='source_only', epoch=3), dict(phase='fixmatch', keep_rate=0.4, pseudo_accuracy=0.9),
+        dict(phase='fixmatch', keep_rate=0.55, pseudo_accuracy=0.875)])
+    source_only = dict(target_accuracy=60.0, source_only_start_target_accuracy=None, wall_seconds=200.0,
+                       history=[dict(phase='source_only', epoch=15)])
+    records = tmp_path / 'records.csv'
+    write_records(records, {'a': adapting, 's': source_only})
+    out = tmp_path / 'elsewhere'
+    (out / 'done').mkdir(parents=True)
+    (out / 'done' / 'results.json').write_text(json.dumps(dict(target_accuracy=1.0)))
+    assert sorted(restore_records(records, out, ['a', 's', 'done', 'missing'])) == ['a', 's']
+    restored = finished_results(out, ['a', 's', 'done', 'missing'])
+    assert set(restored) == {'a', 's', 'done'} and restored['done']['target_accuracy'] == 1.0
+    assert pseudo_label_cells([restored['a']]) == pseudo_label_cells([adapting])
+    assert restored['s']['target_accuracy'] == 60.0 and restored['s']['source_only_start_target_accuracy'] is None
+    assert restored['a']['wall_seconds'] == 300.0
