@@ -39,7 +39,7 @@ METHODS: Dict[str, Tuple[bool, str, Dict[str, object]]] = {
     'DIDA-Net': (True, 'fixmatch', {}),
 }
 
-# offline benchmark sizes. cpu: the study fits one 3-hour session on 2 cores; full: the README main job's recipe
+# offline benchmark sizes. cpu: for 2 CPU cores (the 60-run study: about 3 hours); full: the README main job's recipe
 SIZES = {
     'cpu': dict(train_size=1000, source_only_epochs=3, epochs=12),
     'full': dict(train_size=2000, source_only_epochs=5, epochs=20),
