@@ -22,7 +22,6 @@ from pathlib import Path
 
 import numpy as np
 
-from dida_timm.training.evaluation import predict_probs
 from dida_timm.training.options import parse_args
 from dida_timm.training.run import Run
 from dida_timm.training.selection import CollapseGuard
@@ -40,11 +39,13 @@ def unmuted_history(run_dir: Path, results: dict) -> list:
     """The run's history as the earlier code would have written it: epoch 0 scored on the loaded model, agreement
     measured against that model's predictions."""
     argv = shlex.split(results['command'])[2:]  # drop 'python train/train.py'
-    argv[argv.index('--output') + 1] = tempfile.mkdtemp()
-    run = Run(parse_args([a for a in argv if a != '--resume']))
-    loaded = run.epoch_row(0, 'start')  # run.evaluated_model: the static weights with the fresh branch
-    reference = predict_probs(run.evaluated_model, run.monitor.target_val, 256, run.device)[0].argmax(-1).numpy()
-    history = [dict(loaded, agreement=100.0)]
+    with tempfile.TemporaryDirectory() as scratch:
+        argv[argv.index('--output') + 1] = scratch
+        run = Run(parse_args([a for a in argv if a != '--resume']))
+        loaded = run.epoch_row(0, 'start')  # run.evaluated_model: the static weights with the fresh branch
+        run.monitor.set_reference(run.evaluated_model, 0, loaded)  # as the earlier code did, from that same pass
+    reference = run.monitor.reference_predictions.numpy()
+    history = [loaded]
     for row in results['history'][1:]:
         agreement = float((target_predictions(run_dir, row['epoch']) == reference).mean() * 100)
         history.append(dict(row, agreement=agreement))

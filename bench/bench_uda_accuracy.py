@@ -14,8 +14,8 @@ Sizes: `cpu` (default) 1,000 train images per domain (10% of each source and 20%
 the label-free scores), 3 source-only + 12 FixMatch epochs (28 steps each); 5 targets x 3 seeds x 4 methods took
 83 minutes on 2 CPU cores with `--jobs 2` before the per-epoch label-free scoring, about 3 hours with it (5-15
 min per run on a shared 2-core machine, 2026-12-02): `--records` lets it continue in another session or on
-another machine; `--full` 2,000 images, 5 + 20 epochs (the README main job's recipe), for a GPU. Test: 500 images per domain. Runs are resumable: re-running
-the command skips finished runs and continues interrupted ones.
+another machine; `--full` 2,000 images, 5 + 20 epochs (the README main job's recipe), for a GPU. Test: 500
+images per domain. Runs are resumable: re-running the command skips finished runs and continues interrupted ones.
 
 With the data of a published setting, `--config` runs the same study on it: its domains (sources + target),
 its recipe and its model (DIDA-Net; FixMatch and source-only use the static twin, e.g. dida_resnet18.tv_in1k ->
