@@ -1,4 +1,4 @@
-"""Ablations of the DIDA module on one offline digits target (paper Tables IV-VI, SPEC section 5).
+"""Ablations of the DIDA module on one offline digits target (paper Tables IV-VI, docs/METHOD.md section 5).
 
 Each variant changes one option of DIDA-Net's module in `dida_digitnet_compact` and is trained with the same
 recipe, size and seeds as the accuracy study (bench/bench_uda_accuracy.py), so pointing both at the same --out

@@ -20,7 +20,7 @@ from .models.factory import create_model, validate_hub_config  # noqa: F401  (va
 __all__ = ['PAPER_RESULTS', 'export_runs', 'export_tag', 'initial_weights', 'model_card', 'push_folder', 'read_run',
            'run_data_config', 'run_label_free', 'selection_section', 'validate_hub_config']
 
-# published DIDA-Net target accuracies (%) per dataset and target domain (paper Tables I-III, SPEC section 4)
+# published DIDA-Net target accuracies (%) per dataset and target domain (paper Tables I-III, docs/METHOD.md section 4)
 PAPER_RESULTS: Dict[str, Dict[str, float]] = {
     'pacs': {'art_painting': 93.39, 'cartoon': 90.81, 'sketch': 84.77, 'photo': 98.36},
     'digit_five': {'mnist': 99.3, 'usps': 98.6, 'mnist_m': 85.7, 'svhn': 91.7, 'syn': 97.3},

@@ -1,4 +1,4 @@
-"""The DIDA module (SPEC section 1): equations, parameter counts, gradients and per-sample kernels."""
+"""The DIDA module (docs/METHOD.md section 1): equations, parameter counts, gradients and per-sample kernels."""
 import sys
 from pathlib import Path
 
@@ -70,7 +70,7 @@ def test_forward_runs_few_aten_ops():
 
 
 @pytest.mark.parametrize('in_chs, out_chs, reduction, expected', [
-    (512, 512, 16, 24_904),  # SPEC: C = P = 512, with biases (paper footnote ~24.6K weights)
+    (512, 512, 16, 24_904),  # docs/METHOD.md section 1: C = P = 512, with biases (paper footnote ~24.6K weights)
     (256, 512, 16, 8_504),
     (64, 128, 16, 620),  # Digit-Five CNN
 ])

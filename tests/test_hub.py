@@ -197,18 +197,30 @@ def test_export_names_the_tag_of_its_folder(trained_run, tmp_path):
         'offline_digits_svhn_style'
 
 
-def test_no_tracked_file_names_a_path_of_the_build_machine():
+def _tracked_files_containing(needles: list) -> list:
     if not (REPO / '.git').exists():
         pytest.skip('not a git checkout: the tracked files are unknown')
     files = subprocess.run(['git', 'ls-files', '-z'], cwd=REPO, capture_output=True, check=True).stdout
-    prefixes = [f'/{d}/'.encode() for d in ('work', 'root', 'home')]  # spelled so this file does not match
     offending = []
     for name in filter(None, files.decode().split('\0')):
         path = REPO / name
         data = path.read_bytes() if path.is_file() else b''
-        if b'\0' not in data and any(p in data for p in prefixes):
+        if b'\0' not in data and any(n in data for n in needles):
             offending.append(name)
+    return offending
+
+
+def test_no_tracked_file_names_a_path_of_the_build_machine():
+    prefixes = [f'/{d}/'.encode() for d in ('work', 'root', 'home')]  # spelled so this file does not match
+    offending = _tracked_files_containing(prefixes)
     assert not offending, f'absolute paths of a build machine in {offending}'
+
+
+def test_no_tracked_file_cites_a_document_outside_the_repository():
+    # the design notes the project was built from live beside the checkout; docs/METHOD.md is their public form
+    names = ['SP' + 'EC', 'shared' + '/', 'DA' + 'TA.md', 'STY' + 'LE.md']  # spelled so this file does not match
+    offending = _tracked_files_containing([n.encode() for n in names])
+    assert not offending, f'citations of documents outside the repository in {offending}'
 
 @pytest.mark.parametrize('name', PUBLISHED)
 def test_published_checkpoint_loads_strict_and_predicts_as_the_literal_reference(name):

@@ -1,4 +1,4 @@
-"""DIDA-ResNets as timm models (SPEC section 2): registration, weights, the timm API and export paths."""
+"""DIDA-ResNets as timm models (docs/METHOD.md section 2): registration, weights, the timm API and export paths."""
 import pytest
 import safetensors.torch
 import timm

@@ -83,6 +83,56 @@ def test_killed_run_resumes_to_the_same_weights_as_an_uninterrupted_run(tmp_path
     assert [h['epoch'] for h in history] == [1, 2, 3, 4]
 
 
+def test_ema_numbers_every_update_of_the_run_once_across_epochs_and_phases(tmp_path, data_dir, monkeypatch):
+    """timm's EMA decay is 0 at its first steps: a step count that restarts (per epoch or per phase) resets it."""
+    from timm.utils import ModelEmaV3
+    from dida_timm.training import run
+    steps, update = [], ModelEmaV3.update
+
+    def recording_update(self, model, step=None):
+        steps.append(step)
+        return update(self, model, step=step)
+
+    monkeypatch.setattr(ModelEmaV3, 'update', recording_update)
+    args = ['--output', str(tmp_path), '--data-dir', str(data_dir)] + TINY + [
+        '--source', 'mnist', '--target', 'uci_digits', '--source-only-epochs', '1', '--epochs', '2',
+        '--ema-decay', '0.9', '--tsne-per-domain', '0', '--select', 'last', '--experiment', 'ema']
+    assert run.main(args) == 0
+    history = json.loads((tmp_path / 'ema' / 'results.json').read_text())['history']
+    assert [h['phase'] for h in history] == ['source_only', 'fixmatch', 'fixmatch']
+    assert len(steps) >= 3 and steps == list(range(len(steps))) and len(steps) % 3 == 0
+
+
+def test_train_refuses_pickled_weights_unless_allowed(tmp_path, data_dir, capsys):
+    import timm
+    from dida_timm.training import run
+    folder = tmp_path / 'pickled'
+    timm.models.save_for_hf(timm.create_model('dida_digitnet_compact'), str(folder), safe_serialization=False)
+    args = ['--output', str(tmp_path), '--data-dir', str(data_dir), '--model', f'local-dir:{folder}', '--pretrained',
+            '--source', 'mnist', '--target', 'uci_digits', '--epochs', '1', '--tsne-per-domain', '0'] + TINY
+    assert run.main(args + ['--experiment', 'refused']) == 2
+    assert 'no model.safetensors' in capsys.readouterr().err
+    assert not (tmp_path / 'refused' / 'results.json').exists()
+    assert run.main(args + ['--experiment', 'allowed', '--allow-pickle']) == 0
+    assert (tmp_path / 'allowed' / 'results.json').exists()
+
+
+def test_an_error_while_building_the_run_is_a_message_with_its_traceback_in_the_log(tmp_path, data_dir, monkeypatch,
+                                                                                    capsys):
+    from dida_timm.training import run
+
+    def broken_build_model(self):
+        raise RuntimeError('weights of the wrong shape')
+
+    monkeypatch.setattr(run.Run, '_build_model', broken_build_model)
+    args = ['--output', str(tmp_path), '--data-dir', str(data_dir), '--source', 'mnist', '--target', 'uci_digits',
+            '--experiment', 'broken'] + TINY
+    assert run.main(args) == 2
+    assert 'error: RuntimeError: weights of the wrong shape (traceback in' in capsys.readouterr().err
+    log = (tmp_path / 'broken' / 'log.txt').read_text()
+    assert 'Traceback' in log and 'broken_build_model' in log
+
+
 def test_source_and_target_stream_runs_after_a_source_only_phase_in_either_forward_mode(tmp_path, data_dir):
     """The released code's loss variant: source images get a strong view too, also while the phase is source-only."""
     weights = {}

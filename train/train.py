@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Adapt a timm classifier to an unlabelled target domain: DIDA-Net's recipe (FixMatch + DIDA branch).
 
-Paper: `Dynamic Instance Domain Adaptation` - https://arxiv.org/abs/2203.05028 (SPEC section 3).
+Paper: `Dynamic Instance Domain Adaptation` - https://arxiv.org/abs/2203.05028 (docs/METHOD.md section 3).
 
     python train/train.py -c train/configs/offline_digits_cpu.yaml            # the README's main job
     python train/train.py --model dida_resnet18.tv_in1k --pretrained --dataset pacs --data-dir /data/pacs \\

@@ -1,4 +1,4 @@
-"""Batch samplers for multi-source domain adaptation (SPEC section 3).
+"""Batch samplers for multi-source domain adaptation (docs/METHOD.md section 3).
 
 Each training step draws an equal share of labelled images from every source domain plus a batch of
 unlabelled target images. An epoch lasts until the smallest source domain is used up; the target is cycled

@@ -1,4 +1,4 @@
-"""Weak, strong and test views for FixMatch-style domain adaptation (SPEC section 3), on timm's transforms.
+"""Weak, strong and test views for FixMatch-style domain adaptation (docs/METHOD.md section 3), on timm's transforms.
 
 weak   = resize to the input size (+ horizontal flip + random translation for natural images; none for digits)
 strong = the weak view + RandAugment + Cutout, one of two recipes:

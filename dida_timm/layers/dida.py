@@ -95,7 +95,7 @@ def _weight_index(reduced_chs: int, kernel_sizes: Tuple[int, ...], steps: Tuple[
 
 
 class DidaModule(nn.Module):
-    """Dynamic instance adaptation module (paper Fig. 3, SPEC section 1).
+    """Dynamic instance adaptation module (paper Fig. 3, docs/METHOD.md section 1).
 
     Args:
         in_chs: Input channels C.

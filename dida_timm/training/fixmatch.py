@@ -1,4 +1,4 @@
-"""FixMatch pseudo-label loss, as DIDA-Net trains on the unlabelled target (SPEC section 3).
+"""FixMatch pseudo-label loss, as DIDA-Net trains on the unlabelled target (docs/METHOD.md section 3).
 
 `FixMatch` - https://arxiv.org/abs/2001.07685; DIDA-Net - https://arxiv.org/abs/2203.05028 (Eq. 8).
 

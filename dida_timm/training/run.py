@@ -16,6 +16,7 @@ import random
 import shlex
 import sys
 import time
+import traceback
 from dataclasses import asdict
 from functools import partial
 from pathlib import Path
@@ -98,8 +99,13 @@ class Run:
             self._build_model()
             self._build_inputs()
         except (ValueError, OSError, RuntimeError) as e:
-            # everything built here comes from the user's data, model name and weight files
-            raise RunError(f'{type(e).__name__}: {e}') from e
+            # everything built here comes from the user's data, model name and weight files: the message is for
+            # the user, the traceback goes to log.txt so that a fault of this package stays traceable
+            log = self.out_dir / 'log.txt'
+            if self.is_main:
+                with log.open('a') as f:
+                    traceback.print_exc(file=f)
+            raise RunError(f'{type(e).__name__}: {e} (traceback in {log})') from e
         self.history = []
 
     def _setup_logging(self) -> None:
