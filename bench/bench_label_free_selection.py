@@ -127,6 +127,23 @@ def slice_accuracy(run_dir: Path, epoch: int) -> float:
     return float((dump['target_probs'].argmax(-1) == dump['target_labels']).mean() * 100)
 
 
+def estimate_columns(rows: Sequence[dict]) -> Dict[str, str]:
+    """{label: row key} of the estimates of the picks, and of the held-out slice's labelled accuracy."""
+    columns = {k.removeprefix('estimated_'): k for k in rows[0] if k.startswith('estimated_')}
+    columns['(not label-free) accuracy on the held-out target slice'] = 'target_slice_accuracy'
+    return columns
+
+
+def estimate_error_lines(rows: Sequence[dict], columns: Dict[str, str]) -> List[str]:
+    """Table rows: each estimate's mean absolute, mean signed and largest error against the pick's true accuracy."""
+    lines = []
+    for label, key in columns.items():
+        errors = [r[key] - r['selected'] for r in rows]
+        lines.append(f"| {label} | {statistics.mean(map(abs, errors)):.1f} | "
+                     f"{statistics.mean(errors):+.1f} | {max(map(abs, errors)):.1f} |")
+    return lines
+
+
 def analyse(results: Dict[Tuple[int, str, str], dict], out: Path, names: Dict, csv_path: Path) -> List[str]:
     """The study's tables (markdown lines) and the per-run CSV."""
     targets = sorted({t for _, t, _ in results}, key=DOMAINS.index)
@@ -187,12 +204,8 @@ def analyse(results: Dict[Tuple[int, str, str], dict], out: Path, names: Dict, c
     lines += ['Label-free accuracy estimates of the picked checkpoints against their true target accuracy:', '',
               '| estimator | mean absolute error | mean signed error (estimate - true) | max absolute error |',
               '|---|---|---|---|']
-    columns = {k.removeprefix('estimated_'): k for k in rows[0] if k.startswith('estimated_')}
-    columns['(not label-free) accuracy on the held-out target slice'] = 'target_slice_accuracy'
-    for label, key in columns.items():
-        errors = [r[key] - r['selected'] for r in rows]
-        lines.append(f"| {label} | {statistics.mean(map(abs, errors)):.1f} | "
-                     f"{statistics.mean(errors):+.1f} | {max(map(abs, errors)):.1f} |")
+    columns = estimate_columns(rows)
+    lines += estimate_error_lines(rows, columns)
     lines += ['', 'Mean signed error (estimate - true test accuracy) per target: the errors are biases of the '
                   'domain, not noise:', '', '| target | ' + ' | '.join(columns) + ' |', '|---|' + '---|' * len(columns)]
     for target in targets:

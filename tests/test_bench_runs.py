@@ -251,3 +251,33 @@ def test_records_of_finished_runs_restore_what_the_study_tables_read(tmp_path):
     assert pseudo_label_cells([restored['a']]) == pseudo_label_cells([adapting])
     assert restored['s']['target_accuracy'] == 60.0 and restored['s']['source_only_start_target_accuracy'] is None
     assert restored['a']['wall_seconds'] == 300.0
+
+
+def test_holdout_replays_the_default_rule_and_grades_the_estimates_of_its_pick(tmp_path):
+    from bench_label_free_holdout import adapting_runs, holdout_row
+    rng = np.random.default_rng(0)
+
+    def epoch(number, accuracy, effective):
+        return dict(epoch=number, phase='fixmatch' if number > 1 else 'source_only', target_accuracy=accuracy,
+                    effective_classes=effective, dead_classes=0 if effective > 5 else 8, agreement=90.0,
+                    mean_confidence=0.9, estimated_accuracy=80.0)
+
+    # epoch 1 is the source-only model; epoch 3 collapses, so the default rule ships epoch 2
+    history = [epoch(1, 60.0, 9.5), epoch(2, 70.0, 9.4), epoch(3, 20.0, 1.5)]
+    run_dir = tmp_path / 'mnist-DIDA-Net-s2'
+    (run_dir / 'label_free').mkdir(parents=True)
+    (run_dir / 'results.json').write_text(json.dumps(dict(method='fixmatch', source_only_epochs=1, history=history)))
+    (tmp_path / 'mnist-source-only-s2').mkdir()
+    (tmp_path / 'mnist-source-only-s2' / 'results.json').write_text(json.dumps(dict(method='source_only')))
+    labels = rng.integers(0, 10, 300)
+    probs = np.eye(10)[labels] * 0.9 + 0.01  # confident and always right
+    for number in (1, 2, 3):
+        np.savez(run_dir / 'label_free' / f'epoch-{number:04d}.npz', target_probs=probs[:200],
+                 target_labels=labels[:200], source_probs=probs[200:], source_labels=labels[200:])
+    runs = adapting_runs(tmp_path)
+    assert list(runs) == ['mnist-DIDA-Net-s2']
+    row = holdout_row('mnist-DIDA-Net-s2', runs['mnist-DIDA-Net-s2'], run_dir)
+    assert (row['target'], row['method'], row['seed']) == ('mnist', 'DIDA-Net', 2)
+    assert (row['source_only'], row['last'], row['selected'], row['oracle']) == (60.0, 20.0, 70.0, 70.0)
+    assert row['guard_fired'] and row['selected_epoch'] == 2
+    assert row['target_slice_accuracy'] == 100.0 and row['estimated_ATC (max_prob)'] == 100.0

@@ -1,0 +1,113 @@
+"""The label-free rule and accuracy estimates graded on runs that did not shape them.
+
+`bench_label_free_selection.py` fitted the collapse guard (the default of `--select`) on its own 30 runs, and
+compared the label-free accuracy estimators there (ATC, which the runs report; COT, added after those runs had
+been seen). This script replays the default rule and every estimator, unchanged, on the finished runs of another
+study that logs the same per-epoch scores and probabilities: by default `bench_uda_accuracy.py`'s README-recipe
+study (FixMatch, FixMatch with the static branch and DIDA-Net, 5 targets x 3 seeds, `--select last`, so every
+epoch is there to choose from). Nothing is fitted here: the runs are new, the domains are the same five.
+
+    python bench/bench_label_free_holdout.py --out output/uda_accuracy_cpu --csv docs/results/label_free_holdout.csv
+"""
+import argparse
+import csv
+import json
+import statistics
+import sys
+from pathlib import Path
+from typing import Dict, List
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_label_free_selection import (  # noqa: E402
+    HARM_MARGIN, estimate_columns, estimate_error_lines, estimates, slice_accuracy)
+from uda_runs import candidates, emit_table, pick  # noqa: E402
+
+from dida_timm.data.offline_digits import DOMAINS  # noqa: E402
+from dida_timm.training.selection import CollapseGuard  # noqa: E402
+
+# the default of train.py's --select and its guard
+RULE, GUARD = 'guarded_last', CollapseGuard()
+
+
+def adapting_runs(out: Path) -> Dict[str, dict]:
+    """results.json of every finished run in `out` that adapted after a source-only phase, by folder name."""
+    runs = {}
+    for path in sorted(out.glob('*/results.json')):
+        results = json.loads(path.read_text())
+        if results.get('method') == 'fixmatch' and results.get('source_only_epochs', 0) > 0 and \
+                (path.parent / 'label_free').is_dir():
+            runs[path.parent.name] = results
+    return runs
+
+
+def holdout_row(name: str, results: dict, run_dir: Path) -> dict:
+    """One run: its source-only start, last epoch, the default rule's pick, the oracle, and each estimate of the
+    pick (with the accuracy on the held-out target slice the estimates read)."""
+    chosen, fired = pick(results, RULE, GUARD)
+    cands = candidates(results)
+    target, method_seed = name.split('-', 1)
+    method, seed = method_seed.rsplit('-s', 1)
+    return dict(
+        target=target, seed=int(seed), method=method,
+        source_only=round(cands[0]['target_accuracy'], 2), last=round(cands[-1]['target_accuracy'], 2),
+        selected=round(chosen['target_accuracy'], 2), oracle=round(max(c['target_accuracy'] for c in cands), 2),
+        guard_fired=fired, selected_epoch=chosen['epoch'], last_epoch=cands[-1]['epoch'],
+        **{f'estimated_{k}': round(v, 2) for k, v in estimates(run_dir, chosen['epoch']).items()},
+        target_slice_accuracy=round(slice_accuracy(run_dir, chosen['epoch']), 2))
+
+
+def analyse(rows: List[dict]) -> List[str]:
+    """The tables (markdown lines)."""
+    def mean(key, subset):
+        return statistics.mean(r[key] for r in subset)
+
+    methods = sorted({r['method'] for r in rows})
+    lines = ['| method | runs | source-only | last | selected | oracle | selected < source-only - 2 | '
+             'last < source-only - 2 | guard fired |', '|---|---|---|---|---|---|---|---|---|']
+    for method in methods + ['all']:
+        sub = [r for r in rows if method in ('all', r['method'])]
+        lines.append(
+            f"| {method} | {len(sub)} | {mean('source_only', sub):.1f} | {mean('last', sub):.1f} | "
+            f"{mean('selected', sub):.1f} | {mean('oracle', sub):.1f} | "
+            f"{sum(r['selected'] < r['source_only'] - HARM_MARGIN for r in sub)} | "
+            f"{sum(r['last'] < r['source_only'] - HARM_MARGIN for r in sub)} | {sum(r['guard_fired'] for r in sub)} |")
+    columns = estimate_columns(rows)
+    lines += ['', 'Accuracy estimates of the picked checkpoints against their true target test accuracy:', '',
+              '| estimator | mean absolute error | mean signed error (estimate - true) | max absolute error |',
+              '|---|---|---|---|'] + estimate_error_lines(rows, columns)
+    targets = sorted({r['target'] for r in rows}, key=DOMAINS.index)
+    lines += ['', 'Per target (mean over runs): selection, and the signed error of each estimate:', '',
+              '| target | runs | source-only | last | selected | guard fired | ' + ' | '.join(columns) + ' |',
+              '|---|---|---|---|---|---|' + '---|' * len(columns)]
+    for target in targets:
+        sub = [r for r in rows if r['target'] == target]
+        lines.append(
+            f"| {target} | {len(sub)} | {mean('source_only', sub):.1f} | {mean('last', sub):.1f} | "
+            f"{mean('selected', sub):.1f} | {sum(r['guard_fired'] for r in sub)} | " + ' | '.join(
+                f"{statistics.mean(r[key] - r['selected'] for r in sub):+.1f}" for key in columns.values()) + ' |')
+    return lines
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument('--out', type=Path, default=Path('output/uda_accuracy_cpu'),
+                        help="the other study's run folders (they need their label_free/ probabilities)")
+    parser.add_argument('--csv', type=Path, default=Path('docs/results/label_free_holdout.csv'), help='per-run table')
+    parser.add_argument('--markdown', type=Path, default=None, help='also write the tables here')
+    args = parser.parse_args()
+    runs = adapting_runs(args.out)
+    if not runs:
+        parser.error(f'--out: {args.out} holds no finished adapting run with its label_free/ probabilities')
+    rows = [holdout_row(name, results, args.out / name) for name, results in runs.items()]
+    args.csv.parent.mkdir(parents=True, exist_ok=True)
+    with open(args.csv, 'w', newline='') as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]), lineterminator='\n')
+        writer.writeheader()
+        writer.writerows(rows)
+    emit_table([f'{len(rows)} adapting runs in `{args.out.name}`; rule `{RULE}` with the default guard (effective '
+                f'classes >= {GUARD.min_effective_ratio:g}x, new dead <= {GUARD.max_new_dead}, agreement >= '
+                f'{GUARD.min_agreement:g}%); target test accuracy (%).', ''] + analyse(rows), args.markdown)
+
+
+if __name__ == '__main__':
+    main()
