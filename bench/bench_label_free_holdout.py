@@ -10,7 +10,6 @@ epoch is there to choose from). Nothing is fitted here: the runs are new, the do
     python bench/bench_label_free_holdout.py --out output/uda_accuracy_cpu --csv docs/results/label_free_holdout.csv
 """
 import argparse
-import csv
 import json
 import statistics
 import sys
@@ -19,7 +18,7 @@ from typing import Dict, List
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_label_free_selection import (  # noqa: E402
-    HARM_MARGIN, estimate_columns, estimate_error_lines, estimates, slice_accuracy)
+    estimate_columns, estimate_error_lines, estimates, selection_lines, signed_error_lines, slice_accuracy, write_rows)
 from uda_runs import candidates, emit_table, pick  # noqa: E402
 
 from dida_timm.data.offline_digits import DOMAINS  # noqa: E402
@@ -58,34 +57,22 @@ def holdout_row(name: str, results: dict, run_dir: Path) -> dict:
 
 def analyse(rows: List[dict]) -> List[str]:
     """The tables (markdown lines)."""
-    def mean(key, subset):
-        return statistics.mean(r[key] for r in subset)
-
-    methods = sorted({r['method'] for r in rows})
-    lines = ['| method | runs | source-only | last | selected | oracle | selected < source-only - 2 | '
-             'last < source-only - 2 | guard fired |', '|---|---|---|---|---|---|---|---|---|']
-    for method in methods + ['all']:
-        sub = [r for r in rows if method in ('all', r['method'])]
-        lines.append(
-            f"| {method} | {len(sub)} | {mean('source_only', sub):.1f} | {mean('last', sub):.1f} | "
-            f"{mean('selected', sub):.1f} | {mean('oracle', sub):.1f} | "
-            f"{sum(r['selected'] < r['source_only'] - HARM_MARGIN for r in sub)} | "
-            f"{sum(r['last'] < r['source_only'] - HARM_MARGIN for r in sub)} | {sum(r['guard_fired'] for r in sub)} |")
+    targets = sorted({r['target'] for r in rows}, key=DOMAINS.index)
     columns = estimate_columns(rows)
+    lines = selection_lines(rows, sorted({r['method'] for r in rows}))
+    lines += ['', 'Per target (mean over runs):', '', '| target | source-only | last | selected | guard fired |',
+              '|---|---|---|---|---|']
+    for target in targets:
+        sub = [r for r in rows if r['target'] == target]
+        lines.append(f"| {target} | {statistics.mean(r['source_only'] for r in sub):.1f} | "
+                     f"{statistics.mean(r['last'] for r in sub):.1f} | "
+                     f"{statistics.mean(r['selected'] for r in sub):.1f} | "
+                     f"{sum(r['guard_fired'] for r in sub)} of {len(sub)} |")
     lines += ['', 'Accuracy estimates of the picked checkpoints against their true target test accuracy:', '',
               '| estimator | mean absolute error | mean signed error (estimate - true) | max absolute error |',
               '|---|---|---|---|'] + estimate_error_lines(rows, columns)
-    targets = sorted({r['target'] for r in rows}, key=DOMAINS.index)
-    lines += ['', 'Per target (mean over runs): selection, and the signed error of each estimate:', '',
-              '| target | runs | source-only | last | selected | guard fired | ' + ' | '.join(columns) + ' |',
-              '|---|---|---|---|---|---|' + '---|' * len(columns)]
-    for target in targets:
-        sub = [r for r in rows if r['target'] == target]
-        lines.append(
-            f"| {target} | {len(sub)} | {mean('source_only', sub):.1f} | {mean('last', sub):.1f} | "
-            f"{mean('selected', sub):.1f} | {sum(r['guard_fired'] for r in sub)} | " + ' | '.join(
-                f"{statistics.mean(r[key] - r['selected'] for r in sub):+.1f}" for key in columns.values()) + ' |')
-    return lines
+    lines += ['', 'Mean signed error (estimate - true test accuracy) per target:', '']
+    return lines + signed_error_lines(rows, columns, targets)
 
 
 def main() -> None:
@@ -99,11 +86,7 @@ def main() -> None:
     if not runs:
         parser.error(f'--out: {args.out} holds no finished adapting run with its label_free/ probabilities')
     rows = [holdout_row(name, results, args.out / name) for name, results in runs.items()]
-    args.csv.parent.mkdir(parents=True, exist_ok=True)
-    with open(args.csv, 'w', newline='') as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]), lineterminator='\n')
-        writer.writeheader()
-        writer.writerows(rows)
+    write_rows(args.csv, rows)
     emit_table([f'{len(rows)} adapting runs in `{args.out.name}`; rule `{RULE}` with the default guard (effective '
                 f'classes >= {GUARD.min_effective_ratio:g}x, new dead <= {GUARD.max_new_dead}, agreement >= '
                 f'{GUARD.min_agreement:g}%); target test accuracy (%).', ''] + analyse(rows), args.markdown)

@@ -144,6 +144,45 @@ def estimate_error_lines(rows: Sequence[dict], columns: Dict[str, str]) -> List[
     return lines
 
 
+def write_rows(path: Path, rows: Sequence[dict]) -> None:
+    """The per-run rows as a CSV file (columns in the rows' key order)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, 'w', newline='') as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]), lineterminator='\n')
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def selection_lines(rows: Sequence[dict], methods: Sequence[str]) -> List[str]:
+    """Table: per method and over all runs, the mean source-only start, last epoch, pick and oracle, and how often
+    the pick and the last epoch fall more than HARM_MARGIN points below the start."""
+    lines = ['| method | source-only | last | selected | oracle | selected < source-only - 2 | last < source-only - 2 | '
+             'guard fired |', '|---|---|---|---|---|---|---|---|']
+    for method in tuple(methods) + ('all',):
+        sub = [r for r in rows if method in ('all', r['method'])]
+        lines.append(
+            f"| {method} | {_mean('source_only', sub):.1f} | {_mean('last', sub):.1f} | "
+            f"{_mean('selected', sub):.1f} | {_mean('oracle', sub):.1f} | "
+            f"{sum(r['selected'] < r['source_only'] - HARM_MARGIN for r in sub)} of {len(sub)} | "
+            f"{sum(r['last'] < r['source_only'] - HARM_MARGIN for r in sub)} of {len(sub)} | "
+            f"{sum(r['guard_fired'] for r in sub)} of {len(sub)} |")
+    return lines
+
+
+def signed_error_lines(rows: Sequence[dict], columns: Dict[str, str], targets: Sequence[str]) -> List[str]:
+    """Table: per target, the mean signed error (estimate - true test accuracy of the pick) of each estimate."""
+    lines = ['| target | ' + ' | '.join(columns) + ' |', '|---|' + '---|' * len(columns)]
+    for target in targets:
+        sub = [r for r in rows if r['target'] == target]
+        lines.append(f'| {target} | ' + ' | '.join(
+            f"{statistics.mean(r[key] - r['selected'] for r in sub):+.1f}" for key in columns.values()) + ' |')
+    return lines
+
+
+def _mean(key: str, rows: Sequence[dict]) -> float:
+    return statistics.mean(r[key] for r in rows)
+
+
 def analyse(results: Dict[Tuple[int, str, str], dict], out: Path, names: Dict, csv_path: Path) -> List[str]:
     """The study's tables (markdown lines) and the per-run CSV."""
     targets = sorted({t for _, t, _ in results}, key=DOMAINS.index)
@@ -167,25 +206,8 @@ def analyse(results: Dict[Tuple[int, str, str], dict], out: Path, names: Dict, c
             last_epoch=cands[-1]['epoch'], rule=rule, **{f'estimated_{k}': round(v, 2) for k, v in estimates(
                 out / names[seed, target, method], chosen['epoch']).items()},
             target_slice_accuracy=round(slice_accuracy(out / names[seed, target, method], chosen['epoch']), 2)))
-    csv_path.parent.mkdir(parents=True, exist_ok=True)
-    with open(csv_path, 'w', newline='') as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]), lineterminator='\n')
-        writer.writeheader()
-        writer.writerows(rows)
-
-    def mean(key, subset=rows):
-        return statistics.mean(r[key] for r in subset)
-
-    lines += [
-        '| method | source-only | last | selected | oracle | selected < source-only - 2 | last < source-only - 2 | '
-        'guard fired |', '|---|---|---|---|---|---|---|---|']
-    for method in METHODS + ('all',):
-        sub = [r for r in rows if method in ('all', r['method'])]
-        lines.append(
-            f"| {method} | {mean('source_only', sub):.1f} | {mean('last', sub):.1f} | {mean('selected', sub):.1f} | "
-            f"{mean('oracle', sub):.1f} | {sum(r['selected'] < r['source_only'] - HARM_MARGIN for r in sub)} of "
-            f"{len(sub)} | {sum(r['last'] < r['source_only'] - HARM_MARGIN for r in sub)} of {len(sub)} | "
-            f"{sum(r['guard_fired'] for r in sub)} of {len(sub)} |")
+    write_rows(csv_path, rows)
+    lines += selection_lines(rows, METHODS)
     lines += ['', 'Per target (mean over seeds and both methods):', '',
               '| target | rule fitted on the other four targets | source-only | last | selected | oracle | '
               'estimated | guard fired |', '|---|---|---|---|---|---|---|---|']
@@ -194,8 +216,8 @@ def analyse(results: Dict[Tuple[int, str, str], dict], out: Path, names: Dict, c
         rule, guard = folds[target]
         lines.append(
             f"| {target} | {rule}, effective >= {guard.min_effective_ratio:g}x, new dead <= {guard.max_new_dead}, "
-            f"agreement >= {guard.min_agreement:g}% | {mean('source_only', sub):.1f} | {mean('last', sub):.1f} | "
-            f"{mean('selected', sub):.1f} | {mean('oracle', sub):.1f} | {mean('estimated', sub):.1f} | "
+            f"agreement >= {guard.min_agreement:g}% | {_mean('source_only', sub):.1f} | {_mean('last', sub):.1f} | "
+            f"{_mean('selected', sub):.1f} | {_mean('oracle', sub):.1f} | {_mean('estimated', sub):.1f} | "
             f"{sum(r['guard_fired'] for r in sub)} of {len(sub)} |")
     lines += ['', f'Fitted on all five targets (the default of `--select`): {final_rule}, effective classes >= '
                   f'{final_guard.min_effective_ratio:g} x the source-only model\'s, at most {final_guard.max_new_dead} '
@@ -207,11 +229,7 @@ def analyse(results: Dict[Tuple[int, str, str], dict], out: Path, names: Dict, c
     columns = estimate_columns(rows)
     lines += estimate_error_lines(rows, columns)
     lines += ['', 'Mean signed error (estimate - true test accuracy) per target: the errors are biases of the '
-                  'domain, not noise:', '', '| target | ' + ' | '.join(columns) + ' |', '|---|' + '---|' * len(columns)]
-    for target in targets:
-        sub = [r for r in rows if r['target'] == target]
-        lines.append(f'| {target} | ' + ' | '.join(
-            f"{statistics.mean(r[key] - r['selected'] for r in sub):+.1f}" for key in columns.values()) + ' |')
+                  'domain, not noise:', ''] + signed_error_lines(rows, columns, targets)
     # Spearman correlation of each score with the true accuracy over the epochs of each run
     lines += ['', 'Spearman correlation of each label-free score with the true target accuracy over the candidate '
                   'epochs of each run (mean ± std over the runs):', '', '| score | FixMatch | DIDA-Net | all |',

@@ -101,11 +101,13 @@ class Run:
         except (ValueError, OSError, RuntimeError) as e:
             # everything built here comes from the user's data, model name and weight files: the message is for
             # the user, the traceback goes to log.txt so that a fault of this package stays traceable
-            log = self.out_dir / 'log.txt'
+            where = ''
             if self.is_main:
+                log = self.out_dir / 'log.txt'
                 with log.open('a') as f:
                     traceback.print_exc(file=f)
-            raise RunError(f'{type(e).__name__}: {e} (traceback in {log})') from e
+                where = f' (traceback in {log})'
+            raise RunError(f'{type(e).__name__}: {e}{where}') from e
         self.history = []
 
     def _setup_logging(self) -> None:
