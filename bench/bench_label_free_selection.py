@@ -36,7 +36,7 @@ from uda_runs import (  # noqa: E402
 from dida_timm.arguments import at_least, check_options, distinct  # noqa: E402
 from dida_timm.data.offline_digits import DOMAINS  # noqa: E402
 from dida_timm.training.selection import (  # noqa: E402
-    LABEL_FREE_KEYS, RULES, CollapseGuard, atc_estimate, fit_atc_threshold)
+    LABEL_FREE_KEYS, RULES, CollapseGuard, atc_estimate, cot_estimate, fit_atc_threshold, fit_temperature)
 
 METHODS = ('FixMatch', 'DIDA-Net')
 # every epoch's checkpoint stays, so the pick of any rule can be exported afterwards
@@ -86,25 +86,11 @@ def spearman(x: Sequence[float], y: Sequence[float]) -> float:
     return float(spearmanr(x, y).statistic)
 
 
-def cot_estimate(target: np.ndarray, source_labels: np.ndarray) -> float:
-    """Confidence optimal transport (COT; Lu et al., "Characterizing Out-of-Distribution Error via Optimal
-    Transport", NeurIPS 2023): accuracy = 1 - the cost of transporting the target predictions onto one-hot labels
-    drawn with the source label marginal, the cost of prediction p to label y being 1 - p_y. It charges a model that
-    predicts some classes more often than the labels occur, which ATC and average confidence do not."""
-    from scipy.optimize import linear_sum_assignment
-    n, num_classes = target.shape
-    share = np.bincount(source_labels, minlength=num_classes) / len(source_labels)
-    counts = np.floor(share * n).astype(int)
-    counts[np.argsort(counts - share * n)[:n - counts.sum()]] += 1  # largest remainders
-    cost = 1 - target[:, np.repeat(np.arange(num_classes), counts)]
-    rows, cols = linear_sum_assignment(cost)
-    return float((1 - cost[rows, cols].mean()) * 100)
-
-
 def estimates(run_dir: Path, epoch: int) -> Dict[str, float]:
     """Label-free accuracy estimates of one epoch recomputed from its saved probabilities: ATC with either
     confidence score, the average confidence (AC), the difference of confidences (DoC: source accuracy minus
-    the drop in mean confidence) and COT."""
+    the drop in mean confidence), and COT on the raw and on the temperature-scaled predictions (what runs report
+    since 2026-12-02)."""
     dump = np.load(run_dir / 'label_free' / f'epoch-{epoch:04d}.npz')
     target = torch.from_numpy(dump['target_probs']).float()
     source = torch.from_numpy(dump['source_probs']).float()
@@ -116,7 +102,9 @@ def estimates(run_dir: Path, epoch: int) -> Dict[str, float]:
     source_acc = float((source.argmax(-1) == labels).float().mean() * 100)
     drop = float(source.max(-1).values.mean() - target.max(-1).values.mean()) * 100
     out['DoC'] = source_acc - drop
-    out['COT'] = cot_estimate(dump['target_probs'].astype(np.float64), dump['source_labels'])
+    share = torch.bincount(labels, minlength=target.shape[1]).double()
+    out['COT'] = cot_estimate(target, share)
+    out['COT (temperature-scaled)'] = cot_estimate(target, share, fit_temperature(source, labels))
     return out
 
 
@@ -235,7 +223,8 @@ def analyse(results: Dict[Tuple[int, str, str], dict], out: Path, names: Dict, c
                   'epochs of each run (mean ± std over the runs):', '', '| score | FixMatch | DIDA-Net | all |',
               '|---|---|---|---|']
     for key in LABEL_FREE_KEYS:
-        if key == 'atc_threshold':
+        # fitted constants are no scores; runs from before a score existed do not have it
+        if key in ('atc_threshold', 'temperature') or any(key not in c for r in results.values() for c in candidates(r)):
             continue
         cells = []
         for method in METHODS + ('all',):

@@ -202,15 +202,18 @@ def selection_section(run: Dict) -> List[str]:
         lines += ['', f"Target accuracy of the last epoch, for comparison: {run['last_target_accuracy']:.2f}%."]
     lines += ['', 'Label-free scores of the chosen checkpoint on held-out target images (never trained on):', '',
               '| score | value |', '|---|---|']
-    names = dict(estimated_accuracy='estimated target accuracy (ATC), %', source_val_accuracy='source validation '
+    names = dict(estimated_accuracy='estimated target accuracy (ATC), %',
+                 cot_estimated_accuracy='estimated target accuracy (COT, temperature-scaled), %',
+                 source_val_accuracy='source validation '
                  'accuracy, %', effective_classes='effective predicted classes', dead_classes='classes predicted '
                  'for < 1% of images', agreement='agreement with the source-only model, %',
                  mean_confidence='mean confidence', information_maximization='information maximisation (IM)')
     for key, name in names.items():
         if scores.get(key) is not None:
             lines.append(f'| {name} | {scores[key]:.4g} |')
-    lines += ['', 'The estimate is ATC (Garg et al., ICLR 2022) with its threshold fitted on held-out source images; '
-                  'its measured error on the offline benchmark is in the project\'s docs/RESULTS.md. '
+    lines += ['', 'The estimates are ATC (Garg et al., ICLR 2022) with its threshold fitted on held-out source images, '
+                  'and COT (Lu et al., NeurIPS 2023) on predictions temperature-scaled on those images; their measured '
+                  'errors on the offline benchmark are in the project\'s docs/RESULTS.md. '
                   '`python -m dida_timm.inference` repeats this check on any folder of new images.']
     return lines
 
@@ -267,7 +270,7 @@ def export_runs(run_dirs: Sequence[Path], out_dir: Path, repo_name: str, license
 
 def run_label_free(run: Dict) -> Optional[Dict]:
     """What prediction needs to judge new images without labels (written into config.json as `label_free`): the
-    ATC threshold fitted on the source domains, the collapse guard, the selected checkpoint's predicted-class
+    ATC threshold and the temperature fitted on the source domains, their label shares (for COT), the collapse guard, the selected checkpoint's predicted-class
     spread on the training target's held-out images, and which checkpoint was selected. None for runs that
     predate label-free selection."""
     selection, label_free = run.get('selection'), run.get('label_free')
@@ -276,6 +279,7 @@ def run_label_free(run: Dict) -> Optional[Dict]:
     scores = selection['label_free_scores']
     return dict(
         atc_score=label_free['atc_score'], atc_threshold=label_free['atc_threshold'], target=run['target'],
+        **{k: label_free[k] for k in ('temperature', 'label_share') if label_free.get(k) is not None},
         target_scores={k: scores[k] for k in ('effective_classes', 'dead_classes', 'mean_confidence')},
         guard=label_free['guard'],
         selection={k: selection[k] for k in ('rule', 'epoch', 'reason', 'guard_fired')},

@@ -21,7 +21,7 @@ from .data import read_unlabelled_folder
 from .data.domain_dataset import READ_ERRORS, read_error_reason
 from .models._published import published_folder
 from .models.factory import create_model, read_hub_config  # create_model re-exported: it used to live here
-from .training.selection import CollapseGuard, atc_estimate, label_free_scores
+from .training.selection import COT_MAX_IMAGES, CollapseGuard, atc_estimate, cot_estimate, label_free_scores
 
 __all__ = ['create_model', 'label_free_check', 'label_free_config', 'load_model', 'predict_images',
            'smallest_input_size', 'main']
@@ -70,8 +70,9 @@ def label_free_config(spec: str) -> Optional[dict]:
 
 
 def label_free_check(probs: torch.Tensor, cfg: dict) -> List[str]:
-    """Report lines on how the model does on unlabelled images: the ATC accuracy estimate and the collapse
-    indicators, compared with those the model had on its training target's held-out images.
+    """Report lines on how the model does on unlabelled images: the ATC and COT accuracy estimates (COT where the
+    export carries the temperature and label shares) and the collapse indicators, compared with those the model
+    had on its training target's held-out images.
 
     Args:
         probs: [N, C] softmax outputs on the images.
@@ -83,6 +84,13 @@ def label_free_check(probs: torch.Tensor, cfg: dict) -> List[str]:
         f'estimated accuracy on these {len(probs)} images: {estimate:.1f}% (ATC: share of images whose '
         f'{cfg["atc_score"]} clears {cfg["atc_threshold"]:.4f}, the threshold fitted on the source domains at '
         f'training; a rough guide, see the model card for its measured error)',
+    ]
+    if cfg.get('temperature') is not None and cfg.get('label_share') is not None:
+        sample = f', on a fixed sample of {COT_MAX_IMAGES}' if len(probs) > COT_MAX_IMAGES else ''
+        cot = cot_estimate(probs, torch.tensor(cfg['label_share'], dtype=torch.float64), cfg['temperature'])
+        lines.append(f'estimated accuracy by COT: {cot:.1f}% (predictions at temperature {cfg["temperature"]:.3f}, '
+                     f'transported onto labels in the source domains\' class shares{sample})')
+    lines += [
         f'predicted classes: {scores["effective_classes"]:.2f} effective of {probs.shape[1]}, '
         f'{scores["dead_classes"]} predicted for < 1% of the images; mean confidence {scores["mean_confidence"]:.3f}',
     ]

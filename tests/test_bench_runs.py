@@ -206,20 +206,6 @@ def test_shared_start_runs_the_static_start_first_and_adapts_every_method_from_i
     assert '| mnist | DIDA-Net | 51.0 | 52.0 |' in (tmp_path / 't.md').read_text()
 
 
-def test_cot_estimate_charges_predictions_the_label_marginal_cannot_absorb():
-    from bench_label_free_selection import cot_estimate
-    labels = np.repeat(np.arange(4), 5)  # source marginal: uniform over 4 classes
-    confident_right = np.eye(4)[np.repeat(np.arange(4), 2)]  # 8 images, 2 per class, all with probability 1
-    assert cot_estimate(confident_right, labels) == pytest.approx(100.0)
-    # every image confidently the same class: only a quarter can be transported at no cost
-    collapsed = np.eye(4)[np.zeros(8, dtype=int)]
-    assert cot_estimate(collapsed, labels) == pytest.approx(25.0)
-    # confidence 0.7 on balanced predictions: each image pays 1 - 0.7
-    soft = np.full((8, 4), 0.1)
-    soft[np.arange(8), np.repeat(np.arange(4), 2)] = 0.7
-    assert cot_estimate(soft, labels) == pytest.approx(70.0)
-
-
 def test_forward_mode_study_steps_parse_to_the_options_they_name():
     from bench_forward_mode import STEPS
     seen = set()

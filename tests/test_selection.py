@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from dida_timm.training.selection import (
-    CollapseGuard, atc_estimate, fit_atc_threshold, label_free_scores, select_checkpoint)
+    CollapseGuard, atc_estimate, cot_estimate, fit_atc_threshold, fit_temperature, label_free_scores,
+    select_checkpoint)
 
 C = 10
 
@@ -164,10 +165,57 @@ def test_the_monitor_takes_the_reference_from_the_epoch_it_just_scored(monkeypat
     passes = []
     predict = label_free.predict_probs
     monkeypatch.setattr(label_free, 'predict_probs', lambda m, ds, *a: passes.append(ds) or predict(m, ds, *a))
-    scored = label_free.LabelFreeMonitor(None, False, target, source)
+    scored = label_free.LabelFreeMonitor(None, False, target, source, torch.full((4,), 0.25))
     scored.set_reference(model, 3, scored.score(model, 3))
     assert [p is target for p in passes] == [True, False]  # one pass over the target slice, one over the source
-    fresh = label_free.LabelFreeMonitor(None, False, target, source)  # resumed: epoch 3 not scored here
+    fresh = label_free.LabelFreeMonitor(None, False, target, source, torch.full((4,), 0.25))  # resumed: epoch 3 not scored here
     fresh.set_reference(model, 3, {})
     assert torch.equal(fresh.reference_predictions, scored.reference_predictions)
     assert len(passes) == 3
+
+
+def test_cot_estimate_charges_predictions_the_label_marginal_cannot_absorb():
+    share = torch.full((4,), 0.25)  # the source labels: uniform over 4 classes
+    confident_right = torch.eye(4)[torch.arange(8) % 4]  # 8 images, 2 per class, all with probability 1
+    assert cot_estimate(confident_right, share) == pytest.approx(100.0)
+    # every image confidently the same class: only a quarter can be transported at no cost
+    collapsed = torch.eye(4)[torch.zeros(8, dtype=torch.long)]
+    assert cot_estimate(collapsed, share) == pytest.approx(25.0)
+    # confidence 0.7 on balanced predictions: each image pays 1 - 0.7
+    soft = torch.full((8, 4), 0.1)
+    soft[torch.arange(8), torch.arange(8) % 4] = 0.7
+    assert cot_estimate(soft, share) == pytest.approx(70.0, abs=1e-4)
+    # the label shares decide which classes may absorb the images: all of them one class
+    assert cot_estimate(collapsed, torch.tensor([1.0, 0, 0, 0])) == pytest.approx(100.0)
+
+
+def test_cot_estimate_reads_the_predictions_at_the_given_temperature():
+    soft = torch.full((8, 4), 0.1)
+    soft[torch.arange(8), torch.arange(8) % 4] = 0.7
+    share = torch.full((4,), 0.25)
+    sharpened = cot_estimate(soft, share, temperature=0.5)  # p ∝ p^2: 0.49 / (0.49 + 3 x 0.01)
+    assert sharpened == pytest.approx(100 * 0.49 / 0.52, abs=1e-3)
+    assert cot_estimate(soft, share, temperature=2.0) < cot_estimate(soft, share) < sharpened
+
+
+def test_cot_estimate_samples_a_large_set_and_refuses_mismatched_shares():
+    torch.manual_seed(0)
+    probs = torch.randn(50, 3).softmax(-1)
+    share = torch.full((3,), 1 / 3)
+    full = cot_estimate(probs, share)
+    sampled = cot_estimate(probs, share, max_images=20)
+    assert sampled != full and cot_estimate(probs, share, max_images=20) == sampled  # fixed sample
+    with pytest.raises(ValueError, match='3 non-negative class shares'):
+        cot_estimate(probs, torch.full((4,), 0.25))
+
+
+def test_temperature_scaling_recovers_the_temperature_that_calibrates_the_probabilities():
+    # labels drawn from softmax(z); the model reports softmax(z / 0.5), overconfident by a factor 2 in the logits
+    gen = torch.Generator().manual_seed(0)
+    logits = torch.randn(4000, 5, generator=gen) * 2
+    labels = torch.multinomial(logits.softmax(-1), 1, generator=gen).squeeze(1)
+    overconfident = (logits / 0.5).softmax(-1)
+    assert fit_temperature(overconfident, labels) == pytest.approx(2.0, rel=0.1)
+    assert fit_temperature(logits.softmax(-1), labels) == pytest.approx(1.0, rel=0.1)
+    # a perfectly separated set drives T towards 0 (sharper is always better): it stops small and finite
+    assert 0.05 <= fit_temperature(torch.eye(5)[labels] * 0.9 + 0.02, labels) < 0.5

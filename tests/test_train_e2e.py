@@ -250,6 +250,10 @@ def test_a_flat_folder_of_unlabelled_images_trains_exports_and_predicts_without_
     assert set(results['per_domain_accuracy']) == {'mnist', 'syn_style'}
     assert all('target_accuracy' not in h for h in results['history'])
     assert 0 <= results['estimated_target_accuracy'] <= 100
+    assert 0 <= results['cot_estimated_target_accuracy'] <= 100
+    # COT's label marginal: the held-out source labels of the two balanced source domains
+    share = results['label_free']['label_share']
+    assert len(share) == 10 and sum(share) == pytest.approx(1.0) and max(share) < 0.2
     assert results['selection']['rule'] == 'guarded_last'
     assert results['label_free']['target_held_out_images'] == 24  # 20% of the 120 readable images
     log = (run / 'log.txt').read_text()
@@ -264,6 +268,9 @@ def test_a_flat_folder_of_unlabelled_images_trains_exports_and_predicts_without_
                                 str(target), '--output', str(predictions)], cwd=REPO, capture_output=True, text=True)
     assert predicted.returncode == 0, predicted.stdout + predicted.stderr
     assert 'estimated accuracy' in predicted.stdout
+    exported = json.loads((repo / 'config.json').read_text())['label_free']
+    assert exported['label_share'] == share and exported['temperature'] == results['label_free']['temperature']
+    assert 'estimated accuracy by COT' in predicted.stdout
     assert len(predictions.read_text().splitlines()) == 1 + 120
 
 
@@ -292,6 +299,8 @@ def test_a_run_forced_to_collapse_falls_back_to_the_source_only_model_with_a_war
     assert 'falling back to the source-only model' in selection['reason']
     assert results['target_accuracy'] == pytest.approx(results['source_only_start_target_accuracy'])
     assert results['history'][-1]['effective_classes'] < 2
+    # COT charges the collapse: one class can absorb about a tenth of the images at no cost
+    assert results['history'][-1]['cot_estimated_accuracy'] < 25
     assert 'collapse guard fired' in (tmp_path / 'collapse' / 'log.txt').read_text()
     assert 'WARNING: the collapse guard fired: it flagged the last epoch (flagged epochs [3, 4])' in result.stdout
     # the shipped weights are the source-only model's

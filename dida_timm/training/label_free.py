@@ -2,8 +2,8 @@
 weights of the checkpoint the selection rule picks.
 
 Each epoch the model predicts a fixed held-out slice of the unlabelled target and of the source domains (never
-trained on). The scores (`selection.label_free_scores`), the source validation accuracy and the ATC accuracy
-estimate go into the run's history; the probabilities are saved to `label_free/epoch-NNNN.npz`, so that any
+trained on). The scores (`selection.label_free_scores`), the source validation accuracy and two accuracy
+estimates (ATC, and COT on temperature-scaled predictions) go into the run's history; the probabilities are saved to `label_free/epoch-NNNN.npz`, so that any
 score or rule can be recomputed after the run. The model at the start of adaptation (the end of the source-only
 phase, or the starting weights) is the reference every candidate is compared with and the fallback when the
 collapse guard fires; its weights and those of the currently selected epoch are kept in `selection/`.
@@ -20,7 +20,9 @@ import torch.nn as nn
 from torch.utils.data import Dataset
 
 from .evaluation import predict_probs
-from .selection import CollapseGuard, Selection, atc_estimate, fit_atc_threshold, label_free_scores, select_checkpoint
+from .selection import (
+    CollapseGuard, Selection, atc_estimate, cot_estimate, fit_atc_threshold, fit_temperature, label_free_scores,
+    select_checkpoint)
 
 __all__ = ['LabelFreeMonitor']
 
@@ -40,6 +42,8 @@ class LabelFreeMonitor:
         target_val: Held-out unlabelled target images with the test transform (labels, if any, are never read
             by a score).
         source_val: Held-out labelled source images with the test transform.
+        label_share: [C] share of each class among the source labels: the label marginal COT assumes for the
+            target.
         rule: Selection rule (a key of `selection.RULES`).
         guard: Collapse guard of the guarded rules.
         atc_score: Confidence score of ATC ('max_prob' or 'neg_entropy').
@@ -54,6 +58,7 @@ class LabelFreeMonitor:
             write: bool,
             target_val: Dataset,
             source_val: Dataset,
+            label_share: torch.Tensor,
             rule: str = 'guarded_last',
             guard: Optional[CollapseGuard] = None,
             atc_score: str = 'max_prob',
@@ -71,6 +76,7 @@ class LabelFreeMonitor:
         self.pseudo_label_threshold = pseudo_label_threshold
         self.batch_size = batch_size
         self.device = device
+        self.label_share = label_share
         self.reference_epoch: Optional[int] = None
         self.reference_predictions: Optional[torch.Tensor] = None
         # (epoch, target predictions) of the last score() call, so the reference needs no second pass
@@ -87,12 +93,15 @@ class LabelFreeMonitor:
         target_probs, target_labels = predict_probs(model, self.target_val, self.batch_size, self.device)
         source_probs, source_labels = predict_probs(model, self.source_val, self.batch_size, self.device)
         threshold = fit_atc_threshold(source_probs, source_labels, self.atc_score)
+        temperature = fit_temperature(source_probs, source_labels)
         self._scored = (epoch, target_probs.argmax(-1))
         row = dict(
             source_val_accuracy=float((source_probs.argmax(-1) == source_labels).double().mean() * 100),
             **label_free_scores(target_probs, self.reference_predictions, self.pseudo_label_threshold),
             atc_threshold=threshold,
             estimated_accuracy=atc_estimate(target_probs, threshold, self.atc_score),
+            temperature=temperature,
+            cot_estimated_accuracy=cot_estimate(target_probs, self.label_share, temperature),
         )
         if self.write:
             np.savez_compressed(

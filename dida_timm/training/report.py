@@ -150,6 +150,7 @@ def plot_curves(history: List[Dict[str, float]], path: Path, selected_epoch: Opt
     fig, axes = plt.subplots(1, 4, figsize=(20, 4))
     plot(axes[0], 'target_accuracy', 'target test accuracy (true)')
     plot(axes[0], 'estimated_accuracy', 'target accuracy estimated without labels (ATC)')
+    plot(axes[0], 'cot_estimated_accuracy', 'target accuracy estimated without labels (COT)')
     plot(axes[0], 'source_val_accuracy', 'source validation accuracy')
     axes[0].set_title('accuracy (%)')
     for key in ('source_loss', 'unlabelled_loss'):

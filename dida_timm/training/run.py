@@ -153,6 +153,8 @@ class Run:
                   for i, ds in enumerate(sources)]
         self.sources = [train for train, _ in splits]
         self.source_val = ConcatDataset([val for _, val in splits])
+        val_labels = torch.from_numpy(np.concatenate([val.targets for _, val in splits]))
+        self.source_label_share = torch.bincount(val_labels, minlength=len(self.classes)).double() / len(val_labels)
         self.uda_cfg = UdaConfig(a.method, a.threshold, a.soft_weighting, a.unlabelled_stream, a.forward_mode,
                                  a.unlabelled_weight, a.pseudo_label_dropout)
 
@@ -169,7 +171,7 @@ class Run:
         self.tsne_target = self.target_test or TransformedDataset(self.target_val, tf['test'])
         self.monitor = LabelFreeMonitor(
             self.out_dir, self.is_main, TransformedDataset(self.target_val, tf['test']),
-            TransformedDataset(self.source_val, tf['test']), a.select, atc_score=a.atc_score,
+            TransformedDataset(self.source_val, tf['test']), self.source_label_share, a.select, atc_score=a.atc_score,
             pseudo_label_threshold=a.threshold, batch_size=a.eval_batch_size, device=self.device)
         cfg = self.uda_cfg
         self.source_train = ConcatDataset([
@@ -416,10 +418,13 @@ class Run:
             last_target_accuracy=self.history[-1].get('target_accuracy'),
             source_only_start_target_accuracy=source_only[-1].get('target_accuracy') if source_only else None,
             estimated_target_accuracy=chosen.get('estimated_accuracy'),
+            cot_estimated_target_accuracy=chosen.get('cot_estimated_accuracy'),
             selection=dict(selection.to_dict(), label_free_scores={
                 k: chosen[k] for k in LABEL_FREE_KEYS if k in chosen}),
             label_free=dict(
                 atc_score=a.atc_score, atc_threshold=chosen.get('atc_threshold'),
+                temperature=chosen.get('temperature'),
+                label_share=self.source_label_share.tolist(),
                 target_held_out_images=len(self.target_val), source_held_out_images=len(self.source_val),
                 reference_epoch=self.monitor.reference_epoch, guard=asdict(self.monitor.guard)),
             per_domain_accuracy={d: r['accuracy'] for d, r in per_domain.items()},
@@ -478,11 +483,12 @@ def print_result_table(results: dict) -> None:
     sel = results['selection']
     labels = 'test accuracy (%)' if results['target_labelled'] else 'no target labels: accuracy unknown'
     print(f"\ntarget {results['target']}, {results['model']}, {labels}")
-    print('| source-only start | last epoch | selected | estimated (label-free) | selected epoch, rule |')
-    print('|---|---|---|---|---|')
+    print('| source-only start | last epoch | selected | estimated, ATC (label-free) | estimated, COT (label-free) | '
+          'selected epoch, rule |')
+    print('|---|---|---|---|---|---|')
     print(f"| {pct(results['source_only_start_target_accuracy'])} | {pct(results['last_target_accuracy'])} | "
           f"{pct(results['target_accuracy'])} | {pct(results['estimated_target_accuracy'])} | "
-          f"{sel['epoch']}, {sel['rule']} |")
+          f"{pct(results.get('cot_estimated_target_accuracy'))} | {sel['epoch']}, {sel['rule']} |")
     print(sel['reason'])
     if sel['guard_fired']:
         print(f"WARNING: the collapse guard fired: it flagged the last epoch (flagged epochs "

@@ -15,6 +15,10 @@ Every function is pure: probabilities in, numbers out, so each is testable on ha
 - `fit_atc_threshold` / `atc_estimate`: average thresholded confidence (ATC, Garg et al., "Leveraging unlabeled
   data to predict out-of-distribution performance", ICLR 2022): the threshold at which the share of source
   validation images scoring above it equals their accuracy; the target's share above it estimates accuracy.
+- `fit_temperature` / `cot_estimate`: confidence optimal transport (COT, Lu et al., "Characterizing
+  out-of-distribution error via optimal transport", NeurIPS 2023) on predictions temperature-scaled on the source
+  validation images (Guo et al., "On calibration of modern neural networks", ICML 2017). Unlike ATC it charges a
+  model that predicts some classes far more often than the labels occur, the signature of a collapse.
 - `CollapseGuard` and `select_checkpoint`: which epoch a run reports, exports and ships.
 """
 import math
@@ -22,10 +26,11 @@ from dataclasses import asdict, dataclass, field
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
+import torch.nn.functional as F
 
 __all__ = [
-    'ATC_SCORES', 'LABEL_FREE_KEYS', 'RULES', 'CollapseGuard', 'Selection', 'atc_estimate', 'atc_score', 'fit_atc_threshold',
-    'label_free_scores', 'select_checkpoint',
+    'ATC_SCORES', 'COT_MAX_IMAGES', 'LABEL_FREE_KEYS', 'RULES', 'CollapseGuard', 'Selection', 'atc_estimate',
+    'atc_score', 'cot_estimate', 'fit_atc_threshold', 'fit_temperature', 'label_free_scores', 'select_checkpoint',
 ]
 
 # a class predicted for fewer than this share of the images counts as dead
@@ -37,7 +42,10 @@ ATC_SCORES = ('max_prob', 'neg_entropy')
 LABEL_FREE_KEYS = (
     'source_val_accuracy', 'mean_confidence', 'mean_entropy', 'entropy_of_mean', 'information_maximization', 'bnm',
     'effective_classes', 'dead_classes', 'pseudo_keep_share', 'pseudo_effective_classes', 'agreement',
-    'atc_threshold', 'estimated_accuracy')
+    'atc_threshold', 'estimated_accuracy', 'temperature', 'cot_estimated_accuracy')
+
+# COT solves an assignment whose cost grows with the cube of the images: larger sets are estimated on a sample
+COT_MAX_IMAGES = 2000
 
 
 def _entropy(probs: torch.Tensor, dim: int = -1) -> torch.Tensor:
@@ -86,6 +94,67 @@ def fit_atc_threshold(probs: torch.Tensor, labels: torch.Tensor, score: str = 'm
 def atc_estimate(probs: torch.Tensor, threshold: float, score: str = 'max_prob') -> float:
     """Estimated accuracy (%) of unlabelled images: the share whose score clears the fitted threshold."""
     return float((atc_score(probs.double(), score) >= threshold).double().mean() * 100)
+
+
+def fit_temperature(probs: torch.Tensor, labels: torch.Tensor) -> float:
+    """Temperature scaling: the T in [0.05, 20] minimising the NLL of softmax(log(probs) / T) on labelled images.
+
+    Args:
+        probs: [N, C] predicted probabilities on source validation images (log-probabilities are logits up to a
+            per-image constant, which softmax ignores).
+        labels: [N] their labels.
+    """
+    if len(labels) == 0:
+        raise ValueError('temperature scaling needs labelled validation images')
+    log_probs = probs.detach().double().clamp_min(1e-30).log()
+    log_t = torch.zeros((), dtype=torch.float64, requires_grad=True)
+    opt = torch.optim.LBFGS([log_t], lr=0.5, max_iter=100, line_search_fn='strong_wolfe')
+
+    def closure() -> torch.Tensor:
+        opt.zero_grad()
+        loss = F.cross_entropy(log_probs / log_t.exp(), labels)
+        loss.backward()
+        return loss
+
+    with torch.enable_grad():
+        opt.step(closure)
+    # a perfectly separated validation set drives T to 0: keep it in a range where softmax stays finite
+    return float(log_t.detach().exp().clamp(0.05, 20.0))
+
+
+def cot_estimate(
+        probs: torch.Tensor,
+        label_share: torch.Tensor,
+        temperature: float = 1.0,
+        max_images: int = COT_MAX_IMAGES,
+) -> float:
+    """Estimated accuracy (%) by confidence optimal transport: 100 x (1 - the mean cost of transporting the
+    temperature-scaled predictions onto one-hot labels drawn in the proportions `label_share`), the cost of
+    prediction p to label y being 1 - p_y.
+
+    Args:
+        probs: [N, C] predicted probabilities on unlabelled images.
+        label_share: [C] expected share of each class (the source validation labels' histogram).
+        temperature: Scaling of log(probs) fitted on source validation (`fit_temperature`).
+        max_images: Above this many images, a fixed random sample of this size is transported.
+    """
+    from scipy.optimize import linear_sum_assignment
+    n, num_classes = probs.shape
+    if n == 0:
+        raise ValueError('COT needs at least one image')
+    if label_share.shape != (num_classes,) or float(label_share.sum()) <= 0:
+        raise ValueError(f'label_share must hold {num_classes} non-negative class shares, got {tuple(label_share.shape)}')
+    if n > max_images:
+        probs = probs[torch.randperm(n, generator=torch.Generator().manual_seed(0))[:max_images]]
+        n = max_images
+    probs = (probs.double().clamp_min(1e-30).log() / temperature).softmax(-1)
+    share = label_share.double() / label_share.sum()
+    counts = (share * n).floor().long()
+    # largest remainders get the images left over, so the labels number exactly n
+    counts[torch.argsort(counts - share * n)[:n - int(counts.sum())]] += 1
+    cost = 1 - probs[:, torch.repeat_interleave(torch.arange(num_classes), counts)].numpy()
+    rows, cols = linear_sum_assignment(cost)
+    return float((1 - cost[rows, cols].mean()) * 100)
 
 
 def label_free_scores(
