@@ -19,7 +19,7 @@ from typing import Dict, List
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_label_free_selection import (  # noqa: E402
     estimate_columns, estimate_error_lines, estimates, selection_lines, signed_error_lines, slice_accuracy, write_rows)
-from uda_runs import candidates, emit_table, pick  # noqa: E402
+from uda_runs import METHODS, candidates, emit_table, pick, run_name  # noqa: E402
 
 from dida_timm.data.offline_digits import DOMAINS  # noqa: E402
 from dida_timm.training.selection import CollapseGuard  # noqa: E402
@@ -45,7 +45,9 @@ def holdout_row(name: str, results: dict, run_dir: Path) -> dict:
     chosen, fired = pick(results, RULE, GUARD)
     cands = candidates(results)
     target, method_seed = name.split('-', 1)
-    method, seed = method_seed.rsplit('-s', 1)
+    folder_method, seed = method_seed.rsplit('-s', 1)
+    # the study's method whose folder form starts the name (option suffixes follow it)
+    method = max((m for m in METHODS if folder_method.startswith(run_name('', m, {}, 0)[1:-3])), key=len)
     return dict(
         target=target, seed=int(seed), method=method,
         source_only=round(cands[0]['target_accuracy'], 2), last=round(cands[-1]['target_accuracy'], 2),

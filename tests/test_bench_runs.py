@@ -264,6 +264,10 @@ def test_holdout_replays_the_default_rule_and_grades_the_estimates_of_its_pick(t
     assert list(runs) == ['mnist-DIDA-Net-s2']
     row = holdout_row('mnist-DIDA-Net-s2', runs['mnist-DIDA-Net-s2'], run_dir)
     assert (row['target'], row['method'], row['seed']) == ('mnist', 'DIDA-Net', 2)
+    # a study's option suffix and the static-branch method's folder form name the study's method
+    for name, method in (('svhn_style-FixMatch-keep-checkpoints_100-s2', 'FixMatch'),
+                         ('svhn_style-FixMatch_staticbranch-s2', 'FixMatch + static branch')):
+        assert holdout_row(name, runs['mnist-DIDA-Net-s2'], run_dir)['method'] == method
     assert (row['source_only'], row['last'], row['selected'], row['oracle']) == (60.0, 20.0, 70.0, 70.0)
     assert row['guard_fired'] and row['selected_epoch'] == 2
     assert row['target_slice_accuracy'] == 100.0 and row['estimated_ATC (max_prob)'] == 100.0
