@@ -207,6 +207,8 @@ def test_cot_estimate_samples_a_large_set_and_refuses_mismatched_shares():
     assert sampled != full and cot_estimate(probs, share, max_images=20) == sampled  # fixed sample
     with pytest.raises(ValueError, match='3 non-negative class shares'):
         cot_estimate(probs, torch.full((4,), 0.25))
+    with pytest.raises(ValueError, match='non-negative'):
+        cot_estimate(probs, torch.tensor([0.5, 0.7, -0.2]))
 
 
 def test_temperature_scaling_recovers_the_temperature_that_calibrates_the_probabilities():

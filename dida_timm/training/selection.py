@@ -142,7 +142,7 @@ def cot_estimate(
     n, num_classes = probs.shape
     if n == 0:
         raise ValueError('COT needs at least one image')
-    if label_share.shape != (num_classes,) or float(label_share.sum()) <= 0:
+    if label_share.shape != (num_classes,) or bool((label_share < 0).any()) or float(label_share.sum()) <= 0:
         raise ValueError(f'label_share must hold {num_classes} non-negative class shares, got {tuple(label_share.shape)}')
     if n > max_images:
         probs = probs[torch.randperm(n, generator=torch.Generator().manual_seed(0))[:max_images]]
