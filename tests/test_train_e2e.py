@@ -45,8 +45,8 @@ def test_adaptation_improves_target_accuracy_over_its_source_only_start(tmp_path
     results = json.loads((tmp_path / 'adapt' / 'results.json').read_text())
     start, final = results['source_only_start_target_accuracy'], results['last_target_accuracy']
     assert final > start + 3, f'adaptation did not help: {start:.1f} -> {final:.1f}\n{result.stdout[-2000:]}'
-    assert '| source-only start | last epoch | selected | estimated (label-free) | selected epoch, rule |' in \
-        result.stdout
+    assert '| source-only start | last epoch | selected | estimated, ATC (label-free) | estimated, COT (label-free) | ' \
+        'selected epoch, rule |' in result.stdout
     # the reported accuracy is the selected checkpoint's, whichever epoch that is
     chosen = next(h for h in results['history'] if h['epoch'] == results['selection']['epoch'])
     assert results['target_accuracy'] == pytest.approx(chosen['target_accuracy'])
