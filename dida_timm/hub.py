@@ -204,8 +204,7 @@ def selection_section(run: Dict) -> List[str]:
               '| score | value |', '|---|---|']
     names = dict(estimated_accuracy='estimated target accuracy (ATC), %',
                  cot_estimated_accuracy='estimated target accuracy (COT, temperature-scaled), %',
-                 source_val_accuracy='source validation '
-                 'accuracy, %', effective_classes='effective predicted classes', dead_classes='classes predicted '
+                 source_val_accuracy='source validation accuracy, %', effective_classes='effective predicted classes', dead_classes='classes predicted '
                  'for < 1% of images', agreement='agreement with the source-only model, %',
                  mean_confidence='mean confidence', information_maximization='information maximisation (IM)')
     for key, name in names.items():
@@ -270,9 +269,9 @@ def export_runs(run_dirs: Sequence[Path], out_dir: Path, repo_name: str, license
 
 def run_label_free(run: Dict) -> Optional[Dict]:
     """What prediction needs to judge new images without labels (written into config.json as `label_free`): the
-    ATC threshold and the temperature fitted on the source domains, their label shares (for COT), the collapse guard, the selected checkpoint's predicted-class
-    spread on the training target's held-out images, and which checkpoint was selected. None for runs that
-    predate label-free selection."""
+    ATC threshold and the temperature fitted on the source domains, their label shares (for COT), the collapse
+    guard, the selected checkpoint's predicted-class spread on the training target's held-out images, and which
+    checkpoint was selected. None for runs that predate label-free selection."""
     selection, label_free = run.get('selection'), run.get('label_free')
     if not isinstance(selection, dict) or not label_free or label_free.get('atc_threshold') is None:
         return None
