@@ -221,3 +221,15 @@ def test_temperature_scaling_recovers_the_temperature_that_calibrates_the_probab
     assert fit_temperature(logits.softmax(-1), labels) == pytest.approx(1.0, rel=0.1)
     # a perfectly separated set drives T towards 0 (sharper is always better): it stops small and finite
     assert 0.05 <= fit_temperature(torch.eye(5)[labels] * 0.9 + 0.02, labels) < 0.5
+
+
+def test_the_folder_check_reports_cot_first_and_atc_without_an_exported_temperature():
+    from dida_timm.inference import label_free_check
+    collapsed = torch.eye(4)[torch.zeros(8, dtype=torch.long)] * 0.97 + 0.01  # every image confidently class 0
+    cfg = dict(atc_threshold=0.5, atc_score='max_prob')
+    lines = label_free_check(collapsed, cfg)
+    assert lines[0].startswith('estimated accuracy by ATC on these 8 images: 100.0%')  # ATC misses the collapse
+    assert not any('COT' in line for line in lines)
+    lines = label_free_check(collapsed, dict(cfg, temperature=1.0, label_share=[0.25] * 4))
+    assert lines[0].startswith('estimated accuracy by COT on these 8 images: 25.')  # COT charges it
+    assert lines[1].startswith('estimated accuracy by ATC')
