@@ -267,7 +267,7 @@ def test_published_checkpoint_matches_its_card(name, tmp_path_factory):
     assert abs(measured - claimed) <= 0.5, f'{name}: card says {claimed}, measured {measured:.2f}'
 
 
-def test_prediction_skips_unreadable_files_and_lists_them_with_the_reason(tmp_path):
+def test_prediction_skips_unreadable_files_and_lists_them_with_the_reason(tmp_path, capsys):
     images = tmp_path / 'new_domain'
     (images / 'a' / 'b').mkdir(parents=True)
     rng = np.random.default_rng(0)
@@ -281,6 +281,7 @@ def test_prediction_skips_unreadable_files_and_lists_them_with_the_reason(tmp_pa
     out = tmp_path / 'preds.csv'
     args = ['--model', 'dida_digitnet_compact.offline_mnist', '--images', str(images), '--output', str(out)]
     assert predict_main(args) == 0
+    assert 'estimated accuracy by COT on these 3 images' in capsys.readouterr().out  # the export carries T and shares
     assert sorted(r['image'] for r in csv.DictReader(out.open())) == sorted(map(str, good))
     unreadable = {Path(r['image']).name: r['error'] for r in csv.DictReader((tmp_path / 'preds_unreadable.csv').open())}
     assert set(unreadable) == {'empty.png', 'corrupt.jpg', 'not_an_image.png', 'notes.txt'}
