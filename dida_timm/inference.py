@@ -84,8 +84,8 @@ def label_free_check(probs: torch.Tensor, cfg: dict) -> List[str]:
         # first: on offline-benchmark runs not used to choose it, COT missed by about half ATC's error
         sample = f', on a fixed sample of {COT_MAX_IMAGES}' if len(probs) > COT_MAX_IMAGES else ''
         cot = cot_estimate(probs, torch.tensor(cfg['label_share'], dtype=torch.float64), cfg['temperature'])
-        lines.append(f'estimated accuracy by COT on these {len(probs)} images: {cot:.1f}% (predictions at temperature {cfg["temperature"]:.3f}, '
-                     f'transported onto labels in the source domains\' class shares{sample})')
+        lines.append(f'estimated accuracy by COT on these {len(probs)} images: {cot:.1f}% (predictions at temperature '
+                     f'{cfg["temperature"]:.3f}, transported onto labels in the source domains\' class shares{sample})')
     estimate = atc_estimate(probs, cfg['atc_threshold'], cfg['atc_score'])
     lines.append(
         f'estimated accuracy by ATC on these {len(probs)} images: {estimate:.1f}% (the share of images whose '
