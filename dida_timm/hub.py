@@ -204,16 +204,18 @@ def selection_section(run: Dict) -> List[str]:
               '| score | value |', '|---|---|']
     names = dict(cot_estimated_accuracy='estimated target accuracy (COT, temperature-scaled), %',
                  estimated_accuracy='estimated target accuracy (ATC), %',
-                 source_val_accuracy='source validation accuracy, %', effective_classes='effective predicted classes', dead_classes='classes predicted '
-                 'for < 1% of images', agreement='agreement with the source-only model, %',
+                 source_val_accuracy='source validation accuracy, %',
+                 effective_classes='effective predicted classes',
+                 dead_classes='classes predicted for < 1% of images',
+                 agreement='agreement with the source-only model, %',
                  mean_confidence='mean confidence', information_maximization='information maximisation (IM)')
     for key, name in names.items():
         if scores.get(key) is not None:
             lines.append(f'| {name} | {scores[key]:.4g} |')
-    lines += ['', 'The estimates are COT (Lu et al., NeurIPS 2023) on predictions temperature-scaled on held-out source '
-                  'images, and ATC (Garg et al., ICLR 2022) with its threshold fitted on those images. COT was the closer '
-                  'of the two on offline-benchmark runs not used to choose it; their measured errors are in the '
-                  'project\'s docs/RESULTS.md. '
+    lines += ['', 'The estimates are COT (Lu et al., NeurIPS 2023) on predictions temperature-scaled on held-out '
+                  'source images, and ATC (Garg et al., ICLR 2022) with its threshold fitted on those images. COT was '
+                  'the closer of the two on offline-benchmark runs not used to choose it; their measured errors are in '
+                  'the project\'s docs/RESULTS.md. '
                   '`python -m dida_timm.inference` repeats this check on any folder of new images.']
     return lines
 

@@ -4,6 +4,7 @@ import math
 import pytest
 import torch
 
+from dida_timm.inference import label_free_check
 from dida_timm.training.selection import (
     CollapseGuard, atc_estimate, cot_estimate, fit_atc_threshold, fit_temperature, label_free_scores,
     select_checkpoint)
@@ -224,7 +225,6 @@ def test_temperature_scaling_recovers_the_temperature_that_calibrates_the_probab
 
 
 def test_the_folder_check_reports_cot_first_and_atc_without_an_exported_temperature():
-    from dida_timm.inference import label_free_check
     collapsed = torch.eye(4)[torch.zeros(8, dtype=torch.long)] * 0.97 + 0.01  # every image confidently class 0
     cfg = dict(atc_threshold=0.5, atc_score='max_prob')
     lines = label_free_check(collapsed, cfg)
