@@ -48,9 +48,21 @@ def count_macs(model: torch.nn.Module, input_size: Tuple[int, ...]) -> int:
     return counter.get_total_flops() // 2
 
 
-def count_top_level_ops(fn: Callable[[], None]) -> int:
+# ops that only make a new view of their input: no kernel runs for them on any device
+VIEW_OPS = frozenset(f'aten::{name}' for name in (
+    'view', 'reshape', '_reshape_alias', '_unsafe_view', 'expand', 'expand_as', 'as_strided', 'transpose', 't',
+    'permute', 'unbind', 'chunk', 'split', 'select', 'slice', 'narrow', 'squeeze', 'unsqueeze', 'flatten',
+    'unflatten', 'view_as', 'alias', 'detach', 'movedim'))
+
+
+def _views_only(event) -> bool:
+    return event.name in VIEW_OPS and all(_views_only(child) for child in event.cpu_children)
+
+
+def count_top_level_ops(fn: Callable[[], None], views: bool = True) -> int:
     """Top-level aten ops one call of `fn` runs (CPU profiler events named aten::* without an aten::* ancestor):
-    the eager dispatches, each a kernel launch or more on GPU, that Python issues."""
+    the eager dispatches Python issues. With `views=False`, only those that run a kernel (each a launch or more on
+    a GPU): not an op whose whole call tree is views (a `reshape` that copies still counts)."""
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
         fn()
     count = 0
@@ -58,7 +70,7 @@ def count_top_level_ops(fn: Callable[[], None]) -> int:
         parent = event.cpu_parent
         while parent is not None and not parent.name.startswith('aten::'):
             parent = parent.cpu_parent
-        count += event.name.startswith('aten::') and parent is None
+        count += event.name.startswith('aten::') and parent is None and (views or not _views_only(event))
     return count
 
 
@@ -158,9 +170,7 @@ def dynamic_conv_step_fn(
                 outs += [F.conv2d(f[n:n + 1], kernels[n].unsqueeze(1), None, module.stride, padding, dilation,
                                   groups=module.reduced_chs) for n in range(f.shape[0])]
             return torch.cat(outs)
-        codes = module.kernel_codes(x)
-        code = codes[0][:, :, None, None] if module.shared_reduction else torch.stack(codes, 2)[..., None, None]
-        return module.dynamic_conv(f, code)
+        return module.dynamic_conv(f, torch.stack(module.kernel_codes(x), 2).unsqueeze(3))
     if compile_mode:
         forward = torch.compile(forward, mode=compile_mode)
 
@@ -180,9 +190,11 @@ def model_pairs(depths: List[int]) -> List[Tuple[str, str, int, int]]:
 
 
 def ops_cells(static: torch.nn.Module, dida: torch.nn.Module, x: torch.Tensor, units: int) -> str:
-    """'fwd aten ops (DIDA / static) | extra ops per DIDA unit' table cells, counted on warm models."""
+    """'fwd aten ops (DIDA / static) | extra ops per DIDA unit, all / running a kernel' table cells, counted on warm
+    models."""
     o_s, o_d = (count_top_level_ops(forward_fn(m, x)) for m in (static, dida))
-    return f'{o_d} / {o_s} | {(o_d - o_s) / units:.1f} ({units} units)'
+    k_s, k_d = (count_top_level_ops(forward_fn(m, x), views=False) for m in (static, dida))
+    return f'{o_d} / {o_s} | {(o_d - o_s) / units:.1f} / {(k_d - k_s) / units:.1f} ({units} units)'
 
 
 def print_model_table(
@@ -198,13 +210,13 @@ def print_model_table(
     times `batch_scale`; with `compile_mode`, both models of a pair are timed through
     `torch.compile(mode=compile_mode)`; `ops_only` skips everything but the op counts)."""
     warmup = 3 if compile_mode else 1
+    per_unit = 'extra ops per DIDA unit (all / running a kernel)'
     if ops_only:
-        print('| model vs static twin | fwd aten ops (DIDA / static) | extra ops per DIDA unit |')
+        print(f'| model vs static twin | fwd aten ops (DIDA / static) | {per_unit} |')
         print('|---|---|---|')
     else:
         print('| model vs static twin | params | MACs | extra params | extra MACs | fwd aten ops (DIDA / static) '
-              '| extra ops per DIDA unit | fwd latency ratio | train step images/s (static / DIDA) '
-              '| train-step time ratio |')
+              f'| {per_unit} | fwd latency ratio | train step images/s (static / DIDA) | train-step time ratio |')
         print('|---|---|---|---|---|---|---|---|---|---|')
     for dida_name, static_name, img_size, batch_size in model_pairs(depths):
         batch_size *= batch_scale
