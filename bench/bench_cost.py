@@ -22,7 +22,8 @@ ratios carry the quartiles of the per-round ratios in brackets, [q1, q3], to sho
     python bench/bench_cost.py --device cuda --depths 18 --compile reduce-overhead   # CUDA graphs, no launches
 
 On a GPU at these batch sizes the eager ratios are mostly Python and kernel-launch overhead (the branch is many
-small ops); `--batch-scale` and `--compile` (every contender compiled alike) show how much.
+small ops); `--batch-scale` and `--compile` (every contender compiled alike) show how much, and on a CPU
+`--batch-size 2` puts every model in that regime, where each op's call overhead outweighs its arithmetic.
 """
 import argparse
 import platform
@@ -205,9 +206,10 @@ def print_model_table(
         batch_scale: int = 1,
         compile_mode: Optional[str] = None,
         ops_only: bool = False,
+        batch_size: Optional[int] = None,
 ) -> None:
     """Items 1-3 of the module docstring, one row per DIDA model, with the top-level aten ops of a forward (batches
-    times `batch_scale`; with `compile_mode`, both models of a pair are timed through
+    times `batch_scale`, or every batch `batch_size`; with `compile_mode`, both models of a pair are timed through
     `torch.compile(mode=compile_mode)`; `ops_only` skips everything but the op counts)."""
     warmup = 3 if compile_mode else 1
     per_unit = 'extra ops per DIDA unit (all / running a kernel)'
@@ -218,8 +220,8 @@ def print_model_table(
         print('| model vs static twin | params | MACs | extra params | extra MACs | fwd aten ops (DIDA / static) '
               f'| {per_unit} | fwd latency ratio | train step images/s (static / DIDA) | train-step time ratio |')
         print('|---|---|---|---|---|---|---|---|---|---|')
-    for dida_name, static_name, img_size, batch_size in model_pairs(depths):
-        batch_size *= batch_scale
+    for dida_name, static_name, img_size, default_batch in model_pairs(depths):
+        batch = batch_size or default_batch * batch_scale
         static, dida = timm.create_model(static_name), timm.create_model(dida_name)
         units = dida_units(dida)
         if not ops_only:
@@ -228,25 +230,25 @@ def print_model_table(
         static, dida = static.to(device), dida.to(device)
         if compile_mode:
             static, dida = (torch.compile(m, mode=compile_mode) for m in (static, dida))
-        x = torch.randn(batch_size, 3, img_size, img_size, device=device)
+        x = torch.randn(batch, 3, img_size, img_size, device=device)
         if ops_only:
             for m in (static, dida):
                 for _ in range(warmup):
                     forward_fn(m, x)()
             print(f'| {dida_name} vs {static_name} | {ops_cells(static, dida, x, units)} |', flush=True)
             continue
-        y = torch.randint(0, static.num_classes, (batch_size,), device=device)
+        y = torch.randint(0, static.num_classes, (batch,), device=device)
         fwd = paired_times({'static': forward_fn(static, x), 'dida': forward_fn(dida, x)}, reps, warmup)
         ops = ops_cells(static, dida, x, units)
         throughput, ratio = '-', '-'
         if not dida_name.startswith('dida_resnet') or int(dida_name[len('dida_resnet'):]) in train_depths:
             t = paired_times({'static': train_step_fn(static, x, y), 'dida': train_step_fn(dida, x, y)}, reps,
                              warmup)
-            throughput = ' / '.join(f'{batch_size / statistics.median(t[k]):.0f}' for k in ('static', 'dida'))
+            throughput = ' / '.join(f'{batch / statistics.median(t[k]):.0f}' for k in ('static', 'dida'))
             ratio = ratio_with_spread(t)
         print(f'| {dida_name} vs {static_name} | {p_d / 1e6:.2f}M vs {p_s / 1e6:.2f}M '
               f'| {m_d / 1e6:.1f}M vs {m_s / 1e6:.1f}M | +{(p_d - p_s) / p_s:.2%} | +{(m_d - m_s) / m_s:.3%} '
-              f'| {ops} | {ratio_with_spread(fwd)} (b{batch_size}, {img_size} px) | {throughput} | {ratio} |',
+              f'| {ops} | {ratio_with_spread(fwd)} (b{batch}, {img_size} px) | {throughput} | {ratio} |',
               flush=True)
 
 
@@ -259,13 +261,17 @@ def main():
     parser.add_argument('--device', default='cpu')
     parser.add_argument('--branch-only', action='store_true', help='only the factored-vs-loop branch timings (4.)')
     parser.add_argument('--batch-scale', type=int, default=1, help='multiply the model table\'s batch sizes')
+    parser.add_argument('--batch-size', type=int, default=None,
+                        help='run every model of the table at this batch instead (2: call overhead dominates)')
     parser.add_argument('--compile', default=None, metavar='MODE',
                         help='time every contender through torch.compile(mode=MODE), e.g. default, reduce-overhead')
     parser.add_argument('--ops-only', action='store_true',
                         help='only count the top-level aten ops of each model\'s forward (seconds, no timing)')
     args = parser.parse_args()
     check_options(parser, args, [('depths', distinct), ('train_depths', distinct), ('reps', at_least(1)),
-                                 ('batch_scale', at_least(1))])
+                                 ('batch_scale', at_least(1)), ('batch_size', at_least(2))])
+    if args.batch_size and args.batch_scale != 1:
+        parser.error('--batch-size: sets every batch, so --batch-scale cannot scale them too')
     untimed = [d for d in args.train_depths if d not in args.depths]
     if untimed and not args.branch_only:
         parser.error(f'--train-depths: {untimed} not among --depths {args.depths}, so never timed')
@@ -279,7 +285,7 @@ def main():
 
     if not args.branch_only:
         print_model_table(args.depths, args.train_depths, args.reps, device, args.batch_scale, args.compile,
-                          args.ops_only)
+                          args.ops_only, args.batch_size)
     if args.ops_only:
         return
     print('\n## Factored DIDA branch vs the per-sample-loop reference (training step, batch 64, dida_resnet18 '

@@ -150,6 +150,8 @@ def test_folder_domains_are_the_sub_folders_and_must_be_chosen(tmp_path, capsys)
     ('bench/bench_cost.py', ['--depths', '18', '18'], '--depths'),
     ('bench/bench_cost.py', ['--depths', '18', '--train-depths', '50'], '--train-depths'),
     ('bench/bench_cost.py', ['--batch-scale', '0'], '--batch-scale'),
+    ('bench/bench_cost.py', ['--batch-size', '1'], '--batch-size'),
+    ('bench/bench_cost.py', ['--batch-size', '2', '--batch-scale', '2'], '--batch-size'),
     ('hub/export.py', ['run', 'run', '--out', 'x', '--repo-name', 'org/name'], 'runs'),
     ('hub/export.py', ['run', '--out', 'x', '--repo-name', 'no-org'], '--repo-name'),
     ('hub/push.py', ['folder', '--repo-id', 'a/b/c'], '--repo-id'),
