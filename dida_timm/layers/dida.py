@@ -87,8 +87,8 @@ def conv1x1(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor])
     """A 1x1 conv with bias (`weight` [O, C, 1, 1], `bias` [O]) of `x` [B, C, L] as one batched matmul: [B, O, L].
 
     The branch's 1x1 convs have few input (fuse: C/16) or output (reduce: C/16) channels, where oneDNN's conv is at
-    its slowest: forward + backward at the shapes of dida_digitnet_compact and dida_resnet18 (CPU, 2 threads, torch
-    2.14.1), this matmul took 0.33-0.56 of the conv's time, and 0.4 of it at batch 2 (per-call overhead).
+    its slowest: at the branch shapes of dida_digitnet_compact and dida_resnet18 (CPU, 2 threads, torch 2.14.1) this
+    matmul took 0.33-0.97 of the conv's forward + backward time, 0.4 of it at batch 2 (per-call overhead).
     """
     assert bias is not None  # the module's 1x1 convs always have biases
     return torch.baddbmm(bias.view(1, -1, 1), weight.view(1, weight.shape[0], -1).expand(x.shape[0], -1, -1), x)

@@ -1,0 +1,98 @@
+"""This checkout's DIDA unit against the unit of another git revision, inside the same models, on this machine.
+
+Builds each DIDA model once and a copy of it whose every `DidaModule` is the class from `git show
+REV:dida_timm/layers/dida.py`, with the same weights (the state dicts are the same across revisions), checks that
+the two compute the same outputs, and times the static twin, the copy (`then`) and the model (`now`) in
+interleaved rounds: a training step (forward + backward + SGD step) at the model table's batch of
+bench/bench_cost.py, or at `--batch-size`. Prints, per model, the ratio of medians to the static twin for both
+units with the quartiles of the per-round ratios, and now / then per round, so a change to the unit is measured
+side by side rather than across two runs of bench_cost.py.
+
+    python bench/bench_unit_versions.py --rev a02e343
+    python bench/bench_unit_versions.py --rev a02e343 --models dida_digitnet_compact --reps 150
+    python bench/bench_unit_versions.py --rev a02e343 --batch-size 2 --reps 300   # call-overhead regime
+"""
+import argparse
+import copy
+import subprocess
+import types
+from pathlib import Path
+from typing import Dict, List
+
+import timm
+import torch
+
+import dida_timm  # noqa: F401  registers the models
+from dida_timm.arguments import at_least, check_options, distinct
+from dida_timm.layers import DidaModule
+
+from bench_cost import model_pairs, paired_times, ratio_with_spread, train_step_fn
+
+REPO = Path(__file__).resolve().parents[1]
+MODELS = [pair[0] for pair in model_pairs([18, 50])]
+
+
+def unit_class(rev: str) -> type:
+    """`DidaModule` as defined at git revision `rev`."""
+    path = 'dida_timm/layers/dida.py'
+    source = subprocess.run(['git', 'show', f'{rev}:{path}'], cwd=REPO, capture_output=True, text=True)
+    if source.returncode:
+        raise SystemExit(f'--rev: git show {rev}:{path} failed: {source.stderr.strip()}')
+    module = types.ModuleType(f'dida_at_{rev}')
+    exec(compile(source.stdout, f'{rev}:{path}', 'exec'), module.__dict__)
+    return module.DidaModule
+
+
+def with_units_of(model: torch.nn.Module, cls: type) -> torch.nn.Module:
+    """A copy of `model` whose DidaModules are instances of `cls` carrying the same weights."""
+    model = copy.deepcopy(model)
+    for name, unit in list(model.named_modules()):
+        if isinstance(unit, DidaModule):
+            r = unit.reduced_chs
+            old = cls(unit.conv.in_channels, unit.fuse.out_channels * len(unit.dilations), stride=unit.stride,
+                      reduction=unit.conv.in_channels // r, dilations=unit.dilations, kernel_size=unit.kernel_sizes,
+                      shared_reduction=unit.shared_reduction, dynamic=unit.dynamic)
+            old.load_state_dict(unit.state_dict())
+            model.set_submodule(name, old)
+    return model
+
+
+def compare(name: str, then_cls: type, batch_size: int, reps: int) -> str:
+    """One table row: the static twin, the model with the other revision's units, and the model as it is now."""
+    pairs = {p[0]: p for p in model_pairs([18, 50])}
+    _, static_name, img_size, default_batch = pairs[name]
+    batch = batch_size or default_batch
+    now, static = timm.create_model(name), timm.create_model(static_name)
+    then = with_units_of(now, then_cls)
+    x = torch.randn(batch, 3, img_size, img_size)
+    y = torch.randint(0, static.num_classes, (batch,))
+    with torch.no_grad():
+        diff = (then.eval()(x) - now.eval()(x)).abs().max().item()
+    times: Dict[str, List[float]] = paired_times(
+        {'static': train_step_fn(static, x, y), 'then': train_step_fn(then, x, y), 'now': train_step_fn(now, x, y)},
+        reps, warmup=2)
+    cells = [ratio_with_spread({'static': times['static'], 'dida': times[k]}) for k in ('then', 'now')]
+    cells.append(ratio_with_spread({'static': times['then'], 'dida': times['now']}))
+    return f'| {name} (b{batch}, {img_size} px) | {diff:.1e} | ' + ' | '.join(cells) + ' |'
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument('--rev', required=True, help='git revision whose DidaModule is timed against this checkout')
+    parser.add_argument('--models', nargs='+', default=['dida_resnet18', 'dida_digitnet_compact'], choices=MODELS)
+    parser.add_argument('--reps', type=int, default=21)
+    parser.add_argument('--batch-size', type=int, default=None, help='every model at this batch (default: its own)')
+    args = parser.parse_args()
+    check_options(parser, args, [('models', distinct), ('reps', at_least(1)), ('batch_size', at_least(2))])
+    then_cls = unit_class(args.rev)
+    torch.manual_seed(0)
+    print(f'# training step, DIDA unit of {args.rev} (then) vs this checkout (now), CPU {torch.get_num_threads()} '
+          f'threads, torch {torch.__version__}, timm {timm.__version__}, {args.reps} interleaved rounds\n')
+    print('| model | max output diff | then / static | now / static | now / then |')
+    print('|---|---|---|---|---|')
+    for name in args.models:
+        print(compare(name, then_cls, args.batch_size, args.reps), flush=True)
+
+
+if __name__ == '__main__':
+    main()
