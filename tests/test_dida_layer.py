@@ -60,6 +60,24 @@ def test_bfloat16_autocast_stays_within_bfloat16_precision(shared_reduction):
     torch.testing.assert_close(out.float(), reference, rtol=2e-2, atol=2e-2 * reference.abs().max().item())
 
 
+@pytest.mark.parametrize('dynamic', [True, False])
+def test_channels_last_input_gives_the_same_outputs_and_gradients(dynamic):
+    # train.py --channels-last converts the model; the 1x1 matmuls read the input as [N, C, H * W]
+    module = _randomise(DidaModule(32, 16, reduction=4, stride=2, dynamic=dynamic))
+    x = torch.randn(3, 32, 9, 9)
+    grads = []
+    for inp in (x.clone().requires_grad_(), x.clone().to(memory_format=torch.channels_last).requires_grad_()):
+        module.zero_grad()
+        out = module(inp)
+        (out * torch.arange(out.numel()).view_as(out).sin()).sum().backward()
+        grads.append((out.detach(), inp.grad, [p.grad.clone() for p in module.parameters()]))
+    (out_a, gx_a, gp_a), (out_b, gx_b, gp_b) = grads
+    torch.testing.assert_close(out_b, out_a)
+    torch.testing.assert_close(gx_b, gx_a)
+    for a, b in zip(gp_a, gp_b):
+        torch.testing.assert_close(b, a)
+
+
 def test_forward_runs_few_aten_ops():
     # each op is a dispatch, and each that is not a view a kernel launch on a GPU (the unit used to run 47)
     module = DidaModule(64, 128, reduction=16).eval()
