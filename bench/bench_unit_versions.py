@@ -11,13 +11,14 @@ side by side rather than across two runs of bench_cost.py.
     python bench/bench_unit_versions.py --rev a02e343
     python bench/bench_unit_versions.py --rev a02e343 --models dida_digitnet_compact --reps 150
     python bench/bench_unit_versions.py --rev a02e343 --batch-size 2 --reps 300   # call-overhead regime
+    python bench/bench_unit_versions.py --rev a02e343 --device cuda
 """
 import argparse
 import copy
 import subprocess
 import types
 from pathlib import Path
-from typing import Dict, List
+from typing import Dict, List, Optional
 
 import timm
 import torch
@@ -57,15 +58,16 @@ def with_units_of(model: torch.nn.Module, cls: type) -> torch.nn.Module:
     return model
 
 
-def compare(name: str, then_cls: type, batch_size: int, reps: int) -> str:
+def compare(name: str, then_cls: type, batch_size: Optional[int], reps: int, device: torch.device) -> str:
     """One table row: the static twin, the model with the other revision's units, and the model as it is now."""
     pairs = {p[0]: p for p in model_pairs([18, 50])}
     _, static_name, img_size, default_batch = pairs[name]
     batch = batch_size or default_batch
     now, static = timm.create_model(name), timm.create_model(static_name)
     then = with_units_of(now, then_cls)
-    x = torch.randn(batch, 3, img_size, img_size)
-    y = torch.randint(0, static.num_classes, (batch,))
+    now, static, then = (m.to(device) for m in (now, static, then))
+    x = torch.randn(batch, 3, img_size, img_size, device=device)
+    y = torch.randint(0, static.num_classes, (batch,), device=device)
     with torch.no_grad():
         diff = (then.eval()(x) - now.eval()(x)).abs().max().item()
     times: Dict[str, List[float]] = paired_times(
@@ -82,16 +84,20 @@ def main():
     parser.add_argument('--models', nargs='+', default=['dida_resnet18', 'dida_digitnet_compact'], choices=MODELS)
     parser.add_argument('--reps', type=int, default=21)
     parser.add_argument('--batch-size', type=int, default=None, help='every model at this batch (default: its own)')
+    parser.add_argument('--device', default='cpu')
     args = parser.parse_args()
     check_options(parser, args, [('models', distinct), ('reps', at_least(1)), ('batch_size', at_least(2))])
     then_cls = unit_class(args.rev)
     torch.manual_seed(0)
-    print(f'# training step, DIDA unit of {args.rev} (then) vs this checkout (now), CPU {torch.get_num_threads()} '
-          f'threads, torch {torch.__version__}, timm {timm.__version__}, {args.reps} interleaved rounds\n')
+    device = torch.device(args.device)
+    hardware = torch.cuda.get_device_name(device) if device.type == 'cuda' else \
+        f'CPU, {torch.get_num_threads()} threads'
+    print(f'# training step, DIDA unit of {args.rev} (then) vs this checkout (now), {hardware}, torch '
+          f'{torch.__version__}, timm {timm.__version__}, {args.reps} interleaved rounds\n')
     print('| model | max output diff | then / static | now / static | now / then |')
     print('|---|---|---|---|---|')
     for name in args.models:
-        print(compare(name, then_cls, args.batch_size, args.reps), flush=True)
+        print(compare(name, then_cls, args.batch_size, args.reps, device), flush=True)
 
 
 if __name__ == '__main__':
