@@ -280,5 +280,6 @@ class DidaModule(nn.Module):
         else:
             paths = torch.stack([self.conv_kernel(feat), self.conv_kernel2(feat)] if self.two_paths
                                 else [self.conv_kernel(feat)], 1).flatten(3)
+        # every path pads by dilation * (k - 1) / 2, so all keep H' = ceil(H / stride)
         height, width = (h - 1) // self.stride + 1, (w - 1) // self.stride + 1
         return self.fuse_paths(paths, height, width)
