@@ -5,7 +5,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / 'bench'))
-from bench_cost import branch_step_fn, dynamic_conv_step_fn, ratio_with_spread  # noqa: E402
+from bench_cost import branch_step_fn, count_top_level_ops, dynamic_conv_step_fn, ratio_with_spread  # noqa: E402
 
 from dida_timm.layers import DidaBranch  # noqa: E402
 
@@ -45,3 +45,14 @@ def test_factored_and_loop_dynamic_conv_steps_compute_the_same_gradients():
 def test_ratio_is_of_the_medians_with_the_quartiles_of_the_paired_rounds():
     times = {'static': [1.0, 2.0, 1.0, 2.0], 'dida': [1.1, 2.4, 1.0, 2.6]}  # per round 1.1, 1.2, 1.0, 1.3
     assert ratio_with_spread(times) == '1.167 [1.025, 1.275]'
+
+
+def test_ops_running_a_kernel_leave_out_views_but_not_a_reshape_that_copies():
+    x = torch.randn(4, 6)
+
+    def fn():
+        x.view(6, 4).unsqueeze(0)  # views only: no kernel
+        x.t().reshape(24)  # a reshape of a transposed tensor copies
+        x.add(1)
+    assert count_top_level_ops(fn) == 5
+    assert count_top_level_ops(fn, views=False) == 2
