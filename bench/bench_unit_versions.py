@@ -49,12 +49,11 @@ def with_units_of(model: torch.nn.Module, cls: type) -> torch.nn.Module:
     model = copy.deepcopy(model)
     for name, unit in list(model.named_modules()):
         if isinstance(unit, DidaModule):
-            r = unit.reduced_chs
-            old = cls(unit.conv.in_channels, unit.fuse.out_channels * len(unit.dilations), stride=unit.stride,
-                      reduction=unit.conv.in_channels // r, dilations=unit.dilations, kernel_size=unit.kernel_sizes,
-                      shared_reduction=unit.shared_reduction, dynamic=unit.dynamic)
-            old.load_state_dict(unit.state_dict())
-            model.set_submodule(name, old)
+            other = cls(unit.conv.in_channels, unit.fuse.out_channels * len(unit.dilations), stride=unit.stride,
+                        reduction=unit.conv.in_channels // unit.reduced_chs, dilations=unit.dilations,
+                        kernel_size=unit.kernel_sizes, shared_reduction=unit.shared_reduction, dynamic=unit.dynamic)
+            other.load_state_dict(unit.state_dict())  # strict: the same parameters, or an error naming them
+            model.set_submodule(name, other)
     return model
 
 
