@@ -26,10 +26,9 @@ small ops); `--batch-scale` and `--compile` (every contender compiled alike) sho
 `--batch-size 2` puts every model in that regime, where each op's call overhead outweighs its arithmetic.
 """
 import argparse
-import platform
 import statistics
 import time
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import timm
 import torch
@@ -40,6 +39,7 @@ import dida_timm  # noqa: F401  registers the models
 from dida_timm.arguments import at_least, check_options, distinct
 from dida_timm.layers import DidaBranch, DidaModule
 from dida_timm.layers.dida_reference import dida_forward_per_sample
+from dida_timm.training.run import describe_hardware
 
 
 def count_macs(model: torch.nn.Module, input_size: Tuple[int, ...]) -> int:
@@ -60,19 +60,31 @@ def _views_only(event) -> bool:
     return event.name in VIEW_OPS and all(_views_only(child) for child in event.cpu_children)
 
 
-def count_top_level_ops(fn: Callable[[], None], views: bool = True) -> int:
-    """Top-level aten ops one call of `fn` runs (CPU profiler events named aten::* without an aten::* ancestor):
-    the eager dispatches Python issues. With `views=False`, only those that run a kernel (each a launch or more on
-    a GPU): not an op whose whole call tree is views (a `reshape` that copies still counts)."""
+def top_level_ops(fn: Callable[[], None]) -> List[Any]:
+    """The top-level aten ops one call of `fn` runs (CPU profiler events named aten::* without an aten::* ancestor):
+    the eager dispatches Python issues."""
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
         fn()
-    count = 0
+    ops = []
     for event in prof.events():
         parent = event.cpu_parent
         while parent is not None and not parent.name.startswith('aten::'):
             parent = parent.cpu_parent
-        count += event.name.startswith('aten::') and parent is None and (views or not _views_only(event))
-    return count
+        if event.name.startswith('aten::') and parent is None:
+            ops.append(event)
+    return ops
+
+
+def count_kernel_ops(ops: List[Any]) -> int:
+    """How many of `ops` run a kernel (each a launch or more on a GPU): not an op whose whole call tree is views (a
+    `reshape` that copies still counts)."""
+    return sum(not _views_only(op) for op in ops)
+
+
+def count_top_level_ops(fn: Callable[[], None], views: bool = True) -> int:
+    """The number of top-level aten ops one call of `fn` runs; with `views=False`, of those that run a kernel."""
+    ops = top_level_ops(fn)
+    return len(ops) if views else count_kernel_ops(ops)
 
 
 def dida_units(model: torch.nn.Module) -> int:
@@ -193,8 +205,9 @@ def model_pairs(depths: List[int]) -> List[Tuple[str, str, int, int]]:
 def ops_cells(static: torch.nn.Module, dida: torch.nn.Module, x: torch.Tensor, units: int) -> str:
     """'fwd aten ops (DIDA / static) | extra ops per DIDA unit, all / running a kernel' table cells, counted on warm
     models."""
-    o_s, o_d = (count_top_level_ops(forward_fn(m, x)) for m in (static, dida))
-    k_s, k_d = (count_top_level_ops(forward_fn(m, x), views=False) for m in (static, dida))
+    ops_s, ops_d = (top_level_ops(forward_fn(m, x)) for m in (static, dida))
+    o_s, o_d = len(ops_s), len(ops_d)
+    k_s, k_d = count_kernel_ops(ops_s), count_kernel_ops(ops_d)
     return f'{o_d} / {o_s} | {(o_d - o_s) / units:.1f} / {(k_d - k_s) / units:.1f} ({units} units)'
 
 
@@ -278,10 +291,9 @@ def main():
     warmup = 3 if args.compile else 1
     torch.manual_seed(0)
     device = torch.device(args.device)
-    hardware = torch.cuda.get_device_name(device) if device.type == 'cuda' else \
-        f'{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads'
     compiled = f', torch.compile(mode={args.compile!r})' if args.compile else ', eager'
-    print(f'# DIDA cost, {hardware}, torch {torch.__version__}, timm {timm.__version__}{compiled}\n')
+    print(f'# DIDA cost, {describe_hardware(device)}, torch {torch.__version__}, timm {timm.__version__}'
+          f'{compiled}\n')
 
     if not args.branch_only:
         print_model_table(args.depths, args.train_depths, args.reps, device, args.batch_scale, args.compile,

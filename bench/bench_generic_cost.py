@@ -10,7 +10,6 @@ ratios in brackets (bench_cost.py's method).
     python bench/bench_generic_cost.py --models convnext_atto regnety_004 --reps 3
 """
 import argparse
-import platform
 import statistics
 import sys
 from pathlib import Path
@@ -22,6 +21,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import dida_timm  # noqa: F401  registers the models
 from dida_timm.layers import DidaStage
+from dida_timm.training.run import describe_hardware
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_cost import count_macs, forward_fn, paired_times, ratio_with_spread, train_step_fn  # noqa: E402
@@ -65,8 +65,8 @@ def main():
     parser.add_argument('--train-batch', type=int, default=16)
     args = parser.parse_args()
     torch.manual_seed(0)
-    hardware = f'{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads'
-    print(f'# DIDA beside timm CNNs, {hardware}, torch {torch.__version__}, timm {timm.__version__}, eager\n')
+    print(f'# DIDA beside timm CNNs, {describe_hardware(torch.device("cpu"))}, torch {torch.__version__}, '
+          f'timm {timm.__version__}, eager\n')
     print('| model vs plain timm | params | MACs | extra params | extra MACs | fwd latency ratio (b'
           f'{args.forward_batch}) | train-step ratio (b{args.train_batch}) | branch MACs: 1x1 reduce / dynamic '
           'depthwise / 1x1 fuse / other |')

@@ -26,11 +26,12 @@ import torch
 import dida_timm  # noqa: F401  registers the models
 from dida_timm.arguments import at_least, check_options, distinct
 from dida_timm.layers import DidaModule
+from dida_timm.training.run import describe_hardware
 
 from bench_cost import model_pairs, paired_times, ratio_with_spread, train_step_fn
 
 REPO = Path(__file__).resolve().parents[1]
-MODELS = [pair[0] for pair in model_pairs([18, 50])]
+PAIRS = {pair[0]: pair for pair in model_pairs([18, 50])}  # DIDA model -> (it, static twin, image size, batch)
 
 
 def unit_class(rev: str) -> type:
@@ -59,8 +60,7 @@ def with_units_of(model: torch.nn.Module, cls: type) -> torch.nn.Module:
 
 def compare(name: str, then_cls: type, batch_size: Optional[int], reps: int, device: torch.device) -> str:
     """One table row: the static twin, the model with the other revision's units, and the model as it is now."""
-    pairs = {p[0]: p for p in model_pairs([18, 50])}
-    _, static_name, img_size, default_batch = pairs[name]
+    _, static_name, img_size, default_batch = PAIRS[name]
     batch = batch_size or default_batch
     now, static = timm.create_model(name), timm.create_model(static_name)
     then = with_units_of(now, then_cls)
@@ -80,7 +80,7 @@ def compare(name: str, then_cls: type, batch_size: Optional[int], reps: int, dev
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument('--rev', required=True, help='git revision whose DidaModule is timed against this checkout')
-    parser.add_argument('--models', nargs='+', default=['dida_resnet18', 'dida_digitnet_compact'], choices=MODELS)
+    parser.add_argument('--models', nargs='+', default=['dida_resnet18', 'dida_digitnet_compact'], choices=list(PAIRS))
     parser.add_argument('--reps', type=int, default=21)
     parser.add_argument('--batch-size', type=int, default=None, help='every model at this batch (default: its own)')
     parser.add_argument('--device', default='cpu')
@@ -89,10 +89,8 @@ def main():
     then_cls = unit_class(args.rev)
     torch.manual_seed(0)
     device = torch.device(args.device)
-    hardware = torch.cuda.get_device_name(device) if device.type == 'cuda' else \
-        f'CPU, {torch.get_num_threads()} threads'
-    print(f'# training step, DIDA unit of {args.rev} (then) vs this checkout (now), {hardware}, torch '
-          f'{torch.__version__}, timm {timm.__version__}, {args.reps} interleaved rounds\n')
+    print(f'# training step, DIDA unit of {args.rev} (then) vs this checkout (now), {describe_hardware(device)}, '
+          f'torch {torch.__version__}, timm {timm.__version__}, {args.reps} interleaved rounds\n')
     print('| model | max output diff | then / static | now / static | now / then |')
     print('|---|---|---|---|---|')
     for name in args.models:

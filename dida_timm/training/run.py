@@ -52,7 +52,7 @@ from .report import write_report
 from .selection import LABEL_FREE_KEYS, Selection
 from .step import UdaConfig
 
-__all__ = ['Run', 'RunError', 'main', 'print_result_table']
+__all__ = ['Run', 'RunError', 'describe_hardware', 'main', 'print_result_table']
 
 _logger = logging.getLogger('train')
 
@@ -433,7 +433,7 @@ class Run:
             history=self.history, world_size=self.world_size, evaluated_weights='ema' if self.ema else 'model',
             wall_seconds=sum(h.get('epoch_seconds', 0.0) for h in self.history),
             versions=dict(torch=torch.__version__, timm=timm.__version__, dida_timm=dida_timm.__version__),
-            device=str(self.device), hardware=_hardware(self.device), command=self.command,
+            device=str(self.device), hardware=describe_hardware(self.device), command=self.command,
             # what the weights started from and the preprocessing they were trained and evaluated with
             pretrained_weights=_pretrained_name(a.model, self.model) if a.pretrained else None,
             init_checkpoint=a.init_checkpoint or None, test_data_config=self.test_data_config,
@@ -468,7 +468,8 @@ def _pretrained_name(spec: str, model: torch.nn.Module) -> str:
     return f'{spec}.{tag}'
 
 
-def _hardware(device: torch.device) -> str:
+def describe_hardware(device: torch.device) -> str:
+    """What runs on `device`, for run records and benchmark headers: the GPU's name, or the CPU and its threads."""
     import platform
     if device.type == 'cuda':
         return f'{torch.cuda.get_device_name(device)} (CUDA {torch.version.cuda})'
