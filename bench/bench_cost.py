@@ -20,10 +20,14 @@ ratios carry the quartiles of the per-round ratios in brackets, [q1, q3], to sho
     python bench/bench_cost.py --branch-only --reps 21
     python bench/bench_cost.py --device cuda --train-depths 18 34 50 101 152
     python bench/bench_cost.py --device cuda --depths 18 --compile reduce-overhead   # CUDA graphs, no launches
+    python bench/bench_cost.py --device cuda --depths 18 --triton     # the unit's Triton kernels (eager)
+    TRITON_INTERPRET=1 python bench/bench_cost.py --ops-only --triton  # their op counts, on a CPU
 
 On a GPU at these batch sizes the eager ratios are mostly Python and kernel-launch overhead (the branch is many
 small ops); `--batch-scale` and `--compile` (every contender compiled alike) show how much, and on a CPU
 `--batch-size 2` puts every model in that regime, where each op's call overhead outweighs its arithmetic.
+`--triton` builds every DIDA unit with its Triton kernels (dida_timm/layers/dida_triton.py), which run on a GPU;
+on a CPU only Triton's interpreter runs them, far too slowly to time, so there `--triton` counts ops only.
 """
 import argparse
 import statistics
@@ -37,7 +41,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import dida_timm  # noqa: F401  registers the models
 from dida_timm.arguments import at_least, check_options, distinct
-from dida_timm.layers import DidaBranch, DidaModule
+from dida_timm.layers import DidaBranch, DidaModule, dida_triton
 from dida_timm.layers.dida_reference import dida_forward_per_sample
 from dida_timm.training.run import describe_hardware
 
@@ -60,17 +64,21 @@ def _views_only(event) -> bool:
     return event.name in VIEW_OPS and all(_views_only(child) for child in event.cpu_children)
 
 
+# operator namespaces: torch's own and this project's custom op (dida_timm::dynamic_paths, the Triton kernels)
+OP_NAMESPACES = ('aten::', 'dida_timm::')
+
+
 def top_level_ops(fn: Callable[[], None]) -> List[Any]:
-    """The top-level aten ops one call of `fn` runs (CPU profiler events named aten::* without an aten::* ancestor):
-    the eager dispatches Python issues."""
+    """The top-level ops one call of `fn` runs (CPU profiler events of an operator namespace without an operator
+    ancestor): the eager dispatches Python issues. A custom op counts once, whatever it runs inside."""
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
         fn()
     ops = []
     for event in prof.events():
         parent = event.cpu_parent
-        while parent is not None and not parent.name.startswith('aten::'):
+        while parent is not None and not parent.name.startswith(OP_NAMESPACES):
             parent = parent.cpu_parent
-        if event.name.startswith('aten::') and parent is None:
+        if event.name.startswith(OP_NAMESPACES) and parent is None:
             ops.append(event)
     return ops
 
@@ -280,6 +288,9 @@ def main():
                         help='time every contender through torch.compile(mode=MODE), e.g. default, reduce-overhead')
     parser.add_argument('--ops-only', action='store_true',
                         help='only count the top-level aten ops of each model\'s forward (seconds, no timing)')
+    parser.add_argument('--triton', action='store_true',
+                        help='DIDA units run their Triton kernels (a CUDA device; on a CPU, --ops-only under '
+                             'TRITON_INTERPRET=1)')
     args = parser.parse_args()
     check_options(parser, args, [('depths', distinct), ('train_depths', distinct), ('reps', at_least(1)),
                                  ('batch_scale', at_least(1)), ('batch_size', at_least(2))])
@@ -291,7 +302,14 @@ def main():
     warmup = 3 if args.compile else 1
     torch.manual_seed(0)
     device = torch.device(args.device)
+    if args.triton:
+        runs = dida_triton.triton_runs_on(torch.empty(0, device=device))
+        if not runs or (device.type != 'cuda' and not args.ops_only):
+            parser.error(f'--triton: the kernels run on a CUDA device (on {device}: only --ops-only, under '
+                         'TRITON_INTERPRET=1)')
+        dida_triton.set_triton_dida(True)
     compiled = f', torch.compile(mode={args.compile!r})' if args.compile else ', eager'
+    compiled += ', DIDA units on their Triton kernels' if args.triton else ''
     print(f'# DIDA cost, {describe_hardware(device)}, torch {torch.__version__}, timm {timm.__version__}'
           f'{compiled}\n')
 

@@ -31,6 +31,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .dida_triton import dynamic_paths, triton_runs_on, use_triton_dida
+
 __all__ = ['DidaModule', 'kernel_basis']
 
 
@@ -161,6 +163,8 @@ class DidaModule(nn.Module):
         self.dynamic = dynamic
         self.two_paths = len(dilations) == 2
         self.shared_reduction = shared_reduction or not dynamic
+        # the Triton kernels implement the paper's unit (dynamic kernels from the shared reduction)
+        self.use_triton = use_triton_dida() and dynamic and shared_reduction
 
         self.conv = nn.Conv2d(in_chs, r, 1, **dd)
         if dynamic:
@@ -266,9 +270,23 @@ class DidaModule(nn.Module):
         out = conv1x1(paths.reshape(n * num_paths, r, hw), self.fuse.weight, self.fuse.bias)
         return out.view(n, -1, height, width)
 
+    def generator_tensors(self) -> List[torch.Tensor]:
+        """Per dilation the generator's `conv_kernel.weight`, `conv_kernel.bias`, `conv_k.weight`, `conv_k.bias`."""
+        tensors = [self.conv_kernel.weight, self.conv_kernel.bias, self.conv_k.weight, self.conv_k.bias]
+        if self.two_paths:
+            tensors += [self.conv_kernel2.weight, self.conv_kernel2.bias, self.conv_k2.weight, self.conv_k2.bias]
+        return tensors
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         n, c, h, w = x.shape
-        pre = conv1x1(x.reshape(n, c, h * w), self.conv.weight, self.conv.bias).view(n, -1, h, w)
+        pre = conv1x1(x.reshape(n, c, h * w), self.conv.weight, self.conv.bias)
+        # every path pads by dilation * (k - 1) / 2, so all keep H' = ceil(H / stride)
+        height, width = (h - 1) // self.stride + 1, (w - 1) // self.stride + 1
+        if not torch.jit.is_scripting():
+            if self.use_triton and triton_runs_on(pre):
+                paths, _ = dynamic_paths(pre, self.generator_tensors(), h, w, self.stride, list(self.dilations))
+                return self.fuse_paths(paths, height, width)
+        pre = pre.view(n, -1, h, w)
         feat = F.relu(pre)
         if self.dynamic:
             if self.shared_reduction:
@@ -280,6 +298,4 @@ class DidaModule(nn.Module):
         else:
             paths = torch.stack([self.conv_kernel(feat), self.conv_kernel2(feat)] if self.two_paths
                                 else [self.conv_kernel(feat)], 1).flatten(3)
-        # every path pads by dilation * (k - 1) / 2, so all keep H' = ceil(H / stride)
-        height, width = (h - 1) // self.stride + 1, (w - 1) // self.stride + 1
         return self.fuse_paths(paths, height, width)

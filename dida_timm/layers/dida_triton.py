@@ -1,0 +1,156 @@
+"""The DIDA unit's dynamic paths as one custom op backed by Triton kernels (opt-in).
+
+Paper: `Dynamic Instance Domain Adaptation` - https://arxiv.org/abs/2203.05028
+
+Eager on a GPU, the unit's cost is launches, not arithmetic: between its two 1x1 convs it runs a dozen small ops
+each way. `dynamic_paths` does that span in one kernel forward (ReLU, pooling, code, kernel generation, every
+dilation path's depthwise conv, written in the fuse's input layout) and two backward, for the paper's unit
+(dynamic kernels from the shared reduction). It is an opt-in, like timm's fused attention: `set_triton_dida(True)`
+or the environment variable `DIDA_TRITON=1`, read when a `DidaModule` is built. Modules fall back to the eager unit
+where the kernels cannot run (a CPU tensor, TorchScript, FX tracing); with `TRITON_INTERPRET=1` Triton runs them on
+CPU tensors through its interpreter, which is how they are tested without a GPU.
+"""
+import importlib.util
+import math
+import os
+import warnings
+from typing import List, Sequence, Tuple
+
+import torch
+from torch import Tensor
+
+__all__ = ['dynamic_paths', 'set_triton_dida', 'triton_runs_on', 'use_triton_dida']
+
+_USE_TRITON = os.environ.get('DIDA_TRITON', '0') == '1'
+_HAS_TRITON = importlib.util.find_spec('triton') is not None
+# read once, as Triton reads it when the kernels are defined
+_INTERPRET = os.environ.get('TRITON_INTERPRET', '0') == '1'
+if _USE_TRITON and not _HAS_TRITON:
+    warnings.warn('DIDA_TRITON=1 but the triton package is missing: DIDA units run eager')
+
+
+def set_triton_dida(enable: bool = True) -> None:
+    """Build `DidaModule`s that run their dynamic paths with the Triton kernels (modules built from now on)."""
+    global _USE_TRITON
+    if enable and not _HAS_TRITON:
+        raise RuntimeError('set_triton_dida(True) needs the triton package (it ships with torch\'s CUDA wheels)')
+    _USE_TRITON = enable
+
+
+def use_triton_dida() -> bool:
+    """Whether new `DidaModule`s use the Triton kernels."""
+    return _USE_TRITON and _HAS_TRITON
+
+
+def triton_runs_on(x: Tensor) -> bool:
+    """Whether the kernels can run on `x`: a CUDA tensor, or any tensor under Triton's interpreter (never an FX
+    proxy: a traced graph keeps the eager unit)."""
+    return _HAS_TRITON and isinstance(x, Tensor) and (x.is_cuda or _INTERPRET)
+
+
+def _padded(generators: List[Tensor]) -> List[Tensor]:
+    """The kernels take two paths' generator parameters: a one-path unit passes its own twice (never read)."""
+    return generators if len(generators) == 8 else generators * 2
+
+
+def _constants(generators: List[Tensor], stride: int, dilations: Sequence[int], size: int) -> dict:
+    import triton
+    kernel_sizes = [math.isqrt(generators[i].numel()) for i in (0, 4)[:len(dilations)]]
+    kernel_sizes, dilations = kernel_sizes * (3 - len(kernel_sizes)), list(dilations) * (3 - len(dilations))
+    return dict(
+        STRIDE=stride, PATHS=len(generators) // 4,
+        KSIZE1=kernel_sizes[0], DILATION1=dilations[0], TAPS1=triton.next_power_of_2(kernel_sizes[0] ** 2),
+        KSIZE2=kernel_sizes[1], DILATION2=dilations[1], TAPS2=triton.next_power_of_2(kernel_sizes[1] ** 2),
+        BLOCK=min(max(triton.next_power_of_2(size), 16), 256),
+    )
+
+
+def _check(pre: Tensor, generators: List[Tensor], dilations: Sequence[int]) -> None:
+    if len(generators) != 4 * len(dilations) or len(dilations) not in (1, 2):
+        raise ValueError(f'dynamic_paths takes 4 generator tensors per dilation, got {len(generators)} for '
+                         f'dilations {list(dilations)}')
+    if not triton_runs_on(pre):
+        raise RuntimeError(f'the Triton DIDA kernels need a CUDA tensor (or TRITON_INTERPRET=1), got {pre.device}')
+
+
+@torch.library.custom_op('dida_timm::dynamic_paths', mutates_args=())
+def dynamic_paths(
+        pre: Tensor, generators: List[Tensor], height: int, width: int, stride: int, dilations: List[int],
+) -> Tuple[Tensor, Tensor]:
+    """Every dynamic path of a DIDA unit with shared reduction, from the reduction conv's output.
+
+    Args:
+        pre: The 1x1 reduction's output before its ReLU, [N, r, H * W] (contiguous).
+        generators: Per dilation `conv_kernel.weight`, `conv_kernel.bias`, `conv_k.weight`, `conv_k.bias`.
+        height: H.
+        width: W.
+        stride: Stride of the depthwise convs.
+        dilations: One per path; each path pads by dilation * (k - 1) / 2.
+
+    Returns:
+        The paths [N, paths, r, H' * W'] (in `pre`'s dtype) and the codes g [N, r] (fp32, saved for backward).
+    """
+    from . import _dida_kernels
+    _check(pre, generators, dilations)
+    n, r, _ = pre.shape
+    out_height, out_width = (height - 1) // stride + 1, (width - 1) // stride + 1
+    out = pre.new_empty(n, len(dilations), r, out_height * out_width)
+    code = pre.new_empty(n, r, dtype=torch.float32)
+    _dida_kernels.dynamic_paths_forward[(n * r,)](
+        pre, out, code, *_padded(generators), r, height, width, out_width, out_height * out_width,
+        **_constants(generators, stride, dilations, height * width))
+    return out, code
+
+
+@dynamic_paths.register_fake
+def _(pre, generators, height, width, stride, dilations):
+    n, r, _ = pre.shape
+    out_size = ((height - 1) // stride + 1) * ((width - 1) // stride + 1)
+    return pre.new_empty(n, len(dilations), r, out_size), pre.new_empty(n, r, dtype=torch.float32)
+
+
+@torch.library.custom_op('dida_timm::dynamic_paths_backward', mutates_args=())
+def dynamic_paths_backward(
+        grad: Tensor, pre: Tensor, code: Tensor, generators: List[Tensor], height: int, width: int, stride: int,
+        dilations: List[int],
+) -> Tuple[Tensor, List[Tensor]]:
+    """Gradients of `dynamic_paths` for `pre` and the generator tensors, from the paths' gradient `grad`."""
+    from . import _dida_kernels
+    _check(pre, generators, dilations)
+    n, r, _ = pre.shape
+    out_height, out_width = (height - 1) // stride + 1, (width - 1) // stride + 1
+    constants = _constants(generators, stride, dilations, height * width)
+    pre_grad = torch.empty_like(pre)
+    kernel_grad = pre.new_empty(n * r, sum(generators[i].numel() for i in range(0, len(generators), 4)),
+                                dtype=torch.float32)
+    _dida_kernels.dynamic_paths_backward[(n * r,)](
+        pre, grad.contiguous(), code, pre_grad, kernel_grad, *_padded(generators),
+        r, height, width, out_height, out_width, **constants)
+    generator_grads = [torch.empty_like(g) for g in generators]
+    padded = _padded(generators)
+    _dida_kernels.generator_grads[(1,)](
+        kernel_grad, code, *padded[0:3], *padded[4:7], *_padded(generator_grads), n * r,
+        PATHS=constants['PATHS'], KSIZE1=constants['KSIZE1'], TAPS1=constants['TAPS1'],
+        KSIZE2=constants['KSIZE2'], TAPS2=constants['TAPS2'], ROWS=64)
+    return pre_grad, generator_grads
+
+
+@dynamic_paths_backward.register_fake
+def _(grad, pre, code, generators, height, width, stride, dilations):
+    return torch.empty_like(pre), [torch.empty_like(g) for g in generators]
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    pre, generators, ctx.height, ctx.width, ctx.stride, ctx.dilations = inputs
+    ctx.save_for_backward(pre, output[1], *generators)
+    ctx.mark_non_differentiable(output[1])
+
+
+def _backward(ctx, grad: Tensor, code_grad: Tensor):
+    pre, code, *generators = ctx.saved_tensors
+    pre_grad, generator_grads = dynamic_paths_backward(
+        grad, pre, code, generators, ctx.height, ctx.width, ctx.stride, ctx.dilations)
+    return pre_grad, generator_grads, None, None, None, None
+
+
+dynamic_paths.register_autograd(_backward, setup_context=_setup_context)

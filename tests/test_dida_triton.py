@@ -1,0 +1,159 @@
+"""The DIDA unit's Triton kernels (dida_timm/layers/dida_triton.py): the same function and gradients as the eager
+unit and the literal per-sample loop. Without a GPU they run in Triton's interpreter (tests/conftest.py)."""
+import pytest
+import torch
+
+pytest.importorskip('triton')
+
+import timm  # noqa: E402
+
+from dida_timm.layers import DidaModule, dida_triton  # noqa: E402
+from dida_timm.layers.dida_reference import dida_forward_per_sample  # noqa: E402
+from test_dida_layer import _randomise, count_top_level_ops  # noqa: E402  (the latter from bench/bench_cost.py)
+
+DEVICE = 'cuda' if torch.cuda.is_available() else 'cpu'
+
+
+@pytest.fixture
+def triton_dida():
+    """Modules built inside the test use the kernels."""
+    dida_triton.set_triton_dida(True)
+    yield
+    dida_triton.set_triton_dida(False)
+
+
+def _pair(seed: int = 0, **kwargs) -> tuple:
+    """The same randomised unit twice: with the kernels and eager."""
+    dida_triton.set_triton_dida(True)
+    fused = _randomise(DidaModule(32, 16, reduction=4, **kwargs), seed).to(DEVICE)
+    dida_triton.set_triton_dida(False)
+    eager = _randomise(DidaModule(32, 16, reduction=4, **kwargs), seed).to(DEVICE)
+    assert fused.use_triton and not eager.use_triton
+    return fused, eager
+
+
+def _outputs_and_grads(module: DidaModule, x: torch.Tensor) -> tuple:
+    x = x.clone().requires_grad_()
+    out = module(x)
+    weights = torch.arange(out.numel(), device=out.device).view_as(out).sin()
+    grads = torch.autograd.grad((out * weights).sum(), [x] + list(module.parameters()))
+    return out.detach(), grads
+
+
+@pytest.mark.parametrize('stride', [1, 2])
+@pytest.mark.parametrize('dilations, kernel_size', [
+    ((1, 2), 3), ((1,), 3), ((2,), 3), ((2, 1), 3), ((2, 4), 3), ((1, 2), (1, 3)), ((1, 2), (3, 5)), ((1,), 5)])
+def test_kernels_equal_the_eager_unit_and_the_per_sample_loop(stride, dilations, kernel_size):
+    fused, eager = _pair(stride=stride, dilations=dilations, kernel_size=kernel_size)
+    x = torch.randn(3, 32, 9, 10, device=DEVICE)  # odd and even sides, a ragged last block at stride 2
+    out, grads = _outputs_and_grads(fused, x)
+    out_ref, grads_ref = _outputs_and_grads(eager, x)
+    assert (out - dida_forward_per_sample(eager, x)).abs().max().item() <= 1e-5
+    assert (out - out_ref).abs().max().item() <= 1e-5
+    names = ['input'] + [name for name, _ in fused.named_parameters()]
+    for name, grad, grad_ref in zip(names, grads, grads_ref):
+        torch.testing.assert_close(grad, grad_ref, rtol=1e-4, atol=1e-5, msg=lambda m: f'{name}: {m}')
+
+
+def test_kernels_loop_over_maps_larger_than_one_block():
+    # 24 x 24 = 576 positions: the kernels' loops over 256-position blocks run three times, the last one ragged
+    fused, eager = _pair(seed=1, stride=2)
+    x = torch.randn(2, 32, 24, 24, device=DEVICE)
+    out, grads = _outputs_and_grads(fused, x)
+    out_ref, grads_ref = _outputs_and_grads(eager, x)
+    assert (out - out_ref).abs().max().item() <= 1e-5
+    for grad, grad_ref in zip(grads, grads_ref):
+        torch.testing.assert_close(grad, grad_ref, rtol=1e-4, atol=1e-5)
+
+
+def test_pooled_code_gradient_follows_relu_at_negative_means():
+    # channels whose mean is negative get no code gradient (g = ReLU(mean)), the others do
+    fused, eager = _pair(seed=2)
+    x = torch.randn(4, 32, 6, 6, device=DEVICE)
+    x[:2] -= 2.
+    _, grads = _outputs_and_grads(fused, x)
+    _, grads_ref = _outputs_and_grads(eager, x)
+    torch.testing.assert_close(grads[0], grads_ref[0], rtol=1e-4, atol=1e-5)
+
+
+def test_bfloat16_autocast_stays_within_bfloat16_precision():
+    fused, eager = _pair()
+    x = torch.randn(4, 32, 9, 9, device=DEVICE)
+    with torch.autocast(DEVICE, dtype=torch.bfloat16):
+        out = fused(x)
+    reference = dida_forward_per_sample(eager, x)
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out.float(), reference, rtol=2e-2, atol=2e-2 * reference.abs().max().item())
+
+
+def test_the_kernels_run_and_the_unit_runs_few_top_level_ops(triton_dida):
+    module = DidaModule(64, 128, reduction=16).to(DEVICE).eval()
+    x = torch.randn(8, 64, 16, 16, device=DEVICE)
+    with torch.no_grad(), torch.profiler.profile() as prof:
+        module(x)
+    assert 'dida_timm::dynamic_paths' in {e.name for e in prof.events()}
+    with torch.no_grad():
+        # the two 1x1 matmuls (4 ops each, 3 of them views), the input and output re-layouts (views), one op between
+        assert count_top_level_ops(lambda: module(x)) <= 12
+        assert count_top_level_ops(lambda: module(x), views=False) <= 3
+
+
+def test_op_passes_torch_library_checks():
+    pre = torch.randn(2, 4, 7 * 6, device=DEVICE)
+    fused, _ = _pair(dilations=(1, 2), kernel_size=(1, 3))
+    generators = [t.detach().requires_grad_() for t in fused.generator_tensors()]
+    torch.library.opcheck(dida_triton.dynamic_paths, (pre.requires_grad_(), generators, 7, 6, 2, [1, 2]))
+
+
+def test_unit_compiles_without_graph_breaks():
+    fused, eager = _pair(seed=3)
+    x = torch.randn(2, 32, 8, 8, device=DEVICE)
+    compiled = torch.compile(fused, backend='aot_eager', fullgraph=True)
+    out, grads = _outputs_and_grads(compiled, x)
+    out_ref, grads_ref = _outputs_and_grads(eager, x)
+    torch.testing.assert_close(out, out_ref, rtol=1e-5, atol=1e-5)
+    for grad, grad_ref in zip(grads, grads_ref):
+        torch.testing.assert_close(grad, grad_ref, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize('kwargs', [dict(shared_reduction=False), dict(dynamic=False)])
+def test_ablations_keep_the_eager_unit(triton_dida, kwargs):
+    assert not DidaModule(32, 16, reduction=4, **kwargs).use_triton
+
+
+def test_torchscript_and_fx_keep_the_eager_unit(triton_dida):
+    module = _randomise(DidaModule(32, 32, reduction=4)).to(DEVICE).eval()
+    x = torch.randn(2, 32, 7, 7, device=DEVICE)
+    scripted, traced = torch.jit.script(module), torch.fx.symbolic_trace(module)
+    assert 'dynamic_paths' not in traced.code
+    torch.testing.assert_close(scripted(x), module(x), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(traced(x), module(x), rtol=1e-5, atol=1e-5)
+
+
+def test_model_with_kernels_trains_like_the_eager_model(triton_dida):
+    # train mode (batch statistics in every BN), no dropout so that the two forwards can be compared
+    fused = timm.create_model('dida_digitnet_compact', drop_rate=0.).to(DEVICE)
+    dida_triton.set_triton_dida(False)
+    eager = timm.create_model('dida_digitnet_compact', drop_rate=0.).to(DEVICE)
+    eager.load_state_dict(fused.state_dict())
+    assert [m.use_triton for m in fused.modules() if isinstance(m, DidaModule)] == [True]
+    x = torch.randn(4, 3, 32, 32, device=DEVICE)
+    out, grads = _outputs_and_grads(fused, x)
+    out_ref, grads_ref = _outputs_and_grads(eager, x)
+    torch.testing.assert_close(out, out_ref, rtol=1e-4, atol=1e-5)
+    for grad, grad_ref in zip(grads, grads_ref):
+        torch.testing.assert_close(grad, grad_ref, rtol=1e-3, atol=1e-4)
+
+
+def test_enabling_without_triton_is_refused(monkeypatch):
+    monkeypatch.setattr(dida_triton, '_HAS_TRITON', False)
+    with pytest.raises(RuntimeError, match='triton'):
+        dida_triton.set_triton_dida(True)
+
+
+def test_kernels_refuse_a_tensor_they_cannot_run_on(monkeypatch):
+    monkeypatch.setattr(dida_triton, '_INTERPRET', False)
+    pre = torch.randn(2, 4, 36)
+    generators = DidaModule(32, 16, reduction=8).generator_tensors()
+    with pytest.raises(RuntimeError, match='CUDA tensor'):
+        dida_triton.dynamic_paths(pre, generators, 6, 6, 1, [1, 2])
