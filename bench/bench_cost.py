@@ -281,6 +281,7 @@ def main():
     parser.add_argument('--reps', type=int, default=7)
     parser.add_argument('--device', default='cpu')
     parser.add_argument('--branch-only', action='store_true', help='only the factored-vs-loop branch timings (4.)')
+    parser.add_argument('--models-only', action='store_true', help='only the model table (1.-3.)')
     parser.add_argument('--batch-scale', type=int, default=1, help='multiply the model table\'s batch sizes')
     parser.add_argument('--batch-size', type=int, default=None,
                         help='run every model of the table at this batch instead (2: call overhead dominates)')
@@ -294,6 +295,8 @@ def main():
     args = parser.parse_args()
     check_options(parser, args, [('depths', distinct), ('train_depths', distinct), ('reps', at_least(1)),
                                  ('batch_scale', at_least(1)), ('batch_size', at_least(2))])
+    if args.branch_only and (args.models_only or args.ops_only):
+        parser.error('--branch-only: the branch timings are not part of the model table (--models-only, --ops-only)')
     if args.batch_size and args.batch_scale != 1:
         parser.error('--batch-size: sets every batch, so --batch-scale cannot scale them too')
     untimed = [d for d in args.train_depths if d not in args.depths]
@@ -316,7 +319,7 @@ def main():
     if not args.branch_only:
         print_model_table(args.depths, args.train_depths, args.reps, device, args.batch_scale, args.compile,
                           args.ops_only, args.batch_size)
-    if args.ops_only:
+    if args.ops_only or args.models_only:
         return
     print('\n## Factored DIDA branch vs the per-sample-loop reference (training step, batch 64, dida_resnet18 '
           'layer4 branch: 256x14x14 -> 512x7x7, two units)\n')

@@ -55,9 +55,10 @@ def test_kernels_equal_the_eager_unit_and_the_per_sample_loop(stride, dilations,
         torch.testing.assert_close(grad, grad_ref, rtol=1e-4, atol=1e-5, msg=lambda m: f'{name}: {m}')
 
 
-def test_kernels_loop_over_maps_larger_than_one_block():
+@pytest.mark.parametrize('stride', [1, 2])
+def test_kernels_loop_over_maps_larger_than_one_block(stride):
     # 24 x 24 = 576 positions: the kernels' loops over 256-position blocks run three times, the last one ragged
-    fused, eager = _pair(seed=1, stride=2)
+    fused, eager = _pair(seed=1, stride=stride)
     x = torch.randn(2, 32, 24, 24, device=DEVICE)
     out, grads = _outputs_and_grads(fused, x)
     out_ref, grads_ref = _outputs_and_grads(eager, x)

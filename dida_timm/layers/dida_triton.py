@@ -144,6 +144,7 @@ def _setup_context(ctx, inputs, output) -> None:
     pre, generators, ctx.height, ctx.width, ctx.stride, ctx.dilations = inputs
     ctx.save_for_backward(pre, output[1], *generators)
     ctx.mark_non_differentiable(output[1])
+    ctx.set_materialize_grads(False)  # the codes' gradient is never used: no tensor of zeros for it
 
 
 def _backward(ctx, grad: Tensor, code_grad: Tensor):
