@@ -64,7 +64,8 @@ def _views_only(event) -> bool:
     return event.name in VIEW_OPS and all(_views_only(child) for child in event.cpu_children)
 
 
-# operator namespaces: torch's own and this project's custom op (dida_timm::dynamic_paths, the Triton kernels)
+# operator namespaces: torch's own and this project's Triton kernels (dida_timm::dynamic_paths: a custom op under
+# torch.compile, in eager a profiler range around its output allocations and one kernel launch)
 OP_NAMESPACES = ('aten::', 'dida_timm::')
 
 

@@ -103,7 +103,7 @@ def test_op_passes_torch_library_checks():
     pre = torch.randn(2, 4, 7 * 6, device=DEVICE)
     fused, _ = _pair(dilations=(1, 2), kernel_size=(1, 3))
     generators = [t.detach().requires_grad_() for t in fused.generator_tensors()]
-    torch.library.opcheck(dida_triton.dynamic_paths, (pre.requires_grad_(), generators, 7, 6, 2, [1, 2]))
+    torch.library.opcheck(dida_triton.dynamic_paths_op, (pre.requires_grad_(), generators, 7, 6, 2, [1, 2]))
 
 
 def test_unit_compiles_without_graph_breaks():
@@ -156,5 +156,13 @@ def test_kernels_refuse_a_tensor_they_cannot_run_on(monkeypatch):
     monkeypatch.setattr(dida_triton, '_INTERPRET', False)
     pre = torch.randn(2, 4, 36)
     generators = DidaModule(32, 16, reduction=8).generator_tensors()
-    with pytest.raises(RuntimeError, match='CUDA tensor'):
-        dida_triton.dynamic_paths(pre, generators, 6, 6, 1, [1, 2])
+    for op in (dida_triton.dynamic_paths, dida_triton.dynamic_paths_op):
+        with pytest.raises(RuntimeError, match='CUDA tensor'):
+            op(pre, generators, 6, 6, 1, [1, 2])
+
+
+def test_a_map_of_the_wrong_size_is_refused():
+    generators = DidaModule(32, 16, reduction=8).generator_tensors()
+    for op in (dida_triton.dynamic_paths, dida_triton.dynamic_paths_op):
+        with pytest.raises(ValueError, match=r'\[N, r, 36\]'):
+            op(torch.randn(2, 4, 35, device=DEVICE), generators, 6, 6, 1, [1, 2])

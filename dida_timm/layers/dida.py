@@ -17,7 +17,8 @@ Because K is affine in g, the dynamic depthwise conv factors into static convs a
 so the forward has no loop over the batch and no batch-size-dependent groups. Every path runs in ONE grouped conv
 (per reduced channel, one output per code e in (0, 1) and path, each path's kernels embedded in a common S x S
 window) and one lerp; the two 1x1 convs run as batched matmuls, the fuse over all paths at once, which writes the
-concatenated output directly.
+concatenated output directly. On a GPU, everything between the two matmuls can instead run as one Triton kernel
+(opt-in, `dida_triton.py`).
 
 Parameter names (`conv`, `conv_kernel`, `conv_kernel2`, `conv_k`, `conv_k2`, `fuse`) follow the authors'
 released code so that checkpoints stay convertible. Differences from that code: the generator is never
@@ -284,7 +285,7 @@ class DidaModule(nn.Module):
         height, width = (h - 1) // self.stride + 1, (w - 1) // self.stride + 1
         if not torch.jit.is_scripting():
             if self.use_triton and triton_runs_on(pre):
-                paths, _ = dynamic_paths(pre, self.generator_tensors(), h, w, self.stride, list(self.dilations))
+                paths = dynamic_paths(pre, self.generator_tensors(), h, w, self.stride, list(self.dilations))
                 return self.fuse_paths(paths, height, width)
         pre = pre.view(n, -1, h, w)
         feat = F.relu(pre)

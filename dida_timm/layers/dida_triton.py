@@ -1,4 +1,4 @@
-"""The DIDA unit's dynamic paths as one custom op backed by Triton kernels (opt-in).
+"""The DIDA unit's dynamic paths as one operator backed by Triton kernels (opt-in).
 
 Paper: `Dynamic Instance Domain Adaptation` - https://arxiv.org/abs/2203.05028
 
@@ -9,17 +9,21 @@ dilation path's depthwise conv, written in the fuse's input layout) and two back
 or the environment variable `DIDA_TRITON=1`, read when a `DidaModule` is built. Modules fall back to the eager unit
 where the kernels cannot run (a CPU tensor, TorchScript, FX tracing); with `TRITON_INTERPRET=1` Triton runs them on
 CPU tensors through its interpreter, which is how they are tested without a GPU.
+
+Eager calls go through a lean autograd.Function; under torch.compile the same launches run as the custom op
+`dida_timm::dynamic_paths` (opaque to the compiler, its shapes and autograd registered).
 """
+import contextlib
 import importlib.util
 import math
 import os
 import warnings
-from typing import List, Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
 
-__all__ = ['dynamic_paths', 'set_triton_dida', 'triton_runs_on', 'use_triton_dida']
+__all__ = ['dynamic_paths', 'dynamic_paths_op', 'set_triton_dida', 'triton_runs_on', 'use_triton_dida']
 
 _USE_TRITON = os.environ.get('DIDA_TRITON', '0') == '1'
 _HAS_TRITON = importlib.util.find_spec('triton') is not None
@@ -65,33 +69,23 @@ def _constants(generators: List[Tensor], stride: int, dilations: Sequence[int], 
     )
 
 
-def _check(pre: Tensor, generators: List[Tensor], dilations: Sequence[int]) -> None:
+def _check(pre: Tensor, generators: List[Tensor], height: int, width: int, dilations: Sequence[int]) -> None:
     if len(generators) != 4 * len(dilations) or len(dilations) not in (1, 2):
         raise ValueError(f'dynamic_paths takes 4 generator tensors per dilation, got {len(generators)} for '
                          f'dilations {list(dilations)}')
+    if pre.dim() != 3 or pre.shape[2] != height * width:
+        raise ValueError(f'dynamic_paths: pre must be [N, r, height * width] = [N, r, {height * width}], got '
+                         f'{list(pre.shape)}')
     if not triton_runs_on(pre):
         raise RuntimeError(f'the Triton DIDA kernels need a CUDA tensor (or TRITON_INTERPRET=1), got {pre.device}')
 
 
-@torch.library.custom_op('dida_timm::dynamic_paths', mutates_args=())
-def dynamic_paths(
-        pre: Tensor, generators: List[Tensor], height: int, width: int, stride: int, dilations: List[int],
+def _launch_forward(
+        pre: Tensor, generators: List[Tensor], height: int, width: int, stride: int, dilations: Sequence[int],
 ) -> Tuple[Tensor, Tensor]:
-    """Every dynamic path of a DIDA unit with shared reduction, from the reduction conv's output.
-
-    Args:
-        pre: The 1x1 reduction's output before its ReLU, [N, r, H * W] (contiguous).
-        generators: Per dilation `conv_kernel.weight`, `conv_kernel.bias`, `conv_k.weight`, `conv_k.bias`.
-        height: H.
-        width: W.
-        stride: Stride of the depthwise convs.
-        dilations: One per path; each path pads by dilation * (k - 1) / 2.
-
-    Returns:
-        The paths [N, paths, r, H' * W'] (in `pre`'s dtype) and the codes g [N, r] (fp32, saved for backward).
-    """
     from . import _dida_kernels
-    _check(pre, generators, dilations)
+    _check(pre, generators, height, width, dilations)
+    pre = pre.contiguous()
     n, r, _ = pre.shape
     out_height, out_width = (height - 1) // stride + 1, (width - 1) // stride + 1
     out = pre.new_empty(n, len(dilations), r, out_height * out_width)
@@ -102,21 +96,13 @@ def dynamic_paths(
     return out, code
 
 
-@dynamic_paths.register_fake
-def _(pre, generators, height, width, stride, dilations):
-    n, r, _ = pre.shape
-    out_size = ((height - 1) // stride + 1) * ((width - 1) // stride + 1)
-    return pre.new_empty(n, len(dilations), r, out_size), pre.new_empty(n, r, dtype=torch.float32)
-
-
-@torch.library.custom_op('dida_timm::dynamic_paths_backward', mutates_args=())
-def dynamic_paths_backward(
+def _launch_backward(
         grad: Tensor, pre: Tensor, code: Tensor, generators: List[Tensor], height: int, width: int, stride: int,
-        dilations: List[int],
+        dilations: Sequence[int],
 ) -> Tuple[Tensor, List[Tensor]]:
-    """Gradients of `dynamic_paths` for `pre` and the generator tensors, from the paths' gradient `grad`."""
     from . import _dida_kernels
-    _check(pre, generators, dilations)
+    _check(pre, generators, height, width, dilations)
+    pre = pre.contiguous()
     n, r, _ = pre.shape
     out_height, out_width = (height - 1) // stride + 1, (width - 1) // stride + 1
     constants = _constants(generators, stride, dilations, height * width)
@@ -135,7 +121,85 @@ def dynamic_paths_backward(
     return pre_grad, generator_grads
 
 
-@dynamic_paths_backward.register_fake
+def _op_range(name: str):
+    """A profiler range naming the launch like an operator (what the profiler shows and bench_cost counts), opened
+    only while a profiler runs: an open range costs about as much as the rest of the call."""
+    if torch.autograd.profiler._is_profiler_enabled:
+        return torch.profiler.record_function(name)
+    return contextlib.nullcontext()
+
+
+class _DynamicPaths(torch.autograd.Function):
+    """The eager form. Per call with autograd on, an autograd.Function took 7 us, the custom op's autograd wrapper
+    (which only torch.compile needs) 34 us (CPU, torch 2.14.1, trivial bodies): call overhead is what the kernels
+    are there to remove."""
+
+    @staticmethod
+    def forward(ctx, pre: Tensor, height: int, width: int, stride: int, dilations: List[int], *generators: Tensor):
+        generators = list(generators)
+        with _op_range('dida_timm::dynamic_paths'):
+            out, code = _launch_forward(pre, generators, height, width, stride, dilations)
+        ctx.shape = height, width, stride, dilations
+        ctx.save_for_backward(pre, code, *generators)
+        ctx.mark_non_differentiable(code)
+        ctx.set_materialize_grads(False)  # the codes' gradient is never used: no tensor of zeros for it
+        return out, code
+
+    @staticmethod
+    def backward(ctx, grad: Tensor, code_grad: Optional[Tensor]):
+        pre, code, *generators = ctx.saved_tensors
+        with _op_range('dida_timm::dynamic_paths_backward'):
+            pre_grad, generator_grads = _launch_backward(grad, pre, code, generators, *ctx.shape)
+        return (pre_grad, None, None, None, None, *generator_grads)
+
+
+def dynamic_paths(
+        pre: Tensor, generators: List[Tensor], height: int, width: int, stride: int, dilations: List[int],
+) -> Tensor:
+    """Every dynamic path of a DIDA unit with shared reduction, from the reduction conv's output.
+
+    Args:
+        pre: The 1x1 reduction's output before its ReLU, [N, r, H * W].
+        generators: Per dilation `conv_kernel.weight`, `conv_kernel.bias`, `conv_k.weight`, `conv_k.bias`.
+        height: H.
+        width: W.
+        stride: Stride of the depthwise convs.
+        dilations: One per path; each path pads by dilation * (k - 1) / 2.
+
+    Returns:
+        The paths [N, paths, r, H' * W'], in `pre`'s dtype.
+    """
+    if torch.compiler.is_compiling():
+        return dynamic_paths_op(pre, generators, height, width, stride, dilations)[0]
+    return _DynamicPaths.apply(pre, height, width, stride, dilations, *generators)[0]
+
+
+@torch.library.custom_op('dida_timm::dynamic_paths', mutates_args=())
+def dynamic_paths_op(
+        pre: Tensor, generators: List[Tensor], height: int, width: int, stride: int, dilations: List[int],
+) -> Tuple[Tensor, Tensor]:
+    """`dynamic_paths` as a custom op for torch.compile (opaque to it, with its shapes and autograd registered):
+    the paths and the codes g [N, r] (fp32, saved for backward)."""
+    return _launch_forward(pre, generators, height, width, stride, dilations)
+
+
+@dynamic_paths_op.register_fake
+def _(pre, generators, height, width, stride, dilations):
+    n, r, _ = pre.shape
+    out_size = ((height - 1) // stride + 1) * ((width - 1) // stride + 1)
+    return pre.new_empty(n, len(dilations), r, out_size), pre.new_empty(n, r, dtype=torch.float32)
+
+
+@torch.library.custom_op('dida_timm::dynamic_paths_backward', mutates_args=())
+def dynamic_paths_backward_op(
+        grad: Tensor, pre: Tensor, code: Tensor, generators: List[Tensor], height: int, width: int, stride: int,
+        dilations: List[int],
+) -> Tuple[Tensor, List[Tensor]]:
+    """Gradients of `dynamic_paths_op` for `pre` and the generator tensors, from the paths' gradient `grad`."""
+    return _launch_backward(grad, pre, code, generators, height, width, stride, dilations)
+
+
+@dynamic_paths_backward_op.register_fake
 def _(grad, pre, code, generators, height, width, stride, dilations):
     return torch.empty_like(pre), [torch.empty_like(g) for g in generators]
 
@@ -144,14 +208,14 @@ def _setup_context(ctx, inputs, output) -> None:
     pre, generators, ctx.height, ctx.width, ctx.stride, ctx.dilations = inputs
     ctx.save_for_backward(pre, output[1], *generators)
     ctx.mark_non_differentiable(output[1])
-    ctx.set_materialize_grads(False)  # the codes' gradient is never used: no tensor of zeros for it
+    ctx.set_materialize_grads(False)
 
 
-def _backward(ctx, grad: Tensor, code_grad: Tensor):
+def _backward(ctx, grad: Tensor, code_grad: Optional[Tensor]):
     pre, code, *generators = ctx.saved_tensors
-    pre_grad, generator_grads = dynamic_paths_backward(
+    pre_grad, generator_grads = dynamic_paths_backward_op(
         grad, pre, code, generators, ctx.height, ctx.width, ctx.stride, ctx.dilations)
     return pre_grad, generator_grads, None, None, None, None
 
 
-dynamic_paths.register_autograd(_backward, setup_context=_setup_context)
+dynamic_paths_op.register_autograd(_backward, setup_context=_setup_context)
