@@ -81,10 +81,19 @@ def test_bfloat16_autocast_stays_within_bfloat16_precision():
     fused, eager = _pair()
     x = torch.randn(4, 32, 9, 9, device=DEVICE)
     with torch.autocast(DEVICE, dtype=torch.bfloat16):
-        out = fused(x)
+        out, grads = _outputs_and_grads(fused, x)
     reference = dida_forward_per_sample(eager, x)
     assert out.dtype == torch.bfloat16
     torch.testing.assert_close(out.float(), reference, rtol=2e-2, atol=2e-2 * reference.abs().max().item())
+    # gradients: off the fp32 ones by about as much as the eager unit's under the same autocast (bf16 sums make
+    # some, e.g. the fuse bias's, 9% off for both)
+    _, grads_fp32 = _outputs_and_grads(eager, x)
+    with torch.autocast(DEVICE, dtype=torch.bfloat16):
+        _, grads_eager = _outputs_and_grads(eager, x)
+    for grad, grad_eager, grad_fp32 in zip(grads, grads_eager, grads_fp32):
+        assert grad.dtype == grad_fp32.dtype  # parameters' gradients stay fp32, the input's too
+        scale = grad_fp32.abs().max()
+        assert (grad - grad_fp32).abs().max() / scale <= 2 * (grad_eager - grad_fp32).abs().max() / scale + 1e-2
 
 
 def test_the_kernels_run_and_the_unit_runs_few_top_level_ops(triton_dida):

@@ -28,15 +28,29 @@ def _tap_offsets(
 
 
 @triton.jit
+def _generated_kernel(code, w_ptr, b_ptr, a_ptr, c_ptr, taps, taps_mask):
+    """The generator's kernel for `code`, K = a * (g * w + b) + c, as a vector of taps."""
+    return tl.load(a_ptr).to(tl.float32) * (
+        code * tl.load(w_ptr + taps, mask=taps_mask, other=0.).to(tl.float32)
+        + tl.load(b_ptr + taps, mask=taps_mask, other=0.).to(tl.float32)) + tl.load(c_ptr).to(tl.float32)
+
+
+@triton.jit
+def _program_row(pre_ptr, channels, height, width):
+    """This program's (sample, channel) row of pre [N * r, H * W]: its index, sample, channel, size and start."""
+    row = tl.program_id(0)
+    size = height * width
+    return row, row // channels, row % channels, size, pre_ptr + row.to(tl.int64) * size
+
+
+@triton.jit
 def _path_forward(
         pre_row, out_row, code, w_ptr, b_ptr, a_ptr, c_ptr, height, width, out_width, out_size,
         STRIDE: tl.constexpr, KSIZE: tl.constexpr, DILATION: tl.constexpr, TAPS: tl.constexpr, BLOCK: tl.constexpr,
 ):
     taps = tl.arange(0, TAPS)
     taps_mask = taps < KSIZE * KSIZE
-    kernel = tl.load(a_ptr).to(tl.float32) * (
-        code * tl.load(w_ptr + taps, mask=taps_mask, other=0.).to(tl.float32)
-        + tl.load(b_ptr + taps, mask=taps_mask, other=0.).to(tl.float32)) + tl.load(c_ptr).to(tl.float32)
+    kernel = _generated_kernel(code, w_ptr, b_ptr, a_ptr, c_ptr, taps, taps_mask)
     for start in range(0, out_size, BLOCK):
         position = start + tl.arange(0, BLOCK)
         offsets, inside = _tap_offsets(position, height, width, out_width, taps_mask, taps // KSIZE, taps % KSIZE,
@@ -58,11 +72,7 @@ def dynamic_paths_forward(
         BLOCK: tl.constexpr,
 ):
     """pre [N, r, H * W] -> out [N, PATHS, r, H' * W'] and the codes [N, r] (fp32)."""
-    row = tl.program_id(0)
-    sample = row // channels
-    channel = row % channels
-    size = height * width
-    pre_row = pre_ptr + row.to(tl.int64) * size
+    row, sample, channel, size, pre_row = _program_row(pre_ptr, channels, height, width)
     total = tl.zeros([BLOCK], tl.float32)
     for start in range(0, size, BLOCK):
         position = start + tl.arange(0, BLOCK)
@@ -109,9 +119,7 @@ def _path_feature_grad(
     """dL/dReLU(pre) at input `position` from one path: the transposed depthwise conv of its output gradient."""
     taps = tl.arange(0, TAPS)
     taps_mask = taps < KSIZE * KSIZE
-    kernel = tl.load(a_ptr).to(tl.float32) * (
-        code * tl.load(w_ptr + taps, mask=taps_mask, other=0.).to(tl.float32)
-        + tl.load(b_ptr + taps, mask=taps_mask, other=0.).to(tl.float32)) + tl.load(c_ptr).to(tl.float32)
+    kernel = _generated_kernel(code, w_ptr, b_ptr, a_ptr, c_ptr, taps, taps_mask)
     pad = DILATION * (KSIZE - 1) // 2
     # the output position that reads this input through tap t: (in + pad - t * dilation) / stride, when whole
     row_num = (position // width)[None, :] + pad - (taps // KSIZE)[:, None] * DILATION
@@ -134,12 +142,8 @@ def dynamic_paths_backward(
         BLOCK: tl.constexpr,
 ):
     """dL/dpre [N, r, H * W] and dL/dK per (sample, channel) [N * r, KSIZE1^2 + KSIZE2^2] from dL/dout."""
-    row = tl.program_id(0)
-    sample = row // channels
-    channel = row % channels
-    size = height * width
+    row, sample, channel, size, pre_row = _program_row(pre_ptr, channels, height, width)
     out_size = out_height * out_width
-    pre_row = pre_ptr + row.to(tl.int64) * size
     grad_row = grad_ptr + (sample.to(tl.int64) * PATHS * channels + channel) * out_size
     kernel_grad_row = kernel_grad_ptr + row.to(tl.int64) * (KSIZE1 * KSIZE1 + KSIZE2 * KSIZE2 * (PATHS - 1))
     code = tl.load(code_ptr + row)
