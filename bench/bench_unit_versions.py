@@ -41,6 +41,7 @@ def unit_class(rev: str) -> type:
     if source.returncode:
         raise SystemExit(f'--rev: git show {rev}:{path} failed: {source.stderr.strip()}')
     module = types.ModuleType(f'dida_at_{rev}')
+    module.__package__ = 'dida_timm.layers'  # its relative imports (e.g. the Triton kernels) are this checkout's
     exec(compile(source.stdout, f'{rev}:{path}', 'exec'), module.__dict__)
     return module.DidaModule
 

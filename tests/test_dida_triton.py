@@ -25,8 +25,10 @@ def triton_dida():
 def _pair(seed: int = 0, **kwargs) -> tuple:
     """The same randomised unit twice: with the kernels and eager."""
     dida_triton.set_triton_dida(True)
-    fused = _randomise(DidaModule(32, 16, reduction=4, **kwargs), seed).to(DEVICE)
-    dida_triton.set_triton_dida(False)
+    try:
+        fused = _randomise(DidaModule(32, 16, reduction=4, **kwargs), seed).to(DEVICE)
+    finally:
+        dida_triton.set_triton_dida(False)
     eager = _randomise(DidaModule(32, 16, reduction=4, **kwargs), seed).to(DEVICE)
     assert fused.use_triton and not eager.use_triton
     return fused, eager

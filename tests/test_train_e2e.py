@@ -43,6 +43,7 @@ def test_adaptation_improves_target_accuracy_over_its_source_only_start(tmp_path
                      '--source-only-epochs', '4', '--epochs', '4', '--lr', '0.05', '--experiment', 'adapt'],
                     tmp_path, data_dir)
     results = json.loads((tmp_path / 'adapt' / 'results.json').read_text())
+    assert results['dida_kernels'] == 'eager'  # no DIDA_TRITON=1
     start, final = results['source_only_start_target_accuracy'], results['last_target_accuracy']
     assert final > start + 3, f'adaptation did not help: {start:.1f} -> {final:.1f}\n{result.stdout[-2000:]}'
     assert '| source-only start | last epoch | selected | estimated, ATC (label-free) | estimated, COT (label-free) | ' \

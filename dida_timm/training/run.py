@@ -37,7 +37,8 @@ import dida_timm
 from ..data import (
     CyclingBatchSampler, DomainBalancedSampler, TransformedDataset, TwoViewDataset, create_domain_datasets,
     create_uda_transforms, holdout_split, read_class_folders, read_unlabelled_folder, test_data_config)
-from ..layers import muted_if_untrained
+from ..layers import DidaModule, muted_if_untrained
+from ..layers.dida_triton import triton_runs_on
 from ..models import static_twin_filter_fn
 from ..models.factory import create_model
 from .checkpoint import load_last_checkpoint, save_checkpoint
@@ -434,6 +435,7 @@ class Run:
             wall_seconds=sum(h.get('epoch_seconds', 0.0) for h in self.history),
             versions=dict(torch=torch.__version__, timm=timm.__version__, dida_timm=dida_timm.__version__),
             device=str(self.device), hardware=describe_hardware(self.device), command=self.command,
+            dida_kernels=_dida_kernels(self.model, self.device),
             # what the weights started from and the preprocessing they were trained and evaluated with
             pretrained_weights=_pretrained_name(a.model, self.model) if a.pretrained else None,
             init_checkpoint=a.init_checkpoint or None, test_data_config=self.test_data_config,
@@ -466,6 +468,15 @@ def _pretrained_name(spec: str, model: torch.nn.Module) -> str:
     if ':' in spec or '.' in spec or Path(spec).is_dir() or not tag:
         return spec
     return f'{spec}.{tag}'
+
+
+def _dida_kernels(model: torch.nn.Module, device: torch.device) -> Optional[str]:
+    """How the model's DIDA units ran: 'triton' (dida_timm/layers/dida_triton.py), 'eager', or None without units."""
+    units = [m for m in model.modules() if isinstance(m, DidaModule)]
+    if not units:
+        return None
+    on_triton = any(m.use_triton for m in units) and triton_runs_on(torch.empty(0, device=device))
+    return 'triton' if on_triton else 'eager'
 
 
 def describe_hardware(device: torch.device) -> str:
