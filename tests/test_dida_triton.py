@@ -1,5 +1,10 @@
 """The DIDA unit's Triton kernels (dida_timm/layers/dida_triton.py): the same function and gradients as the eager
 unit and the literal per-sample loop. Without a GPU they run in Triton's interpreter (tests/conftest.py)."""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -155,6 +160,20 @@ def test_model_with_kernels_trains_like_the_eager_model(triton_dida):
     torch.testing.assert_close(out, out_ref, rtol=1e-4, atol=1e-5)
     for grad, grad_ref in zip(grads, grads_ref):
         torch.testing.assert_close(grad, grad_ref, rtol=1e-3, atol=1e-4)
+
+
+def test_gpu_compiler_takes_every_launch(tmp_path):
+    """Triton's GPU compiler, not only its interpreter, takes the launches of several unit shapes: compiled for sm_90
+    (an H100/H200) down to a cubin with the ptxas Triton ships, in a subprocess, since a compiler crash ends its
+    process. This once caught an LLVM crash (SLP vectorizer) that the interpreted tests could not see."""
+    env = {k: v for k, v in os.environ.items() if k != 'TRITON_INTERPRET'}
+    env['TRITON_CACHE_DIR'] = str(tmp_path)  # compile afresh, not from an earlier run's cache
+    script = Path(__file__).with_name('triton_compile.py')
+    proc = subprocess.run([sys.executable, str(script), '--arch', '90'], env=env, capture_output=True, text=True,
+                          timeout=600)
+    last = proc.stdout.strip().splitlines()[-1:] or ['(nothing printed)']
+    assert proc.returncode == 0, f'exit {proc.returncode} at: {last[0]}\n{proc.stderr[-3000:]}'
+    assert last[0] == 'compiled 60 launches'
 
 
 def test_enabling_without_triton_is_refused(monkeypatch):

@@ -212,10 +212,15 @@ def generator_grads(
         PATHS: tl.constexpr, KSIZE1: tl.constexpr, TAPS1: tl.constexpr, KSIZE2: tl.constexpr, TAPS2: tl.constexpr,
         ROWS: tl.constexpr,
 ):
-    """Every path's generator gradients (one program)."""
+    """Every path's generator gradients, a program per path.
+
+    A program per path, not both paths in one program: with both paths' reductions in one function, LLVM's SLP
+    vectorizer (Triton 3.8, sm_90) crashed compiling it for a second path of 25 or more taps.
+    """
     columns = KSIZE1 * KSIZE1 + KSIZE2 * KSIZE2 * (PATHS - 1)
-    _path_generator_grads(kernel_grad_ptr, code_ptr, w1_ptr, b1_ptr, a1_ptr, w1_grad_ptr, b1_grad_ptr, a1_grad_ptr,
-                          c1_grad_ptr, rows, columns, 0, KSIZE1, TAPS1, ROWS)
-    if PATHS == 2:
+    if tl.program_id(0) == 0:
+        _path_generator_grads(kernel_grad_ptr, code_ptr, w1_ptr, b1_ptr, a1_ptr, w1_grad_ptr, b1_grad_ptr, a1_grad_ptr,
+                              c1_grad_ptr, rows, columns, 0, KSIZE1, TAPS1, ROWS)
+    else:
         _path_generator_grads(kernel_grad_ptr, code_ptr, w2_ptr, b2_ptr, a2_ptr, w2_grad_ptr, b2_grad_ptr,
                               a2_grad_ptr, c2_grad_ptr, rows, columns, KSIZE1 * KSIZE1, KSIZE2, TAPS2, ROWS)

@@ -114,7 +114,7 @@ def _launch_backward(
         r, height, width, out_height, out_width, **constants)
     generator_grads = [torch.empty_like(g) for g in generators]
     padded = _padded(generators)
-    _dida_kernels.generator_grads[(1,)](
+    _dida_kernels.generator_grads[(constants['PATHS'],)](
         kernel_grad, code, *padded[0:3], *padded[4:7], *_padded(generator_grads), n * r,
         PATHS=constants['PATHS'], KSIZE1=constants['KSIZE1'], TAPS1=constants['TAPS1'],
         KSIZE2=constants['KSIZE2'], TAPS2=constants['TAPS2'], ROWS=64)
