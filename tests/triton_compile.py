@@ -4,7 +4,8 @@ The interpreter (how the other tests run the kernels on a CPU) checks what the k
 GPU compiler accepts them: a kernel can pass every interpreted test and still fail, or crash LLVM, when it is
 compiled for a real card. This script records the launches `dida_triton` makes for a set of unit shapes (the real
 launch code, with a recorder in place of each kernel) and compiles each launch as Triton's JIT would specialise it
-(argument dtypes, 16-byte alignment, integers divisible by 16 or equal to 1) for the architectures asked.
+(argument dtypes, 16-byte alignment, integers divisible by 16 or equal to 1) for the architectures asked, and
+reads ptxas's report of each: registers a thread and bytes spilled to local memory (a spill is slow on any card).
 
 Run as a script, Triton's interpreter off (a compiler crash ends the process, not the caller):
 
@@ -13,11 +14,17 @@ Run as a script, Triton's interpreter off (a compiler crash ends the process, no
 Prints a line per launch before compiling it, so a crash names its configuration.
 """
 import argparse
+import contextlib
+import io
 import os
+import re
 import sys
-from typing import List, Sequence
+import tempfile
+from typing import List, Sequence, Tuple
 
 os.environ.pop('TRITON_INTERPRET', None)
+# a fresh cache: a cached kernel skips ptxas, and its report with it
+os.environ.setdefault('TRITON_CACHE_DIR', tempfile.mkdtemp(prefix='dida-triton-compile-'))
 
 import torch  # noqa: E402
 import triton  # noqa: E402
@@ -44,6 +51,9 @@ UNITS = (
     ((7,), (1,), 1, 14, 14, 1),
     ((7, 7), (1, 2), 1, 9, 10, 8),
 )
+
+
+_REPORTS = {}  # (source hash, arch) -> (registers, bytes spilled)
 
 
 class _Recorder:
@@ -80,8 +90,12 @@ def record_launches(kernel_sizes: Sequence[int], dilations: Sequence[int], strid
     return calls
 
 
-def compile_launch(name: str, args: tuple, constexprs: dict, arch: int):
-    """Compile one recorded launch for `arch`, each argument specialised by Triton's own rule."""
+def compile_launch(name: str, args: tuple, constexprs: dict, arch: int) -> Tuple[int, int]:
+    """Compile one recorded launch for `arch`, each argument specialised by Triton's own rule.
+
+    Returns:
+        Registers a thread and bytes of spill stores, from the report of Triton's own ptxas run.
+    """
     kernel = getattr(_dida_kernels, name)
     target = GPUTarget('cuda', arch, 32)
     backend = make_backend(target)
@@ -97,7 +111,20 @@ def compile_launch(name: str, args: tuple, constexprs: dict, arch: int):
             attrs[(kernel.arg_names.index(arg_name),)] = backend.parse_attr(spec)
         signature[arg_name] = kind
     signature = {n: signature.get(n, 'constexpr') for n in kernel.arg_names}
-    return triton.compile(ASTSource(kernel, signature, constants, attrs), target=target)
+    source = ASTSource(kernel, signature, constants, attrs)
+    key = source.hash(), arch
+    if key in _REPORTS:  # the same specialisation as an earlier launch: Triton would not compile it again
+        return _REPORTS[key]
+    report = io.StringIO()
+    triton.knobs.nvidia.dump_ptxas_log = True  # Triton prints ptxas's -v report
+    with contextlib.redirect_stdout(report):
+        triton.compile(source, target=target)
+    registers = re.search(r'Used (\d+) registers', report.getvalue())
+    spills = re.search(r'(\d+) bytes spill stores', report.getvalue())
+    if registers is None or spills is None:
+        raise RuntimeError(f'{name}: no ptxas report (a cached kernel?):\n{report.getvalue()}')
+    _REPORTS[key] = int(registers.group(1)), int(spills.group(1))
+    return _REPORTS[key]
 
 
 def main(argv: List[str] = None) -> int:
@@ -106,20 +133,24 @@ def main(argv: List[str] = None) -> int:
     parser.add_argument('--dtype', nargs='+', default=['float32', 'bfloat16'], choices=['float32', 'bfloat16',
                                                                                          'float16'])
     args = parser.parse_args(argv)
-    compiled = 0
+    compiled, spilled = 0, []
     for arch in args.arch:
         for dtype in args.dtype:
             for kernel_sizes, dilations, stride, height, width, channels in UNITS:
                 calls = record_launches(kernel_sizes, dilations, stride, height, width, channels,
                                         getattr(torch, dtype))
                 for name, launch_args, constexprs in calls:
-                    print(f'sm_{arch} {dtype} kernel sizes {kernel_sizes} dilations {dilations} stride {stride} '
-                          f'map {height}x{width} r {channels}: {name}', flush=True)
-                    compile_launch(name, launch_args, constexprs, arch)
+                    launch = (f'sm_{arch} {dtype} kernel sizes {kernel_sizes} dilations {dilations} stride {stride} '
+                              f'map {height}x{width} r {channels}: {name}')
+                    print(launch, end='', flush=True)
+                    registers, spill = compile_launch(name, launch_args, constexprs, arch)
+                    print(f': {registers} registers, {spill} bytes spilled', flush=True)
                     compiled += 1
-    print(f'compiled {compiled} launches', flush=True)
+                    if spill:
+                        spilled.append(launch)
+    print(f'compiled {compiled} launches ({len(_REPORTS)} distinct); register spills: {len(spilled) or "none"}',
+          flush=True)
     return 0
-
 
 if __name__ == '__main__':
     sys.exit(main())
