@@ -152,8 +152,12 @@ def test_folder_domains_are_the_sub_folders_and_must_be_chosen(tmp_path, capsys)
     ('bench/bench_cost.py', ['--batch-scale', '0'], '--batch-scale'),
     ('bench/bench_cost.py', ['--batch-size', '1'], '--batch-size'),
     ('bench/bench_cost.py', ['--batch-size', '2', '--batch-scale', '2'], '--batch-size'),
-    ('bench/bench_cost.py', ['--triton'], '--triton'),
-    ('bench/bench_cost.py', ['--branch-only', '--models-only'], '--branch-only'),  # on a CPU the kernels run in Triton's interpreter only
+    ('bench/bench_cost.py', ['--triton'], '--triton'),  # on a CPU the kernels run in Triton's interpreter only
+    ('bench/bench_cost.py', ['--branch-only', '--models-only'], '--branch-only'),
+    ('bench/bench_branch_parts.py', ['--reps', '2'], '--reps'),
+    ('bench/bench_branch_parts.py', ['--batch-size', '1'], '--batch-size'),
+    ('bench/bench_branch_parts.py', ['--model', 'resnet18'], '--model'),
+    ('bench/bench_branch_parts.py', ['--model', 'resnet18', '--static', 'resnet18', '--img-size', '32'], '--model'),
     ('bench/bench_unit_versions.py', ['--rev', 'HEAD', '--reps', '0'], '--reps'),
     ('bench/bench_unit_versions.py', ['--rev', 'HEAD', '--batch-size', '1'], '--batch-size'),
     ('hub/export.py', ['run', 'run', '--out', 'x', '--repo-name', 'org/name'], 'runs'),

@@ -1,10 +1,12 @@
-"""bench/bench_cost.py times equal work: the factored and loop branch steps give the same gradients."""
+"""bench/bench_cost.py times equal work: the factored and loop branch steps give the same gradients;
+bench/bench_branch_parts.py times every part of a DIDA stage."""
 import sys
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / 'bench'))
+from bench_branch_parts import main as branch_parts_main  # noqa: E402
 from bench_cost import branch_step_fn, count_top_level_ops, dynamic_conv_step_fn, ratio_with_spread  # noqa: E402
 
 from dida_timm.layers import DidaBranch  # noqa: E402
@@ -56,3 +58,10 @@ def test_ops_running_a_kernel_leave_out_views_but_not_a_reshape_that_copies():
         x.add(1)
     assert count_top_level_ops(fn) == 5
     assert count_top_level_ops(fn, views=False) == 2
+
+
+def test_branch_parts_times_each_part_of_every_dida_stage(capsys):
+    branch_parts_main(['--batch-size', '2', '--reps', '3'])
+    rows = [line.split(' | ')[0].lstrip('| ') for line in capsys.readouterr().out.splitlines() if line.startswith('| ')]
+    assert rows[1:] == ['static step', 'DIDA step', 'block3: stage', 'block3: static blocks', 'block3: branch',
+                        'block3.branch.0.dida: DIDA module', 'DIDA step - static step']
