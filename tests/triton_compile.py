@@ -38,7 +38,7 @@ KERNELS = ('dynamic_paths_forward', 'dynamic_paths_backward', 'generator_grads')
 
 # (kernel sizes, dilations, stride, height, width, reduced channels): the paper's unit (3x3 kernels, dilations 1
 # and 2) at both strides and every block size the launcher picks (maps of 9, 64 and 784 positions), then one or
-# two paths of other kernel sizes, which change the kernels' tap tiles
+# two paths of other kernel sizes, which change the kernels' tap tiles, and a 1 x 1 map of one channel
 UNITS = (
     ((3, 3), (1, 2), 1, 3, 3, 4),
     ((3, 3), (1, 2), 2, 8, 8, 8),
@@ -50,6 +50,7 @@ UNITS = (
     ((5, 5), (2, 4), 2, 14, 14, 4),
     ((7,), (1,), 1, 14, 14, 1),
     ((7, 7), (1, 2), 1, 9, 10, 8),
+    ((3, 3), (1, 2), 1, 1, 1, 1),  # every integer argument 1, which Triton compiles as a constant
 )
 
 

@@ -28,6 +28,12 @@ def _tap_offsets(
 
 
 @triton.jit
+def _relu(x):
+    """ReLU that keeps NaN, as torch's does (tl.maximum alone returns 0 for max(NaN, 0))."""
+    return tl.maximum(x, 0., propagate_nan=tl.PropagateNan.ALL)
+
+
+@triton.jit
 def _generated_kernel(code, w_ptr, b_ptr, a_ptr, c_ptr, taps, taps_mask):
     """The generator's kernel for `code`, K = a * (g * w + b) + c, as a vector of taps."""
     return tl.load(a_ptr).to(tl.float32) * (
@@ -56,7 +62,7 @@ def _path_forward(
         offsets, inside = _tap_offsets(position, height, width, out_width, taps_mask, taps // KSIZE, taps % KSIZE,
                                        STRIDE, DILATION, DILATION * (KSIZE - 1) // 2)
         inside = inside & (position < out_size)[None, :]
-        feat = tl.maximum(tl.load(pre_row + offsets, mask=inside, other=0.).to(tl.float32), 0.)
+        feat = _relu(tl.load(pre_row + offsets, mask=inside, other=0.).to(tl.float32))
         out = tl.sum(kernel[:, None] * feat, 0)
         tl.store(out_row + position, out.to(out_row.dtype.element_ty), mask=position < out_size)
 
@@ -77,13 +83,13 @@ def dynamic_paths_forward(
     for start in range(0, size, BLOCK):
         position = start + tl.arange(0, BLOCK)
         total += tl.load(pre_row + position, mask=position < size, other=0.).to(tl.float32)
-    code = tl.maximum(tl.sum(total, 0) / size, 0.)
+    code = _relu(tl.sum(total, 0) / size)
     tl.store(code_ptr + row, code)
     out_row = out_ptr + (sample.to(tl.int64) * PATHS * channels + channel) * out_size
     _path_forward(pre_row, out_row, code, w1_ptr, b1_ptr, a1_ptr, c1_ptr, height, width, out_width, out_size,
                   STRIDE, KSIZE1, DILATION1, TAPS1, BLOCK)
     if PATHS == 2:
-        _path_forward(pre_row, out_row + channels * out_size, code, w2_ptr, b2_ptr, a2_ptr, c2_ptr,
+        _path_forward(pre_row, out_row + tl.cast(channels, tl.int64) * out_size, code, w2_ptr, b2_ptr, a2_ptr, c2_ptr,
                       height, width, out_width, out_size, STRIDE, KSIZE2, DILATION2, TAPS2, BLOCK)
 
 
@@ -101,7 +107,7 @@ def _path_kernel_grad(
         offsets, inside = _tap_offsets(position, height, width, out_width, taps_mask, taps // KSIZE, taps % KSIZE,
                                        STRIDE, DILATION, DILATION * (KSIZE - 1) // 2)
         inside = inside & (position < out_size)[None, :]
-        feat = tl.maximum(tl.load(pre_row + offsets, mask=inside, other=0.).to(tl.float32), 0.)
+        feat = _relu(tl.load(pre_row + offsets, mask=inside, other=0.).to(tl.float32))
         grad = tl.load(grad_row + position, mask=position < out_size, other=0.).to(tl.float32)
         total += grad[None, :] * feat
     kernel_grad = tl.sum(total, 1)
@@ -144,27 +150,29 @@ def dynamic_paths_backward(
     """dL/dpre [N, r, H * W] and dL/dK per (sample, channel) [N * r, KSIZE1^2 + KSIZE2^2] from dL/dout."""
     row, sample, channel, size, pre_row = _program_row(pre_ptr, channels, height, width)
     out_size = out_height * out_width
+    path_stride = tl.cast(channels, tl.int64) * out_size  # int64 (either factor may be a compile-time 1)
     grad_row = grad_ptr + (sample.to(tl.int64) * PATHS * channels + channel) * out_size
     kernel_grad_row = kernel_grad_ptr + row.to(tl.int64) * (KSIZE1 * KSIZE1 + KSIZE2 * KSIZE2 * (PATHS - 1))
     code = tl.load(code_ptr + row)
     code_grad = _path_kernel_grad(pre_row, grad_row, kernel_grad_row, w1_ptr, a1_ptr, height, width, out_width,
                                   out_size, STRIDE, KSIZE1, DILATION1, TAPS1, BLOCK)
     if PATHS == 2:
-        code_grad += _path_kernel_grad(pre_row, grad_row + channels * out_size, kernel_grad_row + KSIZE1 * KSIZE1,
+        code_grad += _path_kernel_grad(pre_row, grad_row + path_stride, kernel_grad_row + KSIZE1 * KSIZE1,
                                        w2_ptr, a2_ptr, height, width, out_width, out_size,
                                        STRIDE, KSIZE2, DILATION2, TAPS2, BLOCK)
-    # g = ReLU(mean(pre)): each position gets dL/dg / (H * W) where the mean was positive (ReLU'(0) = 0, as torch)
-    pooled_grad = tl.where(code > 0., code_grad / size, 0.)
+    # g = ReLU(mean(pre)): each position gets dL/dg / (H * W) unless the mean was <= 0 (torch's ReLU backward: 0 at 0,
+    # NaN passes)
+    pooled_grad = tl.where(code <= 0., 0., code_grad / size)
     for start in range(0, size, BLOCK):
         position = start + tl.arange(0, BLOCK)
         feat_grad = _path_feature_grad(grad_row, code, w1_ptr, b1_ptr, a1_ptr, c1_ptr, position, height, width,
                                        out_height, out_width, STRIDE, KSIZE1, DILATION1, TAPS1)
         if PATHS == 2:
-            feat_grad += _path_feature_grad(grad_row + channels * out_size, code, w2_ptr, b2_ptr, a2_ptr, c2_ptr,
+            feat_grad += _path_feature_grad(grad_row + path_stride, code, w2_ptr, b2_ptr, a2_ptr, c2_ptr,
                                             position, height, width, out_height, out_width,
                                             STRIDE, KSIZE2, DILATION2, TAPS2)
         pre = tl.load(pre_row + position, mask=position < size, other=0.).to(tl.float32)
-        pre_grad = tl.where(pre > 0., feat_grad, 0.) + pooled_grad
+        pre_grad = tl.where(pre <= 0., 0., feat_grad) + pooled_grad
         tl.store(pre_grad_ptr + row.to(tl.int64) * size + position, pre_grad.to(pre_grad_ptr.dtype.element_ty),
                  mask=position < size)
 
@@ -212,10 +220,10 @@ def generator_grads(
         PATHS: tl.constexpr, KSIZE1: tl.constexpr, TAPS1: tl.constexpr, KSIZE2: tl.constexpr, TAPS2: tl.constexpr,
         ROWS: tl.constexpr,
 ):
-    """Every path's generator gradients, a program per path.
+    """Every path's generator gradients, a program per path (grid (PATHS,)).
 
-    A program per path, not both paths in one program: with both paths' reductions in one function, LLVM's SLP
-    vectorizer (Triton 3.8, sm_90) crashed compiling it for a second path of 25 or more taps.
+    Not both paths in one program: with both paths' reductions in one function, LLVM's SLP vectorizer (Triton 3.8,
+    sm_90) crashed compiling it for a second path of 25 or more taps.
     """
     columns = KSIZE1 * KSIZE1 + KSIZE2 * KSIZE2 * (PATHS - 1)
     if tl.program_id(0) == 0:

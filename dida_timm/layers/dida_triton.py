@@ -6,9 +6,10 @@ Eager on a GPU, the unit's cost is launches, not arithmetic: between its two 1x1
 each way. `dynamic_paths` does that span in one kernel forward (ReLU, pooling, code, kernel generation, every
 dilation path's depthwise conv, written in the fuse's input layout) and two backward, for the paper's unit
 (dynamic kernels from the shared reduction). It is an opt-in, like timm's fused attention: `set_triton_dida(True)`
-or the environment variable `DIDA_TRITON=1`, read when a `DidaModule` is built. Modules fall back to the eager unit
-where the kernels cannot run (a CPU tensor, TorchScript, FX tracing); with `TRITON_INTERPRET=1` Triton runs them on
-CPU tensors through its interpreter, which is how they are tested without a GPU.
+or the environment variable `DIDA_TRITON=1` (read when dida_timm is imported); either applies to the `DidaModule`s
+built from then on. Modules fall back to the eager unit where the kernels cannot run (a CPU tensor, TorchScript,
+FX and `torch.jit.trace` tracing); with `TRITON_INTERPRET=1` Triton runs them on CPU tensors through its
+interpreter, which is how they are tested without a GPU.
 
 Eager calls go through a lean autograd.Function; under torch.compile the same launches run as the custom op
 `dida_timm::dynamic_paths` (opaque to the compiler, its shapes and autograd registered).
@@ -47,9 +48,9 @@ def use_triton_dida() -> bool:
 
 
 def triton_runs_on(x: Tensor) -> bool:
-    """Whether the kernels can run on `x`: a CUDA tensor, or any tensor under Triton's interpreter (never an FX
-    proxy: a traced graph keeps the eager unit)."""
-    return _HAS_TRITON and isinstance(x, Tensor) and (x.is_cuda or _INTERPRET)
+    """Whether the kernels can run on `x`: a CUDA tensor, or any tensor under Triton's interpreter; never an FX proxy
+    nor under `torch.jit.trace` (a traced graph keeps the eager unit, which it can record and export)."""
+    return _HAS_TRITON and isinstance(x, Tensor) and (x.is_cuda or _INTERPRET) and not torch.jit.is_tracing()
 
 
 def _padded(generators: List[Tensor]) -> List[Tensor]:
@@ -112,11 +113,12 @@ def _launch_backward(
     pre_grad = torch.empty_like(pre)
     kernel_grad = pre.new_empty(n * r, sum(generators[i].numel() for i in range(0, len(generators), 4)),
                                 dtype=torch.float32)
+    padded = _padded(generators)
     _dida_kernels.dynamic_paths_backward[(n * r,)](
-        pre, grad.contiguous(), code, pre_grad, kernel_grad, *_padded(generators),
+        pre, grad.contiguous(), code, pre_grad, kernel_grad, *padded,
         r, height, width, out_height, out_width, **constants)
     generator_grads = [torch.empty_like(g) for g in generators]
-    padded = _padded(generators)
+    # 64 rows of the [N * r, taps] kernel gradients a step: [64, taps] tiles, as small as the kernels' others
     _dida_kernels.generator_grads[(constants['PATHS'],)](
         kernel_grad, code, *padded[0:3], *padded[4:7], *_padded(generator_grads), n * r,
         PATHS=constants['PATHS'], KSIZE1=constants['KSIZE1'], TAPS1=constants['TAPS1'],
@@ -127,7 +129,7 @@ def _launch_backward(
 def _op_range(name: str):
     """A profiler range naming the launch like an operator (what the profiler shows and bench_cost counts), opened
     only while a profiler runs: an open range costs about as much as the rest of the call."""
-    if torch.autograd.profiler._is_profiler_enabled:
+    if torch.autograd.profiler._is_profiler_enabled:  # private; torch.compile's runtime checks it the same way
         return torch.profiler.record_function(name)
     return contextlib.nullcontext()
 
@@ -149,6 +151,7 @@ class _DynamicPaths(torch.autograd.Function):
         return out, code
 
     @staticmethod
+    @torch.autograd.function.once_differentiable  # the kernels have no backward: a double backward is refused
     def backward(ctx, grad: Tensor, code_grad: Optional[Tensor]):
         pre, code, *generators = ctx.saved_tensors
         with _op_range('dida_timm::dynamic_paths_backward'):
@@ -204,7 +207,7 @@ def dynamic_paths_backward_op(
 
 @dynamic_paths_backward_op.register_fake
 def _(grad, pre, code, generators, height, width, stride, dilations):
-    return torch.empty_like(pre), [torch.empty_like(g) for g in generators]
+    return pre.new_empty(pre.shape), [torch.empty_like(g) for g in generators]
 
 
 def _setup_context(ctx, inputs, output) -> None:

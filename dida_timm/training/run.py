@@ -435,7 +435,7 @@ class Run:
             wall_seconds=sum(h.get('epoch_seconds', 0.0) for h in self.history),
             versions=dict(torch=torch.__version__, timm=timm.__version__, dida_timm=dida_timm.__version__),
             device=str(self.device), hardware=describe_hardware(self.device), command=self.command,
-            dida_kernels=_dida_kernels(self.model, self.device),
+            dida_kernels=_dida_unit_backend(self.model, self.device),
             # what the weights started from and the preprocessing they were trained and evaluated with
             pretrained_weights=_pretrained_name(a.model, self.model) if a.pretrained else None,
             init_checkpoint=a.init_checkpoint or None, test_data_config=self.test_data_config,
@@ -470,7 +470,7 @@ def _pretrained_name(spec: str, model: torch.nn.Module) -> str:
     return f'{spec}.{tag}'
 
 
-def _dida_kernels(model: torch.nn.Module, device: torch.device) -> Optional[str]:
+def _dida_unit_backend(model: torch.nn.Module, device: torch.device) -> Optional[str]:
     """How the model's DIDA units ran: 'triton' (dida_timm/layers/dida_triton.py), 'eager', or None without units."""
     units = [m for m in model.modules() if isinstance(m, DidaModule)]
     if not units:
