@@ -66,9 +66,11 @@ def test_kernels_equal_the_eager_unit_and_the_per_sample_loop(stride, dilations,
 
 
 @pytest.mark.parametrize('stride', [1, 2])
-def test_kernels_loop_over_maps_larger_than_one_block(stride):
-    # 24 x 24 = 576 positions: the kernels' loops over 256-position blocks run three times, the last one ragged
-    fused, eager = _pair(seed=1, stride=stride)
+@pytest.mark.parametrize('dilations, kernel_size', [((1, 2), 3), ((2, 4), (3, 5))])
+def test_kernels_loop_over_maps_larger_than_one_block(stride, dilations, kernel_size):
+    # 24 x 24 = 576 positions: the kernels' loops over blocks (256 positions at 3x3, 128 once a path has 5x5 taps)
+    # run three or five times, the last one ragged
+    fused, eager = _pair(seed=1, stride=stride, dilations=dilations, kernel_size=kernel_size)
     x = torch.randn(2, 32, 24, 24, device=DEVICE)
     out, grads = _outputs_and_grads(fused, x)
     out_ref, grads_ref = _outputs_and_grads(eager, x)
@@ -119,13 +121,15 @@ def test_bfloat16_autocast_stays_within_bfloat16_precision():
     assert checked == len(names) - 4
 
 
-def test_bfloat16_kernels_add_no_error_beyond_the_rounding_of_what_they_store():
-    """bf16 in, the kernels compute in fp32: the generators' gradients equal those of the same values in fp32, the
-    paths and the input gradient differ by their own rounding to bf16 only."""
+@pytest.mark.parametrize('dtype, step', [(torch.bfloat16, 2 ** -7), (torch.float16, 2 ** -10)])
+def test_half_precision_kernels_add_no_error_beyond_the_rounding_of_what_they_store(dtype, step):
+    """bf16 or fp16 in, the kernels compute in fp32: the generators' gradients equal those of the same values in
+    fp32, the paths and the input gradient differ by their own rounding to the half type only (one step of it at
+    most: the rounding mode of the cast may differ; the interpreter truncates to bf16)."""
     torch.manual_seed(0)
     fused, _ = _pair()
-    pre = torch.randn(4, 8, 81, device=DEVICE).bfloat16()
-    grad = torch.randn(4, 2, 8, 81, device=DEVICE).bfloat16()
+    pre = torch.randn(4, 8, 81, device=DEVICE).to(dtype)
+    grad = torch.randn(4, 2, 8, 81, device=DEVICE).to(dtype)
 
     def run(pre: torch.Tensor, grad: torch.Tensor) -> tuple:
         pre = pre.clone().requires_grad_()
@@ -136,12 +140,11 @@ def test_bfloat16_kernels_add_no_error_beyond_the_rounding_of_what_they_store():
 
     out, pre_grad, generator_grads = run(pre, grad)
     out_fp32, pre_grad_fp32, generator_grads_fp32 = run(pre.float(), grad.float())
-    assert out.dtype == pre_grad.dtype == torch.bfloat16
-    # one bf16 step (2^-7 relative) at most: the rounding mode of the cast may differ (the interpreter truncates)
-    torch.testing.assert_close(out.float(), out_fp32, rtol=2 ** -7, atol=0)
-    torch.testing.assert_close(pre_grad.float(), pre_grad_fp32, rtol=2 ** -7, atol=0)
-    for grad_bf16, grad_fp32 in zip(generator_grads, generator_grads_fp32):
-        torch.testing.assert_close(grad_bf16, grad_fp32, rtol=1e-6, atol=0)
+    assert out.dtype == pre_grad.dtype == dtype
+    torch.testing.assert_close(out.float(), out_fp32, rtol=step, atol=0)
+    torch.testing.assert_close(pre_grad.float(), pre_grad_fp32, rtol=step, atol=0)
+    for grad_half, grad_fp32 in zip(generator_grads, generator_grads_fp32):
+        torch.testing.assert_close(grad_half, grad_fp32, rtol=1e-6, atol=0)
 
 
 def test_the_kernels_run_and_the_unit_runs_few_top_level_ops(triton_dida):
@@ -217,6 +220,21 @@ def test_an_expanded_gradient_and_a_frozen_input_are_handled():
         module(x).sum().backward()
     for (name, p), p_ref in zip(fused.named_parameters(), eager.parameters()):
         torch.testing.assert_close(p.grad, p_ref.grad, rtol=1e-4, atol=1e-5, msg=lambda m: f'{name}: {m}')
+
+
+def test_frozen_generators_get_no_gradient_and_the_rest_the_same():
+    fused, eager = _pair()
+    x = torch.randn(3, 32, 6, 6, device=DEVICE)
+    for module in (fused, eager):
+        for name, p in module.named_parameters():
+            p.requires_grad_(not name.startswith('conv_k'))  # conv_kernel*, conv_k*: the generators
+            p.grad = None
+        module(x).square().sum().backward()
+    for (name, p), p_ref in zip(fused.named_parameters(), eager.parameters()):
+        if p.requires_grad:
+            torch.testing.assert_close(p.grad, p_ref.grad, rtol=1e-4, atol=1e-5, msg=lambda m: f'{name}: {m}')
+        else:
+            assert p.grad is None, name
 
 
 def test_model_with_kernels_trains_like_the_eager_model(triton_dida):

@@ -102,8 +102,8 @@ def _launch_forward(
 
 def _launch_backward(
         grad: Tensor, pre: Tensor, code: Tensor, generators: List[Tensor], height: int, width: int, stride: int,
-        dilations: Sequence[int],
-) -> Tuple[Tensor, List[Tensor]]:
+        dilations: Sequence[int], with_generator_grads: bool = True,
+) -> Tuple[Tensor, List[Optional[Tensor]]]:
     from . import _dida_kernels
     _check(pre, generators, height, width, dilations)
     pre = pre.contiguous()
@@ -117,6 +117,8 @@ def _launch_backward(
     _dida_kernels.dynamic_paths_backward[(n * r,)](
         pre, grad.contiguous(), code, pre_grad, kernel_grad, *padded,
         r, height, width, out_height, out_width, **constants)
+    if not with_generator_grads:  # frozen generators: the per-row kernel gradients were needed for dL/dg only
+        return pre_grad, [None] * len(generators)
     generator_grads = [torch.empty_like(g) for g in generators]
     # 64 rows of the [N * r, taps] kernel gradients a step: [64, taps] tiles, as small as the kernels' others
     _dida_kernels.generator_grads[(constants['PATHS'],)](
@@ -155,7 +157,8 @@ class _DynamicPaths(torch.autograd.Function):
     def backward(ctx, grad: Tensor, code_grad: Optional[Tensor]):
         pre, code, *generators = ctx.saved_tensors
         with _op_range('dida_timm::dynamic_paths_backward'):
-            pre_grad, generator_grads = _launch_backward(grad, pre, code, generators, *ctx.shape)
+            pre_grad, generator_grads = _launch_backward(grad, pre, code, generators, *ctx.shape,
+                                                         with_generator_grads=any(ctx.needs_input_grad[5:]))
         return (pre_grad, None, None, None, None, *generator_grads)
 
 
