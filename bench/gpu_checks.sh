@@ -1,16 +1,32 @@
 #!/usr/bin/env bash
-# The DIDA unit's GPU checks as one prepared script, for a lent GPU (about 8 minutes on an H200):
-#   1. the Triton kernels' tests on the GPU (the real compiler, not the CPU interpreter CI uses);
-#   2. training-step cost against the static twins, eager, with the eager unit and with the Triton kernels;
-#   3. the same compiled (torch.compile, default mode), both units.
+# The DIDA unit's GPU checks as one prepared script, for a lent GPU (about 8 minutes on an H200 by default):
+#   kernels          the Triton kernels' tests on the GPU (the real compiler and card, not the CPU interpreter CI uses)
+#   eager            training-step cost against the static twins, eager, the eager unit
+#   eager_triton     the same with the Triton kernels
+#   compiled         the same through torch.compile (default mode), the eager unit
+#   compiled_triton  the same, the Triton kernels
+#   reduce_overhead, reduce_overhead_triton   torch.compile(mode='reduce-overhead') (CUDA graphs), not run by default
 # Each step's output is kept in OUTDIR/<step>.txt, also when a later step runs out of its time limit.
 #
-#   bash bench/gpu_checks.sh OUTDIR
+#   bash bench/gpu_checks.sh OUTDIR                                   # the default steps
+#   bash bench/gpu_checks.sh OUTDIR reduce_overhead reduce_overhead_triton
 set -uo pipefail
-out=${1:?usage: bash bench/gpu_checks.sh OUTDIR}
+out=${1:?usage: bash bench/gpu_checks.sh OUTDIR [STEP ...]}
+shift
+steps=("$@")
+[ ${#steps[@]} -eq 0 ] && steps=(kernels eager eager_triton compiled compiled_triton)
+for name in "${steps[@]}"; do
+    case $name in
+        kernels|eager|eager_triton|compiled|compiled_triton|reduce_overhead|reduce_overhead_triton) ;;
+        *) echo "unknown step: $name (see the list at the top of $0)" >&2; exit 2 ;;
+    esac
+done
 mkdir -p "$out"
 export PYTHONPATH="$PWD" PYTHONUNBUFFERED=1
 python=${PYTHON:-python3}
+cost="$python bench/bench_cost.py --device cuda --depths 18 --train-depths 18 --reps 21 --models-only"
+# the kernel tests less the ahead-of-time compile test: on a GPU every kernel test compiles for the card itself
+kernel_tests=($python -m pytest -q -p no:cacheprovider tests/test_dida_triton.py -k "not gpu_compiler")
 
 step() {
     local name=$1 limit=$2
@@ -21,10 +37,14 @@ step() {
 
 $python -c 'import torch, triton, timm; print("torch", torch.__version__, "triton", triton.__version__,
             "timm", timm.__version__, torch.cuda.get_device_name())' 2>&1 | tee "$out/versions.txt"
-# (less the ahead-of-time compile test: on a GPU every kernel test compiles for the card itself)
-step kernels 150 $python -m pytest -q -p no:cacheprovider tests/test_dida_triton.py -k "not gpu_compiler"
-cost="$python bench/bench_cost.py --device cuda --depths 18 --train-depths 18 --reps 21 --models-only"
-step eager 90 $cost
-step eager_triton 90 $cost --triton
-step compiled 120 $cost --compile default
-step compiled_triton 120 $cost --compile default --triton
+for name in "${steps[@]}"; do
+    case $name in
+        kernels) step kernels 150 "${kernel_tests[@]}" ;;
+        eager) step eager 90 $cost ;;
+        eager_triton) step eager_triton 90 $cost --triton ;;
+        compiled) step compiled 120 $cost --compile default ;;
+        compiled_triton) step compiled_triton 120 $cost --compile default --triton ;;
+        reduce_overhead) step reduce_overhead 150 $cost --compile reduce-overhead ;;
+        reduce_overhead_triton) step reduce_overhead_triton 150 $cost --compile reduce-overhead --triton ;;
+    esac
+done
