@@ -15,11 +15,17 @@ out=${1:?usage: bash bench/gpu_checks.sh OUTDIR [STEP ...]}
 shift
 steps=("$@")
 [ ${#steps[@]} -eq 0 ] && steps=(kernels eager eager_triton compiled compiled_triton)
+# each cost step: its time limit and its options to bench_cost.py
+declare -A limit=([eager]=90 [eager_triton]=90 [compiled]=120 [compiled_triton]=120 [reduce_overhead]=150
+                  [reduce_overhead_triton]=150)
+declare -A options=([eager]="" [eager_triton]="--triton" [compiled]="--compile default"
+                    [compiled_triton]="--compile default --triton" [reduce_overhead]="--compile reduce-overhead"
+                    [reduce_overhead_triton]="--compile reduce-overhead --triton")
 for name in "${steps[@]}"; do
-    case $name in
-        kernels|eager|eager_triton|compiled|compiled_triton|reduce_overhead|reduce_overhead_triton) ;;
-        *) echo "unknown step: $name (see the list at the top of $0)" >&2; exit 2 ;;
-    esac
+    if [ "$name" != kernels ] && [ -z "${limit[$name]+set}" ]; then
+        echo "unknown step: $name (see the list at the top of $0)" >&2
+        exit 2
+    fi
 done
 mkdir -p "$out"
 export PYTHONPATH="$PWD" PYTHONUNBUFFERED=1
@@ -38,13 +44,9 @@ step() {
 $python -c 'import torch, triton, timm; print("torch", torch.__version__, "triton", triton.__version__,
             "timm", timm.__version__, torch.cuda.get_device_name())' 2>&1 | tee "$out/versions.txt"
 for name in "${steps[@]}"; do
-    case $name in
-        kernels) step kernels 150 "${kernel_tests[@]}" ;;
-        eager) step eager 90 $cost ;;
-        eager_triton) step eager_triton 90 $cost --triton ;;
-        compiled) step compiled 120 $cost --compile default ;;
-        compiled_triton) step compiled_triton 120 $cost --compile default --triton ;;
-        reduce_overhead) step reduce_overhead 150 $cost --compile reduce-overhead ;;
-        reduce_overhead_triton) step reduce_overhead_triton 150 $cost --compile reduce-overhead --triton ;;
-    esac
+    if [ "$name" = kernels ]; then
+        step kernels 150 "${kernel_tests[@]}"
+    else
+        step "$name" "${limit[$name]}" $cost ${options[$name]}
+    fi
 done
