@@ -42,6 +42,15 @@ def _pair(seed: int = 0, **kwargs) -> tuple:
     return fused, eager
 
 
+def _assert_same_parameter_grads(fused: DidaModule, eager: DidaModule) -> None:
+    """The `.grad` of each parameter equals the eager unit's; a frozen parameter has none."""
+    for (name, p), p_ref in zip(fused.named_parameters(), eager.parameters()):
+        if p.requires_grad:
+            torch.testing.assert_close(p.grad, p_ref.grad, rtol=1e-4, atol=1e-5, msg=lambda m: f'{name}: {m}')
+        else:
+            assert p.grad is None, name
+
+
 def _outputs_and_grads(module: DidaModule, x: torch.Tensor) -> tuple:
     x = x.clone().requires_grad_()
     out = module(x)
@@ -112,7 +121,7 @@ def test_bfloat16_autocast_stays_within_bfloat16_precision():
     checked = 0
     for name, grad, grad_eager, grad_fp32 in zip(names, grads, grads_eager, grads_fp32):
         assert grad.dtype == grad_fp32.dtype  # parameters' gradients stay fp32, the input's too
-        if name.startswith('conv_k.') or name.startswith('conv_k2.'):
+        if name.startswith(('conv_k.', 'conv_k2.')):
             continue
         scale = grad_fp32.abs().max()
         error, eager_error = (grad - grad_fp32).abs().max() / scale, (grad_eager - grad_fp32).abs().max() / scale
@@ -218,8 +227,7 @@ def test_an_expanded_gradient_and_a_frozen_input_are_handled():
     for module in (fused, eager):
         module.zero_grad()
         module(x).sum().backward()
-    for (name, p), p_ref in zip(fused.named_parameters(), eager.parameters()):
-        torch.testing.assert_close(p.grad, p_ref.grad, rtol=1e-4, atol=1e-5, msg=lambda m: f'{name}: {m}')
+    _assert_same_parameter_grads(fused, eager)
 
 
 def test_frozen_generators_get_no_gradient_and_the_rest_the_same():
@@ -230,11 +238,7 @@ def test_frozen_generators_get_no_gradient_and_the_rest_the_same():
             p.requires_grad_(not name.startswith('conv_k'))  # conv_kernel*, conv_k*: the generators
             p.grad = None
         module(x).square().sum().backward()
-    for (name, p), p_ref in zip(fused.named_parameters(), eager.parameters()):
-        if p.requires_grad:
-            torch.testing.assert_close(p.grad, p_ref.grad, rtol=1e-4, atol=1e-5, msg=lambda m: f'{name}: {m}')
-        else:
-            assert p.grad is None, name
+    _assert_same_parameter_grads(fused, eager)
 
 
 def test_model_with_kernels_trains_like_the_eager_model(triton_dida):
