@@ -1,5 +1,6 @@
 """Options that make no sense are refused where they are parsed: `error: --option: why`, exit 2."""
 import runpy
+import subprocess
 import sys
 from pathlib import Path
 
@@ -167,6 +168,14 @@ def test_folder_domains_are_the_sub_folders_and_must_be_chosen(tmp_path, capsys)
 def test_bench_and_hub_commands_refuse_what_makes_no_sense(script, argv, option, monkeypatch, capsys):
     monkeypatch.setattr(sys, 'argv', [script] + argv)
     _refused(lambda: runpy.run_path(str(REPO / script), run_name='__main__'), capsys, option)
+
+
+def test_gpu_checks_refuse_an_unknown_step_before_running_anything(tmp_path):
+    out = tmp_path / 'out'
+    proc = subprocess.run(['bash', str(REPO / 'bench/gpu_checks.sh'), str(out), 'eager', 'bogus'], cwd=REPO,
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2 and 'unknown step: bogus' in proc.stderr
+    assert not out.exists()  # nothing ran, not even the version check
 
 
 @pytest.mark.parametrize('argv, option', [
