@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from dida_timm.layers import DidaModule
+from dida_timm.layers import DidaModule, dida
 from dida_timm.layers.dida_reference import dida_forward_per_sample, literal_kernels
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / 'bench'))
@@ -78,14 +78,41 @@ def test_channels_last_input_gives_the_same_outputs_and_gradients(dynamic):
         torch.testing.assert_close(b, a)
 
 
+def test_grouped_conv_reads_channels_last_on_cpu_and_the_gpu_layout_gives_the_same_function(monkeypatch):
+    # CPU tests would otherwise never run the layout GPUs keep (channels-first, viewed without a copy)
+    module = _randomise(DidaModule(32, 16, reduction=4, stride=2))
+    x = torch.randn(3, 32, 9, 9)
+    layouts, cpu_layout = [], dida._grouped_conv_input
+
+    def spy(feat):
+        out = cpu_layout(feat)
+        layouts.append(out.is_contiguous(memory_format=torch.channels_last) and not out.is_contiguous())
+        return out
+
+    results = []
+    for layout in (spy, lambda feat: feat):
+        monkeypatch.setattr(dida, '_grouped_conv_input', layout)
+        module.zero_grad()
+        inp = x.clone().requires_grad_()
+        out = module(inp)
+        (out * torch.arange(out.numel()).view_as(out).sin()).sum().backward()
+        results.append([out.detach(), inp.grad] + [p.grad.clone() for p in module.parameters()])
+    assert layouts == [True]
+    for channels_last, channels_first in zip(*results):
+        torch.testing.assert_close(channels_first, channels_last)
+    on_meta = torch.empty(3, 8, 9, 9, device='meta')
+    assert cpu_layout(on_meta) is on_meta
+
+
 def test_forward_runs_few_aten_ops():
-    # each op is a dispatch, and each that is not a view a kernel launch on a GPU (the unit used to run 47)
+    # each op is a dispatch, and each that is not a view a kernel launch on a GPU (the unit used to run 47); on CPU
+    # one more, the copy of the features to channels-last for the grouped conv
     module = DidaModule(64, 128, reduction=16).eval()
     x = torch.randn(8, 64, 16, 16)
     with torch.no_grad():
         module(x)
-        assert count_top_level_ops(lambda: module(x)) <= 28
-        assert count_top_level_ops(lambda: module(x), views=False) <= 14
+        assert count_top_level_ops(lambda: module(x)) <= 29
+        assert count_top_level_ops(lambda: module(x), views=False) <= 15
 
 
 @pytest.mark.parametrize('in_chs, out_chs, reduction, expected', [
