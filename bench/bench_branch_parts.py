@@ -7,7 +7,9 @@ interleaved rounds as the training steps of the DIDA model and its static twin, 
 the input and every parameter, for a fixed output gradient) of each DIDA stage, its static blocks, its branch and
 each DIDA module alone, at the inputs the model's forward gives them. The step difference DIDA - static is about
 stage - blocks (the branch, the sum and the input gradient's accumulation); the branch less its modules is the
-units' norm and activation, which no formulation of the module removes.
+units' norm and activation, which no formulation of the module removes. Each DIDA module is also timed with its
+grouped conv on channels-first features (the layout it keeps on a GPU) instead of the channels-last copy it makes on
+CPU.
 
     python bench/bench_branch_parts.py                                   # dida_digitnet_compact, batch 192
     python bench/bench_branch_parts.py --model dida_resnet18 --batch-size 32 --img-size 224 --reps 15
@@ -17,13 +19,14 @@ import statistics
 import sys
 from pathlib import Path
 from typing import Callable, Dict, List
+from unittest import mock
 
 import timm
 import torch
 
 import dida_timm  # noqa: F401  registers the models
 from dida_timm.arguments import at_least, check_options
-from dida_timm.layers import DidaModule, DidaStage
+from dida_timm.layers import DidaModule, DidaStage, dida
 from dida_timm.training.run import describe_hardware
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -40,6 +43,15 @@ def backward_fn(module: torch.nn.Module, inp: torch.Tensor) -> Callable[[], None
 
     def run():
         torch.autograd.grad(module(inp), [inp] + params, grad)
+    return run
+
+
+def channels_first_conv(fn: Callable[[], None]) -> Callable[[], None]:
+    """`fn` with the DIDA module's grouped conv reading its features in the layout it gets (channels-first), as on a
+    GPU, instead of the channels-last copy it makes on CPU: the layout choice, timed."""
+    def run():
+        with mock.patch.object(dida, '_grouped_conv_input', lambda feat: feat):
+            fn()
     return run
 
 
@@ -87,6 +99,7 @@ def main(argv: List[str] = None) -> None:
             fns[f'{name}: branch'] = backward_fn(module.branch, inp)
         else:
             fns[f'{name}: DIDA module'] = backward_fn(module, inp)
+            fns[f'{name}: DIDA module, conv input channels-first'] = channels_first_conv(backward_fn(module, inp))
     times = {k: statistics.median(v) for k, v in paired_times(fns, args.reps, warmup=2).items()}
     print(f'# {args.model} vs {static_name}, batch {args.batch_size}, {args.img_size} px, {args.reps} rounds; '
           f'{describe_hardware(torch.device("cpu"))}, torch {torch.__version__}\n')

@@ -6,10 +6,10 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / 'bench'))
-from bench_branch_parts import main as branch_parts_main  # noqa: E402
+from bench_branch_parts import channels_first_conv, main as branch_parts_main  # noqa: E402
 from bench_cost import branch_step_fn, count_top_level_ops, dynamic_conv_step_fn, ratio_with_spread  # noqa: E402
 
-from dida_timm.layers import DidaBranch  # noqa: E402
+from dida_timm.layers import DidaBranch, dida  # noqa: E402
 
 
 def _grads(module: torch.nn.Module) -> dict:
@@ -63,5 +63,15 @@ def test_ops_running_a_kernel_leave_out_views_but_not_a_reshape_that_copies():
 def test_branch_parts_times_each_part_of_every_dida_stage(capsys):
     branch_parts_main(['--batch-size', '2', '--reps', '3'])
     rows = [line.split(' | ')[0].lstrip('| ') for line in capsys.readouterr().out.splitlines() if line.startswith('| ')]
+    unit = 'block3.branch.0.dida: DIDA module'
     assert rows[1:] == ['static step', 'DIDA step', 'block3: stage', 'block3: static blocks', 'block3: branch',
-                        'block3.branch.0.dida: DIDA module', 'DIDA step - static step']
+                        unit, f'{unit}, conv input channels-first', 'DIDA step - static step']
+
+
+def test_branch_parts_times_the_module_with_a_channels_first_conv_input():
+    feat = torch.randn(2, 3, 4, 4)
+    layouts = []
+    record = lambda: layouts.append(dida._grouped_conv_input(feat).is_contiguous())  # noqa: E731
+    channels_first_conv(record)()
+    record()
+    assert layouts == [True, False]
