@@ -117,9 +117,10 @@ def _weight_index(reduced_chs: int, kernel_sizes: Tuple[int, ...], steps: Tuple[
 def _grouped_conv_input(feat: torch.Tensor) -> torch.Tensor:
     """`feat` laid out for the paths' grouped conv: channels-last on CPU, as it is elsewhere.
 
-    oneDNN's grouped conv with several outputs per group is 2-2.6x faster (forward + backward, this copy of the
-    r-channel features included) on channels-last input: 1.0 vs 2.2 ms at dida_digitnet_compact's unit shapes, 6.8
-    vs 17.4 ms at dida_resnet18's first stage (2 threads, torch 2.14.1). GPUs keep the layout they were measured with.
+    oneDNN's grouped conv with several outputs per group is faster on channels-last input, this copy of the
+    r-channel features included: the whole module's forward + backward took 5.1 instead of 5.9 ms in
+    dida_digitnet_compact, 5.0 and 5.2 instead of 5.1 and 6.3 ms in dida_resnet18 (`bench/bench_branch_parts.py`, 2
+    threads, torch 2.14.1). GPUs keep the layout they were measured with.
     """
     return feat.contiguous(memory_format=torch.channels_last) if feat.is_cpu else feat
 
