@@ -271,8 +271,8 @@ class DidaModule(nn.Module):
             The paths, [N, paths, r, H' * W'] (a view of a tensor laid out [N, r, paths, H' * W'] or, on CPU,
             [N, H' * W', r, paths]).
         """
-        out = F.conv2d(_grouped_conv_input(feat), self.conv_weight(), None, self.stride, self.padding, self.conv_dilation,
-                       groups=self.reduced_chs)
+        out = F.conv2d(_grouped_conv_input(feat), self.conv_weight(), None, self.stride, self.padding,
+                       self.conv_dilation, groups=self.reduced_chs)
         # a view in either memory layout (it splits the channels and merges the rows with the columns)
         at_zero, at_one = out.view(out.shape[0], self.reduced_chs, 2, -1, out.shape[2] * out.shape[3]).unbind(2)
         return torch.lerp(at_zero, at_one, code).transpose(1, 2)
