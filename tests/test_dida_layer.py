@@ -60,21 +60,23 @@ def test_bfloat16_autocast_stays_within_bfloat16_precision(shared_reduction):
     torch.testing.assert_close(out.float(), reference, rtol=2e-2, atol=2e-2 * reference.abs().max().item())
 
 
+def _output_and_gradients(module: DidaModule, x: torch.Tensor) -> list:
+    """The module's output at `x`, then the gradients of `x` and of every parameter for a fixed weighting of it."""
+    module.zero_grad()
+    inp = x.clone(memory_format=torch.preserve_format).requires_grad_()
+    out = module(inp)
+    (out * torch.arange(out.numel()).view_as(out).sin()).sum().backward()
+    return [out.detach(), inp.grad] + [p.grad.clone() for p in module.parameters()]
+
+
 @pytest.mark.parametrize('dynamic', [True, False])
 def test_channels_last_input_gives_the_same_outputs_and_gradients(dynamic):
     # train.py --channels-last converts the model; the 1x1 matmuls read the input as [N, C, H * W]
     module = _randomise(DidaModule(32, 16, reduction=4, stride=2, dynamic=dynamic))
     x = torch.randn(3, 32, 9, 9)
-    grads = []
-    for inp in (x.clone().requires_grad_(), x.clone().to(memory_format=torch.channels_last).requires_grad_()):
-        module.zero_grad()
-        out = module(inp)
-        (out * torch.arange(out.numel()).view_as(out).sin()).sum().backward()
-        grads.append((out.detach(), inp.grad, [p.grad.clone() for p in module.parameters()]))
-    (out_a, gx_a, gp_a), (out_b, gx_b, gp_b) = grads
-    torch.testing.assert_close(out_b, out_a)
-    torch.testing.assert_close(gx_b, gx_a)
-    for a, b in zip(gp_a, gp_b):
+    channels_first = _output_and_gradients(module, x)
+    channels_last = _output_and_gradients(module, x.to(memory_format=torch.channels_last))
+    for a, b in zip(channels_first, channels_last):
         torch.testing.assert_close(b, a)
 
 
@@ -92,11 +94,7 @@ def test_grouped_conv_reads_channels_last_on_cpu_and_the_gpu_layout_gives_the_sa
     results = []
     for layout in (spy, lambda feat: feat):
         monkeypatch.setattr(dida, '_grouped_conv_input', layout)
-        module.zero_grad()
-        inp = x.clone().requires_grad_()
-        out = module(inp)
-        (out * torch.arange(out.numel()).view_as(out).sin()).sum().backward()
-        results.append([out.detach(), inp.grad] + [p.grad.clone() for p in module.parameters()])
+        results.append(_output_and_gradients(module, x))
     assert layouts == [True]
     for channels_last, channels_first in zip(*results):
         torch.testing.assert_close(channels_first, channels_last)
