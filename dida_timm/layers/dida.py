@@ -17,7 +17,7 @@ Because K is affine in g, the dynamic depthwise conv factors into static convs a
 so the forward has no loop over the batch and no batch-size-dependent groups. Every path runs in ONE grouped conv
 (per reduced channel, one output per code e in (0, 1) and path, each path's kernels embedded in a common S x S
 window) and one lerp; the two 1x1 convs run as batched matmuls, the fuse over all paths at once, which writes the
-concatenated output directly. On a GPU, everything between the two matmuls can instead run as one Triton kernel
+concatenated output directly. On a GPU, everything between the two 1x1 convs can instead run as one Triton kernel
 (opt-in, `dida_triton.py`).
 
 Parameter names (`conv`, `conv_kernel`, `conv_kernel2`, `conv_k`, `conv_k2`, `fuse`) follow the authors'
@@ -292,15 +292,31 @@ class DidaModule(nn.Module):
             tensors += [self.conv_kernel2.weight, self.conv_kernel2.bias, self.conv_k2.weight, self.conv_k2.bias]
         return tensors
 
+    @torch.jit.ignore
+    def forward_triton(self, x: torch.Tensor) -> torch.Tensor:
+        """The unit with its dynamic paths on the Triton kernels, between the two 1x1 convs.
+
+        The kernels run on GPUs (on CPU tensors only in Triton's interpreter, for tests), so the 1x1 convs are
+        plain (cuDNN) convs here: one op each way, where a batched matmul with its views takes five forward and
+        four backward. The matmuls are the eager unit's choice for the CPU (`conv1x1`).
+        """
+        pre = F.conv2d(x, self.conv.weight, self.conv.bias)
+        n, r, h, w = pre.shape
+        paths = dynamic_paths(pre.flatten(2), self.generator_tensors(), h, w, self.stride, list(self.dilations))
+        height, width = (h - 1) // self.stride + 1, (w - 1) // self.stride + 1
+        # the paths are laid out [N, paths, r, H' * W']: a batch of path-major samples, whose fused outputs are
+        # the concatenation
+        out = F.conv2d(paths.view(-1, r, height, width), self.fuse.weight, self.fuse.bias)
+        return out.view(n, -1, height, width)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not torch.jit.is_scripting():
+            if self.use_triton and triton_runs_on(x):
+                return self.forward_triton(x)
         n, c, h, w = x.shape
         pre = conv1x1(x.reshape(n, c, h * w), self.conv.weight, self.conv.bias)
         # every path pads by dilation * (k - 1) / 2, so all keep H' = ceil(H / stride)
         height, width = (h - 1) // self.stride + 1, (w - 1) // self.stride + 1
-        if not torch.jit.is_scripting():
-            if self.use_triton and triton_runs_on(pre):
-                paths = dynamic_paths(pre, self.generator_tensors(), h, w, self.stride, list(self.dilations))
-                return self.fuse_paths(paths, height, width)
         pre = pre.view(n, -1, h, w)
         feat = F.relu(pre)
         if self.dynamic:
