@@ -7,6 +7,10 @@ import torch
 # without a GPU the Triton DIDA kernels are tested through Triton's interpreter (set before they are defined)
 if importlib.util.find_spec('triton') is not None and not torch.cuda.is_available():
     os.environ.setdefault('TRITON_INTERPRET', '1')
+if torch.cuda.is_available():
+    # the tests compare fp32 results to 1e-5; cuDNN's convs would otherwise run in TF32 (10-bit mantissas) on the
+    # GPUs that have it (matmuls already default to fp32)
+    torch.backends.cudnn.allow_tf32 = False
 
 import dida_timm  # noqa: F401  registers the models with timm
 import timm
