@@ -9,10 +9,12 @@ each DIDA module alone, at the inputs the model's forward gives them. The step d
 stage - blocks (the branch, the sum and the input gradient's accumulation); the branch less its modules is the
 units' norm and activation, which no formulation of the module removes. Each DIDA module is also timed with its
 grouped conv on channels-first features (the layout it keeps on a GPU) instead of the channels-last copy it makes on
-CPU.
+CPU; with `--triton` (a CUDA device), with its 1x1s as batched matmuls (the eager unit's CPU choice) instead of
+the convs it runs around the kernels.
 
     python bench/bench_branch_parts.py                                   # dida_digitnet_compact, batch 192
     python bench/bench_branch_parts.py --model dida_resnet18 --batch-size 32 --img-size 224 --reps 15
+    python bench/bench_branch_parts.py --device cuda --triton --reps 100
 """
 import argparse
 import statistics
@@ -25,12 +27,13 @@ import timm
 import torch
 
 import dida_timm  # noqa: F401  registers the models
-from dida_timm.arguments import at_least, check_options
+from dida_timm.arguments import at_least, check_options, usable_device
 from dida_timm.layers import DidaModule, DidaStage, dida
+from dida_timm.layers.dida_triton import dynamic_paths
 from dida_timm.training.run import describe_hardware
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_cost import paired_times, train_step_fn  # noqa: E402
+from bench_cost import enable_triton_kernels, paired_times, train_step_fn  # noqa: E402
 
 
 def backward_fn(module: torch.nn.Module, inp: torch.Tensor) -> Callable[[], None]:
@@ -51,6 +54,23 @@ def channels_first_conv(fn: Callable[[], None]) -> Callable[[], None]:
     GPU, instead of the channels-last copy it makes on CPU: the layout choice, timed."""
     def run():
         with mock.patch.object(dida, '_grouped_conv_input', lambda feat: feat):
+            fn()
+    return run
+
+
+def matmul_triton_forward(module: DidaModule, x: torch.Tensor) -> torch.Tensor:
+    """`module.forward_triton` with its 1x1s as the eager unit's batched matmuls instead of convs."""
+    n, c, h, w = x.shape
+    pre = dida.conv1x1(x.reshape(n, c, h * w), module.conv.weight, module.conv.bias)
+    paths = dynamic_paths(pre, module.generator_tensors(), h, w, module.stride, list(module.dilations))
+    return module.fuse_paths(paths, (h - 1) // module.stride + 1, (w - 1) // module.stride + 1)
+
+
+def matmul_1x1s(fn: Callable[[], None]) -> Callable[[], None]:
+    """`fn` with every DIDA module on the Triton kernels running its 1x1s as batched matmuls: the GPU's choice
+    between cuDNN's 1x1 conv and cuBLAS's batched matmul at the unit's few channels, timed."""
+    def run():
+        with mock.patch.object(DidaModule, 'forward_triton', matmul_triton_forward):
             fn()
     return run
 
@@ -76,15 +96,21 @@ def main(argv: List[str] = None) -> None:
     parser.add_argument('--batch-size', type=int, default=192)
     parser.add_argument('--img-size', type=int, default=32)
     parser.add_argument('--reps', type=int, default=40)
+    parser.add_argument('--device', default='cpu')
+    parser.add_argument('--triton', action='store_true', help='DIDA units run their Triton kernels (a CUDA device)')
     args = parser.parse_args(argv)
-    check_options(parser, args, [('batch_size', at_least(2)), ('img_size', at_least(8)), ('reps', at_least(3))])
+    check_options(parser, args, [('batch_size', at_least(2)), ('img_size', at_least(8)), ('reps', at_least(3)),
+                                 ('device', usable_device)])
     if not args.model.startswith('dida_') and args.static is None:
         parser.error(f'--model: {args.model} is not a dida_ model, so name its static twin with --static')
     static_name = args.static or args.model[len('dida_'):]
+    device = torch.device(args.device)
+    if args.triton:
+        enable_triton_kernels(parser, device)
     torch.manual_seed(0)
-    dida, static = timm.create_model(args.model).train(), timm.create_model(static_name).train()
-    x = torch.randn(args.batch_size, 3, args.img_size, args.img_size)
-    y = torch.randint(0, static.num_classes, (args.batch_size,))
+    dida, static = (timm.create_model(name).to(device).train() for name in (args.model, static_name))
+    x = torch.randn(args.batch_size, 3, args.img_size, args.img_size, device=device)
+    y = torch.randint(0, static.num_classes, (args.batch_size,), device=device)
     fns = {'static step': train_step_fn(static, x, y), 'DIDA step': train_step_fn(dida, x, y)}
     inputs = stage_inputs(dida, x)
     if not inputs:
@@ -99,10 +125,14 @@ def main(argv: List[str] = None) -> None:
             fns[f'{name}: branch'] = backward_fn(module.branch, inp)
         else:
             fns[f'{name}: DIDA module'] = backward_fn(module, inp)
-            fns[f'{name}: DIDA module, conv input channels-first'] = channels_first_conv(backward_fn(module, inp))
+            if module.use_triton:
+                fns[f'{name}: DIDA module, 1x1s as batched matmuls'] = matmul_1x1s(backward_fn(module, inp))
+            elif inp.is_cpu:
+                fns[f'{name}: DIDA module, conv input channels-first'] = channels_first_conv(backward_fn(module, inp))
     times = {k: statistics.median(v) for k, v in paired_times(fns, args.reps, warmup=2).items()}
     print(f'# {args.model} vs {static_name}, batch {args.batch_size}, {args.img_size} px, {args.reps} rounds; '
-          f'{describe_hardware(torch.device("cpu"))}, torch {torch.__version__}\n')
+          f'{describe_hardware(device)}, torch {torch.__version__}'
+          f'{", DIDA units on their Triton kernels" if args.triton else ""}\n')
     print('| part (forward + backward) | ms | share of the static step |')
     print('|---|---|---|')
     base = times['static step']

@@ -40,7 +40,7 @@ import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
 import dida_timm  # noqa: F401  registers the models
-from dida_timm.arguments import at_least, check_options, distinct
+from dida_timm.arguments import at_least, check_options, distinct, usable_device
 from dida_timm.layers import DidaBranch, DidaModule, dida_triton
 from dida_timm.layers.dida_reference import dida_forward_per_sample
 from dida_timm.training.run import describe_hardware
@@ -137,6 +137,16 @@ def forward_fn(model: torch.nn.Module, x: torch.Tensor) -> Callable[[], None]:
         with torch.no_grad():
             model(x)
     return run
+
+
+def enable_triton_kernels(parser: argparse.ArgumentParser, device: torch.device, untimed: bool = False) -> None:
+    """DIDA units built from now on run their Triton kernels (`--triton`): refused unless they run on `device`, a
+    CUDA device (or any device under TRITON_INTERPRET=1, when nothing is timed)."""
+    runs = dida_triton.triton_runs_on(torch.empty(0, device=device))
+    if not runs or (device.type != 'cuda' and not untimed):
+        parser.error(f'--triton: timing the kernels needs a CUDA device, got {device} (elsewhere they run only '
+                     'under TRITON_INTERPRET=1, for op counts)')
+    dida_triton.set_triton_dida(True)
 
 
 def train_step_fn(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> Callable[[], None]:
@@ -294,8 +304,8 @@ def main():
                         help='DIDA units run their Triton kernels (a CUDA device; on a CPU, --ops-only under '
                              'TRITON_INTERPRET=1)')
     args = parser.parse_args()
-    check_options(parser, args, [('depths', distinct), ('train_depths', distinct), ('reps', at_least(1)),
-                                 ('batch_scale', at_least(1)), ('batch_size', at_least(2))])
+    check_options(parser, args, [('device', usable_device), ('depths', distinct), ('train_depths', distinct),
+                                 ('reps', at_least(1)), ('batch_scale', at_least(1)), ('batch_size', at_least(2))])
     if args.branch_only and (args.models_only or args.ops_only):
         parser.error('--branch-only: the branch timings are not part of the model table (--models-only, --ops-only)')
     if args.batch_size and args.batch_scale != 1:
@@ -307,11 +317,7 @@ def main():
     torch.manual_seed(0)
     device = torch.device(args.device)
     if args.triton:
-        runs = dida_triton.triton_runs_on(torch.empty(0, device=device))
-        if not runs or (device.type != 'cuda' and not args.ops_only):
-            parser.error(f'--triton: the kernels run on a CUDA device (on {device}: only --ops-only, under '
-                         'TRITON_INTERPRET=1)')
-        dida_triton.set_triton_dida(True)
+        enable_triton_kernels(parser, device, untimed=args.ops_only)
     compiled = f', torch.compile(mode={args.compile!r})' if args.compile else ', eager'
     compiled += ', DIDA units on their Triton kernels' if args.triton else ''
     print(f'# DIDA cost, {describe_hardware(device)}, torch {torch.__version__}, timm {timm.__version__}'

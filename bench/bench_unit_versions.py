@@ -24,7 +24,7 @@ import timm
 import torch
 
 import dida_timm  # noqa: F401  registers the models
-from dida_timm.arguments import at_least, check_options, distinct
+from dida_timm.arguments import at_least, check_options, distinct, usable_device
 from dida_timm.layers import DidaModule
 from dida_timm.training.run import describe_hardware
 
@@ -86,7 +86,8 @@ def main():
     parser.add_argument('--batch-size', type=int, default=None, help='every model at this batch (default: its own)')
     parser.add_argument('--device', default='cpu')
     args = parser.parse_args()
-    check_options(parser, args, [('models', distinct), ('reps', at_least(1)), ('batch_size', at_least(2))])
+    check_options(parser, args, [('models', distinct), ('reps', at_least(1)), ('batch_size', at_least(2)),
+                                 ('device', usable_device)])
     then_cls = unit_class(args.rev)
     torch.manual_seed(0)
     device = torch.device(args.device)

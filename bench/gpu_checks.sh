@@ -6,21 +6,24 @@
 #   compiled         the same through torch.compile (default mode), the eager unit
 #   compiled_triton  the same, the Triton kernels
 #   reduce_overhead, reduce_overhead_triton   torch.compile(mode='reduce-overhead') (CUDA graphs), not run by default
+#   parts, parts_triton   where dida_digitnet_compact's extra step time goes (bench_branch_parts.py), eager unit /
+#                         Triton kernels (the latter also with the 1x1s as batched matmuls), not run by default
 # Each step's output is kept in OUTDIR/<step>.txt, also when a later step runs out of its time limit.
 #
 #   bash bench/gpu_checks.sh OUTDIR                                   # the default steps
 #   bash bench/gpu_checks.sh OUTDIR reduce_overhead reduce_overhead_triton
+#   bash bench/gpu_checks.sh OUTDIR parts parts_triton
 set -uo pipefail
 out=${1:?usage: bash bench/gpu_checks.sh OUTDIR [STEP ...]}
 shift
 steps=("$@")
 [ ${#steps[@]} -eq 0 ] && steps=(kernels eager eager_triton compiled compiled_triton)
-# each cost step: its time limit and its options to bench_cost.py
+# each timed step: its time limit and its options to bench_cost.py (parts*: to bench_branch_parts.py)
 declare -A limit=([eager]=90 [eager_triton]=90 [compiled]=120 [compiled_triton]=120 [reduce_overhead]=150
-                  [reduce_overhead_triton]=150)
+                  [reduce_overhead_triton]=150 [parts]=60 [parts_triton]=90)
 declare -A options=([eager]="" [eager_triton]="--triton" [compiled]="--compile default"
                     [compiled_triton]="--compile default --triton" [reduce_overhead]="--compile reduce-overhead"
-                    [reduce_overhead_triton]="--compile reduce-overhead --triton")
+                    [reduce_overhead_triton]="--compile reduce-overhead --triton" [parts]="" [parts_triton]="--triton")
 for name in "${steps[@]}"; do
     if [ "$name" != kernels ] && [ -z "${limit[$name]+set}" ]; then
         echo "unknown step: $name (see the list at the top of $0)" >&2
@@ -31,6 +34,7 @@ mkdir -p "$out"
 export PYTHONPATH="$PWD" PYTHONUNBUFFERED=1
 python=${PYTHON:-python3}
 cost="$python bench/bench_cost.py --device cuda --depths 18 --train-depths 18 --reps 21 --models-only"
+parts="$python bench/bench_branch_parts.py --device cuda --reps 100"
 # the kernel tests less the ahead-of-time compile test: on a GPU every kernel test compiles for the card itself
 kernel_tests=($python -m pytest -q -p no:cacheprovider tests/test_dida_triton.py -k "not gpu_compiler")
 
@@ -46,6 +50,8 @@ $python -c 'import torch, triton, timm; print("torch", torch.__version__, "trito
 for name in "${steps[@]}"; do
     if [ "$name" = kernels ]; then
         step kernels 150 "${kernel_tests[@]}"
+    elif [[ $name == parts* ]]; then
+        step "$name" "${limit[$name]}" $parts ${options[$name]}
     else
         step "$name" "${limit[$name]}" $cost ${options[$name]}
     fi

@@ -11,9 +11,12 @@ import re
 from pathlib import Path
 from typing import Any, Callable, Dict, Optional, Sequence, Tuple
 
+import torch
 import yaml
 
-__all__ = ['Check', 'at_least', 'between', 'greater_than', 'distinct', 'hub_repo_id', 'check_options', 'config_defaults', 'option_name']
+__all__ = [
+    'Check', 'at_least', 'between', 'greater_than', 'distinct', 'hub_repo_id', 'usable_device', 'check_options',
+    'config_defaults', 'option_name']
 
 # a check returns why the value is wrong, or None when it is fine; None values (option not given) pass
 Check = Callable[[Any], Optional[str]]
@@ -73,6 +76,25 @@ def hub_repo_id(value) -> Optional[str]:
     """A Hugging Face repo id, ORG/NAME."""
     if value is not None and not re.fullmatch(r'[A-Za-z0-9][\w.-]{0,95}/[A-Za-z0-9][\w.-]{0,95}', value):
         return f'must be ORG/NAME (letters, digits, - _ .), got {value!r}'
+    return None
+
+
+def usable_device(value) -> Optional[str]:
+    """A torch device this machine has: `cpu`, or its accelerator (`cuda`, `cuda:1`, ...) with the index in range."""
+    if value is None:
+        return None
+    try:
+        device = torch.device(value)
+    except (RuntimeError, TypeError) as e:
+        return f'not a torch device: {value!r} ({e})'
+    if device.type == 'cpu':
+        return None
+    accelerator = torch.accelerator.current_accelerator() if torch.accelerator.is_available() else None
+    if accelerator is None or accelerator.type != device.type:
+        return f'no {device.type} device on this machine ({accelerator.type if accelerator else "cpu only"})'
+    count = torch.accelerator.device_count()
+    if device.index is not None and device.index >= count:
+        return f'{value}: this machine has {count} {device.type} device{"s" if count > 1 else ""}'
     return None
 
 

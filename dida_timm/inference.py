@@ -16,7 +16,7 @@ import timm
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from .arguments import at_least, check_options
+from .arguments import at_least, check_options, usable_device
 from .data import read_unlabelled_folder
 from .data.domain_dataset import READ_ERRORS, read_error_reason
 from .models._published import published_folder
@@ -101,7 +101,8 @@ def label_free_check(probs: torch.Tensor, cfg: dict) -> List[str]:
                      f'{at_training["effective_classes"]:.2f} effective and {at_training["dead_classes"]} dead classes')
         reasons = CollapseGuard(**cfg['guard']).check(dict(scores), at_training) if cfg.get('guard') else []
         for reason in reasons:
-            lines.append(f'WARNING: possible collapse on these images: {reason.replace("source-only model", "model on its training target")}')
+            reason = reason.replace('source-only model', 'model on its training target')
+            lines.append(f'WARNING: possible collapse on these images: {reason}')
     return lines
 
 
@@ -191,7 +192,7 @@ def _write_csv(path: Path, rows: List[Dict[str, object]]) -> None:
         writer.writerows(rows)
 
 
-RULES = [('batch_size', at_least(1)), ('topk', at_least(1)), ('workers', at_least(0))]
+RULES = [('batch_size', at_least(1)), ('topk', at_least(1)), ('workers', at_least(0)), ('device', usable_device)]
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

@@ -71,6 +71,8 @@ def _refused(parse, capsys, option):
     (['--source-val-fraction', '0'], '--source-val-fraction'),
     (['--target-val-fraction', '1'], '--target-val-fraction'),
     (['--val-max-images', '0'], '--val-max-images'),
+    (['--device', 'gpu'], '--device'),
+    (['--device', 'cuda:99'], '--device'),  # no GPU, or fewer than 100
 ])
 def test_train_refuses_a_value_that_makes_no_sense(argv, option, capsys):
     _refused(lambda: train.parse_args(argv), capsys, option)
@@ -155,12 +157,16 @@ def test_folder_domains_are_the_sub_folders_and_must_be_chosen(tmp_path, capsys)
     ('bench/bench_cost.py', ['--batch-size', '2', '--batch-scale', '2'], '--batch-size'),
     ('bench/bench_cost.py', ['--triton'], '--triton'),  # on a CPU the kernels run in Triton's interpreter only
     ('bench/bench_cost.py', ['--branch-only', '--models-only'], '--branch-only'),
+    ('bench/bench_cost.py', ['--device', 'cuda:99'], '--device'),
     ('bench/bench_branch_parts.py', ['--reps', '2'], '--reps'),
     ('bench/bench_branch_parts.py', ['--batch-size', '1'], '--batch-size'),
+    ('bench/bench_branch_parts.py', ['--device', 'cuda:99'], '--device'),
+    ('bench/bench_branch_parts.py', ['--triton'], '--triton'),
     ('bench/bench_branch_parts.py', ['--model', 'resnet18'], '--model'),
     ('bench/bench_branch_parts.py', ['--model', 'resnet18', '--static', 'resnet18', '--img-size', '32'], '--model'),
     ('bench/bench_unit_versions.py', ['--rev', 'HEAD', '--reps', '0'], '--reps'),
     ('bench/bench_unit_versions.py', ['--rev', 'HEAD', '--batch-size', '1'], '--batch-size'),
+    ('bench/bench_unit_versions.py', ['--rev', 'HEAD', '--device', 'cuda:99'], '--device'),
     ('hub/export.py', ['run', 'run', '--out', 'x', '--repo-name', 'org/name'], 'runs'),
     ('hub/export.py', ['run', '--out', 'x', '--repo-name', 'no-org'], '--repo-name'),
     ('hub/push.py', ['folder', '--repo-id', 'a/b/c'], '--repo-id'),
@@ -184,6 +190,7 @@ def test_gpu_checks_refuse_an_unknown_step_before_running_anything(tmp_path):
     (['--topk', '11'], '--topk'),
     (['--workers', '-1'], '--workers'),
     (['--images', 'no/such/folder'], '--images'),
+    (['--device', 'cuda:99'], '--device'),
 ])
 def test_predict_command_refuses_what_makes_no_sense(argv, option, tmp_path, capsys):
     (tmp_path / 'images').mkdir()
@@ -198,3 +205,15 @@ def test_a_target_folder_named_like_a_source_domain_is_refused(tmp_path, capsys)
     assert "named like the source domain 'mnist'" in err
     args = train.parse_args(['--target-dir', str(tmp_path / 'mnist'), '--source', 'syn_style', 'svhn_style'])
     assert args.source == ['syn_style', 'svhn_style']
+
+
+def test_a_device_is_checked_against_the_machine():
+    import torch
+    from dida_timm.arguments import usable_device
+    assert usable_device('cpu') is None and usable_device(None) is None
+    assert 'not a torch device' in usable_device('gpu')
+    if torch.cuda.is_available():
+        assert usable_device('cuda') is None and usable_device('cuda:0') is None
+        assert 'this machine has' in usable_device(f'cuda:{torch.cuda.device_count()}')
+    else:
+        assert usable_device('cuda') == 'no cuda device on this machine (cpu only)'

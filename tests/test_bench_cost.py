@@ -3,13 +3,14 @@ bench/bench_branch_parts.py times every part of a DIDA stage."""
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / 'bench'))
-from bench_branch_parts import channels_first_conv, main as branch_parts_main  # noqa: E402
+from bench_branch_parts import channels_first_conv, main as branch_parts_main, matmul_1x1s  # noqa: E402
 from bench_cost import branch_step_fn, count_top_level_ops, dynamic_conv_step_fn, ratio_with_spread  # noqa: E402
 
-from dida_timm.layers import DidaBranch, dida  # noqa: E402
+from dida_timm.layers import DidaBranch, DidaModule, dida, dida_triton  # noqa: E402
 
 
 def _grads(module: torch.nn.Module) -> dict:
@@ -75,3 +76,25 @@ def test_branch_parts_times_the_module_with_a_channels_first_conv_input():
     channels_first_conv(record)()
     record()
     assert layouts == [True, False]
+
+
+def test_branch_parts_times_the_triton_unit_with_matmul_1x1s():
+    if not dida_triton.triton_runs_on(torch.empty(0)):
+        pytest.skip('the kernels run on CPU tensors only under TRITON_INTERPRET=1 (set by conftest when triton exists)')
+    dida_triton.set_triton_dida(True)
+    try:
+        module = DidaModule(32, 16, reduction=4)
+    finally:
+        dida_triton.set_triton_dida(False)
+    x = torch.randn(2, 32, 6, 6)
+    outputs, names = [], []
+
+    def run():
+        with torch.profiler.profile() as prof:
+            outputs.append(module(x))
+        names.append({e.name for e in prof.events()})
+    matmul_1x1s(run)()
+    run()
+    assert 'aten::baddbmm' in names[0] and 'aten::baddbmm' not in names[1]
+    assert all('dida_timm::dynamic_paths' in n for n in names)  # both on the kernels
+    torch.testing.assert_close(outputs[0], outputs[1], rtol=1e-5, atol=1e-5)

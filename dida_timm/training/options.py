@@ -10,7 +10,7 @@ import torch
 import yaml
 from timm.data import rand_augment_transform
 
-from ..arguments import at_least, between, check_options, config_defaults, distinct, greater_than
+from ..arguments import at_least, between, check_options, config_defaults, distinct, greater_than, usable_device
 from ..data import DATASETS, dataset_domains, default_domains
 from ..data.transforms import FIXMATCH_RAND_AUGMENT
 from ..models.factory import create_model
@@ -125,7 +125,8 @@ def build_parser() -> argparse.ArgumentParser:
 OPTION_RULES = [
     ('offline_train_size', at_least(10)), ('offline_test_size', at_least(10)), ('workers', at_least(0)),
     ('source', distinct), ('source_val_fraction', between(0, 1, high_open=True, low_open=True)),
-    ('target_val_fraction', between(0, 1, high_open=True, low_open=True)), ('val_max_images', at_least(1)), ('input_size', at_least(1)),
+    ('target_val_fraction', between(0, 1, high_open=True, low_open=True)), ('val_max_images', at_least(1)),
+    ('input_size', at_least(1)),
     ('threshold', between(0, 1)), ('unlabelled_weight', at_least(0)), ('source_only_epochs', at_least(0)),
     ('translate', between(0, 1)), ('cutout', at_least(0)),
     ('epochs', at_least(1)), ('batch_size', at_least(1)), ('lr', at_least(0)), ('new_lr_scale', at_least(0)),
@@ -134,6 +135,7 @@ OPTION_RULES = [
     ('clip_grad', greater_than(0)), ('ema_decay', between(0, 1, high_open=True)),
     ('dist_timeout', greater_than(0)), ('seed', at_least(0)),
     ('keep_checkpoints', at_least(1)), ('eval_batch_size', at_least(1)), ('tsne_per_domain', at_least(0)),
+    ('device', usable_device),
 ]
 
 
