@@ -19,7 +19,7 @@ def _refused(parse, capsys, option):
         parse()
     err = capsys.readouterr().err
     assert exit_info.value.code == 2, err
-    assert f'error: {option}: ' in err, err
+    assert f'error: {option}: ' in err or f'error: argument {option}: ' in err, err  # ours, or argparse's own
     return err
 
 
@@ -72,6 +72,11 @@ def _refused(parse, capsys, option):
     (['--target-val-fraction', '1'], '--target-val-fraction'),
     (['--val-max-images', '0'], '--val-max-images'),
     (['--device', 'gpu'], '--device'),
+    (['--opt', 'no_such_optimizer'], '--opt'),
+    (['--opt', 'sgd', '--opt-betas', '0.9', '0.99'], '--opt-betas'),  # timm would drop them silently
+    (['--opt', 'lookahead_sgd', '--opt-betas', '0.9', '0.99'], '--opt-betas'),
+    (['--sched', 'plateau'], '--sched'),  # steps on a per-epoch metric, not per update
+    (['--sched', 'none'], '--sched'),  # would drop the branch's lr scale
     (['--device', 'cuda:99'], '--device'),  # no GPU, or fewer than 100
 ])
 def test_train_refuses_a_value_that_makes_no_sense(argv, option, capsys):

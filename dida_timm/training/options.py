@@ -9,6 +9,9 @@ from pathlib import Path
 import torch
 import yaml
 from timm.data import rand_augment_transform
+from timm.optim import create_optimizer_v2, get_optimizer_info
+from timm.scheduler import create_scheduler_v2
+from timm.scheduler.scheduler import Scheduler
 
 from ..arguments import at_least, between, check_options, config_defaults, distinct, greater_than, usable_device
 from ..data import DATASETS, dataset_domains, default_domains
@@ -17,7 +20,11 @@ from ..models.factory import create_model
 from ..inference import smallest_input_size
 from .selection import ATC_SCORES, RULES
 
-__all__ = ['build_parser', 'check_args', 'parse_args']
+__all__ = ['build_parser', 'check_args', 'create_optimizer', 'create_scheduler', 'parse_args']
+
+# timm's schedules that step per update, as the training loop does: not 'plateau' (a per-epoch metric) nor 'none'
+# (no warm-up, and no per-group lr scale: the branch and classifier would silently train at the backbone's rate)
+SCHEDULES = ('cosine', 'tanh', 'step', 'multistep', 'constant', 'poly', 'wsd', 'rsqrt')
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -89,13 +96,14 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group('optimisation')
     g.add_argument('--epochs', type=int, default=10)
     g.add_argument('--batch-size', type=int, default=32, help='per source domain and for the target, per process')
-    g.add_argument('--opt', default='sgd')
+    g.add_argument('--opt', default='sgd', help='a timm optimizer name (timm.optim.list_optimizers())')
     g.add_argument('--lr', type=float, default=0.05, help='backbone learning rate')
     g.add_argument('--new-lr-scale', type=float, default=1.0, help='learning-rate multiplier of branch + classifier')
     g.add_argument('--momentum', type=float, default=0.9)
     g.add_argument('--opt-betas', type=float, nargs=2, default=None)
     g.add_argument('--weight-decay', type=float, default=5e-4)
-    g.add_argument('--sched', default='cosine')
+    g.add_argument('--sched', default='cosine', choices=SCHEDULES,
+                   help='a timm schedule, stepped every update (\'constant\': warm-up and lr scales, no decay)')
     g.add_argument('--warmup-epochs', type=int, default=0)
     g.add_argument('--min-lr', type=float, default=0.0)
     g.add_argument('--clip-grad', type=float, default=None)
@@ -137,6 +145,34 @@ OPTION_RULES = [
     ('keep_checkpoints', at_least(1)), ('eval_batch_size', at_least(1)), ('tsne_per_domain', at_least(0)),
     ('device', usable_device),
 ]
+
+
+def create_optimizer(params, args: argparse.Namespace) -> torch.optim.Optimizer:
+    """The optimizer --opt names, with the run's --lr, --weight-decay, --momentum and --opt-betas."""
+    kwargs = dict(betas=tuple(args.opt_betas)) if args.opt_betas else {}
+    return create_optimizer_v2(params, args.opt, lr=args.lr, weight_decay=args.weight_decay, momentum=args.momentum,
+                               **kwargs)
+
+
+def create_scheduler(optimizer: torch.optim.Optimizer, args: argparse.Namespace, epochs: int,
+                     updates_per_epoch: int) -> Scheduler:
+    """The --sched schedule over `epochs` (one phase), with --warmup-epochs and --min-lr, stepped every update."""
+    scheduler, _ = create_scheduler_v2(optimizer, args.sched, num_epochs=epochs, warmup_epochs=args.warmup_epochs,
+                                       min_lr=args.min_lr, updates_per_epoch=updates_per_epoch, step_on_epochs=False)
+    return scheduler
+
+
+def _check_optimisation(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
+    """Build the optimizer and schedule on a stand-in parameter: a wrong name or option combination stops the
+    command now, naming the option, instead of after the data are prepared."""
+    try:
+        optimizer = create_optimizer([torch.nn.Parameter(torch.zeros(1))], args)
+    except (ValueError, TypeError, ImportError, AssertionError) as e:
+        parser.error(f'--opt: {args.opt!r}: {e}')
+    # timm drops betas an optimizer does not take (its name's last part, after a 'lookahead_' prefix)
+    if args.opt_betas and not get_optimizer_info(args.opt.lower().split('_')[-1]).has_betas:
+        parser.error(f'--opt-betas: {args.opt} takes no betas (Adam-like optimizers do), got {args.opt_betas}')
+    create_scheduler(optimizer, args, max(args.epochs, args.source_only_epochs or 0), 1)
 
 
 def check_args(args: argparse.Namespace, parser: argparse.ArgumentParser) -> argparse.Namespace:
@@ -207,6 +243,7 @@ def check_args(args: argparse.Namespace, parser: argparse.ArgumentParser) -> arg
                      'pseudo-labels in the same pass as the strong views)')
     if args.min_lr > args.lr:
         parser.error(f'--min-lr: {args.min_lr} is above --lr {args.lr}')
+    _check_optimisation(args, parser)
     if args.rand_augment and args.rand_augment != FIXMATCH_RAND_AUGMENT:
         try:
             rand_augment_transform(args.rand_augment, {})

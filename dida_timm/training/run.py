@@ -28,8 +28,6 @@ import timm
 import torch
 import yaml
 from timm.models import load_checkpoint
-from timm.optim import create_optimizer_v2
-from timm.scheduler import create_scheduler_v2
 from timm.utils import ModelEmaV3
 from torch.utils.data import ConcatDataset, DataLoader
 
@@ -47,7 +45,7 @@ from .evaluation import evaluate, extract_features
 from .label_free import LabelFreeMonitor
 from .loop import MultiViewModel, NonFiniteLossError, train_one_epoch
 from .mixstyle import MixStyle, attach_mixstyle
-from .options import parse_args
+from .options import create_optimizer, create_scheduler, parse_args
 from .param_groups import uda_param_groups
 from .report import write_report
 from .selection import LABEL_FREE_KEYS, Selection
@@ -221,13 +219,8 @@ class Run:
 
     def _optimizer(self, epochs: int):
         a = self.args
-        kwargs = dict(betas=tuple(a.opt_betas)) if a.opt_betas else {}
-        groups = uda_param_groups(self.model, a.new_lr_scale, a.weight_decay)
-        optimizer = create_optimizer_v2(groups, a.opt, lr=a.lr, weight_decay=a.weight_decay, momentum=a.momentum,
-                                        **kwargs)
-        scheduler, _ = create_scheduler_v2(optimizer, a.sched, num_epochs=epochs, warmup_epochs=a.warmup_epochs,
-                                           min_lr=a.min_lr, updates_per_epoch=self.steps_per_epoch,
-                                           step_on_epochs=False)
+        optimizer = create_optimizer(uda_param_groups(self.model, a.new_lr_scale, a.weight_decay), a)
+        scheduler = create_scheduler(optimizer, a, epochs, self.steps_per_epoch)
         scheduler.step_update(0)  # apply lr_scale before the first step
         return optimizer, scheduler
 
