@@ -72,6 +72,7 @@ def _refused(parse, capsys, option):
     (['--target-val-fraction', '1'], '--target-val-fraction'),
     (['--val-max-images', '0'], '--val-max-images'),
     (['--device', 'gpu'], '--device'),
+    (['--mixstyle-after', 'no_such_module'], '--mixstyle-after'),
     (['--opt', 'no_such_optimizer'], '--opt'),
     (['--opt', 'sgd', '--opt-betas', '0.9', '0.99'], '--opt-betas'),  # timm would drop them silently
     (['--opt', 'lookahead_sgd', '--opt-betas', '0.9', '0.99'], '--opt-betas'),

@@ -223,6 +223,12 @@ def check_args(args: argparse.Namespace, parser: argparse.ArgumentParser) -> arg
         model = create_model(args.model, **args.model_kwargs)
     except (RuntimeError, ValueError, TypeError, FileNotFoundError, AssertionError) as e:
         parser.error(f'--model: {args.model}{f" with {args.model_kwargs}" if args.model_kwargs else ""}: {e}')
+    if args.mixstyle_after:
+        try:
+            model.get_submodule(args.mixstyle_after)
+        except AttributeError:
+            parser.error(f'--mixstyle-after: {args.model} has no module {args.mixstyle_after!r} (e.g. '
+                         f'{", ".join(name for name, _ in model.named_children())})')
     default_size = model.pretrained_cfg['input_size'][-1]
     size = args.input_size or default_size
     smallest = smallest_input_size(model)
