@@ -5,7 +5,9 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
+from dida_timm.arguments import usable_device
 from dida_timm.data import default_domains
 from dida_timm.inference import main as predict_main
 
@@ -214,8 +216,6 @@ def test_a_target_folder_named_like_a_source_domain_is_refused(tmp_path, capsys)
 
 
 def test_a_device_is_checked_against_the_machine():
-    import torch
-    from dida_timm.arguments import usable_device
     assert usable_device('cpu') is None and usable_device(None) is None
     assert 'not a torch device' in usable_device('gpu')
     if torch.cuda.is_available():
