@@ -227,8 +227,8 @@ def check_args(args: argparse.Namespace, parser: argparse.ArgumentParser) -> arg
         try:
             model.get_submodule(args.mixstyle_after)
         except AttributeError:
-            parser.error(f'--mixstyle-after: {args.model} has no module {args.mixstyle_after!r} (e.g. '
-                         f'{", ".join(name for name, _ in model.named_children())})')
+            parser.error(f'--mixstyle-after: {args.model} has no such module: {args.mixstyle_after!r} (its top-level '
+                         f'modules: {", ".join(name for name, _ in model.named_children())})')
     default_size = model.pretrained_cfg['input_size'][-1]
     size = args.input_size or default_size
     smallest = smallest_input_size(model)
