@@ -1,6 +1,7 @@
 """End-to-end runs of train/train.py on small offline data: adaptation helps, resume is exact, DDP works."""
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -9,8 +10,10 @@ from pathlib import Path
 
 import pytest
 import safetensors.torch
+import timm
 import torch
 
+import dida_timm  # noqa: F401  registers the models
 from dida_timm.layers import is_branch_parameter
 
 REPO = Path(__file__).resolve().parents[1]
@@ -59,6 +62,22 @@ def test_adaptation_improves_target_accuracy_over_its_source_only_start(tmp_path
 
 def _weights(folder: Path):
     return safetensors.torch.load_file(str(folder / 'model.safetensors'))
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(shutil.which('g++') is None, reason='inductor compiles C++ on CPU')
+def test_compiled_run_saves_and_resumes_the_plain_model(tmp_path, data_dir):
+    # torch.compile wraps the model: what is saved (checkpoints, the exported weights) must be the plain model's
+    # state dict, which a compiled resume loads back
+    common = ['--source', 'mnist', '--target', 'syn_style', '--compile', '--tsne-per-domain', '0',
+              '--experiment', 'compiled']
+    _train(common + ['--epochs', '1'], tmp_path, data_dir)
+    result = _train(common + ['--epochs', '2', '--resume'], tmp_path, data_dir)
+    assert 'resumed from' in result.stdout
+    model = timm.create_model('dida_digitnet_compact')
+    model.load_state_dict(_weights(tmp_path / 'compiled'), strict=True)
+    history = json.loads((tmp_path / 'compiled' / 'results.json').read_text())['history']
+    assert [h['epoch'] for h in history] == [0, 1, 2]  # 0: the start, evaluated before adapting
 
 
 @pytest.mark.slow
