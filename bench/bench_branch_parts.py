@@ -29,7 +29,7 @@ import torch
 import dida_timm  # noqa: F401  registers the models
 from dida_timm.arguments import at_least, check_options, usable_device
 from dida_timm.layers import DidaModule, DidaStage, dida
-from dida_timm.layers.dida_triton import dynamic_paths
+from dida_timm.layers.dida_triton import dynamic_paths, output_size
 from dida_timm.training.run import describe_hardware
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -63,7 +63,7 @@ def matmul_triton_forward(module: DidaModule, x: torch.Tensor) -> torch.Tensor:
     n, c, h, w = x.shape
     pre = dida.conv1x1(x.reshape(n, c, h * w), module.conv.weight, module.conv.bias)
     paths = dynamic_paths(pre, module.generator_tensors(), h, w, module.stride, list(module.dilations))
-    return module.fuse_paths(paths, (h - 1) // module.stride + 1, (w - 1) // module.stride + 1)
+    return module.fuse_paths(paths, *output_size(h, w, module.stride))
 
 
 def matmul_1x1s(fn: Callable[[], None]) -> Callable[[], None]:

@@ -32,7 +32,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .dida_triton import dynamic_paths, triton_runs_on, use_triton_dida
+from .dida_triton import dynamic_paths, output_size, triton_runs_on, use_triton_dida
 
 __all__ = ['DidaModule', 'kernel_basis']
 
@@ -303,7 +303,7 @@ class DidaModule(nn.Module):
         pre = F.conv2d(x, self.conv.weight, self.conv.bias)
         n, r, h, w = pre.shape
         paths = dynamic_paths(pre.flatten(2), self.generator_tensors(), h, w, self.stride, list(self.dilations))
-        height, width = (h - 1) // self.stride + 1, (w - 1) // self.stride + 1
+        height, width = output_size(h, w, self.stride)
         # the paths are laid out [N, paths, r, H' * W']: a batch of path-major samples, whose fused outputs are
         # the concatenation
         out = F.conv2d(paths.view(-1, r, height, width), self.fuse.weight, self.fuse.bias)
@@ -315,8 +315,7 @@ class DidaModule(nn.Module):
                 return self.forward_triton(x)
         n, c, h, w = x.shape
         pre = conv1x1(x.reshape(n, c, h * w), self.conv.weight, self.conv.bias)
-        # every path pads by dilation * (k - 1) / 2, so all keep H' = ceil(H / stride)
-        height, width = (h - 1) // self.stride + 1, (w - 1) // self.stride + 1
+        height, width = output_size(h, w, self.stride)
         pre = pre.view(n, -1, h, w)
         feat = F.relu(pre)
         if self.dynamic:

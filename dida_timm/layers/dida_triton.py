@@ -53,6 +53,11 @@ def triton_runs_on(x: Tensor) -> bool:
     return _HAS_TRITON and isinstance(x, Tensor) and (x.is_cuda or _INTERPRET) and not torch.jit.is_tracing()
 
 
+def output_size(height: int, width: int, stride: int) -> Tuple[int, int]:
+    """The paths' map size H', W' = ceil(H / stride), ceil(W / stride): each path pads by dilation * (k - 1) / 2."""
+    return (height - 1) // stride + 1, (width - 1) // stride + 1
+
+
 def _padded(generators: List[Tensor]) -> List[Tensor]:
     """The kernels take two paths' generator parameters: a one-path unit passes its own twice (never read)."""
     return generators if len(generators) == 8 else generators * 2
@@ -91,7 +96,7 @@ def _launch_forward(
     _check(pre, generators, height, width, dilations)
     pre = pre.contiguous()
     n, r, _ = pre.shape
-    out_height, out_width = (height - 1) // stride + 1, (width - 1) // stride + 1
+    out_height, out_width = output_size(height, width, stride)
     out = pre.new_empty(n, len(dilations), r, out_height * out_width)
     code = pre.new_empty(n, r, dtype=torch.float32)
     _dida_kernels.dynamic_paths_forward[(n * r,)](
@@ -108,7 +113,7 @@ def _launch_backward(
     _check(pre, generators, height, width, dilations)
     pre = pre.contiguous()
     n, r, _ = pre.shape
-    out_height, out_width = (height - 1) // stride + 1, (width - 1) // stride + 1
+    out_height, out_width = output_size(height, width, stride)
     constants = _constants(generators, stride, dilations, height * width)
     pre_grad = torch.empty_like(pre)
     kernel_grad = pre.new_empty(n * r, sum(generators[i].numel() for i in range(0, len(generators), 4)),
@@ -195,8 +200,8 @@ def dynamic_paths_op(
 @dynamic_paths_op.register_fake
 def _(pre, generators, height, width, stride, dilations):
     n, r, _ = pre.shape
-    out_size = ((height - 1) // stride + 1) * ((width - 1) // stride + 1)
-    return pre.new_empty(n, len(dilations), r, out_size), pre.new_empty(n, r, dtype=torch.float32)
+    out_height, out_width = output_size(height, width, stride)
+    return pre.new_empty(n, len(dilations), r, out_height * out_width), pre.new_empty(n, r, dtype=torch.float32)
 
 
 @torch.library.custom_op('dida_timm::dynamic_paths_backward', mutates_args=())

@@ -6,7 +6,7 @@ DIDA-Net uses it in its single-source settings (after layer1 of ResNet-50, after
 import torch
 import torch.nn as nn
 
-__all__ = ['MixStyle', 'attach_mixstyle']
+__all__ = ['MixStyle', 'attach_mixstyle', 'mixstyle_target']
 
 
 class MixStyle(nn.Module):
@@ -48,15 +48,21 @@ class _MixStyleHook:
         return self.mixstyle(output)
 
 
+def mixstyle_target(model: nn.Module, module_name: str) -> nn.Module:
+    """`model.<module_name>`, the module whose output MixStyle mixes; a ValueError naming the choices if none."""
+    try:
+        return model.get_submodule(module_name)
+    except AttributeError as e:
+        raise ValueError(f'{type(model).__name__} has no such module: {module_name!r} (its top-level modules: '
+                         f'{", ".join(name for name, _ in model.named_children())})') from e
+
+
 def attach_mixstyle(model: nn.Module, module_name: str, mixstyle: MixStyle) -> None:
     """Apply `mixstyle` to the output of `model.<module_name>` through a forward hook.
 
     The MixStyle module is registered on the model (as `mixstyle`) so that `model.train()` / `model.eval()`
     switch it; it has no parameters, so checkpoints are unchanged.
     """
-    try:
-        target = model.get_submodule(module_name)
-    except AttributeError as e:
-        raise ValueError(f'--mixstyle-after {module_name!r}: the model has no such module') from e
+    target = mixstyle_target(model, module_name)
     model.add_module('mixstyle', mixstyle)
     target.register_forward_hook(_MixStyleHook(mixstyle))

@@ -18,6 +18,7 @@ from ..data import DATASETS, dataset_domains, default_domains
 from ..data.transforms import FIXMATCH_RAND_AUGMENT
 from ..models.factory import create_model
 from ..inference import smallest_input_size
+from .mixstyle import mixstyle_target
 from .selection import ATC_SCORES, RULES
 
 __all__ = ['build_parser', 'check_args', 'create_optimizer', 'create_scheduler', 'parse_args']
@@ -162,17 +163,16 @@ def create_scheduler(optimizer: torch.optim.Optimizer, args: argparse.Namespace,
     return scheduler
 
 
-def _check_optimisation(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
-    """Build the optimizer and schedule on a stand-in parameter: a wrong name or option combination stops the
-    command now, naming the option, instead of after the data are prepared."""
+def _check_optimiser(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
+    """Build the optimizer on a stand-in parameter: a wrong name or option combination stops the command now,
+    naming the option, instead of after the data are prepared (--sched is checked by its choices)."""
     try:
-        optimizer = create_optimizer([torch.nn.Parameter(torch.zeros(1))], args)
+        create_optimizer([torch.nn.Parameter(torch.zeros(1))], args)
     except (ValueError, TypeError, ImportError, AssertionError) as e:
         parser.error(f'--opt: {args.opt!r}: {e}')
     # timm drops betas an optimizer does not take (its name's last part, after a 'lookahead_' prefix)
     if args.opt_betas and not get_optimizer_info(args.opt.lower().split('_')[-1]).has_betas:
         parser.error(f'--opt-betas: {args.opt} takes no betas (Adam-like optimizers do), got {args.opt_betas}')
-    create_scheduler(optimizer, args, max(args.epochs, args.source_only_epochs or 0), 1)
 
 
 def check_args(args: argparse.Namespace, parser: argparse.ArgumentParser) -> argparse.Namespace:
@@ -225,10 +225,9 @@ def check_args(args: argparse.Namespace, parser: argparse.ArgumentParser) -> arg
         parser.error(f'--model: {args.model}{f" with {args.model_kwargs}" if args.model_kwargs else ""}: {e}')
     if args.mixstyle_after:
         try:
-            model.get_submodule(args.mixstyle_after)
-        except AttributeError:
-            parser.error(f'--mixstyle-after: {args.model} has no such module: {args.mixstyle_after!r} (its top-level '
-                         f'modules: {", ".join(name for name, _ in model.named_children())})')
+            mixstyle_target(model, args.mixstyle_after)
+        except ValueError as e:
+            parser.error(f'--mixstyle-after: {e}')
     default_size = model.pretrained_cfg['input_size'][-1]
     size = args.input_size or default_size
     smallest = smallest_input_size(model)
@@ -249,7 +248,7 @@ def check_args(args: argparse.Namespace, parser: argparse.ArgumentParser) -> arg
                      'pseudo-labels in the same pass as the strong views)')
     if args.min_lr > args.lr:
         parser.error(f'--min-lr: {args.min_lr} is above --lr {args.lr}')
-    _check_optimisation(args, parser)
+    _check_optimiser(args, parser)
     if args.rand_augment and args.rand_augment != FIXMATCH_RAND_AUGMENT:
         try:
             rand_augment_transform(args.rand_augment, {})
