@@ -9,8 +9,8 @@ each DIDA module alone, at the inputs the model's forward gives them. The step d
 stage - blocks (the branch, the sum and the input gradient's accumulation); the branch less its modules is the
 units' norm and activation, which no formulation of the module removes. Each DIDA module is also timed with its
 grouped conv on channels-first features (the layout it keeps on a GPU) instead of the channels-last copy it makes on
-CPU; with `--triton` (a CUDA device), with its 1x1s as batched matmuls (the eager unit's CPU choice) instead of
-the convs it runs around the kernels.
+CPU; on a GPU, with its 1x1s as batched matmuls (their CPU form) instead of convs, eager unit and Triton
+kernels alike.
 
     python bench/bench_branch_parts.py                                   # dida_digitnet_compact, batch 192
     python bench/bench_branch_parts.py --model dida_resnet18 --batch-size 32 --img-size 224 --reps 15
@@ -59,18 +59,19 @@ def channels_first_conv(fn: Callable[[], None]) -> Callable[[], None]:
 
 
 def matmul_triton_forward(module: DidaModule, x: torch.Tensor) -> torch.Tensor:
-    """`module.forward_triton` with its 1x1s as the eager unit's batched matmuls instead of convs."""
-    n, c, h, w = x.shape
-    pre = dida.conv1x1(x.reshape(n, c, h * w), module.conv.weight, module.conv.bias)
-    paths = dynamic_paths(pre, module.generator_tensors(), h, w, module.stride, list(module.dilations))
+    """`module.forward_triton` with its 1x1s as batched matmuls (the fuse's under `matmul_1x1s`)."""
+    pre = dida.pointwise_matmul(x, module.conv.weight, module.conv.bias)
+    h, w = pre.shape[2:]
+    paths = dynamic_paths(pre.flatten(2), module.generator_tensors(), h, w, module.stride, list(module.dilations))
     return module.fuse_paths(paths, *output_size(h, w, module.stride))
 
 
 def matmul_1x1s(fn: Callable[[], None]) -> Callable[[], None]:
-    """`fn` with every DIDA module on the Triton kernels running its 1x1s as batched matmuls: the GPU's choice
-    between cuDNN's 1x1 conv and cuBLAS's batched matmul at the unit's few channels, timed."""
+    """`fn` with every DIDA module running its 1x1s as batched matmuls, eager unit and Triton kernels alike: the
+    GPU's choice between cuDNN's 1x1 conv and cuBLAS's batched matmul at the unit's few channels, timed."""
     def run():
-        with mock.patch.object(DidaModule, 'forward_triton', matmul_triton_forward):
+        with mock.patch.object(dida, 'pointwise_conv', dida.pointwise_matmul), \
+                mock.patch.object(DidaModule, 'forward_triton', matmul_triton_forward):
             fn()
     return run
 
@@ -125,10 +126,10 @@ def main(argv: List[str] = None) -> None:
             fns[f'{name}: branch'] = backward_fn(module.branch, inp)
         else:
             fns[f'{name}: DIDA module'] = backward_fn(module, inp)
-            if module.use_triton:
-                fns[f'{name}: DIDA module, 1x1s as batched matmuls'] = matmul_1x1s(backward_fn(module, inp))
-            elif inp.is_cpu:
+            if inp.is_cpu:
                 fns[f'{name}: DIDA module, conv input channels-first'] = channels_first_conv(backward_fn(module, inp))
+            else:
+                fns[f'{name}: DIDA module, 1x1s as batched matmuls'] = matmul_1x1s(backward_fn(module, inp))
     times = {k: statistics.median(v) for k, v in paired_times(fns, args.reps, warmup=2).items()}
     print(f'# {args.model} vs {static_name}, batch {args.batch_size}, {args.img_size} px, {args.reps} rounds; '
           f'{describe_hardware(device)}, torch {torch.__version__}'

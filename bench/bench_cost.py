@@ -22,6 +22,7 @@ ratios carry the quartiles of the per-round ratios in brackets, [q1, q3], to sho
     python bench/bench_cost.py --device cuda --depths 18 --compile reduce-overhead   # CUDA graphs, no launches
     python bench/bench_cost.py --device cuda --depths 18 --triton     # the unit's Triton kernels (eager)
     TRITON_INTERPRET=1 python bench/bench_cost.py --ops-only --triton  # their op counts, on a CPU
+    python bench/bench_cost.py --ops-only --device meta     # the ops a GPU's eager forward dispatches, without one
 
 On a GPU at these batch sizes the eager ratios are mostly Python and kernel-launch overhead (the branch is many
 small ops); `--batch-scale` and `--compile` (every contender compiled alike) show how much, and on a CPU
@@ -284,13 +285,24 @@ def print_model_table(
               flush=True)
 
 
-def main():
+def counting_device(ops_only: bool) -> Callable[[str], Optional[str]]:
+    """The `--device` check: a device of this machine, or `meta` when only ops are counted."""
+    def check(value: str) -> Optional[str]:
+        if value == 'meta':
+            return None if ops_only else 'meta tensors have no data: they only count ops (--ops-only)'
+        return usable_device(value)
+    return check
+
+
+def main(argv: Optional[List[str]] = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument('--depths', type=int, nargs='+', default=[18, 34, 50, 101, 152], choices=RESNET_DEPTHS)
     parser.add_argument('--train-depths', type=int, nargs='+', default=[18, 50], choices=RESNET_DEPTHS,
                         help='ResNet depths (among --depths) whose training step is timed (the digit nets always are)')
     parser.add_argument('--reps', type=int, default=7)
-    parser.add_argument('--device', default='cpu')
+    parser.add_argument('--device', default='cpu',
+                        help='cpu, an accelerator; or meta with --ops-only: tensors without data, so the ops of an '
+                             'off-CPU eager forward (the DIDA unit\'s GPU forms) counted on any machine')
     parser.add_argument('--branch-only', action='store_true', help='only the factored-vs-loop branch timings (4.)')
     parser.add_argument('--models-only', action='store_true', help='only the model table (1.-3.)')
     parser.add_argument('--batch-scale', type=int, default=1, help='multiply the model table\'s batch sizes')
@@ -303,24 +315,27 @@ def main():
     parser.add_argument('--triton', action='store_true',
                         help='DIDA units run their Triton kernels (a CUDA device; on a CPU, --ops-only under '
                              'TRITON_INTERPRET=1)')
-    args = parser.parse_args()
-    check_options(parser, args, [('device', usable_device), ('depths', distinct), ('train_depths', distinct),
-                                 ('reps', at_least(1)), ('batch_scale', at_least(1)), ('batch_size', at_least(2))])
+    args = parser.parse_args(argv)
+    check_options(parser, args, [('device', counting_device(args.ops_only)), ('depths', distinct),
+                                 ('train_depths', distinct), ('reps', at_least(1)), ('batch_scale', at_least(1)), ('batch_size', at_least(2))])
     if args.branch_only and (args.models_only or args.ops_only):
         parser.error('--branch-only: the branch timings are not part of the model table (--models-only, --ops-only)')
     if args.batch_size and args.batch_scale != 1:
         parser.error('--batch-size: sets every batch, so --batch-scale cannot scale them too')
     untimed = [d for d in args.train_depths if d not in args.depths]
-    if untimed and not args.branch_only:
+    if untimed and not (args.branch_only or args.ops_only):
         parser.error(f'--train-depths: {untimed} not among --depths {args.depths}, so never timed')
     warmup = 3 if args.compile else 1
     torch.manual_seed(0)
     device = torch.device(args.device)
     if args.triton:
+        if device.type == 'meta':
+            parser.error('--triton: the kernels do not run on the meta device')
         enable_triton_kernels(parser, device, untimed=args.ops_only)
     compiled = f', torch.compile(mode={args.compile!r})' if args.compile else ', eager'
     compiled += ', DIDA units on their Triton kernels' if args.triton else ''
-    print(f'# DIDA cost, {describe_hardware(device)}, torch {torch.__version__}, timm {timm.__version__}'
+    hardware = 'meta device (op counts, no data)' if device.type == 'meta' else describe_hardware(device)
+    print(f'# DIDA cost, {hardware}, torch {torch.__version__}, timm {timm.__version__}'
           f'{compiled}\n')
 
     if not args.branch_only:

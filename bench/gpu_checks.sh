@@ -7,7 +7,7 @@
 #   compiled_triton  the same, the Triton kernels
 #   reduce_overhead, reduce_overhead_triton   torch.compile(mode='reduce-overhead') (CUDA graphs), not run by default
 #   parts, parts_triton   where dida_digitnet_compact's extra step time goes (bench_branch_parts.py), eager unit /
-#                         Triton kernels (the latter also with the 1x1s as batched matmuls), not run by default
+#                         Triton kernels, each also with its 1x1s as batched matmuls, not run by default
 # Each step's output is kept in OUTDIR/<step>.txt, also when a later step runs out of its time limit.
 #
 #   bash bench/gpu_checks.sh OUTDIR                                   # the default steps

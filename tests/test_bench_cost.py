@@ -9,6 +9,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / 'bench'))
 from bench_branch_parts import channels_first_conv, main as branch_parts_main, matmul_1x1s  # noqa: E402
 from bench_cost import branch_step_fn, count_top_level_ops, dynamic_conv_step_fn, ratio_with_spread  # noqa: E402
+from bench_cost import main as cost_main  # noqa: E402
 
 from dida_timm.layers import DidaBranch, DidaModule, dida, dida_triton  # noqa: E402
 
@@ -59,6 +60,20 @@ def test_ops_running_a_kernel_leave_out_views_but_not_a_reshape_that_copies():
         x.add(1)
     assert count_top_level_ops(fn) == 5
     assert count_top_level_ops(fn, views=False) == 2
+
+
+def test_op_counts_on_the_meta_device_are_the_gpu_forms(capsys):
+    # no data on meta tensors, so only counting is allowed; the counts are those of the unit's off-CPU forms
+    with pytest.raises(SystemExit):
+        cost_main(['--models-only', '--device', 'meta'])
+    assert '--device: meta tensors have no data' in capsys.readouterr().err
+    per_unit = {}
+    for device in ('cpu', 'meta'):
+        cost_main(['--ops-only', '--depths', '18', '--device', device])
+        row = next(line for line in capsys.readouterr().out.splitlines() if line.startswith('| dida_resnet18 '))
+        per_unit[device] = [float(v) for v in row.split('|')[3].split('(')[0].split('/')]
+    # the 1x1s as one conv each, not a batched matmul and its views; no channels-last copy
+    assert per_unit['meta'][0] <= per_unit['cpu'][0] - 8 and per_unit['meta'][1] == per_unit['cpu'][1] - 1
 
 
 def test_branch_parts_times_each_part_of_every_dida_stage(capsys):

@@ -4,6 +4,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from dida_timm.layers import DidaModule, dida
 from dida_timm.layers.dida_reference import dida_forward_per_sample, literal_kernels
@@ -80,11 +81,12 @@ def test_channels_last_input_gives_the_same_outputs_and_gradients(dynamic):
         torch.testing.assert_close(b, a)
 
 
-def test_grouped_conv_reads_channels_last_on_cpu_and_the_gpu_layout_gives_the_same_function(monkeypatch):
-    # CPU tests would otherwise never run the layout GPUs keep (channels-first, viewed without a copy)
+def test_cpu_and_gpu_forms_of_the_unit_give_the_same_function(monkeypatch):
+    # CPU tests would otherwise never run the forms GPUs run: the grouped conv on channels-first features (viewed
+    # without a copy) and the 1x1s as convs, not batched matmuls
     module = _randomise(DidaModule(32, 16, reduction=4, stride=2))
     x = torch.randn(3, 32, 9, 9)
-    layouts, cpu_layout = [], dida._grouped_conv_input
+    layouts, cpu_layout, cpu_pointwise = [], dida._grouped_conv_input, dida.pointwise_conv
 
     def spy(feat):
         out = cpu_layout(feat)
@@ -92,25 +94,34 @@ def test_grouped_conv_reads_channels_last_on_cpu_and_the_gpu_layout_gives_the_sa
         return out
 
     results = []
-    for layout in (spy, lambda feat: feat):
+    for layout, pointwise in ((spy, cpu_pointwise), (lambda feat: feat, lambda x, w, b: F.conv2d(x, w, b))):
         monkeypatch.setattr(dida, '_grouped_conv_input', layout)
+        monkeypatch.setattr(dida, 'pointwise_conv', pointwise)
         results.append(_output_and_gradients(module, x))
     assert layouts == [True]
-    for channels_last, channels_first in zip(*results):
-        torch.testing.assert_close(channels_first, channels_last)
+    for cpu_form, gpu_form in zip(*results):
+        torch.testing.assert_close(gpu_form, cpu_form)
+    # the real functions take the GPU forms off CPU
     on_meta = torch.empty(3, 8, 9, 9, device='meta')
     assert cpu_layout(on_meta) is on_meta
+    feats, weight, bias = torch.randn(3, 8, 9, 9), torch.randn(4, 8, 1, 1), torch.randn(4)
+    for device, op in (('cpu', 'aten::baddbmm'), ('meta', 'aten::conv2d')):
+        with torch.profiler.profile() as prof:
+            cpu_pointwise(feats.to(device), weight.to(device), bias.to(device))
+        assert op in {e.name for e in prof.events()}
 
 
-def test_forward_runs_few_aten_ops():
-    # each op is a dispatch, and each that is not a view a kernel launch on a GPU (the unit used to run 47); on CPU
-    # one more, the copy of the features to channels-last for the grouped conv
-    module = DidaModule(64, 128, reduction=16).eval()
-    x = torch.randn(8, 64, 16, 16)
+@pytest.mark.parametrize('device, ops, kernel_ops', [('cpu', 31, 12), ('meta', 20, 11)])
+def test_forward_runs_few_aten_ops(device, ops, kernel_ops):
+    # each op is a dispatch, and each that is not a view a kernel launch on a GPU (the unit used to run 47). Off CPU
+    # (meta tensors: no data, the same dispatches) the 1x1s are one conv each; on CPU each is a batched matmul and
+    # its views, and the features get a channels-last copy for the grouped conv
+    module = DidaModule(64, 128, reduction=16).eval().to(device)
+    x = torch.randn(8, 64, 16, 16, device=device)
     with torch.no_grad():
         module(x)
-        assert count_top_level_ops(lambda: module(x)) <= 29
-        assert count_top_level_ops(lambda: module(x), views=False) <= 15
+        assert count_top_level_ops(lambda: module(x)) <= ops
+        assert count_top_level_ops(lambda: module(x), views=False) <= kernel_ops
 
 
 @pytest.mark.parametrize('in_chs, out_chs, reduction, expected', [

@@ -12,12 +12,12 @@ conv, once per dilation; the dilation outputs are concatenated.
 
 Because K is affine in g, the dynamic depthwise conv factors into static convs and a per-(sample, channel) blend:
 
-    O[n, j] = lerp(K(0) * F[n, j], K(1) * F[n, j], g[n, j]),    K(e) = the generator's kernel for code e
+    O[n, j] = v * F[n, j] + g[n, j] * (u * F[n, j])
 
 so the forward has no loop over the batch and no batch-size-dependent groups. Every path runs in ONE grouped conv
-(per reduced channel, one output per code e in (0, 1) and path, each path's kernels embedded in a common S x S
-window) and one lerp; the two 1x1 convs run as batched matmuls, the fuse over all paths at once, which writes the
-concatenated output directly. On a GPU, everything between the two 1x1 convs can instead run as one Triton kernel
+(per reduced channel, one output per basis kernel v, u and path, each path's kernels embedded in a common S x S
+window, the whole weight gathered from the generator parameters in one op) and one multiply-add; the fuse runs on
+all paths at once and writes the concatenated output directly. The two 1x1 convs are batched matmuls on CPU. On a GPU, everything between the two 1x1 convs can instead run as one Triton kernel
 (opt-in, `dida_triton.py`).
 
 Parameter names (`conv`, `conv_kernel`, `conv_kernel2`, `conv_k`, `conv_k2`, `fuse`) follow the authors'
@@ -70,47 +70,59 @@ def kernel_basis(
     return u, v
 
 
-def generator_kernels(
-        codes: torch.Tensor,
-        kernel_weight: torch.Tensor,
-        kernel_bias: Optional[torch.Tensor],
-        scale_weight: torch.Tensor,
-        scale_bias: Optional[torch.Tensor],
-) -> torch.Tensor:
-    """Run a generator (1 -> k*k conv, then scalar affine) on codes [1, 1, B, 1]: kernels [1, 1, B, k*k].
+@torch.fx.wrap  # an FX graph calls it, so the form follows the device the graph runs on
+def pointwise_conv(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
+    """A 1x1 conv with bias (`weight` [O, C, 1, 1], `bias` [O]) of `x` [B, C, H, W]: [B, O, H, W].
 
-    Elementwise, not through the two 1x1 convs: on CPU a conv on so small an input is mostly call overhead (forward +
-    backward of the kernel table took 0.13 ms this way, 0.34 ms with the convs).
+    On CPU one batched matmul (`pointwise_matmul`); elsewhere `F.conv2d`, one dispatch where the matmul and its views
+    take five: eager on a GPU, the unit's cost is dispatches.
     """
-    assert kernel_bias is not None and scale_bias is not None  # the generator convs always have biases
-    return torch.addcmul(scale_bias, torch.addcmul(kernel_bias, codes, kernel_weight.view(-1)), scale_weight)
+    if x.is_cpu:
+        return pointwise_matmul(x, weight, bias)
+    return F.conv2d(x, weight, bias)
 
 
-def conv1x1(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
-    """A 1x1 conv with bias (`weight` [O, C, 1, 1], `bias` [O]) of `x` [B, C, L] as one batched matmul: [B, O, L].
+def pointwise_matmul(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
+    """`pointwise_conv` as one batched matmul, its CPU form.
 
     The branch's 1x1 convs have few input (fuse: C/16) or output (reduce: C/16) channels, where oneDNN's conv is at
     its slowest: at the branch shapes of dida_digitnet_compact and dida_resnet18 (CPU, 2 threads, torch 2.14.1) this
     matmul took 0.33-0.97 of the conv's forward + backward time, 0.4 of it at batch 2 (per-call overhead).
     """
     assert bias is not None  # the module's 1x1 convs always have biases
-    return torch.baddbmm(bias.view(1, -1, 1), weight.view(1, weight.shape[0], -1).expand(x.shape[0], -1, -1), x)
+    n, c, h, w = x.shape
+    out = torch.baddbmm(
+        bias.view(1, -1, 1), weight.view(1, weight.shape[0], -1).expand(n, -1, -1), x.reshape(n, c, h * w))
+    return out.view(n, -1, h, w)
+
+
+@torch.fx.wrap  # FX would trace the parameters' `dim()` into control flow
+def _generator_vector(generators: List[torch.Tensor], zero: torch.Tensor) -> torch.Tensor:
+    """Every path's generator parameters (w, b, a, c, as `DidaModule.generator_tensors` lists them) and a zero, in one
+    flat vector."""
+    return torch.cat([t if t.dim() == 1 else t.view(-1) for t in generators] + [zero])
 
 
 def _weight_index(reduced_chs: int, kernel_sizes: Tuple[int, ...], steps: Tuple[int, ...], window: int) -> torch.Tensor:
-    """Where each entry of the grouped conv weight [r * 2 * paths, 1, S, S] is taken from in the flattened
-    [2, sum(k*k) + 1] table of generated kernels (row e: code e, one column per tap, a last column of zeros)."""
-    columns = sum(k * k for k in kernel_sizes) + 1
-    index = torch.full((2, len(kernel_sizes), window, window), columns - 1, dtype=torch.long)
+    """Where the factors x, y and the term z of each entry x * y + z of the grouped conv weight [r * 2 * paths, 1, S, S]
+    are taken from in `_generator_vector`: [3, r * 2 * paths, 1, S, S].
+
+    Output channel (j, e, p) holds, in path p's taps, v = a * b + c for e = 0 and u = a * w for e = 1 (the generator's
+    K(g) = a * (g * w + b) + c = g * u + v); zeros elsewhere in the window.
+    """
+    zero = sum(2 * k * k + 2 for k in kernel_sizes)
+    index = torch.full((3, 2, len(kernel_sizes), window, window), zero, dtype=torch.long)
     first = 0
     for path, (k, step) in enumerate(zip(kernel_sizes, steps)):
-        offset = (window - step * (k - 1) - 1) // 2
-        taps = torch.arange(first, first + k * k).view(k, k)
-        for e in range(2):
-            index[e, path, offset:offset + step * (k - 1) + 1:step, offset:offset + step * (k - 1) + 1:step] = \
-                taps + e * columns
-        first += k * k
-    return index.view(1, -1, window, window).expand(reduced_chs, -1, -1, -1).reshape(-1, 1, window, window)
+        taps = torch.arange(k * k).view(k, k)
+        scale, shift = first + 2 * k * k, first + 2 * k * k + 1
+        window_taps = slice((window - step * (k - 1) - 1) // 2, None, step)
+        for e, (factor, term) in enumerate([(first + k * k + taps, shift), (first + taps, zero)]):
+            for i, value in enumerate((scale, factor, term)):
+                index[i, e, path, window_taps, window_taps][:k, :k] = value
+        first += 2 * k * k + 2
+    index = index.view(3, 1, -1, window, window).expand(-1, reduced_chs, -1, -1, -1)
+    return index.reshape(3, -1, 1, window, window)
 
 
 @torch.fx.wrap  # an FX graph calls it, so the layout follows the device the graph runs on
@@ -208,8 +220,8 @@ class DidaModule(nn.Module):
             steps = tuple(d // self.conv_dilation for d in dilations)
             window = max(s * (k - 1) + 1 for s, k in zip(steps, kernel_sizes))
             self.padding = self.conv_dilation * (window - 1) // 2
-            # codes 0 and 1, where the generators are run (not state: not saved, cast with the module)
-            self.register_buffer('codes', torch.tensor([0., 1.], **dd).view(1, 1, 2, 1), persistent=False)
+            # fills the window outside each path's taps (not state: not saved, cast with the module)
+            self.register_buffer('zero', torch.zeros(1, **dd), persistent=False)
             self.register_buffer('weight_index', _weight_index(r, kernel_sizes, steps, window).to(dd['device']),
                                  persistent=False)
 
@@ -249,16 +261,13 @@ class DidaModule(nn.Module):
     def conv_weight(self) -> torch.Tensor:
         """The weight of the one grouped conv that runs every path: [r * 2 * paths, 1, S, S].
 
-        Output channel (j, e, p) of group j holds K_p(e), the kernel path p generates for code e in (0, 1), embedded
-        in the common S x S window (dilation `conv_dilation`); since K is affine in g, K(g) = lerp(K(0), K(1), g).
+        Output channel (j, e, p) of group j holds path p's kernel basis, v_p for e = 0 and u_p for e = 1 (the kernel
+        of code g is g * u_p + v_p), embedded in the common S x S window (dilation `conv_dilation`). Built as one
+        gather and one multiply-add of the generator parameters, whatever the number of paths.
         """
-        kernels = [generator_kernels(
-            self.codes, self.conv_kernel.weight, self.conv_kernel.bias, self.conv_k.weight, self.conv_k.bias)]
-        if self.two_paths:
-            kernels.append(generator_kernels(
-                self.codes, self.conv_kernel2.weight, self.conv_kernel2.bias, self.conv_k2.weight, self.conv_k2.bias))
-        # the last column, codes[0] = 0, fills the window outside each path's taps
-        return torch.take(torch.cat(kernels + [self.codes], 3), self.weight_index)
+        factors = torch.take(_generator_vector(self.generator_tensors(), self.zero), self.weight_index)
+        scale, factor, term = factors.unbind(0)
+        return torch.addcmul(term, scale, factor)
 
     def dynamic_conv(self, feat: torch.Tensor, code: torch.Tensor) -> torch.Tensor:
         """Per-sample depthwise conv of `feat` [N, r, H, W] on every path, in factored form.
@@ -274,31 +283,34 @@ class DidaModule(nn.Module):
         out = F.conv2d(_grouped_conv_input(feat), self.conv_weight(), None, self.stride, self.padding,
                        self.conv_dilation, groups=self.reduced_chs)
         # a view in either memory layout (it splits the channels and merges the rows with the columns)
-        at_zero, at_one = out.view(out.shape[0], self.reduced_chs, 2, -1, out.shape[2] * out.shape[3]).unbind(2)
-        return torch.lerp(at_zero, at_one, code).transpose(1, 2)
+        shift, slope = out.view(out.shape[0], self.reduced_chs, 2, -1, out.shape[2] * out.shape[3]).unbind(2)
+        return torch.addcmul(shift, slope, code).transpose(1, 2)
 
     def fuse_paths(self, paths: torch.Tensor, height: int, width: int) -> torch.Tensor:
         """The shared `fuse` conv on every path, concatenated: [N, paths, r, H' * W' or H', W'] -> [N, P, H', W']."""
         n, num_paths, r = paths.shape[:3]
-        # path-major rows (at most a copy of the r-channel input, never of the P-channel output) make the matmul's
+        # path-major rows (at most a copy of the r-channel input, never of the P-channel output) make the conv's
         # result the concatenation of the paths
-        out = conv1x1(paths.reshape(n * num_paths, r, height * width), self.fuse.weight, self.fuse.bias)
+        out = pointwise_conv(paths.reshape(n * num_paths, r, height, width), self.fuse.weight, self.fuse.bias)
         return out.view(n, -1, height, width)
 
     def generator_tensors(self) -> List[torch.Tensor]:
         """Per dilation the generator's `conv_kernel.weight`, `conv_kernel.bias`, `conv_k.weight`, `conv_k.bias`."""
-        tensors = [self.conv_kernel.weight, self.conv_kernel.bias, self.conv_k.weight, self.conv_k.bias]
+        kernel_bias, scale_bias = self.conv_kernel.bias, self.conv_k.bias
+        assert kernel_bias is not None and scale_bias is not None  # the generator convs always have biases
+        tensors = [self.conv_kernel.weight, kernel_bias, self.conv_k.weight, scale_bias]
         if self.two_paths:
-            tensors += [self.conv_kernel2.weight, self.conv_kernel2.bias, self.conv_k2.weight, self.conv_k2.bias]
+            kernel_bias, scale_bias = self.conv_kernel2.bias, self.conv_k2.bias
+            assert kernel_bias is not None and scale_bias is not None
+            tensors += [self.conv_kernel2.weight, kernel_bias, self.conv_k2.weight, scale_bias]
         return tensors
 
     @torch.jit.ignore
     def forward_triton(self, x: torch.Tensor) -> torch.Tensor:
         """The unit with its dynamic paths on the Triton kernels, between the two 1x1 convs.
 
-        The kernels run on GPUs (on CPU tensors only in Triton's interpreter, for tests), so the 1x1 convs are
-        plain (cuDNN) convs here: one op each way, where a batched matmul with its views takes five forward and
-        four backward. The matmuls are the eager unit's choice for the CPU (`conv1x1`).
+        The kernels run on GPUs, so the 1x1s are plain (cuDNN) convs here, as `pointwise_conv` runs them off CPU;
+        called directly, so that tests on CPU tensors (Triton's interpreter) run the GPU's ops.
         """
         pre = F.conv2d(x, self.conv.weight, self.conv.bias)
         n, r, h, w = pre.shape
@@ -313,10 +325,8 @@ class DidaModule(nn.Module):
         if not torch.jit.is_scripting():
             if self.use_triton and triton_runs_on(x):
                 return self.forward_triton(x)
-        n, c, h, w = x.shape
-        pre = conv1x1(x.reshape(n, c, h * w), self.conv.weight, self.conv.bias)
-        height, width = output_size(h, w, self.stride)
-        pre = pre.view(n, -1, h, w)
+        pre = pointwise_conv(x, self.conv.weight, self.conv.bias)
+        height, width = output_size(x.shape[2], x.shape[3], self.stride)
         feat = F.relu(pre)
         if self.dynamic:
             if self.shared_reduction:
