@@ -126,7 +126,7 @@ def main(argv: List[str] = None) -> None:
             fns[f'{name}: branch'] = backward_fn(module.branch, inp)
         else:
             fns[f'{name}: DIDA module'] = backward_fn(module, inp)
-            if inp.is_cpu:
+            if inp.is_cpu and not module.use_triton:
                 fns[f'{name}: DIDA module, conv input channels-first'] = channels_first_conv(backward_fn(module, inp))
             else:
                 fns[f'{name}: DIDA module, 1x1s as batched matmuls'] = matmul_1x1s(backward_fn(module, inp))

@@ -317,7 +317,8 @@ def main(argv: Optional[List[str]] = None) -> None:
                              'TRITON_INTERPRET=1)')
     args = parser.parse_args(argv)
     check_options(parser, args, [('device', counting_device(args.ops_only)), ('depths', distinct),
-                                 ('train_depths', distinct), ('reps', at_least(1)), ('batch_scale', at_least(1)), ('batch_size', at_least(2))])
+                                 ('train_depths', distinct), ('reps', at_least(1)), ('batch_scale', at_least(1)),
+                                 ('batch_size', at_least(2))])
     if args.branch_only and (args.models_only or args.ops_only):
         parser.error('--branch-only: the branch timings are not part of the model table (--models-only, --ops-only)')
     if args.batch_size and args.batch_scale != 1:

@@ -4,7 +4,6 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from dida_timm.layers import DidaModule, dida
 from dida_timm.layers.dida_reference import dida_forward_per_sample, literal_kernels
@@ -81,34 +80,36 @@ def test_channels_last_input_gives_the_same_outputs_and_gradients(dynamic):
         torch.testing.assert_close(b, a)
 
 
+class OffCpu(torch.Tensor):
+    """A CPU tensor that says it is elsewhere (ops keep the class): the unit takes the forms it takes on a GPU."""
+
+    @property
+    def is_cpu(self) -> bool:
+        return False
+
+
 def test_cpu_and_gpu_forms_of_the_unit_give_the_same_function(monkeypatch):
     # CPU tests would otherwise never run the forms GPUs run: the grouped conv on channels-first features (viewed
     # without a copy) and the 1x1s as convs, not batched matmuls
     module = _randomise(DidaModule(32, 16, reduction=4, stride=2))
     x = torch.randn(3, 32, 9, 9)
-    layouts, cpu_layout, cpu_pointwise = [], dida._grouped_conv_input, dida.pointwise_conv
+    layouts, cpu_layout = [], dida._grouped_conv_input
 
     def spy(feat):
         out = cpu_layout(feat)
         layouts.append(out.is_contiguous(memory_format=torch.channels_last) and not out.is_contiguous())
         return out
 
-    results = []
-    for layout, pointwise in ((spy, cpu_pointwise), (lambda feat: feat, lambda x, w, b: F.conv2d(x, w, b))):
-        monkeypatch.setattr(dida, '_grouped_conv_input', layout)
-        monkeypatch.setattr(dida, 'pointwise_conv', pointwise)
-        results.append(_output_and_gradients(module, x))
-    assert layouts == [True]
+    monkeypatch.setattr(dida, '_grouped_conv_input', spy)
+    results, ops = [], []
+    for inp in (x, x.as_subclass(OffCpu)):
+        with torch.profiler.profile() as prof:
+            results.append(_output_and_gradients(module, inp))
+        ops.append([e.name for e in prof.events() if e.name in ('aten::conv2d', 'aten::baddbmm')])
+    assert layouts == [True, False]
+    assert ops[0].count('aten::baddbmm') == 2 and ops[1] == ['aten::conv2d'] * 3  # forward only (backward: no conv2d)
     for cpu_form, gpu_form in zip(*results):
         torch.testing.assert_close(gpu_form, cpu_form)
-    # the real functions take the GPU forms off CPU
-    on_meta = torch.empty(3, 8, 9, 9, device='meta')
-    assert cpu_layout(on_meta) is on_meta
-    feats, weight, bias = torch.randn(3, 8, 9, 9), torch.randn(4, 8, 1, 1), torch.randn(4)
-    for device, op in (('cpu', 'aten::baddbmm'), ('meta', 'aten::conv2d')):
-        with torch.profiler.profile() as prof:
-            cpu_pointwise(feats.to(device), weight.to(device), bias.to(device))
-        assert op in {e.name for e in prof.events()}
 
 
 @pytest.mark.parametrize('device, ops, kernel_ops', [('cpu', 31, 12), ('meta', 20, 11)])

@@ -44,11 +44,25 @@ def _pair(seed: int = 0, **kwargs) -> tuple:
 
 def _assert_same_parameter_grads(fused: DidaModule, eager: DidaModule) -> None:
     """The `.grad` of each parameter equals the eager unit's; a frozen parameter has none."""
-    for (name, p), p_ref in zip(fused.named_parameters(), eager.parameters()):
-        if p.requires_grad:
-            torch.testing.assert_close(p.grad, p_ref.grad, rtol=1e-4, atol=1e-5, msg=lambda m: f'{name}: {m}')
-        else:
-            assert p.grad is None, name
+    trained = [(name, p, p_ref) for (name, p), p_ref in zip(fused.named_parameters(), eager.parameters())
+               if p.requires_grad]
+    assert all(p.grad is None for p in fused.parameters() if not p.requires_grad)
+    _assert_grads_close([p.grad for _, p, _ in trained], [p_ref.grad for _, _, p_ref in trained],
+                        [name for name, _, _ in trained])
+
+
+def _assert_grads_close(grads, grads_ref, names=None) -> None:
+    """Gradients equal to the reference's, up to fp32 rounding on the scale of the unit's gradients.
+
+    A generator's scalars a and c get the sum of every tap's kernel gradient over the batch, a sum that nearly
+    cancels: two summation orders differ by rounding on the scale of its terms, not of its value (before this scale,
+    30 inputs at 24 x 24 maps exceeded a plain atol of 1e-5 up to 1.3x, with the previous eager unit as well; 90 such
+    inputs, three unit shapes, came to at most 0.22 of this tolerance).
+    """
+    scale = max(1., max(grad.abs().max().item() for grad in grads_ref))
+    for i, (grad, grad_ref) in enumerate(zip(grads, grads_ref)):
+        name = names[i] if names else str(i)
+        torch.testing.assert_close(grad, grad_ref, rtol=1e-4, atol=1e-5 * scale, msg=lambda m: f'{name}: {m}')
 
 
 def _outputs_and_grads(module: DidaModule, x: torch.Tensor) -> tuple:
@@ -69,9 +83,7 @@ def test_kernels_equal_the_eager_unit_and_the_per_sample_loop(stride, dilations,
     out_ref, grads_ref = _outputs_and_grads(eager, x)
     assert (out - dida_forward_per_sample(eager, x)).abs().max().item() <= 1e-5
     assert (out - out_ref).abs().max().item() <= 1e-5
-    names = ['input'] + [name for name, _ in fused.named_parameters()]
-    for name, grad, grad_ref in zip(names, grads, grads_ref):
-        torch.testing.assert_close(grad, grad_ref, rtol=1e-4, atol=1e-5, msg=lambda m: f'{name}: {m}')
+    _assert_grads_close(grads, grads_ref, ['input'] + [name for name, _ in fused.named_parameters()])
 
 
 @pytest.mark.parametrize('stride', [1, 2])
@@ -84,8 +96,7 @@ def test_kernels_loop_over_maps_larger_than_one_block(stride, dilations, kernel_
     out, grads = _outputs_and_grads(fused, x)
     out_ref, grads_ref = _outputs_and_grads(eager, x)
     assert (out - out_ref).abs().max().item() <= 1e-5
-    for grad, grad_ref in zip(grads, grads_ref):
-        torch.testing.assert_close(grad, grad_ref, rtol=1e-4, atol=1e-5)
+    _assert_grads_close(grads, grads_ref)
 
 
 def test_pooled_code_gradient_follows_relu_at_negative_means():
@@ -188,8 +199,7 @@ def test_unit_compiles_without_graph_breaks():
     out, grads = _outputs_and_grads(compiled, x)
     out_ref, grads_ref = _outputs_and_grads(eager, x)
     torch.testing.assert_close(out, out_ref, rtol=1e-5, atol=1e-5)
-    for grad, grad_ref in zip(grads, grads_ref):
-        torch.testing.assert_close(grad, grad_ref, rtol=1e-4, atol=1e-5)
+    _assert_grads_close(grads, grads_ref)
 
 
 @pytest.mark.parametrize('kwargs', [dict(shared_reduction=False), dict(dynamic=False)])

@@ -1,12 +1,15 @@
 """DIDA-ResNets as timm models (docs/METHOD.md section 2): registration, weights, the timm API and export paths."""
+import copy
+
 import pytest
 import safetensors.torch
 import timm
 import torch
 import torch.nn.functional as F
 from timm.models import load_checkpoint
+from timm.models._manipulate import reinit_non_persistent_buffers
 
-from dida_timm.layers import DidaStage
+from dida_timm.layers import DidaModule, DidaStage
 from dida_timm.models import DidaResNet, static_twin_filter_fn
 
 DEPTHS = (18, 34, 50, 101, 152)
@@ -193,6 +196,26 @@ def test_grad_checkpointing_keeps_outputs_and_gradients(name):
 def test_factory_kwargs_place_every_tensor():
     model = timm.create_model('dida_resnet18', device='meta', dtype=torch.float16)
     assert all(t.device.type == 'meta' and t.dtype == torch.float16 for t in model.parameters())
+
+
+@pytest.mark.parametrize('name', ['dida_resnet18', 'dida_digitnet_compact'])
+def test_channels_last_and_meta_built_models_compute_the_same(name):
+    # train.py --channels-last converts the model, 4-D buffers included; a model built on meta tensors and
+    # materialised with to_empty() gets its non-state buffers (the units' weight index) back from timm's
+    # reinit_non_persistent_buffers, as timm's own models do
+    torch.manual_seed(0)
+    model = timm.create_model(name).eval()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        expected = model(x)
+        torch.testing.assert_close(copy.deepcopy(model).to(memory_format=torch.channels_last)(x), expected)
+        with torch.device('meta'):
+            rebuilt = timm.create_model(name)
+        rebuilt = rebuilt.to_empty(device='cpu').eval()
+        rebuilt.load_state_dict(model.state_dict())
+        units = reinit_non_persistent_buffers(rebuilt)
+        assert units and all(isinstance(rebuilt.get_submodule(n), DidaModule) for n in units)
+        torch.testing.assert_close(rebuilt(x), expected)
 
 
 def test_torchscript_and_fx_match_eager():

@@ -16,9 +16,10 @@ Because K is affine in g, the dynamic depthwise conv factors into static convs a
 
 so the forward has no loop over the batch and no batch-size-dependent groups. Every path runs in ONE grouped conv
 (per reduced channel, one output per basis kernel v, u and path, each path's kernels embedded in a common S x S
-window, the whole weight gathered from the generator parameters in one op) and one multiply-add; the fuse runs on
-all paths at once and writes the concatenated output directly. The two 1x1 convs are batched matmuls on CPU. On a GPU, everything between the two 1x1 convs can instead run as one Triton kernel
-(opt-in, `dida_triton.py`).
+window, the whole weight one gather and one multiply-add of the generator parameters) and one multiply-add; the
+fuse runs on all paths at once and writes the concatenated output directly. The two 1x1 convs are batched matmuls on
+CPU, convs elsewhere. On a GPU, everything between the two 1x1 convs can instead run as one Triton kernel (opt-in,
+`dida_triton.py`).
 
 Parameter names (`conv`, `conv_kernel`, `conv_kernel2`, `conv_k`, `conv_k2`, `fuse`) follow the authors'
 released code so that checkpoints stay convertible. Differences from that code: the generator is never
@@ -75,7 +76,7 @@ def pointwise_conv(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.T
     """A 1x1 conv with bias (`weight` [O, C, 1, 1], `bias` [O]) of `x` [B, C, H, W]: [B, O, H, W].
 
     On CPU one batched matmul (`pointwise_matmul`); elsewhere `F.conv2d`, one dispatch where the matmul and its views
-    take five: eager on a GPU, the unit's cost is dispatches.
+    take six (and one backward where the matmul takes four): eager on a GPU, the unit's cost is dispatches.
     """
     if x.is_cpu:
         return pointwise_matmul(x, weight, bias)
@@ -105,7 +106,8 @@ def _generator_vector(generators: List[torch.Tensor], zero: torch.Tensor) -> tor
 
 def _weight_index(reduced_chs: int, kernel_sizes: Tuple[int, ...], steps: Tuple[int, ...], window: int) -> torch.Tensor:
     """Where the factors x, y and the term z of each entry x * y + z of the grouped conv weight [r * 2 * paths, 1, S, S]
-    are taken from in `_generator_vector`: [3, r * 2 * paths, 1, S, S].
+    are taken from in `_generator_vector`: the three indices stacked, [3 * r * 2 * paths, 1, S, S] (4-D, like the
+    weight: a module converted to channels-last converts its 4-D buffers and cannot convert a 5-D one).
 
     Output channel (j, e, p) holds, in path p's taps, v = a * b + c for e = 0 and u = a * w for e = 1 (the generator's
     K(g) = a * (g * w + b) + c = g * u + v); zeros elsewhere in the window.
@@ -122,7 +124,7 @@ def _weight_index(reduced_chs: int, kernel_sizes: Tuple[int, ...], steps: Tuple[
                 index[i, e, path, window_taps, window_taps][:k, :k] = value
         first += 2 * k * k + 2
     index = index.view(3, 1, -1, window, window).expand(-1, reduced_chs, -1, -1, -1)
-    return index.reshape(3, -1, 1, window, window)
+    return index.reshape(-1, 1, window, window)
 
 
 @torch.fx.wrap  # an FX graph calls it, so the layout follows the device the graph runs on
@@ -218,12 +220,24 @@ class DidaModule(nn.Module):
             # (two inputs per channel) took 16-20 ms, a conv over the [N * r, 1, H, W] view 19-21 ms.
             self.conv_dilation = math.gcd(*dilations)
             steps = tuple(d // self.conv_dilation for d in dilations)
-            window = max(s * (k - 1) + 1 for s, k in zip(steps, kernel_sizes))
-            self.padding = self.conv_dilation * (window - 1) // 2
-            # fills the window outside each path's taps (not state: not saved, cast with the module)
+            self.window = max(s * (k - 1) + 1 for s, k in zip(steps, kernel_sizes))
+            self.padding = self.conv_dilation * (self.window - 1) // 2
+            # not state (not saved; cast and moved with the module): the grouped conv's weight is gathered through
+            # `weight_index` from the generator parameters and `zero`, which fills the window outside the taps
             self.register_buffer('zero', torch.zeros(1, **dd), persistent=False)
-            self.register_buffer('weight_index', _weight_index(r, kernel_sizes, steps, window).to(dd['device']),
+            self.register_buffer('weight_index', torch.empty(0, dtype=torch.long, device=dd['device']),
                                  persistent=False)
+            self.init_non_persistent_buffers()
+
+    def init_non_persistent_buffers(self) -> None:
+        """Build the buffers that are not state, on the device they are on: after `to_empty()` they hold whatever
+        memory they got (timm's `reinit_non_persistent_buffers(model)` calls this on every module that has it)."""
+        if not self.dynamic:
+            return
+        steps = tuple(d // self.conv_dilation for d in self.dilations)
+        index = _weight_index(self.reduced_chs, self.kernel_sizes, steps, self.window)
+        self.weight_index = index.to(self.weight_index.device)
+        self.zero = torch.zeros_like(self.zero)
 
     def _static_kernel(self, chs: int, kernel_size: int, dilation: int, dd: dict) -> nn.Conv2d:
         padding = dilation * (kernel_size - 1) // 2
@@ -266,7 +280,7 @@ class DidaModule(nn.Module):
         gather and one multiply-add of the generator parameters, whatever the number of paths.
         """
         factors = torch.take(_generator_vector(self.generator_tensors(), self.zero), self.weight_index)
-        scale, factor, term = factors.unbind(0)
+        scale, factor, term = factors.chunk(3)
         return torch.addcmul(term, scale, factor)
 
     def dynamic_conv(self, feat: torch.Tensor, code: torch.Tensor) -> torch.Tensor:
