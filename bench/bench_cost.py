@@ -23,6 +23,7 @@ ratios carry the quartiles of the per-round ratios in brackets, [q1, q3], to sho
     python bench/bench_cost.py --device cuda --depths 18 --triton     # the unit's Triton kernels (eager)
     TRITON_INTERPRET=1 python bench/bench_cost.py --ops-only --triton  # their op counts, on a CPU
     python bench/bench_cost.py --ops-only --device meta     # the ops a GPU's eager forward dispatches, without one
+    python bench/bench_cost.py --models-only --reparameterize   # inference forms (timm's reparameterize_model)
 
 On a GPU at these batch sizes the eager ratios are mostly Python and kernel-launch overhead (the branch is many
 small ops); `--batch-scale` and `--compile` (every contender compiled alike) show how much, and on a CPU
@@ -38,6 +39,7 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 import timm
 import torch
 import torch.nn.functional as F
+from timm.utils.model import reparameterize_model
 from torch.utils.flop_counter import FlopCounterMode
 
 import dida_timm  # noqa: F401  registers the models
@@ -240,10 +242,12 @@ def print_model_table(
         compile_mode: Optional[str] = None,
         ops_only: bool = False,
         batch_size: Optional[int] = None,
+        reparameterize: bool = False,
 ) -> None:
     """Items 1-3 of the module docstring, one row per DIDA model, with the top-level aten ops of a forward (batches
     times `batch_scale`, or every batch `batch_size`; with `compile_mode`, both models of a pair are timed through
-    `torch.compile(mode=compile_mode)`; `ops_only` skips everything but the op counts)."""
+    `torch.compile(mode=compile_mode)`; `ops_only` skips everything but the op counts; `reparameterize` runs both
+    models' inference forms, timm's `reparameterize_model`, and skips the training steps)."""
     warmup = 3 if compile_mode else 1
     per_unit = 'extra ops per DIDA unit (all / running a kernel)'
     if ops_only:
@@ -260,9 +264,14 @@ def print_model_table(
         if not ops_only:
             p_s, p_d = (sum(p.numel() for p in m.parameters()) for m in (static, dida))
             m_s, m_d = (count_macs(m, (1, 3, img_size, img_size)) for m in (static, dida))
-        static, dida = static.to(device), dida.to(device)
+        contenders = {'static': static, 'dida': dida}
+        if reparameterize:  # the DIDA model's trained form is timed in the same rounds
+            contenders = {'static': reparameterize_model(static.eval()), 'dida': reparameterize_model(dida.eval()),
+                          'trained': dida}
+        contenders = {k: m.to(device) for k, m in contenders.items()}
         if compile_mode:
-            static, dida = (torch.compile(m, mode=compile_mode) for m in (static, dida))
+            contenders = {k: torch.compile(m, mode=compile_mode) for k, m in contenders.items()}
+        static, dida = contenders['static'], contenders['dida']
         x = torch.randn(batch, 3, img_size, img_size, device=device)
         if ops_only:
             for m in (static, dida):
@@ -271,17 +280,22 @@ def print_model_table(
             print(f'| {dida_name} vs {static_name} | {ops_cells(static, dida, x, units)} |', flush=True)
             continue
         y = torch.randint(0, static.num_classes, (batch,), device=device)
-        fwd = paired_times({'static': forward_fn(static, x), 'dida': forward_fn(dida, x)}, reps, warmup)
+        fwd = paired_times({k: forward_fn(m, x) for k, m in contenders.items()}, reps, warmup)
+        latency = f'{ratio_with_spread(fwd)} (b{batch}, {img_size} px)'
+        if reparameterize:
+            latency += f"; trained form {ratio_with_spread({'static': fwd['static'], 'dida': fwd['trained']})}"
         ops = ops_cells(static, dida, x, units)
         throughput, ratio = '-', '-'
-        if not dida_name.startswith('dida_resnet') or int(dida_name[len('dida_resnet'):]) in train_depths:
+        if reparameterize:
+            pass  # inference forms: their norms folded, their kernel bases constants
+        elif not dida_name.startswith('dida_resnet') or int(dida_name[len('dida_resnet'):]) in train_depths:
             t = paired_times({'static': train_step_fn(static, x, y), 'dida': train_step_fn(dida, x, y)}, reps,
                              warmup)
             throughput = ' / '.join(f'{batch / statistics.median(t[k]):.0f}' for k in ('static', 'dida'))
             ratio = ratio_with_spread(t)
         print(f'| {dida_name} vs {static_name} | {p_d / 1e6:.2f}M vs {p_s / 1e6:.2f}M '
               f'| {m_d / 1e6:.1f}M vs {m_s / 1e6:.1f}M | +{(p_d - p_s) / p_s:.2%} | +{(m_d - m_s) / m_s:.3%} '
-              f'| {ops} | {ratio_with_spread(fwd)} (b{batch}, {img_size} px) | {throughput} | {ratio} |',
+              f'| {ops} | {latency} | {throughput} | {ratio} |',
               flush=True)
 
 
@@ -312,6 +326,9 @@ def main(argv: Optional[List[str]] = None) -> None:
                         help='time every contender through torch.compile(mode=MODE), e.g. default, reduce-overhead')
     parser.add_argument('--ops-only', action='store_true',
                         help='only count the top-level aten ops of each model\'s forward (seconds, no timing)')
+    parser.add_argument('--reparameterize', action='store_true',
+                        help='both models of each pair in their inference forms (timm\'s reparameterize_model: the '
+                             'DIDA units\' conv weights stored, their norms folded); forwards only')
     parser.add_argument('--triton', action='store_true',
                         help='DIDA units run their Triton kernels (a CUDA device; on a CPU, --ops-only under '
                              'TRITON_INTERPRET=1)')
@@ -321,10 +338,13 @@ def main(argv: Optional[List[str]] = None) -> None:
                                  ('batch_size', at_least(2))])
     if args.branch_only and (args.models_only or args.ops_only):
         parser.error('--branch-only: the branch timings are not part of the model table (--models-only, --ops-only)')
+    if args.reparameterize and (args.branch_only or args.triton):
+        parser.error('--reparameterize: the inference forms run no Triton kernels and train no branch (--triton, '
+                     '--branch-only)')
     if args.batch_size and args.batch_scale != 1:
         parser.error('--batch-size: sets every batch, so --batch-scale cannot scale them too')
     untimed = [d for d in args.train_depths if d not in args.depths]
-    if untimed and not (args.branch_only or args.ops_only):
+    if untimed and not (args.branch_only or args.ops_only or args.reparameterize):
         parser.error(f'--train-depths: {untimed} not among --depths {args.depths}, so never timed')
     warmup = 3 if args.compile else 1
     torch.manual_seed(0)
@@ -335,13 +355,14 @@ def main(argv: Optional[List[str]] = None) -> None:
         enable_triton_kernels(parser, device, untimed=args.ops_only)
     compiled = f', torch.compile(mode={args.compile!r})' if args.compile else ', eager'
     compiled += ', DIDA units on their Triton kernels' if args.triton else ''
+    compiled += ', inference forms (reparameterize_model)' if args.reparameterize else ''
     hardware = 'meta device (op counts, no data)' if device.type == 'meta' else describe_hardware(device)
     print(f'# DIDA cost, {hardware}, torch {torch.__version__}, timm {timm.__version__}'
           f'{compiled}\n')
 
     if not args.branch_only:
         print_model_table(args.depths, args.train_depths, args.reps, device, args.batch_scale, args.compile,
-                          args.ops_only, args.batch_size)
+                          args.ops_only, args.batch_size, args.reparameterize)
     if args.ops_only or args.models_only:
         return
     print('\n## Factored DIDA branch vs the per-sample-loop reference (training step, batch 64, dida_resnet18 '

@@ -8,11 +8,13 @@
 #   reduce_overhead, reduce_overhead_triton   torch.compile(mode='reduce-overhead') (CUDA graphs), not run by default
 #   parts, parts_triton   where dida_digitnet_compact's extra step time goes (bench_branch_parts.py), eager unit /
 #                         Triton kernels, each also with its 1x1s as batched matmuls, not run by default
+#   inference        forward latency and ops of both models' inference forms (timm's reparameterize_model), eager,
+#                    not run by default
 # Each step's output is kept in OUTDIR/<step>.txt, also when a later step runs out of its time limit.
 #
 #   bash bench/gpu_checks.sh OUTDIR                                   # the default steps
 #   bash bench/gpu_checks.sh OUTDIR reduce_overhead reduce_overhead_triton
-#   bash bench/gpu_checks.sh OUTDIR parts parts_triton
+#   bash bench/gpu_checks.sh OUTDIR parts parts_triton inference
 set -uo pipefail
 out=${1:?usage: bash bench/gpu_checks.sh OUTDIR [STEP ...]}
 shift
@@ -20,10 +22,11 @@ steps=("$@")
 [ ${#steps[@]} -eq 0 ] && steps=(kernels eager eager_triton compiled compiled_triton)
 # each timed step: its time limit and its options to bench_cost.py (parts*: to bench_branch_parts.py)
 declare -A limit=([eager]=90 [eager_triton]=90 [compiled]=120 [compiled_triton]=120 [reduce_overhead]=150
-                  [reduce_overhead_triton]=150 [parts]=90 [parts_triton]=120)
+                  [reduce_overhead_triton]=150 [parts]=90 [parts_triton]=120 [inference]=60)
 declare -A options=([eager]="" [eager_triton]="--triton" [compiled]="--compile default"
                     [compiled_triton]="--compile default --triton" [reduce_overhead]="--compile reduce-overhead"
-                    [reduce_overhead_triton]="--compile reduce-overhead --triton" [parts]="" [parts_triton]="--triton")
+                    [reduce_overhead_triton]="--compile reduce-overhead --triton" [parts]="" [parts_triton]="--triton"
+                    [inference]="--reparameterize")
 for name in "${steps[@]}"; do
     if [ "$name" != kernels ] && [ -z "${limit[$name]+set}" ]; then
         echo "unknown step: $name (see the list at the top of $0)" >&2

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from timm.layers import LayerNorm2d
 from timm.models import load_checkpoint
 from timm.models._manipulate import group_parameters
+from timm.utils.model import reparameterize_model
 
 from dida_timm import add_dida, register_dida
 from dida_timm.layers import DidaStage, is_branch_parameter
@@ -220,6 +221,21 @@ def test_add_dida_on_unregistered_cnns_changes_outputs_and_round_trips_its_weigh
     assert not torch.allclose(model(X), out), 'the branch does not reach the output'
 
 
+def test_reparameterize_model_runs_the_base_models_own_reparameterizations_and_the_branchs():
+    # FastViT's MobileOne blocks fold their training-time branches (reparameterize); the DIDA branch beside its
+    # last stage (LayerNorm-free: BatchNorm2d and GELU) stores its conv weight and folds its norm
+    torch.manual_seed(0)
+    model = add_dida(timm.create_model('fastvit_t8', num_classes=5)).eval()
+    deployed = reparameterize_model(model)
+    blocks = [m for m in deployed.modules() if type(m).__name__ == 'MobileOneBlock']
+    assert blocks and all(m.reparam_conv is not None for m in blocks)
+    (branch,) = [m.branch for m in deployed.modules() if isinstance(m, DidaStage)]
+    assert hasattr(branch[0].dida, 'paths_weight') and isinstance(branch[0].bn, torch.nn.Identity)
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(deployed(x), model(x), atol=1e-4, rtol=1e-4)
+
+
 def test_add_dida_refuses_what_it_cannot_handle():
     with pytest.raises(ValueError, match='vision transformer'):
         add_dida(timm.create_model('vit_tiny_patch16_224', device='meta'))
@@ -228,6 +244,9 @@ def test_add_dida_refuses_what_it_cannot_handle():
         add_dida(model)
     with pytest.raises(ValueError, match='features_only wrappers'):
         add_dida(timm.create_model('regnetx_002', features_only=True))
+    # RepVGG's last feature module is its final_conv, an Identity there: nothing to run beside
+    with pytest.raises(ValueError, match=r'ByobNet.final_conv \(feature_info index 4\) has no parameters'):
+        add_dida(timm.create_model('repvgg_a0', device='meta'))
     for name in ('no_such_model', 'regnetx_002.pycls_in1k', 'dida_resnet18'):
         with pytest.raises(ValueError, match='register_dida needs'):
             register_dida(name)

@@ -76,6 +76,20 @@ def test_op_counts_on_the_meta_device_are_the_gpu_forms(capsys):
     assert per_unit['meta'][0] <= per_unit['cpu'][0] - 8 and per_unit['meta'][1] == per_unit['cpu'][1] - 1
 
 
+def test_inference_forms_run_at_most_15_extra_ops_per_unit_on_the_gpu_forms(capsys):
+    # the forward target, met by the eager unit once timm's reparameterize_model has stored its conv weight
+    # and folded its norms (22.5-25.3 ops per unit before)
+    cost_main(['--ops-only', '--depths', '18', '50', '--device', 'meta', '--reparameterize'])
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith('| dida_')]
+    assert len(rows) == 4
+    for row in rows:
+        ops, kernel_ops = (float(v) for v in row.split('|')[3].split('(')[0].split('/'))
+        assert ops <= 15 and kernel_ops <= 12, row
+    with pytest.raises(SystemExit):
+        cost_main(['--ops-only', '--reparameterize', '--triton'])
+    assert '--reparameterize: the inference forms run no Triton kernels' in capsys.readouterr().err
+
+
 def test_branch_parts_times_each_part_of_every_dida_stage(capsys):
     branch_parts_main(['--batch-size', '2', '--reps', '3'])
     rows = [line.split(' | ')[0].lstrip('| ') for line in capsys.readouterr().out.splitlines() if line.startswith('| ')]

@@ -1,4 +1,5 @@
 """The DIDA module (docs/METHOD.md section 1): equations, parameter counts, gradients and per-sample kernels."""
+import copy
 import sys
 from pathlib import Path
 
@@ -204,3 +205,51 @@ def test_module_scripts_and_traces():
     x = torch.randn(2, 32, 7, 7)
     torch.testing.assert_close(torch.jit.script(module)(x), module(x))
     torch.testing.assert_close(torch.fx.symbolic_trace(module)(x), module(x))
+
+
+def _reparameterized(module: DidaModule) -> DidaModule:
+    deployed = copy.deepcopy(module)
+    deployed.reparameterize()
+    return deployed
+
+
+@pytest.mark.parametrize('stride', [1, 2])
+@pytest.mark.parametrize('dilations, kernel_size', [((1,), 3), ((1, 2), 3), ((2, 4), (5, 3))])
+@pytest.mark.parametrize('shared_reduction', [True, False])
+@pytest.mark.parametrize('dynamic', [True, False])
+def test_reparameterized_module_computes_the_same_function(stride, dilations, kernel_size, shared_reduction, dynamic):
+    module = _randomise(DidaModule(32, 16 * len(dilations), stride=stride, reduction=4, dilations=dilations,
+                                   kernel_size=kernel_size, shared_reduction=shared_reduction, dynamic=dynamic))
+    deployed = _reparameterized(module)
+    keys = set(deployed.state_dict())
+    assert 'proj.weight' in keys and not any(k.startswith('fuse.') for k in keys) and not hasattr(deployed, 'fuse')
+    assert ('paths_weight' in keys) == dynamic and not any(k.startswith('conv_k') for k in keys if dynamic)
+    x = torch.randn(5, 32, 9, 9)
+    with torch.no_grad():
+        assert (deployed(x) - module(x)).abs().max().item() <= 1e-5
+        assert (deployed(x.as_subclass(OffCpu)) - module(x)).abs().max().item() <= 1e-5  # the grouped 1x1 as a conv
+        again = copy.deepcopy(deployed)
+        again.reparameterize()  # a second call (timm's walk makes one) changes nothing
+        assert again.state_dict().keys() == keys and torch.equal(again(x), deployed(x))
+
+
+def test_reparameterized_module_scripts_traces_and_moves_its_weight():
+    deployed = _reparameterized(_randomise(DidaModule(32, 32, reduction=4))).eval()
+    x = torch.randn(2, 32, 7, 7)
+    torch.testing.assert_close(torch.jit.script(deployed)(x), deployed(x))
+    torch.testing.assert_close(torch.fx.symbolic_trace(deployed)(x), deployed(x))
+    assert deployed.double().paths_weight.dtype == torch.float64
+    with pytest.raises(RuntimeError, match='reparameterized'):
+        deployed.generate_kernels(x.double())
+
+
+@pytest.mark.parametrize('device, ops, kernel_ops', [('cpu', 23, 11), ('meta', 11, 8)])
+def test_reparameterized_forward_skips_the_weight_build(device, ops, kernel_ops):
+    # the grouped conv's weight (a gather and a multiply-add of the generator parameters, 8 ops with their views)
+    # and the output's view are gone; compare test_forward_runs_few_aten_ops
+    module = _reparameterized(DidaModule(64, 128, reduction=16)).eval().to(device)
+    x = torch.randn(8, 64, 16, 16, device=device)
+    with torch.no_grad():
+        module(x)
+        assert count_top_level_ops(lambda: module(x)) <= ops
+        assert count_top_level_ops(lambda: module(x), views=False) <= kernel_ops

@@ -1,5 +1,6 @@
 """The DIDA unit's Triton kernels (dida_timm/layers/dida_triton.py): the same function and gradients as the eager
 unit and the literal per-sample loop. Without a GPU they run in Triton's interpreter (tests/conftest.py)."""
+import copy
 import os
 import re
 import subprocess
@@ -205,6 +206,17 @@ def test_unit_compiles_without_graph_breaks():
 @pytest.mark.parametrize('kwargs', [dict(shared_reduction=False), dict(dynamic=False)])
 def test_ablations_keep_the_eager_unit(triton_dida, kwargs):
     assert not DidaModule(32, 16, reduction=4, **kwargs).use_triton
+
+
+def test_reparameterized_unit_leaves_the_kernels_for_its_stored_weight(triton_dida):
+    # the kernels build the kernel basis from the generator parameters, which the inference form no longer has
+    module = _randomise(DidaModule(32, 32, reduction=4)).to(DEVICE).eval()
+    deployed = copy.deepcopy(module)
+    deployed.reparameterize()
+    assert module.use_triton and not deployed.use_triton
+    x = torch.randn(2, 32, 7, 7, device=DEVICE)
+    with torch.no_grad():
+        torch.testing.assert_close(deployed(x), module(x), rtol=1e-5, atol=1e-5)
 
 
 def test_torchscript_fx_and_jit_trace_keep_the_eager_unit(triton_dida):

@@ -8,8 +8,9 @@ import torch
 import torch.nn.functional as F
 from timm.models import load_checkpoint
 from timm.models._manipulate import reinit_non_persistent_buffers
+from timm.utils.model import reparameterize_model
 
-from dida_timm.layers import DidaModule, DidaStage
+from dida_timm.layers import DidaBranch, DidaModule, DidaStage
 from dida_timm.models import DidaResNet, static_twin_filter_fn
 
 DEPTHS = (18, 34, 50, 101, 152)
@@ -216,6 +217,30 @@ def test_channels_last_and_meta_built_models_compute_the_same(name):
         units = reinit_non_persistent_buffers(rebuilt)
         assert units and all(isinstance(rebuilt.get_submodule(n), DidaModule) for n in units)
         torch.testing.assert_close(rebuilt(x), expected)
+
+
+@pytest.mark.parametrize('name', ['dida_digitnet_compact', 'dida_resnet50', 'dida_convnext_atto'])
+def test_timm_reparameterize_model_gives_an_inference_form_with_the_same_outputs(name):
+    # timm's walk calls fuse() on any child with that attribute: it used to call the DIDA module's `fuse` conv with no
+    # input (TypeError). The branch turns each unit into its inference form first: the module's stored conv weight,
+    # a batch norm folded into the conv before it (bn after the module, bn2 after resnet50's 1x1), LayerNorm kept
+    torch.manual_seed(0)
+    size = 32 if 'digit' in name else 64
+    model = timm.create_model(name, num_classes=5).train()
+    with torch.no_grad():
+        model(torch.randn(4, 3, size, size))  # running statistics that folding must use, not the initial ones
+    model.eval()
+    deployed = reparameterize_model(model)
+    units = [unit for m in deployed.modules() if isinstance(m, DidaBranch) for unit in m]
+    assert units and all(hasattr(unit.dida, 'paths_weight') for unit in units)
+    batch_norms = 'convnext' not in name
+    assert all(isinstance(unit.bn, torch.nn.Identity) == batch_norms for unit in units)
+    assert all(isinstance(unit.bn2, torch.nn.Identity) for unit in units if hasattr(unit, 'bn2'))
+    assert any(hasattr(unit, 'bn2') for unit in units) == (name == 'dida_resnet50')
+    x = torch.randn(3, 3, size, size)
+    with torch.no_grad():
+        torch.testing.assert_close(deployed(x), model(x), atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(torch.jit.script(deployed)(x), deployed(x))
 
 
 def test_torchscript_and_fx_match_eager():

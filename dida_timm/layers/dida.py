@@ -19,7 +19,7 @@ so the forward has no loop over the batch and no batch-size-dependent groups. Ev
 window, the whole weight one gather and one multiply-add of the generator parameters) and one multiply-add; the
 fuse runs on all paths at once and writes the concatenated output directly. The two 1x1 convs are batched matmuls on
 CPU, convs elsewhere. On a GPU, everything between the two 1x1 convs can instead run as one Triton kernel (opt-in,
-`dida_triton.py`).
+`dida_triton.py`). For inference, `reparameterize` (timm's `reparameterize_model`) stores the grouped conv's weight.
 
 Parameter names (`conv`, `conv_kernel`, `conv_kernel2`, `conv_k`, `conv_k2`, `fuse`) follow the authors'
 released code so that checkpoints stay convertible. Differences from that code: the generator is never
@@ -72,28 +72,36 @@ def kernel_basis(
 
 
 @torch.fx.wrap  # an FX graph calls it, so the form follows the device the graph runs on
-def pointwise_conv(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
-    """A 1x1 conv with bias (`weight` [O, C, 1, 1], `bias` [O]) of `x` [B, C, H, W]: [B, O, H, W].
+def pointwise_conv(
+        x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], groups: int = 1) -> torch.Tensor:
+    """A 1x1 conv with bias (`weight` [O, C / groups, 1, 1], `bias` [O]) of `x` [B, C, H, W]: [B, O, H, W].
 
     On CPU one batched matmul (`pointwise_matmul`); elsewhere `F.conv2d`, one dispatch where the matmul and its views
     take six (and one backward where the matmul takes four): eager on a GPU, the unit's cost is dispatches.
     """
     if x.is_cpu:
-        return pointwise_matmul(x, weight, bias)
-    return F.conv2d(x, weight, bias)
+        return pointwise_matmul(x, weight, bias, groups)
+    return F.conv2d(x, weight, bias, groups=groups)
 
 
-def pointwise_matmul(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
-    """`pointwise_conv` as one batched matmul, its CPU form.
+def pointwise_matmul(
+        x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], groups: int = 1) -> torch.Tensor:
+    """`pointwise_conv` as one batched matmul (of B * groups matrices), its CPU form.
 
     The branch's 1x1 convs have few input (fuse: C/16) or output (reduce: C/16) channels, where oneDNN's conv is at
     its slowest: at the branch shapes of dida_digitnet_compact and dida_resnet18 (CPU, 2 threads, torch 2.14.1) this
-    matmul took 0.33-0.97 of the conv's forward + backward time, 0.4 of it at batch 2 (per-call overhead).
+    matmul took 0.33-0.97 of the conv's forward + backward time, 0.4 of it at batch 2 (per-call overhead). The
+    grouped 1x1 of a reparameterized module's output, oneDNN's conv at batch 2, took 5x the matmul's time.
     """
     assert bias is not None  # the module's 1x1 convs always have biases
     n, c, h, w = x.shape
-    out = torch.baddbmm(
-        bias.view(1, -1, 1), weight.view(1, weight.shape[0], -1).expand(n, -1, -1), x.reshape(n, c, h * w))
+    rows = weight.shape[0] // groups
+    if groups == 1:  # one weight for every sample: expanded, not copied
+        batch_weight, batch_bias = weight.view(1, rows, -1).expand(n, -1, -1), bias.view(1, rows, 1)
+    else:
+        batch_weight = weight.view(groups, rows, -1).repeat(n, 1, 1)
+        batch_bias = bias.view(groups, rows, 1).repeat(n, 1, 1)
+    out = torch.baddbmm(batch_bias, batch_weight, x.reshape(n * groups, c // groups, h * w))
     return out.view(n, -1, h, w)
 
 
@@ -232,12 +240,42 @@ class DidaModule(nn.Module):
     def init_non_persistent_buffers(self) -> None:
         """Build the buffers that are not state, on the device they are on: after `to_empty()` they hold whatever
         memory they got (timm's `reinit_non_persistent_buffers(model)` calls this on every module that has it)."""
-        if not self.dynamic:
+        if not self.dynamic or hasattr(self, 'paths_weight'):
             return
         steps = tuple(d // self.conv_dilation for d in self.dilations)
         index = _weight_index(self.reduced_chs, self.kernel_sizes, steps, self.window)
         self.weight_index = index.to(self.weight_index.device)
         self.zero = torch.zeros_like(self.zero)
+
+    @torch.no_grad()
+    def reparameterize(self) -> None:
+        """Switch to the inference form, in place: the same function of the input in fewer ops.
+
+        A trained unit's grouped-conv weight depends on the generator parameters alone, so it is computed once and
+        kept as the buffer `paths_weight` (the generator convs, `weight_index` and `zero` go), and the shared `fuse`
+        conv becomes `proj`, one 1x1 conv with a copy of it per path (groups = paths) that reads the paths in their
+        path-major layout and writes their concatenation. The forward skips the weight's gather and multiply-add
+        and the output's view; `DidaBranch.reparameterize` also folds the unit's batch norm into `proj`.
+
+        timm's `reparameterize_model` reaches it through `DidaBranch`: that walk calls `fuse()` on any module with
+        an attribute of that name, so the inference form has none. The kernel basis is a constant from then on
+        (train first); the Triton kernels, which build the basis themselves, are off.
+        """
+        if hasattr(self, 'proj'):
+            return
+        if self.dynamic:
+            self.register_buffer('paths_weight', self.conv_weight().detach().clone())
+            for name in ('conv_kernel', 'conv_k', 'conv_kernel2', 'conv_k2', 'weight_index', 'zero'):
+                if hasattr(self, name):
+                    delattr(self, name)
+            self.use_triton = False
+        num_paths = len(self.dilations)
+        fuse = self.fuse
+        self.proj = nn.Conv2d(fuse.in_channels * num_paths, fuse.out_channels * num_paths, 1, groups=num_paths,
+                              device=fuse.weight.device, dtype=fuse.weight.dtype)
+        self.proj.weight.copy_(fuse.weight.repeat(num_paths, 1, 1, 1))
+        self.proj.bias.copy_(fuse.bias.repeat(num_paths))
+        del self.fuse
 
     def _static_kernel(self, chs: int, kernel_size: int, dilation: int, dd: dict) -> nn.Conv2d:
         padding = dilation * (kernel_size - 1) // 2
@@ -256,6 +294,8 @@ class DidaModule(nn.Module):
 
     def kernel_bases(self) -> List[Tuple[torch.Tensor, torch.Tensor]]:
         """Per-dilation (u, v): the kernel of a channel with code g is g * u + v."""
+        if not hasattr(self, 'conv_kernel'):
+            raise RuntimeError('this DidaModule was reparameterized: its kernel basis is folded into `paths_weight`')
         bases = [kernel_basis(
             self.conv_kernel.weight, self.conv_kernel.bias, self.conv_k.weight, self.conv_k.bias,
             self.kernel_sizes[0])]
@@ -277,11 +317,15 @@ class DidaModule(nn.Module):
 
         Output channel (j, e, p) of group j holds path p's kernel basis, v_p for e = 0 and u_p for e = 1 (the kernel
         of code g is g * u_p + v_p), embedded in the common S x S window (dilation `conv_dilation`). Built as one
-        gather and one multiply-add of the generator parameters, whatever the number of paths.
+        gather and one multiply-add of the generator parameters, whatever the number of paths; stored once
+        `reparameterize` has run.
         """
-        factors = torch.take(_generator_vector(self.generator_tensors(), self.zero), self.weight_index)
-        scale, factor, term = factors.chunk(3)
-        return torch.addcmul(term, scale, factor)
+        if hasattr(self, 'paths_weight'):
+            return self.paths_weight
+        else:
+            factors = torch.take(_generator_vector(self.generator_tensors(), self.zero), self.weight_index)
+            scale, factor, term = factors.chunk(3)
+            return torch.addcmul(term, scale, factor)
 
     def dynamic_conv(self, feat: torch.Tensor, code: torch.Tensor) -> torch.Tensor:
         """Per-sample depthwise conv of `feat` [N, r, H, W] on every path, in factored form.
@@ -305,8 +349,12 @@ class DidaModule(nn.Module):
         n, num_paths, r = paths.shape[:3]
         # path-major rows (at most a copy of the r-channel input, never of the P-channel output) make the conv's
         # result the concatenation of the paths
-        out = pointwise_conv(paths.reshape(n * num_paths, r, height, width), self.fuse.weight, self.fuse.bias)
-        return out.view(n, -1, height, width)
+        if hasattr(self, 'proj'):
+            return pointwise_conv(paths.reshape(n, num_paths * r, height, width), self.proj.weight, self.proj.bias,
+                                  num_paths)
+        else:
+            out = pointwise_conv(paths.reshape(n * num_paths, r, height, width), self.fuse.weight, self.fuse.bias)
+            return out.view(n, -1, height, width)
 
     def generator_tensors(self) -> List[torch.Tensor]:
         """Per dilation the generator's `conv_kernel.weight`, `conv_kernel.bias`, `conv_k.weight`, `conv_k.bias`."""

@@ -21,6 +21,7 @@ import torch
 import torch.nn as nn
 from timm.layers import LayerScale2d, create_act_layer
 from timm.models._manipulate import checkpoint
+from torch.nn.utils.fusion import fuse_conv_bn_weights
 
 from .dida import DidaModule
 
@@ -85,6 +86,27 @@ class DidaBranch(nn.Sequential):
             units.append(nn.Sequential(layers))
         super().__init__(*units)
         _init_branch_weights(self)
+
+    @torch.no_grad()
+    def reparameterize(self) -> None:
+        """Switch to the inference form, in place (timm's `reparameterize_model` calls it): every DIDA module's
+        (`DidaModule.reparameterize`), and each batch norm folded into the conv before it, with its running
+        statistics (the function of the branch in eval mode)."""
+        for unit in self:
+            unit.dida.reparameterize()
+            _fold_norm(unit, unit.dida.proj, 'bn')
+            if hasattr(unit, 'conv'):
+                _fold_norm(unit, unit.conv, 'bn2')
+
+
+def _fold_norm(unit: nn.Module, conv: nn.Conv2d, norm_name: str) -> None:
+    """Fold `unit.<norm_name>`, if a batch norm with running statistics, into `conv` and replace it by an Identity."""
+    norm = getattr(unit, norm_name)
+    if not isinstance(norm, nn.modules.batchnorm._BatchNorm) or norm.running_mean is None:
+        return
+    conv.weight, conv.bias = fuse_conv_bn_weights(
+        conv.weight, conv.bias, norm.running_mean, norm.running_var, norm.eps, norm.weight, norm.bias)
+    setattr(unit, norm_name, nn.Identity())
 
 
 @torch.no_grad()

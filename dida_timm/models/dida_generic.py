@@ -134,7 +134,12 @@ def add_dida(
     if not stages or any(not -num_stages <= s < num_stages for s in stages):
         raise ValueError(f'stages must be feature_info indices of {type(model).__name__} '
                          f'(-{num_stages}..{num_stages - 1}), got {stages!r}')
-    names = [feature_info[s % num_stages]['module'] for s in sorted({s % num_stages for s in stages})]
+    indices = sorted({s % num_stages for s in stages})
+    names = [feature_info[i]['module'] for i in indices]
+    for i, name in zip(indices, names):
+        if next(model.get_submodule(name).parameters(), None) is None:
+            raise ValueError(f'{type(model).__name__}.{name} (feature_info index {i}) has no parameters: a DIDA '
+                             'branch runs beside a stage, so choose another with stages=')
     wrapped = [n for n in names if isinstance(model.get_submodule(n), DidaStage)]
     if wrapped:
         raise ValueError(f'{wrapped} already have a DIDA branch')
