@@ -10,7 +10,7 @@ from timm.models import load_checkpoint
 from timm.models._manipulate import reinit_non_persistent_buffers
 from timm.utils.model import reparameterize_model
 
-from dida_timm.layers import DidaBranch, DidaModule, DidaStage
+from dida_timm.layers import DidaBranch, DidaModule, DidaStage, muted_if_untrained
 from dida_timm.models import DidaResNet, static_twin_filter_fn
 
 DEPTHS = (18, 34, 50, 101, 152)
@@ -241,6 +241,8 @@ def test_timm_reparameterize_model_gives_an_inference_form_with_the_same_outputs
     with torch.no_grad():
         torch.testing.assert_close(deployed(x), model(x), atol=1e-5, rtol=1e-4)
         torch.testing.assert_close(torch.jit.script(deployed)(x), deployed(x))
+    # its folded norms keep no training history: never taken for an untrained branch and muted
+    assert muted_if_untrained(reparameterize_model(timm.create_model(name))) is None
 
 
 def test_torchscript_and_fx_match_eager():
@@ -391,7 +393,6 @@ def test_loading_static_weights_keeps_the_fresh_branch_initialisation(tmp_path):
     ('dida_digitnet_compact', {}), ('dida_resnet50', {}),  # the branch ends in bn / in conv -> bn2
     ('dida_resnet18', dict(dida_layer_scale=0.5)), ('dida_convnext_atto', {})])  # a scale; LayerNorm2d + GELU
 def test_a_model_with_untrained_branches_is_muted_to_its_static_twin(name, kwargs):
-    from dida_timm.layers import muted_if_untrained
     size = 32 if 'digit' in name else 64
     model = timm.create_model(name, num_classes=5, **kwargs)
     twin = timm.create_model(name.replace('dida_', ''), num_classes=5)

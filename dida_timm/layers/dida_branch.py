@@ -159,8 +159,11 @@ def is_branch_parameter(name: str) -> bool:
 
 def _branch_is_untrained(branch: nn.Module) -> bool:
     """Whether `branch` is as initialised: no batch seen by its batch norms, every norm and scale at its initial
-    value. Training moves all three (a forward in train mode alone moves the BN counters)."""
+    value. Training moves all three (a forward in train mode alone moves the BN counters). An inference form's
+    norms are folded away, so whether it was trained is unknown: not untrained."""
     for m in branch.modules():
+        if isinstance(m, DidaModule) and hasattr(m, 'proj'):
+            return False
         if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.num_batches_tracked is not None \
                 and int(m.num_batches_tracked) > 0:
             return False
