@@ -34,7 +34,7 @@ on a CPU only Triton's interpreter runs them, far too slowly to time, so there `
 import argparse
 import statistics
 import time
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import timm
 import torch
@@ -218,10 +218,12 @@ def dynamic_conv_step_fn(
 RESNET_DEPTHS = (18, 34, 50, 101, 152)
 
 
-def model_pairs(depths: List[int]) -> List[Tuple[str, str, int, int]]:
-    """(DIDA model, static twin, image size, batch size) to compare."""
+def model_pairs(depths: List[int], generic: Sequence[str] = ()) -> List[Tuple[str, str, int, int]]:
+    """(DIDA model, static twin, image size, batch size) to compare: the DIDA-ResNets of `depths`, the digit nets and
+    the registered `dida_<base>` of each timm CNN in `generic`."""
     pairs = [(f'dida_resnet{d}', f'resnet{d}', 224, 32) for d in depths]
-    return pairs + [('dida_digitnet', 'digitnet', 32, 192), ('dida_digitnet_compact', 'digitnet_compact', 32, 192)]
+    pairs += [('dida_digitnet', 'digitnet', 32, 192), ('dida_digitnet_compact', 'digitnet_compact', 32, 192)]
+    return pairs + [(f'dida_{base}', base, 224, 32) for base in generic]
 
 
 def ops_cells(static: torch.nn.Module, dida: torch.nn.Module, x: torch.Tensor, units: int) -> str:
@@ -243,11 +245,13 @@ def print_model_table(
         ops_only: bool = False,
         batch_size: Optional[int] = None,
         reparameterize: bool = False,
+        generic: Sequence[str] = (),
 ) -> None:
     """Items 1-3 of the module docstring, one row per DIDA model, with the top-level aten ops of a forward (batches
     times `batch_scale`, or every batch `batch_size`; with `compile_mode`, both models of a pair are timed through
     `torch.compile(mode=compile_mode)`; `ops_only` skips everything but the op counts; `reparameterize` runs both
-    models' inference forms, timm's `reparameterize_model`, and skips the training steps)."""
+    models' inference forms, timm's `reparameterize_model`, and skips the training steps; `generic`: timm CNNs whose
+    registered DIDA models join the table)."""
     warmup = 3 if compile_mode else 1
     per_unit = 'extra ops per DIDA unit (all / running a kernel)'
     if ops_only:
@@ -257,7 +261,8 @@ def print_model_table(
         print('| model vs static twin | params | MACs | extra params | extra MACs | fwd aten ops (DIDA / static) '
               f'| {per_unit} | fwd latency ratio | train step images/s (static / DIDA) | train-step time ratio |')
         print('|---|---|---|---|---|---|---|---|---|---|')
-    for dida_name, static_name, img_size, default_batch in model_pairs(depths):
+    untrained = {f'dida_resnet{d}' for d in depths if d not in train_depths}
+    for dida_name, static_name, img_size, default_batch in model_pairs(depths, generic):
         batch = batch_size or default_batch * batch_scale
         static, dida = timm.create_model(static_name), timm.create_model(dida_name)
         units = dida_units(dida)
@@ -288,7 +293,7 @@ def print_model_table(
         throughput, ratio = '-', '-'
         if reparameterize:
             pass  # inference forms: their norms folded, their kernel bases constants
-        elif not dida_name.startswith('dida_resnet') or int(dida_name[len('dida_resnet'):]) in train_depths:
+        elif dida_name not in untrained:
             t = paired_times({'static': train_step_fn(static, x, y), 'dida': train_step_fn(dida, x, y)}, reps,
                              warmup)
             throughput = ' / '.join(f'{batch / statistics.median(t[k]):.0f}' for k in ('static', 'dida'))
@@ -317,6 +322,9 @@ def main(argv: Optional[List[str]] = None) -> None:
     parser.add_argument('--device', default='cpu',
                         help='cpu, an accelerator; or meta with --ops-only: tensors without data, so the ops of an '
                              'off-CPU eager forward (the DIDA unit\'s GPU forms) counted on any machine')
+    parser.add_argument('--generic', nargs='+', default=[], metavar='BASE',
+                        help='also each timm CNN BASE beside its registered dida_BASE (224 px, batch 32), e.g. '
+                             'convnext_atto efficientnet_b0')
     parser.add_argument('--branch-only', action='store_true', help='only the factored-vs-loop branch timings (4.)')
     parser.add_argument('--models-only', action='store_true', help='only the model table (1.-3.)')
     parser.add_argument('--batch-scale', type=int, default=1, help='multiply the model table\'s batch sizes')
@@ -328,7 +336,8 @@ def main(argv: Optional[List[str]] = None) -> None:
                         help='only count the top-level aten ops of each model\'s forward (seconds, no timing)')
     parser.add_argument('--reparameterize', action='store_true',
                         help='both models of each pair in their inference forms (timm\'s reparameterize_model: the '
-                             'DIDA units\' conv weights stored, their norms folded); forwards only')
+                             'DIDA units\' conv weights stored, their norms folded); forwards only, params and '
+                             'MACs of the trained forms')
     parser.add_argument('--triton', action='store_true',
                         help='DIDA units run their Triton kernels (a CUDA device; on a CPU, --ops-only under '
                              'TRITON_INTERPRET=1)')
@@ -338,6 +347,9 @@ def main(argv: Optional[List[str]] = None) -> None:
                                  ('batch_size', at_least(2))])
     if args.branch_only and (args.models_only or args.ops_only):
         parser.error('--branch-only: the branch timings are not part of the model table (--models-only, --ops-only)')
+    unknown = [b for b in args.generic if not timm.is_model(f'dida_{b}')]
+    if unknown:
+        parser.error(f'--generic: no registered dida_ model for {unknown} (see timm.list_models("dida_*"))')
     if args.reparameterize and (args.branch_only or args.triton):
         parser.error('--reparameterize: the inference forms run no Triton kernels and train no branch (--triton, '
                      '--branch-only)')
@@ -362,7 +374,7 @@ def main(argv: Optional[List[str]] = None) -> None:
 
     if not args.branch_only:
         print_model_table(args.depths, args.train_depths, args.reps, device, args.batch_scale, args.compile,
-                          args.ops_only, args.batch_size, args.reparameterize)
+                          args.ops_only, args.batch_size, args.reparameterize, args.generic)
     if args.ops_only or args.models_only:
         return
     print('\n## Factored DIDA branch vs the per-sample-loop reference (training step, batch 64, dida_resnet18 '

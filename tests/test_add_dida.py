@@ -6,7 +6,7 @@ import safetensors.torch
 import timm
 import torch
 import torch.nn.functional as F
-from timm.layers import LayerNorm2d
+from timm.layers import BatchNormAct2d, LayerNorm2d
 from timm.models import load_checkpoint
 from timm.models._manipulate import group_parameters
 from timm.utils.model import reparameterize_model
@@ -234,6 +234,21 @@ def test_reparameterize_model_runs_the_base_models_own_reparameterizations_and_t
     x = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
         torch.testing.assert_close(deployed(x), model(x), atol=1e-4, rtol=1e-4)
+
+
+def test_reparameterize_model_keeps_a_norm_that_also_activates():
+    # timm's BatchNormAct2d is a BatchNorm2d that also applies its activation: folding it would drop the GELU
+    torch.manual_seed(0)
+    model = add_dida(timm.create_model('resnet18', num_classes=5), norm_layer=BatchNormAct2d, act_layer='gelu')
+    with torch.no_grad():
+        for p in model.layer4.branch.parameters():
+            p.add_(torch.randn_like(p) * 0.5)  # a branch that matters: at initialisation its output is tiny
+    model.eval()
+    deployed = reparameterize_model(model)
+    assert isinstance(deployed.layer4.branch[0].bn, BatchNormAct2d)
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(deployed(x), model(x), atol=1e-5, rtol=1e-4)
 
 
 def test_add_dida_refuses_what_it_cannot_handle():

@@ -358,6 +358,25 @@ def test_digit_net_loads_its_static_twins_weights_with_a_fresh_branch(tmp_path):
         load_checkpoint(model, str(other), filter_fn=static_twin_filter_fn)
 
 
+def test_a_dida_checkpoint_must_match_the_branch_even_when_the_class_count_changes(tmp_path):
+    # with a new class count timm drops the classifier and loads the rest without its strict check: a branch that
+    # did not match (another layout, an inference form) used to keep its random initialisation with a log line
+    model = timm.create_model('dida_digitnet_compact', num_classes=5)
+    for name, weights in [('deployed', reparameterize_model(timm.create_model('dida_digitnet_compact')).state_dict()),
+                          ('deeper', timm.create_model('dida_digitnet_compact', branch_depth=2).state_dict())]:
+        path = tmp_path / f'{name}.safetensors'
+        safetensors.torch.save_file(weights, str(path))
+        with pytest.raises(RuntimeError, match='do not match the network of this DigitNet') as error:
+            timm.create_model('dida_digitnet_compact', pretrained=True, num_classes=5,
+                              pretrained_cfg_overlay=dict(file=str(path)))
+        assert ('reparameterize' in str(error.value)) == (name == 'deployed')
+    same = tmp_path / 'same.safetensors'
+    safetensors.torch.save_file(timm.create_model('dida_digitnet_compact').state_dict(), str(same))
+    loaded = timm.create_model('dida_digitnet_compact', pretrained=True, num_classes=5,
+                               pretrained_cfg_overlay=dict(file=str(same)))
+    assert loaded.get_classifier().out_features == 5 and model.state_dict().keys() == loaded.state_dict().keys()
+
+
 def _static_parts(model):
     from dida_timm.layers import DidaModule
     modules = [m for m in model.modules() if isinstance(m, DidaModule) and m.dynamic]

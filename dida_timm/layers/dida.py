@@ -258,8 +258,9 @@ class DidaModule(nn.Module):
         and the output's view; `DidaBranch.reparameterize` also folds the unit's batch norm into `proj`.
 
         timm's `reparameterize_model` reaches it through `DidaBranch`: that walk calls `fuse()` on any module with
-        an attribute of that name, so the inference form has none. The kernel basis is a constant from then on
-        (train first); the Triton kernels, which build the basis themselves, are off.
+        an attribute of that name, so the inference form has none, and a module outside a branch (or given to timm
+        as the model) must be reparameterized by this call. The kernel basis is a constant from then on (train
+        first); the Triton kernels, which build the basis themselves, are off.
         """
         if hasattr(self, 'proj'):
             return

@@ -89,9 +89,12 @@ class DidaBranch(nn.Sequential):
 
     @torch.no_grad()
     def reparameterize(self) -> None:
-        """Switch to the inference form, in place (timm's `reparameterize_model` calls it): every DIDA module's
-        (`DidaModule.reparameterize`), and each batch norm folded into the conv before it, with its running
-        statistics (the function of the branch in eval mode)."""
+        """Switch to the inference form, in place: every DIDA module's (`DidaModule.reparameterize`), and each batch
+        norm folded into the conv before it, with its running statistics (the function of the branch in eval mode).
+
+        timm's `reparameterize_model(model)` calls it on every branch inside `model`; a branch that is itself the
+        model given to timm is not reached by that walk: call this instead.
+        """
         for unit in self:
             unit.dida.reparameterize()
             _fold_norm(unit, unit.dida.proj, 'bn')
@@ -100,9 +103,10 @@ class DidaBranch(nn.Sequential):
 
 
 def _fold_norm(unit: nn.Module, conv: nn.Conv2d, norm_name: str) -> None:
-    """Fold `unit.<norm_name>`, if a batch norm with running statistics, into `conv` and replace it by an Identity."""
+    """Fold `unit.<norm_name>`, if a plain batch norm with running statistics, into `conv` and replace it by an
+    Identity. Subclasses that do more (timm's BatchNormAct2d activates) stay."""
     norm = getattr(unit, norm_name)
-    if not isinstance(norm, nn.modules.batchnorm._BatchNorm) or norm.running_mean is None:
+    if type(norm) not in (nn.BatchNorm2d, nn.SyncBatchNorm) or norm.running_mean is None:
         return
     conv.weight, conv.bias = fuse_conv_bn_weights(
         conv.weight, conv.bias, norm.running_mean, norm.running_var, norm.eps, norm.weight, norm.bias)
@@ -159,8 +163,9 @@ def is_branch_parameter(name: str) -> bool:
 
 def _branch_is_untrained(branch: nn.Module) -> bool:
     """Whether `branch` is as initialised: no batch seen by its batch norms, every norm and scale at its initial
-    value. Training moves all three (a forward in train mode alone moves the BN counters). An inference form's
-    norms are folded away, so whether it was trained is unknown: not untrained."""
+    value. Training moves all three (a forward in train mode alone moves the BN counters). An inference form
+    (`DidaBranch.reparameterize`) has no generators and its batch norms folded: whether it was trained is unknown,
+    so it is not taken for untrained."""
     for m in branch.modules():
         if isinstance(m, DidaModule) and hasattr(m, 'proj'):
             return False

@@ -24,32 +24,39 @@ def classifier_name(model: nn.Module) -> str:
 
 
 def static_twin_filter_fn(state_dict: Dict[str, torch.Tensor], model: nn.Module) -> Dict[str, torch.Tensor]:
-    """Adapt a static twin's state dict to `model`, or pass a DIDA one (or any, for a model without branch) through.
+    """Adapt a static twin's state dict to `model`, or check a DIDA one (or pass any, for a model without branch).
 
-    Every static key must match the model exactly (the classifier excepted, which timm adapts to a new class count
-    when loading pretrained weights); the branch keeps the model's fresh initialisation.
+    Every key must match the model exactly, the classifier excepted (timm adapts it to a new class count, and then
+    loads the rest without its strict check, so this check is the only one): a static twin's static keys, the
+    branch keeping the model's fresh initialisation; a DIDA state dict's keys, branch included.
 
     Raises:
         RuntimeError: naming the keys that are missing or unexpected.
     """
     state_dict = state_dict.get('state_dict', state_dict)
     stages = tuple(f'{name}.' for name, m in model.named_modules() if isinstance(m, DidaStage))
-    if not stages or any(is_branch_parameter(k) for k in state_dict):
+    if not stages:
         return state_dict
+    twin = not any(is_branch_parameter(k) for k in state_dict)
     out = {}
     for k, v in state_dict.items():
-        stage = next((s for s in stages if k.startswith(s)), None)
+        stage = next((s for s in stages if k.startswith(s)), None) if twin else None
         out[f'{stage}blocks.{k[len(stage):]}' if stage else k] = v
     model_state = model.state_dict()
     classifier = classifier_name(model) + '.'
-    static_keys = {k for k in model_state if not is_branch_parameter(k) and not k.startswith(classifier)}
+    expected = {k for k in model_state if not k.startswith(classifier) and not (twin and is_branch_parameter(k))}
     loaded_keys = {k for k in out if not k.startswith(classifier)}
-    missing, unexpected = sorted(static_keys - loaded_keys), sorted(loaded_keys - static_keys)
+    missing, unexpected = sorted(expected - loaded_keys), sorted(loaded_keys - expected)
     if missing or unexpected:
+        hint = ''
+        if any(k.endswith('.paths_weight') for k in unexpected):
+            hint = (' They hold inference forms of DIDA units (timm\'s reparameterize_model): load the trained weights, '
+                    'then reparameterize.')
         raise RuntimeError(
-            f'Weights do not match the static network inside this {type(model).__name__}: '
-            f'missing {missing[:8]}{" ..." if len(missing) > 8 else ""}, '
-            f'unexpected {unexpected[:8]}{" ..." if len(unexpected) > 8 else ""}.'
+            f'Weights do not match the {"static network inside this" if twin else "network of this"} '
+            f'{type(model).__name__}: missing {missing[:8]}{" ..." if len(missing) > 8 else ""}, '
+            f'unexpected {unexpected[:8]}{" ..." if len(unexpected) > 8 else ""}.{hint}'
         )
-    out.update({k: v for k, v in model_state.items() if is_branch_parameter(k)})
+    if twin:
+        out.update({k: v for k, v in model_state.items() if is_branch_parameter(k)})
     return out
