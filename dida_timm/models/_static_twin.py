@@ -50,8 +50,8 @@ def static_twin_filter_fn(state_dict: Dict[str, torch.Tensor], model: nn.Module)
     if missing or unexpected:
         hint = ''
         if any(k.endswith('.paths_weight') for k in unexpected):
-            hint = (' They hold inference forms of DIDA units (timm\'s reparameterize_model): load the trained weights, '
-                    'then reparameterize.')
+            hint = (' They hold inference forms of DIDA units (timm\'s reparameterize_model): load the trained '
+                    'weights, then reparameterize.')
         raise RuntimeError(
             f'Weights do not match the {"static network inside this" if twin else "network of this"} '
             f'{type(model).__name__}: missing {missing[:8]}{" ..." if len(missing) > 8 else ""}, '
