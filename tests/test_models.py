@@ -265,10 +265,13 @@ def test_torch_compile_fullgraph_matches_eager_for_several_batch_sizes():
 
 
 @pytest.mark.slow
-def test_onnx_export_with_dynamic_batch_matches_eager(tmp_path):
+@pytest.mark.parametrize('inference_form', [False, True])
+def test_onnx_export_with_dynamic_batch_matches_eager(tmp_path, inference_form):
     ort = pytest.importorskip('onnxruntime')
     pytest.importorskip('onnx')
     model = timm.create_model('dida_resnet18', num_classes=7).eval()
+    if inference_form:
+        model = reparameterize_model(model)
     path = tmp_path / 'dida_resnet18.onnx'
     batch = torch.export.Dim('batch', min=1, max=64)
     torch.onnx.export(model, (torch.randn(2, 3, 64, 64),), str(path), input_names=['input'],
