@@ -318,7 +318,7 @@ def main(argv: Optional[List[str]] = None) -> None:
     parser.add_argument('--depths', type=int, nargs='+', default=[18, 34, 50, 101, 152], choices=RESNET_DEPTHS)
     parser.add_argument('--train-depths', type=int, nargs='+', default=[18, 50], choices=RESNET_DEPTHS,
                         help='ResNet depths (among --depths) whose training step is timed (the digit nets always are)')
-    parser.add_argument('--reps', type=int, default=7)
+    parser.add_argument('--reps', type=int, default=7, help='timed rounds (at least 2: ratios carry their quartiles)')
     parser.add_argument('--device', default='cpu',
                         help='cpu, an accelerator; or meta with --ops-only: tensors without data, so the ops of an '
                              'off-CPU eager forward (the DIDA unit\'s GPU forms) counted on any machine')
@@ -343,7 +343,7 @@ def main(argv: Optional[List[str]] = None) -> None:
                              'TRITON_INTERPRET=1)')
     args = parser.parse_args(argv)
     check_options(parser, args, [('device', counting_device(args.ops_only)), ('depths', distinct),
-                                 ('train_depths', distinct), ('reps', at_least(1)), ('batch_scale', at_least(1)),
+                                 ('train_depths', distinct), ('reps', at_least(2)), ('batch_scale', at_least(1)),
                                  ('batch_size', at_least(2))])
     if args.branch_only and (args.models_only or args.ops_only):
         parser.error('--branch-only: the branch timings are not part of the model table (--models-only, --ops-only)')

@@ -13,13 +13,14 @@ import argparse
 import statistics
 import sys
 from pathlib import Path
-from typing import Dict
+from typing import Dict, List, Optional
 
 import timm
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 import dida_timm  # noqa: F401  registers the models
+from dida_timm.arguments import at_least, between, check_options
 from dida_timm.layers import DidaStage
 from dida_timm.training.run import describe_hardware
 
@@ -56,14 +57,22 @@ def branch_macs(model: torch.nn.Module, img_size: int) -> Dict[str, int]:
     return kinds
 
 
+def registered_bases(bases: List[str]) -> Optional[str]:
+    """The `--models` check: each a timm CNN with a registered `dida_` twin."""
+    unknown = [b for b in bases if not timm.is_model(f'dida_{b}')]
+    return f'no registered dida_ model for {unknown} (see timm.list_models("dida_*"))' if unknown else None
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument('--models', nargs='+', default=MODELS, help='timm base models with a registered dida_ twin')
-    parser.add_argument('--reps', type=int, default=5)
+    parser.add_argument('--reps', type=int, default=5, help='timed rounds (at least 2: ratios carry their quartiles)')
     parser.add_argument('--img-size', type=int, default=224)
     parser.add_argument('--forward-batch', type=int, default=32)
-    parser.add_argument('--train-batch', type=int, default=16)
+    parser.add_argument('--train-batch', type=int, default=16, help='at most --forward-batch (its first images)')
     args = parser.parse_args()
+    check_options(parser, args, [('models', registered_bases), ('reps', at_least(2)), ('img_size', at_least(32)),
+                                 ('forward_batch', at_least(2)), ('train_batch', between(2, args.forward_batch))])
     torch.manual_seed(0)
     print(f'# DIDA beside timm CNNs, {describe_hardware(torch.device("cpu"))}, torch {torch.__version__}, '
           f'timm {timm.__version__}, eager\n')

@@ -82,11 +82,11 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument('--rev', required=True, help='git revision whose DidaModule is timed against this checkout')
     parser.add_argument('--models', nargs='+', default=['dida_resnet18', 'dida_digitnet_compact'], choices=list(PAIRS))
-    parser.add_argument('--reps', type=int, default=21)
+    parser.add_argument('--reps', type=int, default=21, help='timed rounds (at least 2: ratios carry their quartiles)')
     parser.add_argument('--batch-size', type=int, default=None, help='every model at this batch (default: its own)')
     parser.add_argument('--device', default='cpu')
     args = parser.parse_args()
-    check_options(parser, args, [('models', distinct), ('reps', at_least(1)), ('batch_size', at_least(2)),
+    check_options(parser, args, [('models', distinct), ('reps', at_least(2)), ('batch_size', at_least(2)),
                                  ('device', usable_device)])
     then_cls = unit_class(args.rev)
     torch.manual_seed(0)
