@@ -29,6 +29,7 @@ from uda_runs import (  # noqa: E402
     METHODS, Study, emit_table, mean_std, offline_study, pseudo_label_cells, run_all, run_name, study_run)
 
 import dida_timm  # noqa: E402,F401  registers the models
+from dida_timm.arguments import at_least, check_options, distinct  # noqa: E402
 from dida_timm.data.offline_digits import DOMAINS  # noqa: E402
 from dida_timm.layers import is_branch_parameter  # noqa: E402
 
@@ -91,6 +92,8 @@ def main():
     parser.add_argument('--out', type=Path, default=Path('output/uda_accuracy'), help='run folders (resumable)')
     parser.add_argument('--markdown', type=Path, default=None, help='also write the table here')
     args = parser.parse_args()
+    check_options(parser, args, [('seeds', at_least(0)), ('seeds', distinct), ('variants', distinct),
+                                 ('jobs', at_least(1))])
     study = offline_study('full' if args.full else 'cpu')
 
     variants = ['dida'] + [v for v in args.variants if v != 'dida']

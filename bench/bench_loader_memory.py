@@ -13,6 +13,7 @@ from pathlib import Path
 
 from torch.utils.data import ConcatDataset, DataLoader
 
+from dida_timm.arguments import at_least, check_options
 from dida_timm.data import (
     CyclingBatchSampler, DomainBalancedSampler, TransformedDataset, TwoViewDataset, create_domain_datasets,
     create_uda_transforms)
@@ -40,6 +41,7 @@ def main():
     parser.add_argument('--epochs', type=int, default=40)
     parser.add_argument('--batch-size', type=int, default=32)
     args = parser.parse_args()
+    check_options(parser, args, [('workers', at_least(0)), ('epochs', at_least(1)), ('batch_size', at_least(1))])
     domains = ['mnist', 'syn_style', 'svhn_style', 'uci_digits']
     sources = create_domain_datasets('offline_digits', None, domains, 'train')
     target, = create_domain_datasets('offline_digits', None, ['mnistm_style'], 'train')
