@@ -291,9 +291,7 @@ def print_model_table(
             latency += f"; trained form {ratio_with_spread({'static': fwd['static'], 'dida': fwd['trained']})}"
         ops = ops_cells(static, dida, x, units)
         throughput, ratio = '-', '-'
-        if reparameterize:
-            pass  # inference forms: their norms folded, their kernel bases constants
-        elif dida_name not in untrained:
+        if not reparameterize and dida_name not in untrained:  # inference forms are not for training
             t = paired_times({'static': train_step_fn(static, x, y), 'dida': train_step_fn(dida, x, y)}, reps,
                              warmup)
             throughput = ' / '.join(f'{batch / statistics.median(t[k]):.0f}' for k in ('static', 'dida'))
