@@ -302,6 +302,12 @@ def print_model_table(
               flush=True)
 
 
+def registered_bases(bases: List[str]) -> Optional[str]:
+    """The check of an option naming timm CNNs: each has a registered `dida_` twin."""
+    unknown = [b for b in bases if not timm.is_model(f'dida_{b}')]
+    return f'no registered dida_ model for {unknown} (see timm.list_models("dida_*"))' if unknown else None
+
+
 def counting_device(ops_only: bool) -> Callable[[str], Optional[str]]:
     """The `--device` check: a device of this machine, or `meta` when only ops are counted."""
     def check(value: str) -> Optional[str]:
@@ -342,12 +348,9 @@ def main(argv: Optional[List[str]] = None) -> None:
     args = parser.parse_args(argv)
     check_options(parser, args, [('device', counting_device(args.ops_only)), ('depths', distinct),
                                  ('train_depths', distinct), ('reps', at_least(2)), ('batch_scale', at_least(1)),
-                                 ('batch_size', at_least(2))])
+                                 ('batch_size', at_least(2)), ('generic', registered_bases)])
     if args.branch_only and (args.models_only or args.ops_only):
         parser.error('--branch-only: the branch timings are not part of the model table (--models-only, --ops-only)')
-    unknown = [b for b in args.generic if not timm.is_model(f'dida_{b}')]
-    if unknown:
-        parser.error(f'--generic: no registered dida_ model for {unknown} (see timm.list_models("dida_*"))')
     if args.reparameterize and (args.branch_only or args.triton):
         parser.error('--reparameterize: the inference forms run no Triton kernels and train no branch (--triton, '
                      '--branch-only)')

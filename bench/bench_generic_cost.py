@@ -13,7 +13,7 @@ import argparse
 import statistics
 import sys
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Dict
 
 import timm
 import torch
@@ -25,7 +25,8 @@ from dida_timm.layers import DidaStage
 from dida_timm.training.run import describe_hardware
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_cost import count_macs, forward_fn, paired_times, ratio_with_spread, train_step_fn  # noqa: E402
+from bench_cost import (  # noqa: E402
+    count_macs, forward_fn, paired_times, ratio_with_spread, registered_bases, train_step_fn)
 
 MODELS = ['convnext_tiny', 'regnety_016', 'resnet50d', 'efficientnet_b0', 'mobilenetv3_large_100']
 
@@ -55,12 +56,6 @@ def branch_macs(model: torch.nn.Module, img_size: int) -> Dict[str, int]:
         kinds['depthwise'] += dida - reduce - fuse
         kinds['other'] += total - dida
     return kinds
-
-
-def registered_bases(bases: List[str]) -> Optional[str]:
-    """The `--models` check: each a timm CNN with a registered `dida_` twin."""
-    unknown = [b for b in bases if not timm.is_model(f'dida_{b}')]
-    return f'no registered dida_ model for {unknown} (see timm.list_models("dida_*"))' if unknown else None
 
 
 def main():

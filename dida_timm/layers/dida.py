@@ -297,14 +297,8 @@ class DidaModule(nn.Module):
         """Per-dilation (u, v): the kernel of a channel with code g is g * u + v."""
         if not hasattr(self, 'conv_kernel'):
             raise RuntimeError('this DidaModule was reparameterized: its kernel basis is folded into `paths_weight`')
-        bases = [kernel_basis(
-            self.conv_kernel.weight, self.conv_kernel.bias, self.conv_k.weight, self.conv_k.bias,
-            self.kernel_sizes[0])]
-        if self.two_paths:
-            bases.append(kernel_basis(
-                self.conv_kernel2.weight, self.conv_kernel2.bias, self.conv_k2.weight, self.conv_k2.bias,
-                self.kernel_sizes[1]))
-        return bases
+        tensors = self.generator_tensors()
+        return [kernel_basis(*tensors[4 * i:4 * i + 4], k) for i, k in enumerate(self.kernel_sizes)]
 
     @torch.jit.ignore
     def generate_kernels(self, x: torch.Tensor) -> List[torch.Tensor]:
