@@ -221,7 +221,7 @@ def test_add_dida_on_unregistered_cnns_changes_outputs_and_round_trips_its_weigh
     assert not torch.allclose(model(X), out), 'the branch does not reach the output'
 
 
-def test_reparameterize_model_runs_the_base_models_own_reparameterizations_and_the_branchs():
+def test_reparameterize_model_reparameterizes_the_base_model_and_the_branch():
     # FastViT's MobileOne blocks fold their training-time branches (reparameterize); the DIDA branch beside its
     # last stage (LayerNorm-free: BatchNorm2d and GELU) stores its conv weight and folds its norm
     torch.manual_seed(0)
