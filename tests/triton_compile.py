@@ -54,7 +54,7 @@ UNITS = (
 )
 
 
-_REPORTS = {}  # (source hash, arch) -> (registers, bytes spilled)
+_REPORTS = {}  # (source hash, arch, warps) -> (registers, bytes spilled)
 
 
 class _Recorder:
@@ -98,6 +98,8 @@ def compile_launch(name: str, args: tuple, constexprs: dict, arch: int) -> Tuple
         Registers a thread and bytes of spill stores, from the report of Triton's own ptxas run.
     """
     kernel = getattr(_dida_kernels, name)
+    constexprs = dict(constexprs)
+    options = {'num_warps': constexprs.pop('num_warps', 4)}  # a launch option, as Triton's JIT takes it
     target = GPUTarget('cuda', arch, 32)
     backend = make_backend(target)
     names = [n for n in kernel.arg_names if n not in constexprs]
@@ -113,13 +115,13 @@ def compile_launch(name: str, args: tuple, constexprs: dict, arch: int) -> Tuple
         signature[arg_name] = kind
     signature = {n: signature.get(n, 'constexpr') for n in kernel.arg_names}
     source = ASTSource(kernel, signature, constants, attrs)
-    key = source.hash(), arch
+    key = source.hash(), arch, options['num_warps']
     if key in _REPORTS:  # the same specialisation as an earlier launch: Triton would not compile it again
         return _REPORTS[key]
     report = io.StringIO()
     triton.knobs.nvidia.dump_ptxas_log = True  # Triton prints ptxas's -v report
     with contextlib.redirect_stdout(report):
-        triton.compile(source, target=target)
+        triton.compile(source, target=target, options=options)
     registers = re.search(r'Used (\d+) registers', report.getvalue())
     spills = re.search(r'(\d+) bytes spill stores', report.getvalue())
     if registers is None or spills is None:
@@ -142,15 +144,16 @@ def main(argv: List[str] = None) -> int:
                                         getattr(torch, dtype))
                 for name, launch_args, constexprs in calls:
                     launch = (f'sm_{arch} {dtype} kernel sizes {kernel_sizes} dilations {dilations} stride {stride} '
-                              f'map {height}x{width} r {channels}: {name}')
+                              f'map {height}x{width} r {channels}: {name}, {constexprs.get("num_warps", 4)} warps')
                     print(launch, end='', flush=True)
                     registers, spill = compile_launch(name, launch_args, constexprs, arch)
                     print(f': {registers} registers, {spill} bytes spilled', flush=True)
                     compiled += 1
                     if spill:
                         spilled.append(launch)
-    print(f'compiled {compiled} launches ({len(_REPORTS)} distinct); register spills: {len(spilled) or "none"}',
-          flush=True)
+    most = max(registers for registers, _ in _REPORTS.values())
+    print(f'compiled {compiled} launches ({len(_REPORTS)} distinct); register spills: {len(spilled) or "none"}; '
+          f'most registers a thread: {most}', flush=True)
     return 0
 
 if __name__ == '__main__':

@@ -119,9 +119,13 @@ def _launch_backward(
     kernel_grad = pre.new_empty(n * r, sum(generators[i].numel() for i in range(0, len(generators), 4)),
                                 dtype=torch.float32)
     padded = _padded(generators)
+    # 8 warps where the [taps, positions] tiles are full (4096 values), as the backward holds several: at 4 warps
+    # Triton 3.6 (torch 2.11's) gave it 255 registers a thread and spilled in 5 of tests/triton_compile.py's 66
+    # launches; at 8 none spilled, under Triton 3.6 and 3.8, at 180 registers at most (ptxas, sm_90)
+    warps = 8 if max(constants['TAPS1'], constants['TAPS2']) * constants['BLOCK'] >= 4096 else 4
     _dida_kernels.dynamic_paths_backward[(n * r,)](
         pre, grad.contiguous(), code, pre_grad, kernel_grad, *padded,
-        r, height, width, out_height, out_width, **constants)
+        r, height, width, out_height, out_width, num_warps=warps, **constants)
     if not with_generator_grads:  # frozen generators: the per-row kernel gradients were needed for dL/dg only
         return pre_grad, [None] * len(generators)
     generator_grads = [torch.empty_like(g) for g in generators]
