@@ -34,7 +34,8 @@ for name in "${steps[@]}"; do
     fi
 done
 mkdir -p "$out"
-export PYTHONPATH="$PWD" PYTHONUNBUFFERED=1
+# the checkout first, then whatever the caller put on the path (packages carried to a machine that lacks them)
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 python=${PYTHON:-python3}
 cost="$python bench/bench_cost.py --device cuda --depths 18 --train-depths 18 --reps 21 --models-only"
 parts="$python bench/bench_branch_parts.py --device cuda --reps 100"

@@ -1,4 +1,5 @@
 """Options that make no sense are refused where they are parsed: `error: --option: why`, exit 2."""
+import os
 import runpy
 import subprocess
 import sys
@@ -199,6 +200,20 @@ def test_gpu_checks_refuse_an_unknown_step_before_running_anything(tmp_path):
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2 and 'unknown step: bogus' in proc.stderr
     assert not out.exists()  # nothing ran, not even the version check
+
+
+def test_gpu_checks_keep_the_callers_python_path(tmp_path):
+    """Packages carried to a GPU machine that lacks them (a path the caller exports) stay importable after the
+    checkout: the script's Python is a stand-in here that prints the path it was given."""
+    python = tmp_path / 'python'
+    python.write_text('#!/bin/sh\necho "path=$PYTHONPATH"\n')
+    python.chmod(0o755)
+    env = {**os.environ, 'PYTHON': str(python), 'PYTHONPATH': '/carried/site'}
+    proc = subprocess.run(['bash', str(REPO / 'bench/gpu_checks.sh'), str(tmp_path / 'out'), 'eager'], cwd=REPO,
+                          env=env, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    for step in ('versions', 'eager'):
+        assert (tmp_path / 'out' / f'{step}.txt').read_text().strip() == f'path={REPO}:/carried/site'
 
 
 @pytest.mark.parametrize('argv, option', [
