@@ -11,7 +11,8 @@ Run as a script, Triton's interpreter off (a compiler crash ends the process, no
 
     python tests/triton_compile.py --arch 90 80
 
-Prints a line per launch before compiling it, so a crash names its configuration.
+Prints a line per launch before compiling it, so a crash names its configuration. Needs Triton >= 3.6, whose
+argument specialisation (`native_specialize_impl`, internal) it calls.
 """
 import argparse
 import contextlib
