@@ -59,13 +59,14 @@ _REPORTS = {}  # (source hash, arch, warps) -> (registers, bytes spilled)
 
 
 class _Recorder:
-    """Stands in for a `@triton.jit` kernel: `kernel[grid](*args, **constexprs)` records the call."""
+    """Stands in for a `@triton.jit` kernel: `kernel[grid](*args, num_warps=..., **constexprs)` records the call,
+    its warps (Triton's default 4 where the launch names none) apart from its constexprs."""
 
     def __init__(self, name: str, calls: list):
         self.name, self.calls = name, calls
 
     def __getitem__(self, grid):
-        return lambda *args, **constexprs: self.calls.append((self.name, args, constexprs))
+        return lambda *args, num_warps=4, **constexprs: self.calls.append((self.name, args, constexprs, num_warps))
 
 
 def record_launches(kernel_sizes: Sequence[int], dilations: Sequence[int], stride: int, height: int, width: int,
@@ -92,15 +93,13 @@ def record_launches(kernel_sizes: Sequence[int], dilations: Sequence[int], strid
     return calls
 
 
-def compile_launch(name: str, args: tuple, constexprs: dict, arch: int) -> Tuple[int, int]:
+def compile_launch(name: str, args: tuple, constexprs: dict, warps: int, arch: int) -> Tuple[int, int]:
     """Compile one recorded launch for `arch`, each argument specialised by Triton's own rule.
 
     Returns:
         Registers a thread and bytes of spill stores, from the report of Triton's own ptxas run.
     """
     kernel = getattr(_dida_kernels, name)
-    constexprs = dict(constexprs)
-    options = {'num_warps': constexprs.pop('num_warps', 4)}  # a launch option, as Triton's JIT takes it
     target = GPUTarget('cuda', arch, 32)
     backend = make_backend(target)
     names = [n for n in kernel.arg_names if n not in constexprs]
@@ -116,13 +115,13 @@ def compile_launch(name: str, args: tuple, constexprs: dict, arch: int) -> Tuple
         signature[arg_name] = kind
     signature = {n: signature.get(n, 'constexpr') for n in kernel.arg_names}
     source = ASTSource(kernel, signature, constants, attrs)
-    key = source.hash(), arch, options['num_warps']
+    key = source.hash(), arch, warps
     if key in _REPORTS:  # the same specialisation as an earlier launch: Triton would not compile it again
         return _REPORTS[key]
     report = io.StringIO()
     triton.knobs.nvidia.dump_ptxas_log = True  # Triton prints ptxas's -v report
     with contextlib.redirect_stdout(report):
-        triton.compile(source, target=target, options=options)
+        triton.compile(source, target=target, options={'num_warps': warps})
     registers = re.search(r'Used (\d+) registers', report.getvalue())
     spills = re.search(r'(\d+) bytes spill stores', report.getvalue())
     if registers is None or spills is None:
@@ -143,11 +142,11 @@ def main(argv: List[str] = None) -> int:
             for kernel_sizes, dilations, stride, height, width, channels in UNITS:
                 calls = record_launches(kernel_sizes, dilations, stride, height, width, channels,
                                         getattr(torch, dtype))
-                for name, launch_args, constexprs in calls:
+                for name, launch_args, constexprs, warps in calls:
                     launch = (f'sm_{arch} {dtype} kernel sizes {kernel_sizes} dilations {dilations} stride {stride} '
-                              f'map {height}x{width} r {channels}: {name}, {constexprs.get("num_warps", 4)} warps')
+                              f'map {height}x{width} r {channels}: {name}, {warps} warps')
                     print(launch, end='', flush=True)
-                    registers, spill = compile_launch(name, launch_args, constexprs, arch)
+                    registers, spill = compile_launch(name, launch_args, constexprs, warps, arch)
                     print(f': {registers} registers, {spill} bytes spilled', flush=True)
                     compiled += 1
                     if spill:

@@ -30,6 +30,8 @@ _USE_TRITON = os.environ.get('DIDA_TRITON', '0') == '1'
 _HAS_TRITON = importlib.util.find_spec('triton') is not None
 # read once, as Triton reads it when the kernels are defined
 _INTERPRET = os.environ.get('TRITON_INTERPRET', '0') == '1'
+# the most values a [taps, positions] tile of the kernels holds (its positions, BLOCK, are capped to fit)
+_TILE_VALUES = 4096
 if _USE_TRITON and not _HAS_TRITON:
     warnings.warn('DIDA_TRITON=1 but the triton package is missing: DIDA units run eager')
 
@@ -72,9 +74,9 @@ def _constants(generators: List[Tensor], stride: int, dilations: Sequence[int], 
         STRIDE=stride, PATHS=len(generators) // 4,
         KSIZE1=kernel_sizes[0], DILATION1=dilations[0], TAPS1=taps[0],
         KSIZE2=kernel_sizes[1], DILATION2=dilations[1], TAPS2=taps[1],
-        # [taps, positions] tiles of at most 4096 values (32 a thread of 4 warps): at 14 x 14 maps this took the 5x5
+        # [taps, positions] tiles of at most _TILE_VALUES (32 a thread of 4 warps): at 14 x 14 maps this took the 5x5
         # and 7x7 kernels' backward from 238-246 registers a thread to 164-168 (ptxas, sm_90, fp32); 3x3 unchanged
-        BLOCK=min(max(triton.next_power_of_2(size), 16), 4096 // max(taps)),
+        BLOCK=min(max(triton.next_power_of_2(size), 16), _TILE_VALUES // max(taps)),
     )
 
 
@@ -119,10 +121,10 @@ def _launch_backward(
     kernel_grad = pre.new_empty(n * r, sum(generators[i].numel() for i in range(0, len(generators), 4)),
                                 dtype=torch.float32)
     padded = _padded(generators)
-    # 8 warps where the [taps, positions] tiles are full (4096 values), as the backward holds several: at 4 warps
+    # 8 warps where the [taps, positions] tiles are full (_TILE_VALUES), as the backward holds several: at 4 warps
     # Triton 3.6 (torch 2.11's) gave it 255 registers a thread and spilled in 5 of tests/triton_compile.py's 66
     # launches; at 8 none spilled, under Triton 3.6 and 3.8, at 180 registers at most (ptxas, sm_90)
-    warps = 8 if max(constants['TAPS1'], constants['TAPS2']) * constants['BLOCK'] >= 4096 else 4
+    warps = 8 if max(constants['TAPS1'], constants['TAPS2']) * constants['BLOCK'] >= _TILE_VALUES else 4
     _dida_kernels.dynamic_paths_backward[(n * r,)](
         pre, grad.contiguous(), code, pre_grad, kernel_grad, *padded,
         r, height, width, out_height, out_width, num_warps=warps, **constants)
