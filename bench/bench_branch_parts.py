@@ -63,7 +63,7 @@ def matmul_triton_forward(module: DidaModule, x: torch.Tensor) -> torch.Tensor:
     pre = dida.pointwise_matmul(x, module.conv.weight, module.conv.bias)
     h, w = pre.shape[2:]
     paths = dynamic_paths(pre.flatten(2), module.generator_tensors(), h, w, module.stride, list(module.dilations))
-    return module.fuse_paths(paths, *output_size(h, w, module.stride))
+    return module.fuse_paths(paths.transpose(1, 2), *output_size(h, w, module.stride))
 
 
 def matmul_1x1s(fn: Callable[[], None]) -> Callable[[], None]:

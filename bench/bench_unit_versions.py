@@ -4,7 +4,8 @@ Builds each DIDA model once and a copy of it whose every `DidaModule` is the cla
 REV:dida_timm/layers/dida.py`, with the same weights (the state dicts are the same across revisions), checks that
 the two compute the same outputs, and times the static twin, the copy (`then`) and the model (`now`) in
 interleaved rounds: a training step (forward + backward + SGD step) at the model table's batch of
-bench/bench_cost.py, or at `--batch-size`. Prints, per model, the ratio of medians to the static twin for both
+bench/bench_cost.py, or at `--batch-size`; with `--reparameterize`, an eval forward of the three models' inference
+forms (timm's `reparameterize_model`, each unit reparameterized by its own class). Prints, per model, the ratio of medians to the static twin for both
 units with the quartiles of the per-round ratios, and now / then per round, so a change to the unit is measured
 side by side rather than across two runs of bench_cost.py.
 
@@ -12,6 +13,7 @@ side by side rather than across two runs of bench_cost.py.
     python bench/bench_unit_versions.py --rev a02e343 --models dida_digitnet_compact --reps 150
     python bench/bench_unit_versions.py --rev a02e343 --batch-size 2 --reps 300   # call-overhead regime
     python bench/bench_unit_versions.py --rev a02e343 --device cuda
+    python bench/bench_unit_versions.py --rev 609d1bd --reparameterize --batch-size 2 --reps 300
 """
 import argparse
 import copy
@@ -22,13 +24,14 @@ from typing import Dict, List, Optional
 
 import timm
 import torch
+from timm.utils.model import reparameterize_model
 
 import dida_timm  # noqa: F401  registers the models
 from dida_timm.arguments import at_least, check_options, distinct, usable_device
 from dida_timm.layers import DidaModule
 from dida_timm.training.run import describe_hardware
 
-from bench_cost import model_pairs, paired_times, ratio_with_spread, train_step_fn
+from bench_cost import forward_fn, model_pairs, paired_times, ratio_with_spread, train_step_fn
 
 REPO = Path(__file__).resolve().parents[1]
 PAIRS = {pair[0]: pair for pair in model_pairs([18, 50])}  # DIDA model -> (it, static twin, image size, batch)
@@ -59,20 +62,24 @@ def with_units_of(model: torch.nn.Module, cls: type) -> torch.nn.Module:
     return model
 
 
-def compare(name: str, then_cls: type, batch_size: Optional[int], reps: int, device: torch.device) -> str:
+def compare(
+        name: str, then_cls: type, batch_size: Optional[int], reps: int, device: torch.device, reparameterize: bool,
+) -> str:
     """One table row: the static twin, the model with the other revision's units, and the model as it is now."""
     _, static_name, img_size, default_batch = PAIRS[name]
     batch = batch_size or default_batch
     now, static = timm.create_model(name), timm.create_model(static_name)
     then = with_units_of(now, then_cls)
-    now, static, then = (m.to(device) for m in (now, static, then))
+    models = {'static': static, 'then': then, 'now': now}
+    if reparameterize:
+        models = {k: reparameterize_model(m.eval()) for k, m in models.items()}
+    models = {k: m.to(device) for k, m in models.items()}
     x = torch.randn(batch, 3, img_size, img_size, device=device)
     y = torch.randint(0, static.num_classes, (batch,), device=device)
     with torch.no_grad():
-        diff = (then.eval()(x) - now.eval()(x)).abs().max().item()
-    times: Dict[str, List[float]] = paired_times(
-        {'static': train_step_fn(static, x, y), 'then': train_step_fn(then, x, y), 'now': train_step_fn(now, x, y)},
-        reps, warmup=2)
+        diff = (models['then'].eval()(x) - models['now'].eval()(x)).abs().max().item()
+    step = (lambda m: forward_fn(m, x)) if reparameterize else (lambda m: train_step_fn(m, x, y))
+    times: Dict[str, List[float]] = paired_times({k: step(m) for k, m in models.items()}, reps, warmup=2)
     cells = [ratio_with_spread({'static': times['static'], 'dida': times[k]}) for k in ('then', 'now')]
     cells.append(ratio_with_spread({'static': times['then'], 'dida': times['now']}))
     return f'| {name} (b{batch}, {img_size} px) | {diff:.1e} | ' + ' | '.join(cells) + ' |'
@@ -85,18 +92,21 @@ def main():
     parser.add_argument('--reps', type=int, default=21, help='timed rounds (at least 2: ratios carry their quartiles)')
     parser.add_argument('--batch-size', type=int, default=None, help='every model at this batch (default: its own)')
     parser.add_argument('--device', default='cpu')
+    parser.add_argument('--reparameterize', action='store_true',
+                        help="time eval forwards of the inference forms (timm's reparameterize_model)")
     args = parser.parse_args()
     check_options(parser, args, [('models', distinct), ('reps', at_least(2)), ('batch_size', at_least(2)),
                                  ('device', usable_device)])
     then_cls = unit_class(args.rev)
     torch.manual_seed(0)
     device = torch.device(args.device)
-    print(f'# training step, DIDA unit of {args.rev} (then) vs this checkout (now), {describe_hardware(device)}, '
+    timed = 'eval forward of the inference forms' if args.reparameterize else 'training step'
+    print(f'# {timed}, DIDA unit of {args.rev} (then) vs this checkout (now), {describe_hardware(device)}, '
           f'torch {torch.__version__}, timm {timm.__version__}, {args.reps} interleaved rounds\n')
     print('| model | max output diff | then / static | now / static | now / then |')
     print('|---|---|---|---|---|')
     for name in args.models:
-        print(compare(name, then_cls, args.batch_size, args.reps, device), flush=True)
+        print(compare(name, then_cls, args.batch_size, args.reps, device, args.reparameterize), flush=True)
 
 
 if __name__ == '__main__':

@@ -78,14 +78,15 @@ def test_op_counts_on_the_meta_device_are_the_gpu_forms(capsys):
 
 def test_inference_forms_run_at_most_15_extra_ops_per_unit_on_the_gpu_forms(capsys):
     # the forward target, met by the eager unit once timm's reparameterize_model has stored its conv weight
-    # and folded its norms (22.5-25.3 ops per unit before)
+    # and folded its norms (22.5-25.3 ops per unit before), ConvNeXt's LayerNorm (three ops) included since the
+    # fuse reads the paths without a re-layout (16.0 before)
     cost_main(['--ops-only', '--depths', '18', '50', '--device', 'meta', '--reparameterize',
-               '--generic', 'efficientnet_b0'])
+               '--generic', 'efficientnet_b0', 'convnext_atto'])
     rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith('| dida_')]
-    assert len(rows) == 5 and rows[-1].startswith('| dida_efficientnet_b0 vs efficientnet_b0 |')
+    assert len(rows) == 6 and rows[-1].startswith('| dida_convnext_atto vs convnext_atto |')
     for row in rows:
         ops, kernel_ops = (float(v) for v in row.split('|')[3].split('(')[0].split('/'))
-        assert ops <= 15 and kernel_ops <= 12, row
+        assert ops <= 15 and kernel_ops <= 11, row
     with pytest.raises(SystemExit):
         cost_main(['--ops-only', '--reparameterize', '--triton'])
     assert '--reparameterize: the inference forms run no Triton kernels' in capsys.readouterr().err

@@ -2,10 +2,12 @@
 import subprocess
 import sys
 from pathlib import Path
+from unittest import mock
 
 import pytest
 import timm
 import torch
+from timm.utils.model import reparameterize_model
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / 'bench'))
@@ -37,3 +39,20 @@ def test_every_unit_is_swapped_for_the_revisions_class_with_the_same_weights():
 def test_an_unknown_revision_is_refused_by_name():
     with pytest.raises(SystemExit, match='--rev: git show no-such-rev'):
         unit_class('no-such-rev')
+
+
+def test_inference_forms_are_compared_each_reparameterized_by_its_own_class():
+    import bench_unit_versions
+    forms = []
+
+    def recording(model):
+        deployed = reparameterize_model(model)
+        forms.append(deployed)
+        return deployed
+    with mock.patch.object(bench_unit_versions, 'reparameterize_model', recording):
+        row = bench_unit_versions.compare('dida_digitnet_compact', unit_class('HEAD'), 2, 2, torch.device('cpu'),
+                                          reparameterize=True)
+    units = [[m for m in model.modules() if type(m).__name__ == 'DidaModule'] for model in forms]
+    assert [len(u) for u in units] == [0, 1, 1] and type(units[1][0]) is not DidaModule
+    assert all(hasattr(u[0], 'paths_weight') for u in units[1:])
+    assert float(row.split('|')[2]) <= 1e-5  # the two inference forms compute the same outputs

@@ -253,9 +253,11 @@ class DidaModule(nn.Module):
 
         A trained unit's grouped-conv weight depends on the generator parameters alone, so it is computed once and
         kept as the buffer `paths_weight` (the generator convs, `weight_index` and `zero` go), and the shared `fuse`
-        conv becomes `proj`, one 1x1 conv with a copy of it per path (groups = paths) that reads the paths in their
-        path-major layout and writes their concatenation. The forward skips the weight's gather and multiply-add
-        and the output's view; `DidaBranch.reparameterize` also folds the unit's batch norm into `proj`.
+        conv becomes `proj`, one dense 1x1 conv holding a copy of it per path: it reads the paths in the
+        channel-major layout the blend writes (input channel j * paths + p) and writes their concatenation, so the
+        forward skips the weight's gather and multiply-add and the paths' re-layout copy (`proj` runs `paths` times
+        the fuse's multiply-adds, zeros included). `DidaBranch.reparameterize` also folds the unit's batch norm into
+        `proj`.
 
         timm's `reparameterize_model` reaches it through `DidaBranch`: that walk calls `fuse()` on any module with
         an attribute of that name, so the inference form has none, and a module outside a branch (or given to timm
@@ -272,9 +274,14 @@ class DidaModule(nn.Module):
             self.use_triton = False
         num_paths = len(self.dilations)
         fuse = self.fuse
-        self.proj = nn.Conv2d(fuse.in_channels * num_paths, fuse.out_channels * num_paths, 1, groups=num_paths,
-                              device=fuse.weight.device, dtype=fuse.weight.dtype)
-        self.proj.weight.copy_(fuse.weight.repeat(num_paths, 1, 1, 1))
+        out_chs, r = fuse.out_channels, fuse.in_channels
+        self.proj = nn.Conv2d(r * num_paths, out_chs * num_paths, 1, device=fuse.weight.device,
+                              dtype=fuse.weight.dtype)
+        # output channel (p, o) reads input channel (j, p) through fuse.weight[o, j]; the other paths' inputs get 0
+        weight = fuse.weight.new_zeros(num_paths, out_chs, r, num_paths)
+        for path in range(num_paths):
+            weight[path, :, :, path] = fuse.weight.view(out_chs, r)
+        self.proj.weight.copy_(weight.view(num_paths * out_chs, r * num_paths, 1, 1))
         self.proj.bias.copy_(fuse.bias.repeat(num_paths))
         del self.fuse
 
@@ -330,26 +337,24 @@ class DidaModule(nn.Module):
             code: Kernel codes g, [N, r, 1, 1] shared by the paths (shared reduction), else [N, r, paths, 1].
 
         Returns:
-            The paths, [N, paths, r, H' * W'] (a view of a tensor laid out [N, r, paths, H' * W'] or, on CPU,
-            [N, H' * W', r, paths]).
+            The paths, channel-major: [N, r, paths, H' * W'] (laid out so, or on CPU [N, H' * W', r, paths]).
         """
         out = F.conv2d(_grouped_conv_input(feat), self.conv_weight(), None, self.stride, self.padding,
                        self.conv_dilation, groups=self.reduced_chs)
         # a view in either memory layout (it splits the channels and merges the rows with the columns)
         shift, slope = out.view(out.shape[0], self.reduced_chs, 2, -1, out.shape[2] * out.shape[3]).unbind(2)
-        return torch.addcmul(shift, slope, code).transpose(1, 2)
+        return torch.addcmul(shift, slope, code)
 
     def fuse_paths(self, paths: torch.Tensor, height: int, width: int) -> torch.Tensor:
-        """The shared `fuse` conv on every path, concatenated: [N, paths, r, H' * W' or H', W'] -> [N, P, H', W']."""
-        n, num_paths, r = paths.shape[:3]
-        # path-major rows (at most a copy of the r-channel input, never of the P-channel output) make the conv's
-        # result the concatenation of the paths
-        if hasattr(self, 'proj'):
-            return pointwise_conv(paths.reshape(n, num_paths * r, height, width), self.proj.weight, self.proj.bias,
-                                  num_paths)
-        else:
-            out = pointwise_conv(paths.reshape(n * num_paths, r, height, width), self.fuse.weight, self.fuse.bias)
-            return out.view(n, -1, height, width)
+        """The shared `fuse` conv on every path, concatenated: [N, r, paths, H' * W' or H', W'] -> [N, P, H', W']."""
+        n, r, num_paths = paths.shape[:3]
+        if hasattr(self, 'proj'):  # reads the channel-major paths as they are (a view in the blend's layouts)
+            return pointwise_conv(paths.reshape(n, r * num_paths, height, width), self.proj.weight, self.proj.bias)
+        # path-major rows (a copy of the r-channel input, never of the P-channel output) make the conv's result the
+        # concatenation of the paths
+        out = pointwise_conv(paths.transpose(1, 2).reshape(n * num_paths, r, height, width), self.fuse.weight,
+                             self.fuse.bias)
+        return out.view(n, -1, height, width)
 
     def generator_tensors(self) -> List[torch.Tensor]:
         """Per dilation the generator's `conv_kernel.weight`, `conv_kernel.bias`, `conv_k.weight`, `conv_k.bias`."""
@@ -393,6 +398,7 @@ class DidaModule(nn.Module):
                 code = torch.stack(self.kernel_codes(x), 2).unsqueeze(3)
             paths = self.dynamic_conv(feat, code)
         else:
-            paths = torch.stack([self.conv_kernel(feat), self.conv_kernel2(feat)] if self.two_paths
-                                else [self.conv_kernel(feat)], 1)
+            outs = [self.conv_kernel(feat), self.conv_kernel2(feat)] if self.two_paths else [self.conv_kernel(feat)]
+            # channel-major as `fuse_paths` takes them, stored as its conv reads them (no copy either way)
+            paths = torch.stack(outs, 2) if hasattr(self, 'proj') else torch.stack(outs, 1).transpose(1, 2)
         return self.fuse_paths(paths, height, width)
