@@ -18,6 +18,7 @@ from PIL import Image
 from dida_timm.data import read_class_folders
 from dida_timm.hub import validate_hub_config
 from dida_timm.training import NonFiniteLossError, UdaConfig, load_last_checkpoint, save_checkpoint, train_one_epoch
+from dida_timm.training.distributed import broadcast_from_main
 from dida_timm.training.loop import MultiViewModel
 
 REPO = Path(__file__).resolve().parents[1]
@@ -241,3 +242,19 @@ def test_hub_config_is_validated_at_the_revision_timm_loads(tmp_path, offline_hu
     add_snapshot(offline_hub, 'org/pickled', {n: (pickled / n).read_bytes() for n in ('config.json', 'pytorch_model.bin')})
     with pytest.raises(ValueError, match='no model.safetensors'):
         create_model('hf-hub:org/pickled', pretrained=True)
+
+
+def _broadcast_rank(rank: int, init_file: str, out_dir: str) -> None:
+    torch.distributed.init_process_group('gloo', init_method=f'file://{init_file}', rank=rank, world_size=2)
+    try:
+        Path(out_dir, str(rank)).write_text(broadcast_from_main(f'clock of rank {rank}'))
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def test_every_rank_takes_rank_0s_run_folder_name(tmp_path):
+    # torchrun's ranks reach the clock at different times (seconds apart under load): a name built from each rank's
+    # clock sent rank 1 to a folder that was never made, and the run failed at its end
+    torch.multiprocessing.spawn(_broadcast_rank, args=(str(tmp_path / 'init'), str(tmp_path)), nprocs=2)
+    assert [Path(tmp_path, str(r)).read_text() for r in (0, 1)] == ['clock of rank 0'] * 2
+    assert broadcast_from_main('alone') == 'alone'  # no process group: the value itself

@@ -5,12 +5,14 @@ stops the job then) would block the others for torch's default 30 minutes; here 
 """
 import os
 from datetime import timedelta
-from typing import Tuple
+from typing import Tuple, TypeVar
 
 import torch
 import torch.distributed as dist
 
-__all__ = ['init_distributed']
+__all__ = ['broadcast_from_main', 'init_distributed']
+
+T = TypeVar('T')
 
 
 def init_distributed(device: str, timeout_s: float = 600.0) -> Tuple[torch.device, int, int]:
@@ -27,3 +29,13 @@ def init_distributed(device: str, timeout_s: float = 600.0) -> Tuple[torch.devic
         torch.cuda.set_device(device)
     dist.init_process_group('nccl' if device.startswith('cuda') else 'gloo', timeout=timedelta(seconds=timeout_s))
     return torch.device(device), dist.get_rank(), dist.get_world_size()
+
+
+def broadcast_from_main(value: T) -> T:
+    """`value` as rank 0 holds it, on every rank: for what each rank would work out apart and must agree on (a name
+    built from the clock). Outside a process group, `value` itself."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]

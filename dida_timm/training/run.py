@@ -40,7 +40,7 @@ from ..layers.dida_triton import triton_runs_on
 from ..models import static_twin_filter_fn
 from ..models.factory import create_model
 from .checkpoint import load_last_checkpoint, save_checkpoint
-from .distributed import init_distributed
+from .distributed import broadcast_from_main, init_distributed
 from .evaluation import evaluate, extract_features
 from .label_free import LabelFreeMonitor
 from .loop import MultiViewModel, NonFiniteLossError, train_one_epoch
@@ -82,8 +82,9 @@ class Run:
         self.is_main = self.rank == 0
         if args.deterministic:
             torch.use_deterministic_algorithms(True, warn_only=True)
+        # rank 0's clock: ranks reach this line at different times, and each must write to the same folder
         name = args.experiment or '-'.join([
-            time.strftime('%Y%m%d-%H%M%S'), args.model.replace('/', '_').replace(':', '_'),
+            broadcast_from_main(time.strftime('%Y%m%d-%H%M%S')), args.model.replace('/', '_').replace(':', '_'),
             Path(args.target_dir).resolve().name if args.target_dir else args.target, args.method])
         self.out_dir = Path(args.output) / name
         if self.is_main:
