@@ -126,6 +126,16 @@ def test_pacs_reads_official_split_files(tmp_path):
     assert [photo.classes[t] for t in photo.targets] == [p.parent.name for p in photo.paths]
 
 
+def test_pacs_all_split_keeps_labels_when_crossval_lacks_a_class(tmp_path):
+    # the first domain sets the class map; its crossval file alone (dog only) would map dog -> 0 as well, but a
+    # missing first class would have shifted every later one
+    root = _pacs(tmp_path)
+    (root / 'splits' / 'photo_crossval_kfold.txt').write_text('photo/elephant/crossval_elephant.jpg 2\n')
+    photo, = create_domain_datasets('pacs', root, ['photo'], 'all')
+    assert photo.classes == ['dog', 'elephant'] and len(photo) == 3
+    assert [photo.classes[t] for t in photo.targets] == [p.parent.name for p in photo.paths]
+
+
 def test_pacs_split_file_with_inconsistent_labels_is_refused(tmp_path):
     root = _pacs(tmp_path)
     split = root / 'splits' / 'photo_train_kfold.txt'

@@ -158,11 +158,12 @@ def _pacs(root: Path, domain: str, split: str, classes, transform) -> DomainData
     files = {'train': ['train'], 'val': ['crossval'], 'test': ['test'], 'all': ['train', 'crossval']}
     if split not in files:
         raise ValueError(f'PACS split must be one of {sorted(files)}, got {split!r}')
-    parts = [
-        _read_list(root / 'splits' / f'{domain}_{f}_kfold.txt', root / 'images', domain, classes,
-                   lambda rel: Path(rel).parts[1], transform)
-        for f in files[split]
-    ]
+    parts = []
+    for f in files[split]:
+        # the first file's class map for the second too: each file's own sorted names would disagree if one lacked
+        # a class, shifting the labels after it
+        parts.append(_read_list(root / 'splits' / f'{domain}_{f}_kfold.txt', root / 'images', domain,
+                                parts[0].classes if parts else classes, lambda rel: Path(rel).parts[1], transform))
     if len(parts) == 1:
         return parts[0]
     samples = [(p, label) for d in parts for p, label in zip(d.paths, d.targets)]
