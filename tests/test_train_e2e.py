@@ -64,16 +64,42 @@ def _weights(folder: Path):
     return safetensors.torch.load_file(str(folder / 'model.safetensors'))
 
 
+def _kill_after_checkpoint(proc: subprocess.Popen, run: Path, epoch: int) -> None:
+    """SIGKILL the run `proc` (its own process group) as soon as its checkpoint of `epoch` is `last`."""
+    last = run / 'checkpoints' / 'last'
+    deadline = time.time() + 300
+    while not (last.exists() and last.read_text().strip() == f'epoch-{epoch:04d}') and time.time() < deadline:
+        assert proc.poll() is None, proc.stdout.read()[-3000:]
+        time.sleep(0.02)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (run / 'results.json').exists()
+
+
+def test_resume_refuses_options_the_run_was_not_started_with(tmp_path, data_dir):
+    # the checkpoint's scheduler and optimizer carry the schedule length and rates: resumed with more epochs, the
+    # extra ones ran at the finished schedule's learning rate of 0 while results.json said 3 epochs
+    common = ['--source', 'mnist', '--target', 'uci_digits', '--tsne-per-domain', '0', '--experiment', 'run']
+    _train(common + ['--epochs', '1', '--select', 'last'], tmp_path, data_dir)
+    result = _train(common + ['--epochs', '3', '--lr', '0.5', '--select', 'last', '--resume', '--workers', '1'],
+                    tmp_path, data_dir, check=False)
+    assert result.returncode == 2 and 'Traceback' not in result.stderr
+    assert f'--resume: the run in {tmp_path / "run"} was started with other options (--epochs 1 -> 3; --lr 0.05 ' \
+           '-> 0.5)' in result.stderr  # --workers may change
+    result = _train(common + ['--epochs', '1', '--select', 'last', '--resume', '--workers', '1'], tmp_path, data_dir)
+    assert 'resumed from' in result.stdout
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(shutil.which('g++') is None, reason='inductor compiles C++ on CPU')
 def test_compiled_run_saves_and_resumes_the_plain_model(tmp_path, data_dir):
     # torch.compile wraps the model: what is saved (checkpoints, the exported weights) must be the plain model's
     # state dict, which a compiled resume loads back
     common = ['--source', 'mnist', '--target', 'syn_style', '--compile', '--tsne-per-domain', '0',
-              '--experiment', 'compiled']
-    _train(common + ['--epochs', '1'], tmp_path, data_dir)
-    result = _train(common + ['--epochs', '2', '--resume'], tmp_path, data_dir)
-    assert 'resumed from' in result.stdout
+              '--experiment', 'compiled', '--epochs', '2']
+    _kill_after_checkpoint(_train(common, tmp_path, data_dir, start_new_session=True), tmp_path / 'compiled', 1)
+    result = _train(common + ['--resume'], tmp_path, data_dir)
+    assert 'resumed from' in result.stdout and 'after epoch 1' in result.stdout
     model = timm.create_model('dida_digitnet_compact')
     model.load_state_dict(_weights(tmp_path / 'compiled'), strict=True)
     history = json.loads((tmp_path / 'compiled' / 'results.json').read_text())['history']
@@ -85,15 +111,9 @@ def test_killed_run_resumes_to_the_same_weights_as_an_uninterrupted_run(tmp_path
     common = ['--source', 'mnist', 'uci_digits', '--target', 'syn_style', '--source-only-epochs', '1',
               '--epochs', '3', '--deterministic', '--tsne-per-domain', '0']
     _train(common + ['--experiment', 'straight'], tmp_path, data_dir)
-    proc = _train(common + ['--experiment', 'killed'], tmp_path, data_dir, start_new_session=True)
-    last = tmp_path / 'killed' / 'checkpoints' / 'last'
-    deadline = time.time() + 300
-    while not (last.exists() and last.read_text().strip() == 'epoch-0002') and time.time() < deadline:
-        assert proc.poll() is None, proc.stdout.read()[-3000:]
-        time.sleep(0.02)
-    os.killpg(proc.pid, signal.SIGKILL)  # mid-run: epoch 3 of 4 is under way
-    proc.wait()
-    assert not (tmp_path / 'killed' / 'results.json').exists()
+    # mid-run: epoch 3 of 4 is under way
+    _kill_after_checkpoint(_train(common + ['--experiment', 'killed'], tmp_path, data_dir, start_new_session=True),
+                           tmp_path / 'killed', 2)
     result = _train(common + ['--experiment', 'killed', '--resume'], tmp_path, data_dir)
     assert 'resumed from' in result.stdout
     straight, resumed = _weights(tmp_path / 'straight'), _weights(tmp_path / 'killed')

@@ -5,6 +5,7 @@ A value that makes no sense stops the command with one `error: --option: why` li
 """
 import argparse
 from pathlib import Path
+from typing import List
 
 import torch
 import yaml
@@ -21,7 +22,8 @@ from ..inference import smallest_input_size
 from .mixstyle import mixstyle_target
 from .selection import ATC_SCORES, RULES
 
-__all__ = ['build_parser', 'check_args', 'create_optimizer', 'create_scheduler', 'parse_args']
+__all__ = ['build_parser', 'changed_run_options', 'check_args', 'create_optimizer', 'create_scheduler',
+           'parse_args']
 
 # timm's schedules that step per update, as the training loop does: not 'plateau' (a per-epoch metric) nor 'none'
 # (no warm-up, and no per-group lr scale: the branch and classifier would silently train at the backbone's rate)
@@ -256,6 +258,26 @@ def check_args(args: argparse.Namespace, parser: argparse.ArgumentParser) -> arg
             parser.error(f'--rand-augment: {args.rand_augment!r} is neither {FIXMATCH_RAND_AUGMENT!r} nor a timm '
                          f'RandAugment string such as rand-m10-n2-mstd0.5 ({type(e).__name__}: {e})')
     return args
+
+
+# options a resumed run may change: where things are and how fast they run, not what the run computes
+RESUMABLE_CHANGES = frozenset({
+    'resume', 'data_dir', 'output', 'workers', 'device', 'dist_timeout', 'compile', 'channels_last',
+    'grad_checkpointing', 'deterministic', 'eval_batch_size', 'keep_checkpoints', 'no_progress', 'tsne_per_domain',
+    'config'})
+
+
+def changed_run_options(saved: dict, args: argparse.Namespace) -> List[str]:
+    """The options of `args` that differ from `saved` (the run's args.yaml) and that a resumed run may not change,
+    as '--name old -> new'.
+
+    A checkpoint holds the optimizer's and scheduler's state, schedule length and learning rates included: resumed
+    under other epochs or rates, the run would go on with the old ones while recording the new. Options the run
+    was started without (written by an older version) are not compared.
+    """
+    now = yaml.safe_load(yaml.safe_dump(vars(args), sort_keys=False))  # tuples as lists, as args.yaml holds them
+    return [f"--{key.replace('_', '-')} {saved[key]!r} -> {value!r}" for key, value in now.items()
+            if key not in RESUMABLE_CHANGES and key in saved and saved[key] != value]
 
 
 def parse_args(argv=None) -> argparse.Namespace:

@@ -45,7 +45,7 @@ from .evaluation import evaluate, extract_features
 from .label_free import LabelFreeMonitor
 from .loop import MultiViewModel, NonFiniteLossError, train_one_epoch
 from .mixstyle import MixStyle, attach_mixstyle
-from .options import create_optimizer, create_scheduler, parse_args
+from .options import changed_run_options, create_optimizer, create_scheduler, parse_args
 from .param_groups import uda_param_groups
 from .report import write_report
 from .selection import LABEL_FREE_KEYS, Selection
@@ -87,6 +87,13 @@ class Run:
             broadcast_from_main(time.strftime('%Y%m%d-%H%M%S')), args.model.replace('/', '_').replace(':', '_'),
             Path(args.target_dir).resolve().name if args.target_dir else args.target, args.method])
         self.out_dir = Path(args.output) / name
+        saved_args = self.out_dir / 'args.yaml'
+        if args.resume and saved_args.is_file():
+            changed = changed_run_options(yaml.safe_load(saved_args.read_text()), args)
+            if changed:
+                raise RunError(f'--resume: the run in {self.out_dir} was started with other options ('
+                               f'{"; ".join(changed)}); resume it with its own (its args.yaml), or start another '
+                               f'run with --experiment')
         if self.is_main:
             if self.out_dir.exists() and any(self.out_dir.iterdir()) and not args.resume:
                 raise RunError(f'{self.out_dir} already holds a run; pass --resume to continue it or '
