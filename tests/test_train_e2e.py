@@ -255,6 +255,15 @@ def test_every_config_parses_and_names_a_registered_model_and_dataset(config):
     assert args.target not in args.source
 
 
+@pytest.mark.parametrize('config', sorted((REPO / 'train' / 'configs').glob('*.yaml')), ids=lambda p: p.stem)
+def test_every_config_gives_its_guarded_selection_a_trained_reference_or_keeps_the_last_epoch(config):
+    # with no source-only phase and no trained classifier, the guard compares every epoch with an untrained start,
+    # flags them all and ships that start: six configs did, with the default --select guarded_last
+    from dida_timm.training import options as train
+    args = train.parse_args(['-c', str(config)])
+    assert args.select == 'last' or args.source_only_epochs > 0 or args.init_checkpoint, config.name
+
+
 def test_config_with_unknown_key_is_refused(tmp_path, capsys):
     from dida_timm.training import options as train
     bad = tmp_path / 'bad.yaml'
