@@ -177,6 +177,29 @@ def test_output_stride_dilates_the_last_stage_and_keeps_the_branch_aligned():
     assert model.forward_features(X).shape[-2:] == (4, 4)
 
 
+@pytest.mark.parametrize('name', SMALLEST)
+def test_every_input_size_the_base_takes_works_with_the_branch(name):
+    # 48 px: ConvNeXt's last stage gets a 3 x 3 map and its unpadded 2x2 conv rounds down to 1 x 1, where the
+    # branch's padded conv gives 2 x 2 (the sum failed); the branch's extra row and column are dropped
+    model = timm.create_model(name, dida_stages=(-2, -1)).eval()
+    features = timm.create_model(name.replace('dida_', ''), features_only=True).eval()
+    x = torch.randn(2, 3, 48, 48)
+    with torch.no_grad():
+        shapes = [f.shape for f in model.forward_intermediates(x, intermediates_only=True)]
+        assert shapes == [f.shape for f in features(x)]
+        stage = [m for m in model.modules() if isinstance(m, DidaStage)][-1]
+        inp = torch.randn(2, stage.branch[0].dida.conv.in_channels, 3, 3)
+        out, branch = stage.blocks(inp), stage.branch(inp)
+        torch.testing.assert_close(stage(inp), out + branch[:, :, :out.shape[2], :out.shape[3]])
+
+
+def test_a_branch_that_does_not_fit_its_stage_is_an_error():
+    stage = DidaStage(torch.nn.Conv2d(8, 8, 3, stride=4, padding=1), torch.nn.Conv2d(8, 8, 3, stride=2, padding=1))
+    with pytest.raises(RuntimeError, match=r'the DIDA branch maps to \[1, 8, 4, 4\], which does not fit the stage '
+                                           r'output \[1, 8, 2, 2\]'):
+        stage(torch.randn(1, 8, 8, 8))
+
+
 def test_earlier_stages_and_deeper_branches():
     model = timm.create_model('dida_convnext_atto', dida_stages=(1, -1), branch_depth=2).eval()
     assert [n for n, m in model.named_modules() if isinstance(m, DidaStage)] == ['stages.1', 'stages.3']

@@ -151,8 +151,28 @@ class DidaStage(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.grad_checkpointing and not torch.jit.is_scripting():
-            return checkpoint(self.blocks, x) + checkpoint(self.branch, x)
-        return self.blocks(x) + self.branch(x)
+            out = checkpoint(self.blocks, x)
+            return out + _cropped_to(checkpoint(self.branch, x), out)
+        out = self.blocks(x)
+        return out + _cropped_to(self.branch(x), out)
+
+
+@torch.fx.wrap  # FX would trace the sizes' comparison into control flow
+def _cropped_to(branch: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """`branch` with the height and width of the stage output `out`.
+
+    The branch's strided conv is padded, so it rounds an odd side up; a stage that downsamples without padding
+    (ConvNeXt's 2x2 stride-2 conv) rounds it down. Output i of either is centred on input 2i, so the branch's extra
+    last row or column has no counterpart in the stage's output and is dropped; any other mismatch is an error.
+    """
+    height, width = out.shape[-2], out.shape[-1]
+    if branch.shape[-2] == height and branch.shape[-1] == width:
+        return branch
+    extra_height, extra_width = branch.shape[-2] - height, branch.shape[-1] - width
+    if extra_height < 0 or extra_height > 1 or extra_width < 0 or extra_width > 1:
+        raise RuntimeError(f'the DIDA branch maps to {list(branch.shape)}, which does not fit the stage output '
+                           f'{list(out.shape)}')
+    return branch[:, :, :height, :width]
 
 
 def is_branch_parameter(name: str) -> bool:
