@@ -16,9 +16,10 @@ import yaml
 
 from .data.transforms import FIXMATCH_RAND_AUGMENT, test_data_config
 from .models.factory import create_model, validate_hub_config  # noqa: F401  (validate_hub_config re-exported)
+from .training.options import RESUMABLE_CHANGES
 
 __all__ = ['PAPER_RESULTS', 'export_runs', 'export_tag', 'initial_weights', 'model_card', 'push_folder', 'read_run',
-           'run_data_config', 'run_label_free', 'selection_section', 'validate_hub_config']
+           'run_data_config', 'run_label_free', 'run_model_args', 'selection_section', 'validate_hub_config']
 
 # published DIDA-Net target accuracies (%) per dataset and target domain (paper Tables I-III, docs/METHOD.md section 4)
 PAPER_RESULTS: Dict[str, Dict[str, float]] = {
@@ -48,8 +49,37 @@ def initial_weights(run: Dict) -> Tuple[str, Optional[str]]:
     if checkpoint:
         return f'the weights of `{Path(checkpoint).name}` (--init-checkpoint)', None
     if pretrained:
-        return f'the pretrained weights `{pretrained}`', pretrained
+        return f'the pretrained weights {_spec_words(pretrained)}', pretrained
     return 'random initialisation (trained from scratch, no pretrained weights)', None
+
+
+def _spec_words(spec: str) -> str:
+    """A --model spec as a card shows it: a local folder (`local-dir:PATH` or a path) by its name alone, never a
+    path of the machine that trained it."""
+    source, _, location = spec.partition(':')
+    if source == 'local-dir' or Path(spec).is_dir():
+        return f'the local export `{Path(location if source == "local-dir" else spec).name}`'
+    return f'`{spec}`'
+
+
+def run_model_args(run: Dict) -> Dict:
+    """The keyword arguments that rebuild a run's network with `create_model(architecture, **args)`: what the run
+    recorded (a network from an export carries that export's own, such as `dida_reduction`), else, for runs that
+    predate that record, its --model-kwargs and class count."""
+    recorded = run.get('model_args')
+    if recorded is None:
+        recorded = dict(run['args'].get('model_kwargs') or {}, num_classes=len(run['classes']))
+    return dict(recorded)
+
+
+def _usage_lines(architecture: str, repo_name: str) -> List[str]:
+    """The card's loading snippet; an architecture registered at run time (`register_dida`, any timm CNN) is
+    registered in it too, since `import dida_timm` registers only the built-in families."""
+    lines = ['```python', 'import timm', 'import dida_timm  # registers the dida_* architectures with timm, import it '
+             'first', '']
+    if architecture in timm.list_models(module='dida_any'):
+        lines += [f"dida_timm.register_dida('{architecture[len('dida_'):]}')  # not a built-in family", '']
+    return lines + [f"model = timm.create_model('hf-hub:{repo_name}', pretrained=True).eval()", '```']
 
 
 def run_data_config(run: Dict) -> Dict:
@@ -108,11 +138,10 @@ def model_card(runs: List[Dict], repo_name: str, license: str = 'apache-2.0') ->
     domains = list(first['per_domain_accuracy'])
     lines = [
         f'# {repo_name}', '',
-        f"`{first['model']}` adapted to the **{target}** domain of `{first['dataset']}` without target labels, "
+        f"{_spec_words(first['model'])} adapted to the **{target}** domain of `{first['dataset']}` without target labels, "
         f"with DIDA-Net's recipe ({first['method']}; Deng et al., *Dynamic Instance Domain Adaptation*, IEEE T-IP "
         '2022, [arXiv:2203.05028](https://arxiv.org/abs/2203.05028)), trained with dida-timm.', '',
-        '```python', 'import timm', 'import dida_timm  # registers the dida_* architectures with timm, import it first',
-        '', f"model = timm.create_model('hf-hub:{repo_name}', pretrained=True).eval()", '```', '',
+        *_usage_lines(first['architecture'], repo_name), '',
         '## Setting', '',
         f"- sources (labelled): {', '.join(first['sources'])}",
         f'- target (unlabelled during training): {target}',
@@ -146,7 +175,8 @@ def model_card(runs: List[Dict], repo_name: str, license: str = 'apache-2.0') ->
     shipped = f"seed {seeds[0]} ({Path(first['run_dir']).name})"
     lines += [
         '', '## Recipe', '',
-        f"- architecture `{first['model']}`, model arguments {json.dumps(args.get('model_kwargs') or {})}",
+        f"- architecture `{first['architecture']}` ({_spec_words(first['model'])}), model arguments "
+        f"{json.dumps(run_model_args(first))}",
         f'- started from {start}',
         f"- input {size} x {size} px: images resized to it (no crop), normalised with mean "
         f"{tuple(round(m, 4) for m in data_config['mean'])}, std {tuple(round(v, 4) for v in data_config['std'])}; "
@@ -240,13 +270,20 @@ def export_runs(run_dirs: Sequence[Path], out_dir: Path, repo_name: str, license
     """
     runs = [read_run(d) for d in run_dirs]
     keys = ('model', 'dataset', 'sources', 'target', 'method', 'classes')
+    # what seeds of one setting may differ in: the seed, the run's name and what does not change what it computes
+    free = RESUMABLE_CHANGES | {'seed', 'experiment'}
     for r in runs[1:]:
         differing = [k for k in keys if r[k] != runs[0][k]]
+        differing += sorted(f'--{k.replace("_", "-")}' for k in set(r['args']) | set(runs[0]['args'])
+                            if k not in free and r['args'].get(k) != runs[0]['args'].get(k))
         if differing:
             raise ValueError(f"{r['run_dir']} differs from {runs[0]['run_dir']} in {differing}: not seeds of one setting")
+    seeds = [r['seed'] for r in runs]
+    if len(set(seeds)) != len(seeds):
+        raise ValueError(f'the runs repeat a seed ({seeds}): the card reports mean ± std over distinct seeds')
     first = runs[0]
-    model_kwargs = first['args'].get('model_kwargs') or {}
-    model = create_model(first['architecture'], num_classes=len(first['classes']), **model_kwargs)
+    model_kwargs = run_model_args(first)
+    model = create_model(first['architecture'], **model_kwargs)
     weights = Path(first['run_dir']) / 'model.safetensors'
     model.load_state_dict(safetensors.torch.load_file(str(weights)))
     # the config describes this run, not the architecture's default weights: no tag, Hub id or notes of those

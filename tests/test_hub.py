@@ -169,6 +169,37 @@ def test_fine_tuning_from_an_exported_folder_reheads_the_classifier(exported, tm
     assert results['classes'] == ['cat', 'dog', 'fox'] and results['architecture'] == 'dida_digitnet_compact'
     weights = safetensors.torch.load_file(str(tmp_path / 'out' / 'ft' / 'model.safetensors'))
     assert weights['head.fc.weight'].shape == (3, 128)
+    # exported again: the network is rebuilt with the arguments the first export carried (dida_reduction 8, which
+    # this run's --model-kwargs never named; the rebuild without them failed on the branch's shapes), and the card
+    # names the local folder it started from without its path
+    repo = export_runs([tmp_path / 'out' / 'ft'], tmp_path / 'again', 'dida-timm/fine-tuned')
+    assert json.loads((repo / 'config.json').read_text())['model_args']['dida_reduction'] == 8
+    x = torch.randn(2, 3, 32, 32)
+    reference = timm.create_model('dida_digitnet_compact', num_classes=3, dida_reduction=8).eval()
+    reference.load_state_dict(weights)
+    torch.testing.assert_close(load_model(f'local-dir:{repo}')(x), reference(x))
+    card = (repo / 'README.md').read_text().replace(results['command'], '')  # the command is the user's own words
+    assert str(tmp_path) not in card and f'the local export `{exported.name}`' in card
+
+
+def test_export_refuses_runs_that_are_not_seeds_of_one_setting(trained_run, tmp_path):
+    other = tmp_path / 'other'
+    shutil.copytree(trained_run, other)
+    args = yaml.safe_load((other / 'args.yaml').read_text())
+    (other / 'args.yaml').write_text(yaml.safe_dump(dict(args, lr=args['lr'] * 10, workers=3)))
+    with pytest.raises(ValueError, match=r"differs from .* in \['--lr'\]: not seeds of one setting"):
+        export_runs([trained_run, other], tmp_path / 'repo', 'dida-timm/x')  # --workers may differ
+    (other / 'args.yaml').write_text(yaml.safe_dump(args))
+    with pytest.raises(ValueError, match=r'the runs repeat a seed \(\[0, 0\]\)'):
+        export_runs([trained_run, other], tmp_path / 'repo', 'dida-timm/x')
+
+
+def test_card_registers_an_architecture_that_import_dida_timm_does_not(trained_run):
+    from dida_timm import register_dida
+    run = read_run(trained_run)
+    assert 'register_dida' not in model_card([run], 'dida-timm/test-model')
+    run['architecture'] = register_dida('resnet10t')
+    assert "dida_timm.register_dida('resnet10t')" in model_card([run], 'dida-timm/test-model')
 
 
 PUBLISHED = [f'dida_digitnet_compact.offline_{t}'

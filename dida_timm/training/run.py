@@ -440,6 +440,8 @@ class Run:
             # what the weights started from and the preprocessing they were trained and evaluated with
             pretrained_weights=_pretrained_name(a.model, self.model) if a.pretrained else None,
             init_checkpoint=a.init_checkpoint or None, test_data_config=self.test_data_config,
+            # the arguments that rebuild the network (an export's own, such as dida_reduction, included)
+            model_args=timm.models.get_model_args(self.model),
         )
         (self.out_dir / 'results.json').write_text(json.dumps(results, indent=2))
         self._write_summary(selection.epoch)
