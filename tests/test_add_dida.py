@@ -177,6 +177,17 @@ def test_output_stride_dilates_the_last_stage_and_keeps_the_branch_aligned():
     assert model.forward_features(X).shape[-2:] == (4, 4)
 
 
+@pytest.mark.parametrize('base', ['tf_efficientnet_b0', 'convnextv2_atto', 'mobilenetv4_conv_small'])
+def test_features_only_of_registered_bases_outside_the_families_names(base):
+    # the feature config was looked up by the name's first word ('tf', 'convnextv2', 'mobilenetv4'): missed, and
+    # timm's feature wrapper could not find the stages
+    name = register_dida(base)
+    features = timm.create_model(name, features_only=True).eval()
+    plain = timm.create_model(base, features_only=True).eval()
+    assert features.feature_info.channels() == plain.feature_info.channels()
+    assert [f.shape for f in features(X)] == [f.shape for f in plain(X)]
+
+
 @pytest.mark.parametrize('name', SMALLEST)
 def test_every_input_size_the_base_takes_works_with_the_branch(name):
     # 48 px: ConvNeXt's last stage gets a 3 x 3 map and its unpadded 2x2 conv rounds down to 1 x 1, where the

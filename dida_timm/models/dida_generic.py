@@ -259,8 +259,9 @@ def create_dida(variant: str, pretrained: bool = False, **kwargs: Any) -> nn.Mod
         variant,
         pretrained,
         pretrained_filter_fn=static_twin_filter_fn,
-        # the base family's features_only classes (EfficientNetFeatures, ...) have no branch: wrap this model
-        feature_cfg=dict(_FEATURE_CFGS.get(base.split('_')[0], {})),
+        # the base family's features_only classes (EfficientNetFeatures, ...) have no branch: wrap this model, as
+        # the timm module that defines the base (convnext.py holds convnextv2_*, efficientnet.py tf_efficientnet_*)
+        feature_cfg=dict(_FEATURE_CFGS.get(model_entrypoint(base).__module__.rsplit('.', 1)[-1], {})),
         **kwargs,
     )
 
