@@ -82,6 +82,15 @@ def _usage_lines(architecture: str, repo_name: str) -> List[str]:
     return lines + [f"model = timm.create_model('hf-hub:{repo_name}', pretrained=True).eval()", '```']
 
 
+def _decay_words(args: Dict) -> str:
+    """Where a step / multistep schedule decays, as the card's recipe says it (empty for other schedules)."""
+    at = {'step': ('every {} epochs', args.get('decay_epochs')),
+          'multistep': ('at epochs {}', args.get('decay_milestones'))}.get(args['sched'])
+    if not at or not at[1]:
+        return ''
+    return f" (lr x{args['decay_rate']} {at[0].format(at[1])} of each phase)"
+
+
 def run_data_config(run: Dict) -> Dict:
     """The test preprocessing a run trained and evaluated with (runs that predate its record in results.json:
     their --input-size and the architecture's mean / std)."""
@@ -184,7 +193,7 @@ def model_card(runs: List[Dict], repo_name: str, license: str = 'apache-2.0') ->
         f'{size} px',
         f"- {args['source_only_epochs']} source-only epochs, then {args['epochs']} epochs of {first['method']}; "
         f"optimizer {args['opt']}, lr {args['lr']} (x{args['new_lr_scale']} for the DIDA branch and classifier), "
-        f"weight decay {args['weight_decay']}, {args['sched']} schedule",
+        f"weight decay {args['weight_decay']}, {args['sched']} schedule{_decay_words(args)}",
         f"- batch {len(first['sources'])} x {args['batch_size']} source + {args['batch_size']} target images per "
         f"step on each of {first['world_size']} process(es)",
         f"- pseudo-labels: threshold {args['threshold']}, {'soft weighting' if args['soft_weighting'] else 'hard mask'}, "

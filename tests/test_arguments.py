@@ -64,6 +64,15 @@ def _refused(parse, capsys, option):
     (['--offline-test-size', '0'], '--offline-test-size'),
     (['--dist-timeout', '0'], '--dist-timeout'),
     (['--seed', '-1'], '--seed'),
+    (['--seed', '4294967296'], '--seed'),  # overflowed torch.manual_seed once training started
+    (['--model-kwargs', '{num_classes: 10}'], '--model-kwargs'),  # a raw TypeError after the data were built
+    (['--model-kwargs', '{pretrained: true}'], '--model-kwargs'),
+    (['--sched', 'step'], '--sched'),  # timm's default decays at epoch 90: never in a 10-epoch phase
+    (['--sched', 'multistep'], '--sched'),
+    (['--sched', 'step', '--decay-epochs', '10'], '--decay-epochs'),  # the default phase has 10 epochs
+    (['--sched', 'multistep', '--decay-milestones', '5', '25'], '--decay-milestones'),
+    (['--decay-epochs', '5'], '--decay-epochs'),  # the cosine schedule has no decay epochs
+    (['--sched', 'step', '--decay-epochs', '5', '--decay-rate', '0'], '--decay-rate'),
     (['--tsne-per-domain', '-1'], '--tsne-per-domain'),
     (['--model-kwargs', '[1, 2]'], '--model-kwargs'),
     (['--model', 'no_such_model'], '--model'),
@@ -247,3 +256,18 @@ def test_a_device_is_checked_against_the_machine():
         assert 'this machine has' in usable_device(f'cuda:{torch.cuda.device_count()}')
     else:
         assert usable_device('cuda') == 'no cuda device on this machine (cpu only)'
+
+
+@pytest.mark.parametrize('argv', [['--sched', 'step', '--decay-epochs', '5'],
+                                  ['--sched', 'multistep', '--decay-milestones', '5', '15']])
+def test_step_schedules_decay_where_their_options_say(argv):
+    args = train.parse_args(argv + ['--decay-rate', '0.5', '--epochs', '20'])
+    optimizer = train.create_optimizer([torch.nn.Parameter(torch.zeros(1))], args)
+    scheduler = train.create_scheduler(optimizer, args, epochs=20, updates_per_epoch=10)
+    lrs = []
+    for update in (0, 49, 50, 149, 150):
+        scheduler.step_update(update)
+        lrs.append(optimizer.param_groups[0]['lr'])
+    # timm's multistep decays one update before each milestone (its documented convention)
+    expected = [1, 1, 0.5, 0.25, 0.125] if argv[1] == 'step' else [1, 0.5, 0.5, 0.25, 0.25]
+    assert lrs == pytest.approx([args.lr * f for f in expected])

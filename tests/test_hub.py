@@ -349,3 +349,11 @@ def test_export_of_a_from_scratch_run_predicts_at_its_input_size_and_claims_no_p
     model.register_forward_pre_hook(lambda module, inputs: seen.append(tuple(inputs[0].shape[-2:])))
     rows = list(predict_images(model, images, progress=False))
     assert len(rows) == 1 and seen == [(32, 32)]
+
+
+def test_card_says_where_a_step_schedule_decays(trained_run):
+    run = read_run(trained_run)
+    card = model_card([run], 'dida-timm/test-model')
+    assert 'cosine schedule' in card and 'of each phase' not in card
+    run['args'].update(sched='multistep', decay_milestones=[10, 20], decay_rate=0.1)
+    assert 'multistep schedule (lr x0.1 at epochs [10, 20] of each phase)' in model_card([run], 'dida-timm/x')

@@ -107,6 +107,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument('--weight-decay', type=float, default=5e-4)
     g.add_argument('--sched', default='cosine', choices=SCHEDULES,
                    help='a timm schedule, stepped every update (\'constant\': warm-up and lr scales, no decay)')
+    g.add_argument('--decay-epochs', type=float, default=None,
+                   help="--sched step: decay the lr by --decay-rate every this many epochs of a phase")
+    g.add_argument('--decay-milestones', type=int, nargs='+', default=None,
+                   help="--sched multistep: the epochs of a phase at which the lr decays by --decay-rate")
+    g.add_argument('--decay-rate', type=float, default=0.1, help='lr factor of each step / multistep decay')
     g.add_argument('--warmup-epochs', type=int, default=0)
     g.add_argument('--min-lr', type=float, default=0.0)
     g.add_argument('--clip-grad', type=float, default=None)
@@ -144,7 +149,9 @@ OPTION_RULES = [
     ('momentum', between(0, 1, high_open=True)), ('opt_betas', between(0, 1, high_open=True)),
     ('weight_decay', at_least(0)), ('warmup_epochs', at_least(0)), ('min_lr', at_least(0)),
     ('clip_grad', greater_than(0)), ('ema_decay', between(0, 1, high_open=True)),
-    ('dist_timeout', greater_than(0)), ('seed', at_least(0)),
+    ('dist_timeout', greater_than(0)), ('seed', between(0, 2 ** 32, high_open=True)),
+    ('decay_epochs', greater_than(0)), ('decay_milestones', at_least(1)), ('decay_milestones', distinct),
+    ('decay_rate', between(0, 1, low_open=True)),
     ('keep_checkpoints', at_least(1)), ('eval_batch_size', at_least(1)), ('tsne_per_domain', at_least(0)),
     ('device', usable_device),
 ]
@@ -160,8 +167,12 @@ def create_optimizer(params, args: argparse.Namespace) -> torch.optim.Optimizer:
 def create_scheduler(optimizer: torch.optim.Optimizer, args: argparse.Namespace, epochs: int,
                      updates_per_epoch: int) -> Scheduler:
     """The --sched schedule over `epochs` (one phase), with --warmup-epochs and --min-lr, stepped every update."""
+    decay = dict(decay_epochs=args.decay_epochs) if args.decay_epochs else {}
+    if args.decay_milestones:
+        decay.update(decay_milestones=args.decay_milestones)
     scheduler, _ = create_scheduler_v2(optimizer, args.sched, num_epochs=epochs, warmup_epochs=args.warmup_epochs,
-                                       min_lr=args.min_lr, updates_per_epoch=updates_per_epoch, step_on_epochs=False)
+                                       min_lr=args.min_lr, updates_per_epoch=updates_per_epoch, step_on_epochs=False,
+                                       decay_rate=args.decay_rate, **decay)
     return scheduler
 
 
@@ -221,6 +232,10 @@ def check_args(args: argparse.Namespace, parser: argparse.ArgumentParser) -> arg
         parser.error(f'--init-checkpoint: {args.init_checkpoint} is not a file')
     if not isinstance(args.model_kwargs, dict):
         parser.error(f'--model-kwargs: must be a mapping such as "{{branch_depth: 1}}", got {args.model_kwargs!r}')
+    reserved = sorted(set(args.model_kwargs) & {'num_classes', 'pretrained', 'allow_pickle'})
+    if reserved:
+        parser.error(f'--model-kwargs: {reserved} are set by the run (the class count from the data, --pretrained, '
+                     '--allow-pickle): leave them out')
     try:
         model = create_model(args.model, **args.model_kwargs)
     except (RuntimeError, ValueError, TypeError, FileNotFoundError, AssertionError) as e:
@@ -248,6 +263,17 @@ def check_args(args: argparse.Namespace, parser: argparse.ArgumentParser) -> arg
     if not args.pseudo_label_dropout and args.forward_mode == 'joint':
         parser.error('--no-pseudo-label-dropout: needs --forward-mode separate (the joint pass computes the '
                      'pseudo-labels in the same pass as the strong views)')
+    # timm's step / multistep defaults decay at epoch 90 (and 180, 270): never, in most phases
+    for sched, option, given in (('step', 'decay_epochs', args.decay_epochs),
+                                 ('multistep', 'decay_milestones', args.decay_milestones)):
+        flag = f'--{option.replace("_", "-")}'
+        if args.sched == sched and not given:
+            parser.error(f'--sched: {sched} needs {flag}, the epochs of a phase at which the lr decays')
+        if given and args.sched != sched:
+            parser.error(f'{flag}: goes with --sched {sched}, not {args.sched}')
+        if given and max(given if isinstance(given, list) else [given]) >= max(phases):
+            parser.error(f'{flag}: {given} falls at or after the end of the longest phase ({max(phases)} epochs), '
+                         'so the lr would never decay there')
     if args.min_lr > args.lr:
         parser.error(f'--min-lr: {args.min_lr} is above --lr {args.lr}')
     _check_optimiser(args, parser)
