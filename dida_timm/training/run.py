@@ -300,11 +300,13 @@ class Run:
                 epoch0 = phase_end
                 continue
             optimizer, scheduler = self._optimizer(epochs)
+            scaler = torch.amp.GradScaler('cuda') if a.amp and self.device.type == 'cuda' else None
             if state and state.get('phase') == phase_index and done > epoch0:
                 optimizer.load_state_dict(state['optimizer'])
                 scheduler.load_state_dict(state['scheduler'])
+                if scaler is not None and state.get('scaler'):  # the loss scale it had found, not 65536 again
+                    scaler.load_state_dict(state['scaler'])
             wrapped = self._wrap(cfg.forward_mode == 'joint')
-            scaler = torch.amp.GradScaler('cuda') if a.amp and self.device.type == 'cuda' else None
             for epoch in range(max(done, epoch0), phase_end):
                 seed_everything(a.seed * 1_000_003 + epoch * 101 + self.rank)
                 source, target = self._loaders(epoch, cfg.method == 'fixmatch')
@@ -337,7 +339,8 @@ class Run:
                 if self.is_main:
                     save_checkpoint(ckpt_dir, epoch + 1, self.model, dict(
                         phase=phase_index, optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(),
-                        history=self.history), self.ema, keep=a.keep_checkpoints)
+                        scaler=scaler.state_dict() if scaler is not None else None, history=self.history),
+                        self.ema, keep=a.keep_checkpoints)
                     self._write_summary()
                 if self.world_size > 1:
                     torch.distributed.barrier()
