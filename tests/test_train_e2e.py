@@ -8,6 +8,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import safetensors.torch
 import timm
@@ -294,7 +295,7 @@ def test_a_flat_folder_of_unlabelled_images_trains_exports_and_predicts_without_
                      '--epochs', '2', '--experiment', 'flat'], tmp_path, data_dir)
     run = tmp_path / 'flat'
     results = json.loads((run / 'results.json').read_text())
-    assert results['target'] == 'new_domain' and not results['target_labelled']
+    assert results['target'] == 'new_domain' and not results['target_labelled'] and results['transductive'] is False
     assert results['target_accuracy'] is None and results['target_confusion'] is None
     assert set(results['per_domain_accuracy']) == {'mnist', 'syn_style'}
     assert all('target_accuracy' not in h for h in results['history'])
@@ -321,6 +322,20 @@ def test_a_flat_folder_of_unlabelled_images_trains_exports_and_predicts_without_
     assert exported['label_share'] == share and exported['temperature'] == results['label_free']['temperature']
     assert 'estimated accuracy by COT' in predicted.stdout
     assert len(predictions.read_text().splitlines()) == 1 + 120
+
+
+def test_a_run_is_transductive_when_its_target_evaluates_images_it_trained_on(tmp_path):
+    # by split name alone, a dataset without splits (Office-Home's original release, a class-folder domain, which
+    # read the same folder for 'train' and 'test') was recorded as not transductive, and its card said so
+    from dida_timm.data import ArrayDomainDataset, FileDomainDataset
+    from dida_timm.training.run import _shares_images
+    files = [(tmp_path / f'{i}.png', 0) for i in range(4)]
+    domain = lambda samples: FileDomainDataset('d', ['a'], samples)  # noqa: E731
+    assert _shares_images(domain(files[:3]), domain([(tmp_path / 'x' / '..' / '2.png', 0)]), same_split=False)
+    assert not _shares_images(domain(files[:2]), domain(files[2:]), same_split=True)
+    assert not _shares_images(domain(files), None, same_split=True)  # an unlabelled target: nothing evaluated
+    arrays = ArrayDomainDataset('d', ['a'], np.zeros((2, 4, 4, 3), np.uint8), np.zeros(2, np.int64))
+    assert _shares_images(arrays, arrays, same_split=True) and not _shares_images(arrays, arrays, same_split=False)
 
 
 @pytest.mark.slow

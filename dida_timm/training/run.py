@@ -29,12 +29,12 @@ import torch
 import yaml
 from timm.models import load_checkpoint
 from timm.utils import ModelEmaV3
-from torch.utils.data import ConcatDataset, DataLoader
+from torch.utils.data import ConcatDataset, DataLoader, Dataset
 
 import dida_timm
 from ..data import (
-    CyclingBatchSampler, DomainBalancedSampler, TransformedDataset, TwoViewDataset, create_domain_datasets,
-    create_uda_transforms, holdout_split, read_class_folders, read_unlabelled_folder, test_data_config)
+    CyclingBatchSampler, DomainBalancedSampler, FileDomainDataset, TransformedDataset, TwoViewDataset,
+    create_domain_datasets, create_uda_transforms, holdout_split, read_class_folders, read_unlabelled_folder, test_data_config)
 from ..layers import DidaModule, muted_if_untrained
 from ..layers.dida_triton import triton_runs_on
 from ..models import static_twin_filter_fn
@@ -153,6 +153,7 @@ class Run:
             test_sets += read([a.target], a.target_test_split, classes=self.classes)
         self.test_sets = {d.domain: d for d in test_sets}
         self.target_test = self.test_sets.get(self.target_name)
+        self.transductive = _shares_images(target, self.target_test, a.target_train_split == a.target_test_split)
         # held-out slices for the label-free scores: never trained on, fixed by the seed
         val_seed = a.seed * 7 + 3
         self.target_train, self.target_val = holdout_split(target, a.target_val_fraction, a.val_max_images, val_seed)
@@ -418,7 +419,7 @@ class Run:
             dataset=a.dataset, sources=a.source, target=self.target_name, target_dir=a.target_dir or None,
             target_labelled=target is not None, classes=self.classes, seed=a.seed, epochs=a.epochs,
             source_only_epochs=a.source_only_epochs,
-            transductive=not a.target_dir and a.target_train_split == a.target_test_split,
+            transductive=self.transductive,
             target_accuracy=target['accuracy'] if target else None,
             last_target_accuracy=self.history[-1].get('target_accuracy'),
             source_only_start_target_accuracy=source_only[-1].get('target_accuracy') if source_only else None,
@@ -465,6 +466,17 @@ class Run:
                      if target else '', self.history, tsne_features if a.tsne_per_domain else None,
                      self.target_name, a.seed, selected_epoch=selection.epoch)
         return results
+
+
+def _shares_images(train: Dataset, test: Optional[Dataset], same_split: bool) -> bool:
+    """Whether the target's evaluated images include images it trained on (without labels): by file where both
+    are files (a dataset without splits, such as Office-Home's original release or a class-folder domain, reads the
+    same folder for both; a --target-eval-dir may overlap --target-dir), else by split name."""
+    if test is None:
+        return False
+    if isinstance(train, FileDomainDataset) and isinstance(test, FileDomainDataset):
+        return not {p.resolve() for p in train.paths}.isdisjoint(p.resolve() for p in test.paths)
+    return same_split
 
 
 def _pretrained_name(spec: str, model: torch.nn.Module) -> str:
