@@ -29,6 +29,22 @@ def test_folder_domains_share_the_class_map_by_name(tmp_path):
     assert [b.classes[t] for t in b.targets] == [p.parent.name for p in b.paths]
 
 
+def test_folder_domain_with_split_folders_reads_the_split(tmp_path):
+    _domain(tmp_path / 'a' / 'train', ['cat', 'dog'], per_class=3)
+    _domain(tmp_path / 'a' / 'test', ['cat', 'dog'], per_class=1)
+    train, = create_domain_datasets('folder', tmp_path, ['a'], 'train')
+    test, = create_domain_datasets('folder', tmp_path, ['a'], 'test')
+    assert (train.classes, len(train), len(test)) == (['cat', 'dog'], 6, 2)
+
+
+def test_a_class_named_like_a_split_stays_a_class(tmp_path):
+    # VisDA-2017 and DomainNet have a class 'train': its folder was taken for the domain's train split
+    _domain(tmp_path / 'a', ['aeroplane', 'train', 'truck'])
+    ds, = create_domain_datasets('folder', tmp_path, ['a'], 'train')
+    assert ds.classes == ['aeroplane', 'train', 'truck'] and len(ds) == 6
+    assert [ds.classes[t] for t in ds.targets] == [p.parent.name for p in ds.paths]
+
+
 def test_target_missing_a_class_is_refused_not_shifted(tmp_path):
     _domain(tmp_path / 'a', ['cat', 'dog', 'fox'])
     _domain(tmp_path / 'b', ['cat', 'fox'])

@@ -162,6 +162,7 @@ def test_fine_tuning_from_an_exported_folder_reheads_the_classifier(exported, tm
             for i in range(8):
                 Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(
                     tmp_path / 'data' / domain / c / f'{i}.png')
+    Image.new('RGB', (32, 32)).save(tmp_path / 'data' / 'a' / 'cat' / 'extra.bmp')  # not read, and said so
     _run_train(['--dataset', 'folder', '--data-dir', str(tmp_path / 'data'), '--source', 'a', '--target', 'b',
                 '--model', f'local-dir:{exported}', '--pretrained', '--epochs', '1', '--batch-size', '4',
                 '--output', str(tmp_path / 'out'), '--experiment', 'ft', '--no-progress', '--tsne-per-domain', '0'])
@@ -169,6 +170,9 @@ def test_fine_tuning_from_an_exported_folder_reheads_the_classifier(exported, tm
     assert results['classes'] == ['cat', 'dog', 'fox'] and results['architecture'] == 'dida_digitnet_compact'
     weights = safetensors.torch.load_file(str(tmp_path / 'out' / 'ft' / 'model.safetensors'))
     assert weights['head.fc.weight'].shape == (3, 128)
+    log = (tmp_path / 'out' / 'ft' / 'log.txt').read_text()
+    assert "domain a (train): 1 files left out, not having an image extension (.jpeg .jpg .png): suffixes ['.bmp']" \
+        in log and 'domain b (train)' not in log
     # exported again: the network is rebuilt with the arguments the first export carried (dida_reduction 8, which
     # this run's --model-kwargs never named; the rebuild without them failed on the branch's shapes), and the card
     # names the local folder it started from without its path

@@ -27,6 +27,7 @@ import safetensors.torch
 import timm
 import torch
 import yaml
+from timm.data.readers.img_extensions import get_img_extensions
 from timm.models import load_checkpoint
 from timm.utils import ModelEmaV3
 from torch.utils.data import ConcatDataset, DataLoader, Dataset
@@ -34,7 +35,8 @@ from torch.utils.data import ConcatDataset, DataLoader, Dataset
 import dida_timm
 from ..data import (
     CyclingBatchSampler, DomainBalancedSampler, FileDomainDataset, TransformedDataset, TwoViewDataset,
-    create_domain_datasets, create_uda_transforms, holdout_split, read_class_folders, read_unlabelled_folder, test_data_config)
+    create_domain_datasets, create_uda_transforms, holdout_split, read_class_folders, read_unlabelled_folder,
+    test_data_config)
 from ..layers import DidaModule, muted_if_untrained
 from ..layers.dida_triton import triton_runs_on
 from ..models import static_twin_filter_fn
@@ -151,6 +153,9 @@ class Run:
                                                 allow_missing_classes=True))
         elif not a.target_dir:
             test_sets += read([a.target], a.target_test_split, classes=self.classes)
+        for split, datasets in (('train', sources + ([] if a.target_dir else [target])), ('test', test_sets)):
+            for ds in datasets:
+                _warn_of_skipped_files(ds, split)
         self.test_sets = {d.domain: d for d in test_sets}
         self.target_test = self.test_sets.get(self.target_name)
         self.transductive = _shares_images(target, self.target_test, a.target_train_split == a.target_test_split)
@@ -466,6 +471,15 @@ class Run:
                      if target else '', self.history, tsne_features if a.tsne_per_domain else None,
                      self.target_name, a.seed, selected_epoch=selection.epoch)
         return results
+
+
+def _warn_of_skipped_files(dataset: Dataset, split: str) -> None:
+    """Log the files of a domain that its reader left out for their extension (a .bmp or .webp is not read)."""
+    skipped = getattr(dataset, 'skipped_paths', [])
+    if skipped:
+        suffixes = sorted({p.suffix.lower() or '(none)' for p in skipped})
+        _logger.warning(f'domain {dataset.domain} ({split}): {len(skipped)} files left out, not having an image '
+                        f'extension ({" ".join(sorted(get_img_extensions()))}): suffixes {suffixes}, e.g. {skipped[0]}')
 
 
 def _shares_images(train: Dataset, test: Optional[Dataset], same_split: bool) -> bool:
