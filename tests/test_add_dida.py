@@ -1,5 +1,7 @@
 """`add_dida` on timm CNNs and the registered families (ConvNeXt, EfficientNet, RegNetY, MobileNetV3, ResNet-D)."""
 import pickle
+import subprocess
+import sys
 
 import pytest
 import safetensors.torch
@@ -253,6 +255,23 @@ def test_add_dida_on_unregistered_cnns_changes_outputs_and_round_trips_its_weigh
     assert type(pickle.loads(pickle.dumps(model))) is type(model)
     _silence_branch(model)
     assert not torch.allclose(model(X), out), 'the branch does not reach the output'
+
+
+def test_a_pickled_model_loads_in_a_process_that_never_made_its_class(tmp_path):
+    # `<Base>WithDida` is made when add_dida runs: unpickling by its name failed in a fresh process
+    model = add_dida(timm.create_model('resnet10t', num_classes=3)).eval()
+    torch.save(model, tmp_path / 'model.pt')
+    x = torch.randn(1, 3, 32, 32)
+    torch.save(model(x), tmp_path / 'out.pt')
+    script = ("import sys, torch, timm, dida_timm\n"
+              "model = torch.load(sys.argv[1], weights_only=False)\n"  # a file this test wrote
+              "out = model(torch.load(sys.argv[2]))\n"
+              "assert type(model).__name__ == 'ResNetWithDida' and model.group_matcher is not None\n"
+              "torch.testing.assert_close(out, torch.load(sys.argv[3]))\n")
+    torch.save(x, tmp_path / 'x.pt')
+    result = subprocess.run([sys.executable, '-c', script, str(tmp_path / 'model.pt'), str(tmp_path / 'x.pt'),
+                             str(tmp_path / 'out.pt')], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-2000:]
 
 
 def test_reparameterize_model_reparameterizes_the_base_model_and_the_branch():

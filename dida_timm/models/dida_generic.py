@@ -21,6 +21,7 @@ Differences from DIDA-ResNet (dida_resnet.py, the released layout, unchanged):
 Registered families load timm's ImageNet checkpoints (the base model's own tags) into the static network with
 strict key checks and a fresh branch; `<name>.untrained` has no weights.
 """
+import copyreg
 import math
 import re
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Type, Union
@@ -195,6 +196,14 @@ def _ordinal_fn(matcher: Union[Dict[str, Any], Callable]) -> Callable[[str], Tup
 class _WithDida:
     """Mixin of the classes `add_dida` gives a model: parameter groups that know the branch."""
 
+    def __reduce_ex__(self, protocol: int):
+        # the class is made at run time, so another process that unpickles the model may not have it yet: name the
+        # timm class it extends, and make it on loading
+        reduced = super().__reduce_ex__(protocol)
+        if reduced[0] is not copyreg.__newobj__:
+            return reduced
+        return (_new_with_dida, (type(self).__bases__[1],)) + tuple(reduced[2:])
+
     @torch.jit.ignore
     def group_matcher(self, coarse: bool = False) -> Callable[[str], Tuple[float, ...]]:
         """The base model's groups for the static weights; each branch right after its stage (coarse: inside it)."""
@@ -226,8 +235,15 @@ class _WithDida:
 _CLASSES: Dict[type, type] = {}
 
 
+def _new_with_dida(base: type) -> nn.Module:
+    """An empty `<base>WithDida` for unpickling to fill."""
+    cls = _with_dida_class(base)
+    return cls.__new__(cls)
+
+
 def _with_dida_class(cls: type) -> type:
-    """`<cls>WithDida`, one per timm class, a module global so that pickling a model finds it."""
+    """`<cls>WithDida`, one per timm class, made on first use and kept as a module global (found by name in the
+    process that made it; pickles name the timm class instead, `_WithDida.__reduce_ex__`)."""
     if issubclass(cls, _WithDida):
         return cls
     if cls not in _CLASSES:
