@@ -15,8 +15,8 @@ import torch
 import yaml
 
 __all__ = [
-    'Check', 'at_least', 'between', 'greater_than', 'distinct', 'hub_repo_id', 'usable_device', 'check_options',
-    'config_defaults', 'option_name']
+    'Check', 'at_least', 'between', 'greater_than', 'distinct', 'increasing', 'hub_repo_id', 'usable_device',
+    'check_options', 'config_defaults', 'option_name']
 
 # a check returns why the value is wrong, or None when it is fine; None values (option not given) pass
 Check = Callable[[Any], Optional[str]]
@@ -70,6 +70,14 @@ def distinct(value) -> Optional[str]:
             twice.append(x)
         seen.add(key)
     return f'{", ".join(map(str, twice))} given twice' if twice else None
+
+
+def increasing(value) -> Optional[str]:
+    """A list whose every element is larger than the one before (milestones: timm bisects them)."""
+    values = list(_values(value)) if value is not None else []
+    if any(b <= a for a, b in zip(values, values[1:])):
+        return f'must increase, got {values}'
+    return None
 
 
 def hub_repo_id(value) -> Optional[str]:

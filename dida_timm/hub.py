@@ -16,7 +16,7 @@ import yaml
 
 from .data.transforms import FIXMATCH_RAND_AUGMENT, test_data_config
 from .models.factory import create_model, validate_hub_config  # noqa: F401  (validate_hub_config re-exported)
-from .training.options import RESUMABLE_CHANGES
+from .training.options import RESUMABLE_CHANGES, differing_options
 
 __all__ = ['PAPER_RESULTS', 'export_runs', 'export_tag', 'initial_weights', 'model_card', 'push_folder', 'read_run',
            'run_data_config', 'run_label_free', 'run_model_args', 'selection_section', 'validate_hub_config']
@@ -57,8 +57,10 @@ def _spec_words(spec: str) -> str:
     """A --model spec as a card shows it: a local folder (`local-dir:PATH` or a path) by its name alone, never a
     path of the machine that trained it."""
     source, _, location = spec.partition(':')
-    if source == 'local-dir' or Path(spec).is_dir():
-        return f'the local export `{Path(location if source == "local-dir" else spec).name}`'
+    if source == 'local-dir':
+        return f'the local export `{Path(location).name}`'
+    if source != 'hf-hub' and ('/' in spec or '\\' in spec or Path(spec).is_dir()):  # timm names have no separator
+        return f'the local export `{Path(spec).name}`'
     return f'`{spec}`'
 
 
@@ -77,7 +79,7 @@ def _usage_lines(architecture: str, repo_name: str) -> List[str]:
     registered in it too, since `import dida_timm` registers only the built-in families."""
     lines = ['```python', 'import timm', 'import dida_timm  # registers the dida_* architectures with timm, import it '
              'first', '']
-    if architecture in timm.list_models(module='dida_any'):
+    if architecture not in timm.list_models(module=['dida_resnet', 'dida_digitnet', 'dida_generic']):
         lines += [f"dida_timm.register_dida('{architecture[len('dida_'):]}')  # not a built-in family", '']
     return lines + [f"model = timm.create_model('hf-hub:{repo_name}', pretrained=True).eval()", '```']
 
@@ -279,12 +281,10 @@ def export_runs(run_dirs: Sequence[Path], out_dir: Path, repo_name: str, license
     """
     runs = [read_run(d) for d in run_dirs]
     keys = ('model', 'dataset', 'sources', 'target', 'method', 'classes')
-    # what seeds of one setting may differ in: the seed, the run's name and what does not change what it computes
-    free = RESUMABLE_CHANGES | {'seed', 'experiment'}
     for r in runs[1:]:
         differing = [k for k in keys if r[k] != runs[0][k]]
-        differing += sorted(f'--{k.replace("_", "-")}' for k in set(r['args']) | set(runs[0]['args'])
-                            if k not in free and r['args'].get(k) != runs[0]['args'].get(k))
+        # seeds of one setting may differ in the seed, and in what a resumed run may change
+        differing += differing_options(runs[0]['args'], r['args'], RESUMABLE_CHANGES | {'seed'})
         if differing:
             raise ValueError(f"{r['run_dir']} differs from {runs[0]['run_dir']} in {differing}: not seeds of one setting")
     seeds = [r['seed'] for r in runs]

@@ -1,4 +1,5 @@
 """`add_dida` on timm CNNs and the registered families (ConvNeXt, EfficientNet, RegNetY, MobileNetV3, ResNet-D)."""
+import copy
 import pickle
 import subprocess
 import sys
@@ -272,6 +273,12 @@ def test_a_pickled_model_loads_in_a_process_that_never_made_its_class(tmp_path):
     result = subprocess.run([sys.executable, '-c', script, str(tmp_path / 'model.pt'), str(tmp_path / 'x.pt'),
                              str(tmp_path / 'out.pt')], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-2000:]
+
+
+def test_a_subclass_of_a_dida_model_class_deep_copies():
+    model = add_dida(timm.create_model('resnet10t', num_classes=3))
+    model.__class__ = type('Sub', (type(model),), {})
+    assert type(copy.deepcopy(model)) is type(model)
 
 
 def test_reparameterize_model_reparameterizes_the_base_model_and_the_branch():

@@ -73,6 +73,8 @@ def _refused(parse, capsys, option):
     (['--sched', 'multistep', '--decay-milestones', '5', '25'], '--decay-milestones'),
     (['--decay-epochs', '5'], '--decay-epochs'),  # the cosine schedule has no decay epochs
     (['--sched', 'step', '--decay-epochs', '5', '--decay-rate', '0'], '--decay-rate'),
+    (['--decay-rate', '0.5'], '--decay-rate'),  # cosine has none: it would be ignored
+    (['--sched', 'multistep', '--decay-milestones', '8', '4'], '--decay-milestones'),  # timm bisects: wrong lrs
     (['--tsne-per-domain', '-1'], '--tsne-per-domain'),
     (['--model-kwargs', '[1, 2]'], '--model-kwargs'),
     (['--model', 'no_such_model'], '--model'),
@@ -271,3 +273,13 @@ def test_step_schedules_decay_where_their_options_say(argv):
     # timm's multistep decays one update before each milestone (its documented convention)
     expected = [1, 1, 0.5, 0.25, 0.125] if argv[1] == 'step' else [1, 0.5, 0.5, 0.25, 0.25]
     assert lrs == pytest.approx([args.lr * f for f in expected])
+
+
+def test_options_naming_the_same_path_are_the_same(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / 'target').mkdir()
+    assert train.differing_options({'target_dir': 'target', 'lr': 0.1},
+                                   {'target_dir': str(tmp_path / 'target') + '/', 'lr': 0.1}) == []
+    assert train.differing_options({'target_dir': 'target', 'lr': 0.1, 'old_option': 1},
+                                   {'target_dir': 'other', 'lr': 0.2, 'workers': 4}) == [
+        "--target-dir 'target' -> 'other'", '--lr 0.1 -> 0.2']

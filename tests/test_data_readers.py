@@ -40,9 +40,14 @@ def test_folder_domain_with_split_folders_reads_the_split(tmp_path):
 def test_a_class_named_like_a_split_stays_a_class(tmp_path):
     # VisDA-2017 and DomainNet have a class 'train': its folder was taken for the domain's train split
     _domain(tmp_path / 'a', ['aeroplane', 'train', 'truck'])
-    ds, = create_domain_datasets('folder', tmp_path, ['a'], 'train')
-    assert ds.classes == ['aeroplane', 'train', 'truck'] and len(ds) == 6
-    assert [ds.classes[t] for t in ds.targets] == [p.parent.name for p in ds.paths]
+    _domain(tmp_path / 'b' / 'train', ['seq1'])  # a class's images may sit in sub-folders of it
+    _domain(tmp_path / 'b' / 'aeroplane', ['seq1'])
+    _domain(tmp_path / 'b' / 'truck', ['seq1'])
+    for domain in ('a', 'b'):
+        ds, = create_domain_datasets('folder', tmp_path, [domain], 'train')
+        assert ds.classes == ['aeroplane', 'train', 'truck'] and len(ds) == 6
+        assert [ds.classes[t] for t in ds.targets] == [p.parent.name for p in ds.paths] if domain == 'a' else \
+            [ds.classes[t] for t in ds.targets] == [p.parent.parent.name for p in ds.paths]
 
 
 def test_target_missing_a_class_is_refused_not_shifted(tmp_path):
@@ -143,8 +148,7 @@ def test_pacs_reads_official_split_files(tmp_path):
 
 
 def test_pacs_all_split_keeps_labels_when_crossval_lacks_a_class(tmp_path):
-    # the first domain sets the class map; its crossval file alone (dog only) would map dog -> 0 as well, but a
-    # missing first class would have shifted every later one
+    # the first domain sets the class map; its crossval file (elephant only), read with its own, mapped elephant to 0
     root = _pacs(tmp_path)
     (root / 'splits' / 'photo_crossval_kfold.txt').write_text('photo/elephant/crossval_elephant.jpg 2\n')
     photo, = create_domain_datasets('pacs', root, ['photo'], 'all')

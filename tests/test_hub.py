@@ -191,11 +191,17 @@ def test_export_refuses_runs_that_are_not_seeds_of_one_setting(trained_run, tmp_
     shutil.copytree(trained_run, other)
     args = yaml.safe_load((other / 'args.yaml').read_text())
     (other / 'args.yaml').write_text(yaml.safe_dump(dict(args, lr=args['lr'] * 10, workers=3)))
-    with pytest.raises(ValueError, match=r"differs from .* in \['--lr'\]: not seeds of one setting"):
+    with pytest.raises(ValueError, match=r"differs from .* in \['--lr 0.05 -> 0.5'\]: not seeds of one setting"):
         export_runs([trained_run, other], tmp_path / 'repo', 'dida-timm/x')  # --workers may differ
     (other / 'args.yaml').write_text(yaml.safe_dump(args))
     with pytest.raises(ValueError, match=r'the runs repeat a seed \(\[0, 0\]\)'):
         export_runs([trained_run, other], tmp_path / 'repo', 'dida-timm/x')
+    # another seed, recorded by a version without one of the options: seeds of one setting
+    results = json.loads((other / 'results.json').read_text())
+    (other / 'results.json').write_text(json.dumps(dict(results, seed=1)))
+    (other / 'args.yaml').write_text(yaml.safe_dump({k: v for k, v in args.items() if k != 'decay_rate'}))
+    card = (export_runs([trained_run, other], tmp_path / 'repo', 'dida-timm/x') / 'README.md').read_text()
+    assert 'mean ± std over seeds 0, 1' in card
 
 
 def test_card_registers_an_architecture_that_import_dida_timm_does_not(trained_run):
@@ -204,6 +210,14 @@ def test_card_registers_an_architecture_that_import_dida_timm_does_not(trained_r
     assert 'register_dida' not in model_card([run], 'dida-timm/test-model')
     run['architecture'] = register_dida('resnet10t')
     assert "dida_timm.register_dida('resnet10t')" in model_card([run], 'dida-timm/test-model')
+
+
+def test_card_never_shows_the_path_of_a_folder_the_run_started_from(trained_run):
+    run = read_run(trained_run)
+    for spec in ('/home/someone/exports/my_export', 'local-dir:/home/someone/exports/my_export'):
+        run.update(model=spec, pretrained_weights=spec)
+        card = model_card([run], 'dida-timm/test-model').replace(run['command'], '')
+        assert '/home/someone' not in card and 'the local export `my_export`' in card
 
 
 PUBLISHED = [f'dida_digitnet_compact.offline_{t}'

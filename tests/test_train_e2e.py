@@ -77,6 +77,15 @@ def _kill_after_checkpoint(proc: subprocess.Popen, run: Path, epoch: int) -> Non
     assert not (run / 'results.json').exists()
 
 
+def test_a_run_named_by_the_clock_resumes_by_that_name(tmp_path, data_dir):
+    common = ['--source', 'mnist', '--target', 'uci_digits', '--tsne-per-domain', '0', '--epochs', '1']
+    _train(common, tmp_path, data_dir)
+    run, = [p for p in tmp_path.iterdir() if (p / 'results.json').exists()]
+    (run / 'results.json').unlink()
+    result = _train(common + ['--experiment', run.name, '--resume'], tmp_path, data_dir)
+    assert 'resumed from' in result.stdout and (run / 'results.json').exists()
+
+
 def test_resume_refuses_options_the_run_was_not_started_with(tmp_path, data_dir):
     # the checkpoint's scheduler and optimizer carry the schedule length and rates: resumed with more epochs, the
     # extra ones ran at the finished schedule's learning rate of 0 while results.json said 3 epochs

@@ -217,12 +217,14 @@ def _offline_digits(root: Optional[Path], domain: str, split: str, classes, tran
                               arrays[f'{domain}_{split}_labels'], transform)
 
 
+_SPLIT_FOLDERS = frozenset({'train', 'val', 'validation', 'test', 'all'})
+
+
 def _folder(root: Path, domain: str, split: str, classes, transform) -> DomainDataset:
     domain_dir = root / domain
-    # optional per-split sub-folders, root/<domain>/<split>/<class>/...: only where no sub-folder of the domain holds
-    # images itself, since a class may be named like a split (VisDA-2017 and DomainNet have a class 'train')
-    if (domain_dir / split).is_dir() and not any(_is_image(f) for d in _class_dirs(domain_dir).values()
-                                                  for f in d.iterdir()):
+    # optional per-split sub-folders, root/<domain>/<split>/<class>/...: only where every sub-folder of the domain is
+    # named like a split, since a class may be (VisDA-2017 and DomainNet have a class 'train')
+    if (domain_dir / split).is_dir() and set(_class_dirs(domain_dir)) <= _SPLIT_FOLDERS | {split}:
         domain_dir = domain_dir / split
     return read_class_folders(domain_dir, domain, classes, transform=transform)
 

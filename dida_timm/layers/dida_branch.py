@@ -162,8 +162,9 @@ def _cropped_to(branch: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
     """`branch` with the height and width of the stage output `out`.
 
     The branch's strided conv is padded, so it rounds an odd side up; a stage that downsamples without padding
-    (ConvNeXt's 2x2 stride-2 conv) rounds it down. Output i of either is centred on input 2i, so the branch's extra
-    last row or column has no counterpart in the stage's output and is dropped; any other mismatch is an error.
+    (ConvNeXt's 2x2 stride-2 conv) rounds it down. Output i of either reads the inputs from 2i on (ConvNeXt's
+    centred at 2i + 0.5, the branch's at 2i), so the branch's extra last row or column has no counterpart in the
+    stage's output and is dropped; any other mismatch is an error.
     """
     height, width = out.shape[-2], out.shape[-1]
     if branch.shape[-2] == height and branch.shape[-1] == width:

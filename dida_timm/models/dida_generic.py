@@ -196,11 +196,11 @@ def _ordinal_fn(matcher: Union[Dict[str, Any], Callable]) -> Callable[[str], Tup
 class _WithDida:
     """Mixin of the classes `add_dida` gives a model: parameter groups that know the branch."""
 
-    def __reduce_ex__(self, protocol: int):
+    def __reduce_ex__(self, protocol: int) -> Union[str, Tuple[Any, ...]]:
         # the class is made at run time, so another process that unpickles the model may not have it yet: name the
         # timm class it extends, and make it on loading
         reduced = super().__reduce_ex__(protocol)
-        if reduced[0] is not copyreg.__newobj__:
+        if reduced[0] is not copyreg.__newobj__ or type(self) not in _CLASSES.values():  # not one of ours: a subclass
             return reduced
         return (_new_with_dida, (type(self).__bases__[1],)) + tuple(reduced[2:])
 

@@ -5,7 +5,7 @@ A value that makes no sense stops the command with one `error: --option: why` li
 """
 import argparse
 from pathlib import Path
-from typing import List
+from typing import Dict, FrozenSet, List
 
 import torch
 import yaml
@@ -14,7 +14,8 @@ from timm.optim import create_optimizer_v2, get_optimizer_info
 from timm.scheduler import create_scheduler_v2
 from timm.scheduler.scheduler import Scheduler
 
-from ..arguments import at_least, between, check_options, config_defaults, distinct, greater_than, usable_device
+from ..arguments import (
+    at_least, between, check_options, config_defaults, distinct, greater_than, increasing, usable_device)
 from ..data import DATASETS, dataset_domains, default_domains
 from ..data.transforms import FIXMATCH_RAND_AUGMENT
 from ..models.factory import create_model
@@ -23,7 +24,7 @@ from .mixstyle import mixstyle_target
 from .selection import ATC_SCORES, RULES
 
 __all__ = ['build_parser', 'changed_run_options', 'check_args', 'create_optimizer', 'create_scheduler',
-           'parse_args']
+           'differing_options', 'parse_args']
 
 # timm's schedules that step per update, as the training loop does: not 'plateau' (a per-epoch metric) nor 'none'
 # (no warm-up, and no per-group lr scale: the branch and classifier would silently train at the backbone's rate)
@@ -111,7 +112,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="--sched step: decay the lr by --decay-rate every this many epochs of a phase")
     g.add_argument('--decay-milestones', type=int, nargs='+', default=None,
                    help="--sched multistep: the epochs of a phase at which the lr decays by --decay-rate")
-    g.add_argument('--decay-rate', type=float, default=0.1, help='lr factor of each step / multistep decay')
+    g.add_argument('--decay-rate', type=float, default=0.1,
+                   help="lr factor of each step / multistep decay (timm: the power of --sched poly)")
     g.add_argument('--warmup-epochs', type=int, default=0)
     g.add_argument('--min-lr', type=float, default=0.0)
     g.add_argument('--clip-grad', type=float, default=None)
@@ -150,7 +152,7 @@ OPTION_RULES = [
     ('weight_decay', at_least(0)), ('warmup_epochs', at_least(0)), ('min_lr', at_least(0)),
     ('clip_grad', greater_than(0)), ('ema_decay', between(0, 1, high_open=True)),
     ('dist_timeout', greater_than(0)), ('seed', between(0, 2 ** 32, high_open=True)),
-    ('decay_epochs', greater_than(0)), ('decay_milestones', at_least(1)), ('decay_milestones', distinct),
+    ('decay_epochs', greater_than(0)), ('decay_milestones', at_least(1)), ('decay_milestones', increasing),
     ('decay_rate', between(0, 1, low_open=True)),
     ('keep_checkpoints', at_least(1)), ('eval_batch_size', at_least(1)), ('tsne_per_domain', at_least(0)),
     ('device', usable_device),
@@ -274,6 +276,8 @@ def check_args(args: argparse.Namespace, parser: argparse.ArgumentParser) -> arg
         if given and max(given if isinstance(given, list) else [given]) >= max(phases):
             parser.error(f'{flag}: {given} falls at or after the end of the longest phase ({max(phases)} epochs), '
                          'so the lr would never decay there')
+    if args.decay_rate != parser.get_default('decay_rate') and args.sched not in ('step', 'multistep', 'poly'):
+        parser.error(f'--decay-rate: --sched {args.sched} has no decay rate (step, multistep and poly do)')
     if args.min_lr > args.lr:
         parser.error(f'--min-lr: {args.min_lr} is above --lr {args.lr}')
     _check_optimiser(args, parser)
@@ -286,24 +290,32 @@ def check_args(args: argparse.Namespace, parser: argparse.ArgumentParser) -> arg
     return args
 
 
-# options a resumed run may change: where things are and how fast they run, not what the run computes
+# options a resumed run may change: where things are, how fast they run and the run's name, not what it computes
 RESUMABLE_CHANGES = frozenset({
-    'resume', 'data_dir', 'output', 'workers', 'device', 'dist_timeout', 'compile', 'channels_last',
+    'resume', 'experiment', 'data_dir', 'output', 'workers', 'device', 'dist_timeout', 'compile', 'channels_last',
     'grad_checkpointing', 'deterministic', 'eval_batch_size', 'keep_checkpoints', 'no_progress', 'tsne_per_domain',
     'config'})
+# options holding a path: equal when they name the same file or folder
+_PATH_OPTIONS = frozenset({'target_dir', 'target_eval_dir', 'init_checkpoint'})
 
 
-def changed_run_options(saved: dict, args: argparse.Namespace) -> List[str]:
-    """The options of `args` that differ from `saved` (the run's args.yaml) and that a resumed run may not change,
-    as '--name old -> new'.
+def differing_options(old: Dict, new: Dict, free: FrozenSet[str] = RESUMABLE_CHANGES) -> List[str]:
+    """The options two runs' recorded arguments (args.yaml) set differently, as '--name old -> new', leaving out
+    those in `free` and those only one of them records (written by another version of this package)."""
+    def value(key: str, recorded):
+        return str(Path(recorded).resolve()) if key in _PATH_OPTIONS and recorded else recorded
+    return [f"--{key.replace('_', '-')} {old[key]!r} -> {new[key]!r}" for key in new
+            if key not in free and key in old and value(key, old[key]) != value(key, new[key])]
+
+
+def changed_run_options(saved: Dict, args: argparse.Namespace) -> List[str]:
+    """The options of `args` that differ from `saved` (the run's args.yaml) and that a resumed run may not change.
 
     A checkpoint holds the optimizer's and scheduler's state, schedule length and learning rates included: resumed
-    under other epochs or rates, the run would go on with the old ones while recording the new. Options the run
-    was started without (written by an older version) are not compared.
+    under other epochs or rates, the run would go on with the old ones while recording the new.
     """
-    now = yaml.safe_load(yaml.safe_dump(vars(args), sort_keys=False))  # tuples as lists, as args.yaml holds them
-    return [f"--{key.replace('_', '-')} {saved[key]!r} -> {value!r}" for key, value in now.items()
-            if key not in RESUMABLE_CHANGES and key in saved and saved[key] != value]
+    # tuples as lists, as args.yaml holds them
+    return differing_options(saved, yaml.safe_load(yaml.safe_dump(vars(args), sort_keys=False)))
 
 
 def parse_args(argv=None) -> argparse.Namespace:
