@@ -103,6 +103,22 @@ def test_unreadable_image_error_names_the_file(tmp_path):
         ds[len(ds) - 1]
 
 
+def test_images_in_hidden_folders_are_not_read(tmp_path):
+    _image(tmp_path / 'new' / 'a.png')
+    _image(tmp_path / 'new' / '.ipynb_checkpoints' / 'a-checkpoint.png')  # a copy, which was predicted and trained on
+    ds = read_unlabelled_folder(tmp_path / 'new', 'new', ['cat'])
+    assert [p.name for p in ds.paths] == ['a.png'] and ds.skipped == 0
+
+
+def test_a_photo_loads_upright_as_its_exif_orientation_says(tmp_path):
+    path = tmp_path / 'a' / 'cat' / 'photo.jpg'
+    path.parent.mkdir(parents=True)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # stored sideways, to be shown turned 90 degrees
+    Image.new('RGB', (32, 16)).save(path, exif=exif)
+    assert read_class_folders(tmp_path / 'a', 'a').load(0).size == (16, 32)
+
+
 @pytest.mark.parametrize('mode', ['L', 'RGBA', 'P', 'CMYK', 'I;16'])
 def test_every_image_mode_loads_as_rgb(tmp_path, mode):
     path = tmp_path / 'a' / 'cat' / 'img.png'

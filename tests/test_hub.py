@@ -339,6 +339,7 @@ def test_prediction_skips_unreadable_files_and_lists_them_with_the_reason(tmp_pa
         path.unlink()
     assert predict_main(args) == 1
     assert len(list(csv.DictReader((tmp_path / 'preds_unreadable.csv').open()))) == 4
+    assert not out.exists()  # the predictions of the run before, for other images, are not left behind
 
 
 def test_export_of_a_from_scratch_run_predicts_at_its_input_size_and_claims_no_pretrained_weights(tmp_path):

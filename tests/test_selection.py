@@ -233,3 +233,17 @@ def test_the_folder_check_reports_cot_first_and_atc_without_an_exported_temperat
     lines = label_free_check(collapsed, dict(cfg, temperature=1.0, label_share=[0.25] * 4))
     assert lines[0].startswith('estimated accuracy by COT on these 8 images: 25.')  # COT charges it
     assert lines[1].startswith('estimated accuracy by ATC')
+
+
+def test_the_folder_check_makes_no_collapse_comparison_on_too_few_images():
+    # 30 images of a healthy 10-class model: classes go missing by chance, which the guard took for a collapse
+    gen = torch.Generator().manual_seed(0)
+    labels = torch.randint(0, 10, (30,), generator=gen)
+    healthy = torch.full((30, 10), 0.2 / 9).scatter_(1, labels[:, None], 0.8)
+    cfg = dict(atc_threshold=0.5, atc_score='max_prob', guard=dict(min_effective_ratio=0.95),
+               target_scores=dict(effective_classes=9.9, dead_classes=0, mean_confidence=0.8))
+    lines = label_free_check(healthy, cfg)
+    assert not any(line.startswith('WARNING') for line in lines)
+    assert any(line.startswith('note: 30 images are fewer than 100 (10 per class)') for line in lines)
+    collapsed = torch.eye(10)[torch.zeros(100, dtype=torch.long)] * 0.9 + 0.01
+    assert any(line.startswith('WARNING: possible collapse') for line in label_free_check(collapsed, cfg))

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Callable, List, Optional, Sequence, Tuple
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageOps
 from torch.utils.data import Dataset
 
 __all__ = ['DomainDataset', 'ArrayDomainDataset', 'FileDomainDataset', 'UNLABELLED', 'READ_ERRORS', 'read_error_reason']
@@ -125,7 +125,8 @@ class FileDomainDataset(DomainDataset):
         path = self.paths[index]
         try:
             with Image.open(path) as img:
-                return to_rgb(img)
+                # upright as a viewer shows it: a phone photo stores its rotation as an EXIF tag
+                return to_rgb(ImageOps.exif_transpose(img))
         except READ_ERRORS as e:
             raise OSError(f'cannot read image {path} (domain {self.domain!r}): {e}') from e
 

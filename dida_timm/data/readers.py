@@ -44,8 +44,10 @@ def _require_dir(path: Path, what: str) -> Path:
 
 
 def _images_under(folder: Path) -> Tuple[List[Path], List[Path]]:
-    """Image files anywhere under `folder` (sorted, hidden files ignored) and the other files."""
-    files = [p for p in sorted(folder.rglob('*')) if p.is_file() and not p.name.startswith('.')]
+    """Image files anywhere under `folder` (sorted; hidden files and folders, such as .ipynb_checkpoints/ with its
+    copies, ignored) and the other files."""
+    files = [p for p in sorted(folder.rglob('*'))
+             if p.is_file() and not any(part.startswith('.') for part in p.relative_to(folder).parts)]
     images = [p for p in files if _is_image(p)]
     return images, [p for p in files if not _is_image(p)]
 
