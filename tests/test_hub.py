@@ -214,10 +214,10 @@ def test_card_registers_an_architecture_that_import_dida_timm_does_not(trained_r
 
 def test_card_never_shows_the_path_of_a_folder_the_run_started_from(trained_run):
     run = read_run(trained_run)
-    for spec in ('/home/someone/exports/my_export', 'local-dir:/home/someone/exports/my_export'):
+    for spec in ('/srv/someone/exports/my_export', 'local-dir:/srv/someone/exports/my_export'):
         run.update(model=spec, pretrained_weights=spec)
         card = model_card([run], 'dida-timm/test-model').replace(run['command'], '')
-        assert '/home/someone' not in card and 'the local export `my_export`' in card
+        assert '/srv/someone' not in card and 'the local export `my_export`' in card
 
 
 PUBLISHED = [f'dida_digitnet_compact.offline_{t}'
