@@ -424,6 +424,29 @@ def test_a_generic_timm_cnn_adapts_from_its_static_twin_and_exports(tmp_path, da
     torch.testing.assert_close(model(x), reference.eval()(x))
 
 
+def test_run_killed_between_a_checkpoint_and_its_selection_finishes_on_resume(tmp_path, data_dir):
+    # the kept weights are written after each checkpoint; killed in between, the resumed run kept epoch 2's while
+    # its rule picked 3, and finish() refused such a pair ('the selected epoch is 3 but ... keeps epoch 2') as soon
+    # as a later epoch was flagged: a resume keeps the checkpoint's weights where the rule picks them
+    common = ['--source', 'mnist', '--target', 'uci_digits', '--source-only-epochs', '1', '--epochs', '2',
+              '--select', 'last', '--tsne-per-domain', '0', '--experiment', 'run']
+    _train(common, tmp_path, data_dir)
+    run = tmp_path / 'run'
+    weights = _weights(run)
+    for name in ('results.json', 'model.safetensors'):
+        (run / name).unlink()
+    shutil.copy(run / 'checkpoints' / 'epoch-0002' / 'model.safetensors', run / 'selection' / 'selected.safetensors')
+    (run / 'selection' / 'selected.json').write_text(json.dumps(dict(epoch=2)))
+    result = _train(common + ['--resume'], tmp_path, data_dir)
+    assert 'after epoch 3' in result.stdout
+    assert json.loads((run / 'results.json').read_text())['selection']['epoch'] == 3
+    assert json.loads((run / 'selection' / 'selected.json').read_text())['epoch'] == 3
+    kept = safetensors.torch.load_file(str(run / 'selection' / 'selected.safetensors'))
+    for name, value in weights.items():
+        assert torch.equal(value, _weights(run)[name]), f'{name} differs from the run before the kill'
+        assert torch.equal(value, kept[name]), f'{name} of the kept weights is not the checkpoint\'s'
+
+
 def test_run_killed_after_its_last_checkpoint_finishes_on_resume(tmp_path, data_dir):
     """Killed between the last epoch's checkpoint and the results: --resume trains nothing and reports as planned."""
     common = ['--source', 'mnist', '--target', 'uci_digits', '--source-only-epochs', '1', '--epochs', '2',

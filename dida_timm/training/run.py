@@ -338,16 +338,17 @@ class Run:
                 row.update(lr=optimizer.param_groups[0]['lr'], epoch_seconds=time.time() - start, **metrics)
                 self.history.append(row)
                 _logger.info(' '.join(f'{k}={v:.4f}' if isinstance(v, float) else f'{k}={v}' for k, v in row.items()))
-                if cfg.method == 'fixmatch':
-                    selection = self.monitor.update(self.evaluated_model, self.history)
-                    for reason in selection.flagged.get(epoch + 1, []):
-                        _logger.info(f'collapse guard flags epoch {epoch + 1}: {reason}')
                 if self.is_main:
                     save_checkpoint(ckpt_dir, epoch + 1, self.model, dict(
                         phase=phase_index, optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(),
                         scaler=scaler.state_dict() if scaler is not None else None, history=self.history),
                         self.ema, keep=a.keep_checkpoints)
                     self._write_summary()
+                if cfg.method == 'fixmatch':
+                    # after the checkpoint, so that the kept weights never run ahead of the history a resume restores
+                    selection = self.monitor.update(self.evaluated_model, self.history)
+                    for reason in selection.flagged.get(epoch + 1, []):
+                        _logger.info(f'collapse guard flags epoch {epoch + 1}: {reason}')
                 if self.world_size > 1:
                     torch.distributed.barrier()
             done = epoch0 = phase_end
@@ -357,6 +358,8 @@ class Run:
         """Fix the reference of the label-free scores: the model as adaptation starts (after `epoch0` epochs)."""
         if done > epoch0:  # resumed inside the adaptation phase: its start is on disk
             self.monitor.restore_reference(epoch0)
+            # killed between the last checkpoint and the selection's write: the checkpoint's weights are loaded
+            self.monitor.update(self.evaluated_model, self.history)
             return
         reference = self.evaluated_model
         rows = [h for h in self.history if h['epoch'] == epoch0]
