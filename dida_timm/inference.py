@@ -85,7 +85,8 @@ def label_free_check(probs: torch.Tensor, cfg: dict) -> List[str]:
     """
     scores = label_free_scores(probs)
     lines = []
-    if cfg.get('temperature') is not None and cfg.get('label_share') is not None:
+    with_cot = cfg.get('temperature') is not None and cfg.get('label_share') is not None
+    if with_cot:
         # first: on offline-benchmark runs not used to choose it, COT missed by about half ATC's error
         sample = f', on a fixed sample of {COT_MAX_IMAGES}' if len(probs) > COT_MAX_IMAGES else ''
         cot = cot_estimate(probs, torch.tensor(cfg['label_share'], dtype=torch.float64), cfg['temperature'])
@@ -105,7 +106,7 @@ def label_free_check(probs: torch.Tensor, cfg: dict) -> List[str]:
     if len(probs) < enough:
         lines.append(f'note: {len(probs)} images are fewer than {enough} ({MIN_IMAGES_PER_CLASS} per class): a healthy '
                      "model's class counts stray from the class shares by chance here, so classes go missing"
-                     f"{' and COT reads low' if lines[0].startswith('estimated accuracy by COT') else ''}; the "
+                     f"{' and COT reads low' if with_cot else ''}; the "
                      'collapse comparison with the training target is not made')
     elif at_training:
         lines.append(f'on its training target ({cfg.get("target", "held-out images")}) the model had '

@@ -82,6 +82,9 @@ class ArrayDomainDataset(DomainDataset):
         self.images = self.images[indices]
 
 
+_EXIF_ORIENTATION = 0x0112
+
+
 class FileDomainDataset(DomainDataset):
     """A domain of image files; a file that cannot be decoded raises an error naming it.
 
@@ -125,8 +128,11 @@ class FileDomainDataset(DomainDataset):
         path = self.paths[index]
         try:
             with Image.open(path) as img:
-                # upright as a viewer shows it: a phone photo stores its rotation as an EXIF tag
-                return to_rgb(ImageOps.exif_transpose(img))
+                # upright as a viewer shows it: a phone photo stores its rotation as an EXIF tag (transposing copies
+                # the image, so only where the tag says to)
+                if img.getexif().get(_EXIF_ORIENTATION, 1) != 1:
+                    img = ImageOps.exif_transpose(img)
+                return to_rgb(img)
         except READ_ERRORS as e:
             raise OSError(f'cannot read image {path} (domain {self.domain!r}): {e}') from e
 

@@ -15,7 +15,8 @@ from timm.scheduler import create_scheduler_v2
 from timm.scheduler.scheduler import Scheduler
 
 from ..arguments import (
-    at_least, between, check_options, config_defaults, distinct, greater_than, increasing, usable_device)
+    at_least, between, check_options, config_defaults, distinct, greater_than, increasing, option_name,
+    usable_device)
 from ..data import DATASETS, dataset_domains, default_domains
 from ..data.transforms import FIXMATCH_RAND_AUGMENT
 from ..models.factory import create_model
@@ -268,7 +269,7 @@ def check_args(args: argparse.Namespace, parser: argparse.ArgumentParser) -> arg
     # timm's step / multistep defaults decay at epoch 90 (and 180, 270): never, in most phases
     for sched, option, given in (('step', 'decay_epochs', args.decay_epochs),
                                  ('multistep', 'decay_milestones', args.decay_milestones)):
-        flag = f'--{option.replace("_", "-")}'
+        flag = option_name(parser, option)
         if args.sched == sched and not given:
             parser.error(f'--sched: {sched} needs {flag}, the epochs of a phase at which the lr decays')
         if given and args.sched != sched:
