@@ -15,7 +15,7 @@ import timm
 import yaml
 
 from .data.transforms import FIXMATCH_RAND_AUGMENT, test_data_config
-from .models.factory import create_model, validate_hub_config  # noqa: F401  (validate_hub_config re-exported)
+from .models.factory import builtin_architectures, create_model, validate_hub_config  # noqa: F401  (validate_hub_config re-exported)
 from .training.options import RESUMABLE_CHANGES, differing_options
 
 __all__ = ['PAPER_RESULTS', 'export_runs', 'export_tag', 'initial_weights', 'model_card', 'push_folder', 'read_run',
@@ -79,7 +79,7 @@ def _usage_lines(architecture: str, repo_name: str) -> List[str]:
     registered in it too, since `import dida_timm` registers only the built-in families."""
     lines = ['```python', 'import timm', 'import dida_timm  # registers the dida_* architectures with timm, import it '
              'first', '']
-    if architecture not in timm.list_models(module=['dida_resnet', 'dida_digitnet', 'dida_generic']):
+    if architecture not in builtin_architectures():
         lines += [f"dida_timm.register_dida('{architecture[len('dida_'):]}')  # not a built-in family", '']
     return lines + [f"model = timm.create_model('hf-hub:{repo_name}', pretrained=True).eval()", '```']
 

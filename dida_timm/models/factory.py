@@ -13,7 +13,7 @@ import json
 import math
 import re
 from pathlib import Path
-from typing import Dict, Optional, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import timm
 import torch
@@ -133,6 +133,12 @@ def require_safetensors(spec: str) -> None:
             raise ValueError(refusal) from e
 
 
+def builtin_architectures() -> List[str]:
+    """The architectures `import dida_timm` registers: those of the built-in families, not those `register_dida`
+    adds at run time."""
+    return timm.list_models(module=['dida_resnet', 'dida_digitnet', 'dida_generic'])
+
+
 def create_model(spec: str, pretrained: bool = False, allow_pickle: bool = False, **kwargs) -> torch.nn.Module:
     """timm.create_model, with Hub / local configs validated first and a clear word on unknown architectures.
 
@@ -159,7 +165,7 @@ def create_model(spec: str, pretrained: bool = False, allow_pickle: bool = False
         return timm.create_model(spec, pretrained=pretrained, **kwargs)
     except RuntimeError as e:
         if 'Unknown model' in str(e):
-            known = timm.list_models(module=['dida_resnet', 'dida_digitnet'])
+            known = builtin_architectures()
             raise RuntimeError(
                 f'{spec}: {e}. dida-timm architectures are registered by `import dida_timm`, which must come '
                 f'before timm.create_model; this install registers {known}') from e
