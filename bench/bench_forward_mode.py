@@ -35,7 +35,8 @@ from typing import Dict, List, Tuple
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from uda_runs import (  # noqa: E402
-    emit_table, finished_results, mean_std, offline_study, pick, run_all, run_name, shared_start_run, study_run)
+    emit_table, finished_results, mean_pseudo_accuracy, mean_std, offline_study, pick, run_all, run_name,
+    shared_start_run, study_run)
 
 from dida_timm.arguments import at_least, check_options, distinct  # noqa: E402
 from dida_timm.data.offline_digits import DOMAINS  # noqa: E402
@@ -101,7 +102,7 @@ def table(grid: Dict[Tuple[int, str, str, str], str], starts: Dict[Tuple[int, st
         lines.append(
             f'| {m} | {s} | {versus} | '
             f'{statistics.mean(h["keep_rate"] for h in last):.0%} | '
-            f'{statistics.mean(h["pseudo_accuracy"] for h in last):.0%} | '
+            f'{mean_pseudo_accuracy(last)} | '
             f'{statistics.median(h["epoch_seconds"] for r in runs for h in r["history"] if h["phase"] == "fixmatch"):.0f} |')
 
     lines += ['', f'The rule (fixed before the last seed ran): a step replaces `{BASELINE}` as the default only if its '

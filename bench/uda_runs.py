@@ -19,7 +19,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, Iterable, List, Optional, Sequence, Tuple
+from typing import Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
 import yaml
 
@@ -226,7 +226,12 @@ def write_records(path: Path, results: Dict[str, dict]) -> None:
                 run=name, target_accuracy=round(r['target_accuracy'], 2), wall_seconds=round(r['wall_seconds']),
                 source_only_start_target_accuracy='' if start is None else round(start, 2),
                 keep_rate=round(adapting[-1]['keep_rate'], 4) if adapting else '',
-                pseudo_accuracy=round(adapting[-1]['pseudo_accuracy'], 4) if adapting else ''))
+                pseudo_accuracy=_rounded(adapting[-1]['pseudo_accuracy'] if adapting else None)))
+
+
+def _rounded(value: Optional[float]) -> Union[float, str]:
+    """`value` to 4 decimals; '' for none (no adapting phase, or no pseudo-label kept)."""
+    return '' if value is None else round(value, 4)
 
 
 def restore_records(path: Path, out: Path, names: Iterable[str]) -> List[str]:
@@ -240,8 +245,9 @@ def restore_records(path: Path, out: Path, names: Iterable[str]) -> List[str]:
         if name not in records or target.is_file():
             continue
         row = records[name]
-        history = [dict(phase='fixmatch', keep_rate=float(row['keep_rate']),
-                        pseudo_accuracy=float(row['pseudo_accuracy']))] if row['keep_rate'] else []
+        history = ([dict(phase='fixmatch', keep_rate=float(row['keep_rate']),
+                         pseudo_accuracy=float(row['pseudo_accuracy']) if row['pseudo_accuracy'] else None)]
+                   if row['keep_rate'] else [])
         target.parent.mkdir(parents=True, exist_ok=True)
         target.write_text(json.dumps(dict(
             target_accuracy=float(row['target_accuracy']), wall_seconds=float(row['wall_seconds']),
@@ -300,8 +306,14 @@ def pseudo_label_cells(results: List[dict]) -> Dict[str, str]:
         'start': '-' if None in starts else mean_std(starts),  # '-': no source-only phase
         'final': mean_std([r['target_accuracy'] for r in results]),
         'kept': f'{statistics.mean(h["keep_rate"] for h in last):.0%}',
-        'correct': f'{statistics.mean(h["pseudo_accuracy"] for h in last):.0%}',
+        'correct': mean_pseudo_accuracy(last),
     }
+
+
+def mean_pseudo_accuracy(rows: List[dict]) -> str:
+    """Mean share of kept pseudo-labels that were right over `rows` (epochs that kept none have no share)."""
+    shares = [h['pseudo_accuracy'] for h in rows if h['pseudo_accuracy'] is not None]
+    return f'{statistics.mean(shares):.0%}' if shares else '-'
 
 
 def emit_table(lines: List[str], markdown: Optional[Path]) -> None:

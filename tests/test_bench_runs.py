@@ -271,3 +271,14 @@ def test_holdout_replays_the_default_rule_and_grades_the_estimates_of_its_pick(t
     assert (row['source_only'], row['last'], row['selected'], row['oracle']) == (60.0, 20.0, 70.0, 70.0)
     assert row['guard_fired'] and row['selected_epoch'] == 2
     assert row['target_slice_accuracy'] == 100.0 and row['estimated_ATC (max_prob)'] == 100.0
+
+
+def test_a_last_epoch_that_kept_no_pseudo_label_round_trips_the_records_and_shows_no_share(tmp_path):
+    kept_none = dict(target_accuracy=20.0, source_only_start_target_accuracy=None, wall_seconds=10.0,
+                     history=[dict(phase='fixmatch', keep_rate=0.0, pseudo_accuracy=None)])
+    records = tmp_path / 'records.csv'
+    write_records(records, {'k': kept_none})
+    restore_records(records, tmp_path / 'out', ['k'])
+    restored = finished_results(tmp_path / 'out', ['k'])['k']
+    assert restored['history'][-1]['pseudo_accuracy'] is None
+    assert pseudo_label_cells([restored])['correct'] == pseudo_label_cells([kept_none])['correct'] == '-'

@@ -1,4 +1,5 @@
 """The FixMatch loss and the UDA training step on hand-made logits."""
+import json
 import math
 
 import pytest
@@ -165,6 +166,19 @@ def test_ema_after_two_epochs_equals_a_hand_rolled_ema_of_every_update():
     assert updates == 6
     for got, want in zip(ema.module.parameters(), expected):
         torch.testing.assert_close(got, want)
+
+
+def test_an_epoch_that_keeps_no_pseudo_label_reports_no_pseudo_label_accuracy_in_strict_json():
+    from dida_timm.training import train_one_epoch
+    torch.manual_seed(0)
+    net = nn.Linear(3, 2)
+    optimizer = torch.optim.SGD(net.parameters(), lr=0.1)
+    source = [(torch.randn(4, 3), torch.randint(0, 2, (4,))) for _ in range(2)]
+    target = [(torch.randn(4, 3), torch.randn(4, 3), torch.randint(0, 2, (4,))) for _ in range(2)]
+    # no softmax of a linear layer on random inputs reaches 1.0: every pseudo-label is dropped
+    metrics = train_one_epoch(MultiViewModel(net), UdaConfig(threshold=1.0), source, target, optimizer)
+    assert metrics['keep_rate'] == 0.0 and metrics['pseudo_accuracy'] is None
+    json.dumps(metrics, allow_nan=False)  # results.json and summary.csv carry it as null / empty
 
 
 @pytest.mark.parametrize('stream', ['target', 'source+target'])

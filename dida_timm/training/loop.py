@@ -1,5 +1,4 @@
 """The epoch loop of domain-adaptation training: balanced source batches + cycled target batches."""
-import math
 from typing import Callable, Dict, Iterable, List, Optional
 
 import torch
@@ -51,7 +50,7 @@ def train_one_epoch(
         ema=None,
         world_size: int = 1,
         progress: Optional[Callable[[Dict[str, float]], None]] = None,
-) -> Dict[str, float]:
+) -> Dict[str, Optional[float]]:
     """Train `model` (a MultiViewModel, maybe DDP-wrapped) for one epoch; returns averaged metrics.
 
     `epoch` (0-based) names the epoch in messages; the scheduler is stepped to `update_offset + step + 1`.
@@ -114,10 +113,10 @@ def train_one_epoch(
     totals = dict(zip(_KEYS + ['steps'], metrics.tolist()))
     n = max(totals['steps'], 1)
     result = {k: totals[k] / n for k in ('loss', 'source_loss', 'unlabelled_loss', 'keep_rate') if k in sums}
-    if totals['pseudo_kept'] > 0:
-        result['pseudo_accuracy'] = totals['pseudo_correct'] / totals['pseudo_kept']
-    elif 'pseudo_kept' in sums:
-        result['pseudo_accuracy'] = math.nan
+    if 'pseudo_kept' in sums:
+        # undefined, not zero, when no pseudo-label was kept; None is what JSON and the CSV can carry
+        result['pseudo_accuracy'] = (totals['pseudo_correct'] / totals['pseudo_kept'] if totals['pseudo_kept'] > 0
+                                     else None)
     return result
 
 
