@@ -180,10 +180,12 @@ def test_output_stride_dilates_the_last_stage_and_keeps_the_branch_aligned():
     assert model.forward_features(X).shape[-2:] == (4, 4)
 
 
-@pytest.mark.parametrize('base', ['tf_efficientnet_b0', 'convnextv2_atto', 'mobilenetv4_conv_small'])
+@pytest.mark.parametrize('base', ['tf_efficientnet_b0', 'convnextv2_atto', 'mobilenetv4_conv_small', 'densenet121',
+                                  'dla46_c', 'xception41'])
 def test_features_only_of_registered_bases_outside_the_families_names(base):
     # the feature config was looked up by the name's first word ('tf', 'convnextv2', 'mobilenetv4'): missed, and
-    # timm's feature wrapper could not find the stages
+    # timm's feature wrapper could not find the stages; then a table of three families: DenseNet's stages are
+    # inside a Sequential, DLA returns levels 1-5 of six, Xception's features are hooks
     name = register_dida(base)
     features = timm.create_model(name, features_only=True).eval()
     plain = timm.create_model(base, features_only=True).eval()

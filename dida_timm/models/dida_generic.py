@@ -22,29 +22,23 @@ Registered families load timm's ImageNet checkpoints (the base model's own tags)
 strict key checks and a fresh branch; `<name>.untrained` has no weights.
 """
 import copyreg
+import functools
 import math
 import re
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Type, Union
 
+import timm
 import torch
 import torch.nn as nn
 from timm.layers import LayerNorm2d, PatchEmbed, get_act_layer, get_norm_layer
 from timm.models import build_model_with_cfg, generate_default_cfgs, get_pretrained_cfg, register_model
-from timm.models import list_pretrained, model_entrypoint
+from timm.models import FeatureHookNet, list_pretrained, model_entrypoint
 
 from dida_timm.layers import DidaBranch, DidaStage, is_branch_parameter
 
 from ._static_twin import static_twin_filter_fn
 
 __all__ = ['add_dida']
-
-# features_only settings of the families: ConvNeXt has four feature levels (timm's default is five); stages
-# named inside a Sequential (`stages.3`, `blocks.6`) need it flattened, ResNet's `layer1`.. must stay whole
-_FEATURE_CFGS = {
-    'convnext': dict(out_indices=(0, 1, 2, 3), flatten_sequential=True),
-    'efficientnet': dict(flatten_sequential=True),
-    'mobilenetv3': dict(flatten_sequential=True),
-}
 
 # activations that gate (SE, attention) rather than follow a norm; never the branch's activation
 _GATES = (nn.Sigmoid, nn.Hardsigmoid, nn.Tanh, nn.Softmax, nn.Identity)
@@ -266,6 +260,24 @@ def _create_dida_model(base: str, **kwargs: Any) -> nn.Module:
     return add_dida(model_entrypoint(base)(pretrained=False, **kwargs), **dida_kwargs)
 
 
+@functools.lru_cache(maxsize=None)
+def _feature_cfg(base: str) -> Dict[str, Any]:
+    """timm's own features_only defaults for `base`, read off its features model built on the meta device.
+
+    The families' settings differ (ConvNeXt returns its four levels, DLA levels 1-5, Xception hooks) and live in
+    each timm module's private builder, so they are asked of timm rather than tabled here. Stages named inside a
+    Sequential (`stages.3`, `features.denseblock1`) need it flattened; ResNet's `layer1`.. must stay whole.
+    """
+    with torch.device('meta'):
+        features = timm.create_model(base, features_only=True)
+    cfg: Dict[str, Any] = dict(out_indices=tuple(features.feature_info.out_indices))
+    if isinstance(features, FeatureHookNet):
+        cfg['feature_cls'] = 'hook'
+    elif any('.' in name for name in features.feature_info.module_name()):
+        cfg['flatten_sequential'] = True
+    return cfg
+
+
 def create_dida(variant: str, pretrained: bool = False, **kwargs: Any) -> nn.Module:
     """Build `dida_<base>` through timm's `build_model_with_cfg` (weights of a static checkpoint load with the
     branch left fresh)."""
@@ -275,9 +287,9 @@ def create_dida(variant: str, pretrained: bool = False, **kwargs: Any) -> nn.Mod
         variant,
         pretrained,
         pretrained_filter_fn=static_twin_filter_fn,
-        # the base family's features_only classes (EfficientNetFeatures, ...) have no branch: wrap this model, as
-        # the timm module that defines the base (convnext.py holds convnextv2_*, efficientnet.py tf_efficientnet_*)
-        feature_cfg=dict(_FEATURE_CFGS.get(model_entrypoint(base).__module__.rsplit('.', 1)[-1], {})),
+        # the base family's features_only classes (EfficientNetFeatures, ...) have no branch: wrap this model
+        # (a copy: timm writes into it)
+        feature_cfg=dict(_feature_cfg(base)) if kwargs.get('features_only') else None,
         **kwargs,
     )
 
