@@ -35,9 +35,7 @@ import statistics
 import sys
 from pathlib import Path
 
-import yaml
-
-from dida_timm.arguments import at_least, check_options, distinct
+from dida_timm.arguments import at_least, check_options, distinct, yaml_value
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from uda_runs import (  # noqa: E402
@@ -64,7 +62,7 @@ def main():
     parser.add_argument('--shared-start', action='store_true',
                         help='the adapting methods of a (target, seed) all start from one static source-only run, '
                              'the branch models with a fresh branch (run names record it)')
-    parser.add_argument('--branch-kwargs', type=yaml.safe_load, default={},
+    parser.add_argument('--branch-kwargs', type=yaml_value, default={},
                         help='model options (YAML) for the two methods with a branch, e.g. a placement ablation; '
                              'run names record them')
     parser.add_argument('--records', type=Path, default=None,

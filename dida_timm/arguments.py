@@ -16,7 +16,7 @@ import yaml
 
 __all__ = [
     'Check', 'at_least', 'between', 'greater_than', 'distinct', 'increasing', 'hub_repo_id', 'usable_device',
-    'check_options', 'config_defaults', 'option_name']
+    'check_options', 'config_defaults', 'option_name', 'yaml_value']
 
 # a check returns why the value is wrong, or None when it is fine; None values (option not given) pass
 Check = Callable[[Any], Optional[str]]
@@ -106,6 +106,16 @@ def usable_device(value) -> Optional[str]:
     return None
 
 
+def yaml_value(text: str) -> Any:
+    """An option's value read as YAML (an argparse `type`): text that is not YAML is a usage error that quotes it,
+    not a yaml traceback (argparse turns only ValueError, TypeError and ArgumentTypeError into usage errors)."""
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        why = getattr(e, 'problem', None) or ' '.join(str(e).split())  # a reader error's text spans two lines
+        raise argparse.ArgumentTypeError(f'not valid YAML: {text!r} ({why})') from e
+
+
 def option_name(parser: argparse.ArgumentParser, dest: str) -> str:
     """The option a dest belongs to, as users type it (`--batch-size`; a positional's own name)."""
     for action in parser._actions:
@@ -144,7 +154,7 @@ def _convert(parser: argparse.ArgumentParser, action: argparse.Action, value, wh
             fail(f'needs {action.nargs} values, got {value!r}')
         if action.nargs == '+' and not items:
             fail('needs at least one value')
-    elif isinstance(value, (list, dict)) and action.type is not yaml.safe_load:
+    elif isinstance(value, (list, dict)) and action.type is not yaml_value:
         fail(f'takes one value, got {value!r}')
     else:
         items = [value]

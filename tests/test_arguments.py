@@ -115,6 +115,11 @@ def test_a_config_file_is_checked_like_the_command_line(config, option, tmp_path
     _refused(lambda: train.parse_args(['-c', str(path)]), capsys, option)
 
 
+def test_model_kwargs_that_are_not_yaml_are_refused_quoting_them(capsys):
+    err = _refused(lambda: train.parse_args(['--model-kwargs', '{dida_reduction: [8}']), capsys, '--model-kwargs')
+    assert "not valid YAML: '{dida_reduction: [8}'" in err  # was a yaml traceback
+
+
 def test_config_values_are_converted_as_the_command_line_would(tmp_path):
     path = tmp_path / 'config.yaml'
     path.write_text('lr: 1e-3\nsource: uci_digits\ntarget: mnist\n')  # YAML reads 1e-3 as a string
@@ -169,6 +174,7 @@ def test_folder_domains_are_the_sub_folders_and_must_be_chosen(tmp_path, capsys)
     ('bench/bench_uda_accuracy.py', ['--jobs', '0'], '--jobs'),
     ('bench/bench_uda_accuracy.py', ['--seeds', '-1'], '--seeds'),
     ('bench/bench_uda_accuracy.py', ['--targets', 'mnist', 'mnist'], '--targets'),
+    ('bench/bench_uda_accuracy.py', ['--branch-kwargs', '{dida_reduction: [8}'], '--branch-kwargs'),
     ('bench/bench_cost.py', ['--reps', '1'], '--reps'),  # the ratios' quartiles need two rounds
     ('bench/bench_cost.py', ['--generic', 'no_such_cnn'], '--generic'),
     ('bench/bench_cost.py', ['--reparameterize', '--branch-only'], '--reparameterize'),

@@ -16,7 +16,7 @@ from timm.scheduler.scheduler import Scheduler
 
 from ..arguments import (
     at_least, between, check_options, config_defaults, distinct, greater_than, increasing, option_name,
-    usable_device)
+    usable_device, yaml_value)
 from ..data import DATASETS, dataset_domains, default_domains
 from ..data.transforms import FIXMATCH_RAND_AUGMENT
 from ..models.factory import create_model
@@ -70,7 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help='weights to start from (safetensors, or a weights-only torch file): the model\'s own, or its '
                         'static twin\'s (e.g. a source-trained digitnet_compact for dida_digitnet_compact), whose '
                         'branch then starts fresh')
-    g.add_argument('--model-kwargs', default={}, type=yaml.safe_load,
+    g.add_argument('--model-kwargs', default={}, type=yaml_value,
                    help='extra timm.create_model kwargs as YAML, e.g. "{branch_depth: 1}"')
     g.add_argument('--mixstyle-after', default='', help='module whose output MixStyle mixes (e.g. layer1, block1)')
     g.add_argument('--input-size', type=int, default=None,
