@@ -120,6 +120,13 @@ def test_model_kwargs_that_are_not_yaml_are_refused_quoting_them(capsys):
     assert "not valid YAML: '{dida_reduction: [8}'" in err  # was a yaml traceback
 
 
+@pytest.mark.parametrize('kwargs', ['{drop_rate}', 'drop_rate:', '{drop_rate: 0.1, dida_reduction: null}'])
+def test_a_model_kwarg_without_a_value_is_refused(kwargs, capsys):
+    # YAML reads the key's value as None, which timm.create_model silently drops
+    err = _refused(lambda: train.parse_args(['--model-kwargs', kwargs]), capsys, '--model-kwargs')
+    assert 'given without a value' in err
+
+
 def test_config_values_are_converted_as_the_command_line_would(tmp_path):
     path = tmp_path / 'config.yaml'
     path.write_text('lr: 1e-3\nsource: uci_digits\ntarget: mnist\n')  # YAML reads 1e-3 as a string

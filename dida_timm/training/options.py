@@ -235,6 +235,10 @@ def check_args(args: argparse.Namespace, parser: argparse.ArgumentParser) -> arg
         parser.error(f'--init-checkpoint: {args.init_checkpoint} is not a file')
     if not isinstance(args.model_kwargs, dict):
         parser.error(f'--model-kwargs: must be a mapping such as "{{branch_depth: 1}}", got {args.model_kwargs!r}')
+    # `{drop_rate}` or `drop_rate:` reads as None, which timm.create_model drops without a word
+    unset = [key for key, value in args.model_kwargs.items() if value is None]
+    if unset:
+        parser.error(f'--model-kwargs: {unset} given without a value; write "{{{unset[0]}: VALUE}}"')
     reserved = sorted(set(args.model_kwargs) & {'num_classes', 'pretrained', 'allow_pickle'})
     if reserved:
         parser.error(f'--model-kwargs: {reserved} are set by the run (the class count from the data, --pretrained, '
