@@ -146,6 +146,9 @@ def _convert(parser: argparse.ArgumentParser, action: argparse.Action, value, wh
             fail(f'must be true or false, got {value!r}')
         return value
     if value is None:
+        # the command line cannot give None to an option whose default is a value: later code counts on one
+        if action.default is not None:
+            fail(f'`{action.dest}: null` is not a value; leave the key out for the default, {action.default!r}')
         return None
     is_list = action.nargs in ('+', '*') or isinstance(action.nargs, int)
     if is_list:

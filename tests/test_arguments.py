@@ -127,6 +127,19 @@ def test_a_model_kwarg_without_a_value_is_refused(kwargs, capsys):
     assert 'given without a value' in err
 
 
+def test_a_config_key_set_to_null_is_refused_unless_its_default_is_none(tmp_path, capsys):
+    path = tmp_path / 'config.yaml'
+    path.write_text('lr: null\n')  # was a TypeError comparing None with --min-lr
+    err = _refused(lambda: train.parse_args(['-c', str(path)]), capsys, '--lr')
+    assert '`lr: null` is not a value' in err and str(path) in err
+    path.write_text('input_size: null\nmodel_kwargs: null\n')
+    err = _refused(lambda: train.parse_args(['-c', str(path)]), capsys, '--model-kwargs')
+    assert '`model_kwargs: null`' in err
+    path.write_text('input_size: null\ntarget: null\n')  # None is their default: the model's and dataset's own
+    args = train.parse_args(['-c', str(path)])
+    assert args.input_size == 32 and args.target == 'mnistm_style'
+
+
 def test_config_values_are_converted_as_the_command_line_would(tmp_path):
     path = tmp_path / 'config.yaml'
     path.write_text('lr: 1e-3\nsource: uci_digits\ntarget: mnist\n')  # YAML reads 1e-3 as a string
