@@ -194,6 +194,8 @@ def config_defaults(parser: argparse.ArgumentParser, path: Path) -> Dict[str, An
         parser.error(f'--config: {path} is not valid YAML: {e}')
     if not isinstance(cfg, dict):
         parser.error(f'--config: {path} must hold a mapping of option: value')
+    if 'config' in cfg:  # it would only set --config's default, which the -c given replaces: silently ignored
+        parser.error(f'--config: {path} names another config ({cfg["config"]!r}); configs do not nest')
     actions = {a.dest: a for a in parser._actions}
     unknown = sorted(set(cfg) - set(actions))
     if unknown:

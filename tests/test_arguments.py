@@ -140,6 +140,14 @@ def test_a_config_key_set_to_null_is_refused_unless_its_default_is_none(tmp_path
     assert args.input_size == 32 and args.target == 'mnistm_style'
 
 
+def test_a_config_naming_another_config_is_refused(tmp_path, capsys):
+    (tmp_path / 'base.yaml').write_text('epochs: 3\n')
+    path = tmp_path / 'config.yaml'
+    path.write_text(f'config: {tmp_path / "base.yaml"}\nlr: 0.01\n')  # base.yaml was silently not read
+    err = _refused(lambda: train.parse_args(['-c', str(path)]), capsys, '--config')
+    assert f'{path} names another config' in err
+
+
 def test_config_values_are_converted_as_the_command_line_would(tmp_path):
     path = tmp_path / 'config.yaml'
     path.write_text('lr: 1e-3\nsource: uci_digits\ntarget: mnist\n')  # YAML reads 1e-3 as a string
