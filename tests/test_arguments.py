@@ -148,6 +148,15 @@ def test_a_config_naming_another_config_is_refused(tmp_path, capsys):
     assert f'{path} names another config' in err
 
 
+def test_a_second_config_is_refused(tmp_path, capsys):
+    first, second = tmp_path / 'first.yaml', tmp_path / 'second.yaml'
+    first.write_text('epochs: 3\n')
+    second.write_text('lr: 0.01\n')  # only the last one given was read
+    err = _refused(lambda: train.parse_args(['-c', str(first), '--config', str(second)]), capsys, '--config')
+    assert f'given 2 times ({first}, {second})' in err
+    assert train.parse_args(['-c', str(first)]).config == str(first) and train.parse_args([]).config == ''
+
+
 def test_config_values_are_converted_as_the_command_line_would(tmp_path):
     path = tmp_path / 'config.yaml'
     path.write_text('lr: 1e-3\nsource: uci_digits\ntarget: mnist\n')  # YAML reads 1e-3 as a string

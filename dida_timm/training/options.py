@@ -326,12 +326,15 @@ def changed_run_options(saved: Dict, args: argparse.Namespace) -> List[str]:
 def parse_args(argv=None) -> argparse.Namespace:
     parser = build_parser()
     config_parser = argparse.ArgumentParser(add_help=False)
-    config_parser.add_argument('-c', '--config', default='')
+    config_parser.add_argument('-c', '--config', action='append', default=[])
     known, remaining = config_parser.parse_known_args(argv)
-    if known.config:
-        parser.set_defaults(**config_defaults(parser, Path(known.config)))
+    if len(known.config) > 1:  # a plain option would keep the last and drop the others' values without a word
+        parser.error(f'--config: given {len(known.config)} times ({", ".join(known.config)}); give one')
+    config = known.config[0] if known.config else ''
+    if config:
+        parser.set_defaults(**config_defaults(parser, Path(config)))
     args = parser.parse_args(remaining)
-    args.config = known.config
+    args.config = config
     return check_args(args, parser)
 
 
