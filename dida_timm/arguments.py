@@ -106,11 +106,27 @@ def usable_device(value) -> Optional[str]:
     return None
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """yaml.SafeLoader refusing a mapping that gives a key twice (safe_load keeps the last one without a word)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> Dict[Any, Any]:
+        keys = []  # a list, not a set: an unhashable key gets SafeLoader's own error below
+        for key_node, _ in node.value:
+            if key_node.tag == 'tag:yaml.org,2002:merge':  # `<<: *base`: the mapping's own keys override its keys
+                continue
+            key = self.construct_object(key_node, deep=deep)
+            if key in keys:
+                raise yaml.constructor.ConstructorError('while constructing a mapping', node.start_mark,
+                                                        f'key {key!r} given twice', key_node.start_mark)
+            keys.append(key)
+        return super().construct_mapping(node, deep)
+
+
 def yaml_value(text: str) -> Any:
     """An option's value read as YAML (an argparse `type`): text that is not YAML is a usage error that quotes it,
     not a yaml traceback (argparse turns only ValueError, TypeError and ArgumentTypeError into usage errors)."""
     try:
-        return yaml.safe_load(text)
+        return yaml.load(text, Loader=_UniqueKeyLoader)
     except yaml.YAMLError as e:
         why = getattr(e, 'problem', None) or ' '.join(str(e).split())  # a reader error's text spans two lines
         raise argparse.ArgumentTypeError(f'not valid YAML: {text!r} ({why})') from e
@@ -189,7 +205,7 @@ def config_defaults(parser: argparse.ArgumentParser, path: Path) -> Dict[str, An
     if not path.is_file():
         parser.error(f'--config: file not found: {path}')
     try:
-        cfg = yaml.safe_load(path.read_text()) or {}
+        cfg = yaml.load(path.read_text(), Loader=_UniqueKeyLoader) or {}
     except yaml.YAMLError as e:
         parser.error(f'--config: {path} is not valid YAML: {e}')
     if not isinstance(cfg, dict):

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from dida_timm.arguments import usable_device
+from dida_timm.arguments import usable_device, yaml_value
 from dida_timm.data import default_domains
 from dida_timm.inference import main as predict_main
 
@@ -155,6 +155,18 @@ def test_a_second_config_is_refused(tmp_path, capsys):
     err = _refused(lambda: train.parse_args(['-c', str(first), '--config', str(second)]), capsys, '--config')
     assert f'given 2 times ({first}, {second})' in err
     assert train.parse_args(['-c', str(first)]).config == str(first) and train.parse_args([]).config == ''
+
+
+def test_a_key_given_twice_is_refused(tmp_path, capsys):
+    path = tmp_path / 'config.yaml'
+    path.write_text('lr: 0.01\nepochs: 3\nlr: 0.02\n')  # yaml.safe_load kept the last lr without a word
+    err = _refused(lambda: train.parse_args(['-c', str(path)]), capsys, '--config')
+    assert str(path) in err and "key 'lr' given twice" in err
+    err = _refused(lambda: train.parse_args(['--model-kwargs', '{dida_reduction: 4, dida_reduction: 8}']), capsys,
+                   '--model-kwargs')
+    assert "key 'dida_reduction' given twice" in err
+    # a merged mapping's keys are not given twice: the mapping's own override them
+    assert yaml_value('base: &b {x: 1, y: 2}\nrun: {<<: *b, x: 3}')['run'] == {'x': 3, 'y': 2}
 
 
 def test_config_values_are_converted_as_the_command_line_would(tmp_path):
