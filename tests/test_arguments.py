@@ -63,6 +63,7 @@ def _refused(parse, capsys, option):
     (['--offline-train-size', '5'], '--offline-train-size'),
     (['--offline-test-size', '0'], '--offline-test-size'),
     (['--dist-timeout', '0'], '--dist-timeout'),
+    (['--dist-timeout', '1e10'], '--dist-timeout'),  # overflowed the process group's timeout
     (['--seed', '-1'], '--seed'),
     (['--seed', '4294967296'], '--seed'),  # overflowed torch.manual_seed once training started
     (['--model-kwargs', '{num_classes: 10}'], '--model-kwargs'),  # a raw TypeError after the data were built

@@ -152,7 +152,8 @@ OPTION_RULES = [
     ('momentum', between(0, 1, high_open=True)), ('opt_betas', between(0, 1, high_open=True)),
     ('weight_decay', at_least(0)), ('warmup_epochs', at_least(0)), ('min_lr', at_least(0)),
     ('clip_grad', greater_than(0)), ('ema_decay', between(0, 1, high_open=True)),
-    ('dist_timeout', greater_than(0)), ('seed', between(0, 2 ** 32, high_open=True)),
+    # torch holds --dist-timeout in int64 nanoseconds (9.2e9 s): 1e10 s wrapped round and timed out at once
+    ('dist_timeout', between(0, 10 ** 9, low_open=True)), ('seed', between(0, 2 ** 32, high_open=True)),
     ('decay_epochs', greater_than(0)), ('decay_milestones', at_least(1)), ('decay_milestones', increasing),
     ('decay_rate', between(0, 1, low_open=True)),
     ('keep_checkpoints', at_least(1)), ('eval_batch_size', at_least(1)), ('tsne_per_domain', at_least(0)),
