@@ -247,3 +247,24 @@ def test_the_folder_check_makes_no_collapse_comparison_on_too_few_images():
     assert any(line.startswith('note: 30 images are fewer than 100 (10 per class)') for line in lines)
     collapsed = torch.eye(10)[torch.zeros(100, dtype=torch.long)] * 0.9 + 0.01
     assert any(line.startswith('WARNING: possible collapse') for line in label_free_check(collapsed, cfg))
+
+
+def test_a_resumed_monitor_restores_the_reference_predictions_exactly(monkeypatch, tmp_path):
+    from torch.utils.data import TensorDataset
+
+    import dida_timm.training.label_free as label_free
+    # class 1 is ahead by 5e-5, under float16's spacing here (2.4e-4): as float16 the three classes tie
+    target_probs = torch.tensor([[0.3333, 0.33335, 0.3333], [0.1, 0.2, 0.7]])
+    source_probs, source_labels = torch.eye(3) * 0.8 + 0.2 / 3, torch.arange(3)
+    target = TensorDataset(torch.zeros(2, 1), torch.full((2,), -1))
+    source = TensorDataset(torch.zeros(3, 1), source_labels)
+    monkeypatch.setattr(label_free, 'predict_probs', lambda m, ds, *a: (
+        (target_probs, ds.tensors[1]) if ds is target else (source_probs, source_labels)))
+    args = (target, source, torch.full((3,), 1 / 3))
+    run = label_free.LabelFreeMonitor(tmp_path, True, *args)
+    model = torch.nn.Linear(1, 3)  # predict_probs is replaced: only its weights are kept
+    run.set_reference(model, 3, run.score(model, 3))
+    resumed = label_free.LabelFreeMonitor(tmp_path, False, *args)
+    resumed.restore_reference(3)
+    assert run.reference_predictions.tolist() == [1, 2]
+    assert torch.equal(resumed.reference_predictions, run.reference_predictions)

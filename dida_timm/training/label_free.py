@@ -3,8 +3,9 @@ weights of the checkpoint the selection rule picks.
 
 Each epoch the model predicts a fixed held-out slice of the unlabelled target and of the source domains (never
 trained on). The scores (`selection.label_free_scores`), the source validation accuracy and two accuracy
-estimates (ATC, and COT on temperature-scaled predictions) go into the run's history; the probabilities are saved to `label_free/epoch-NNNN.npz`, so that any
-score or rule can be recomputed after the run. The model at the start of adaptation (the end of the source-only
+estimates (ATC, and COT on temperature-scaled predictions) go into the run's history; the probabilities (float16)
+and the target's predicted classes are saved to `label_free/epoch-NNNN.npz`, so that any score or rule can be
+recomputed after the run. The model at the start of adaptation (the end of the source-only
 phase, or the starting weights) is the reference every candidate is compared with and the fallback when the
 collapse guard fires; its weights and those of the currently selected epoch are kept in `selection/`.
 """
@@ -106,7 +107,9 @@ class LabelFreeMonitor:
         if self.write:
             np.savez_compressed(
                 self._dump(epoch), target_probs=target_probs.half().numpy(), target_labels=target_labels.numpy(),
-                source_probs=source_probs.half().numpy(), source_labels=source_labels.numpy())
+                source_probs=source_probs.half().numpy(), source_labels=source_labels.numpy(),
+                # float16 rounding ties close probabilities, so their argmax after reloading can differ
+                target_predictions=self._scored[1].numpy())
         return row
 
     def set_reference(self, model: nn.Module, epoch: int, row: Dict[str, float]) -> None:
@@ -121,12 +124,12 @@ class LabelFreeMonitor:
             _save_weights(model, self.out_dir / 'selection' / 'reference.safetensors')
 
     def restore_reference(self, epoch: int) -> None:
-        """On resume: the reference's predictions, read back from its saved probabilities."""
+        """On resume: the reference's predictions, read back from its saved predicted classes."""
         dump = self._dump(epoch)
         if dump is None or not dump.exists():
             raise FileNotFoundError(f'cannot resume the label-free scores: {dump} (the reference epoch) is missing')
         self.reference_epoch = epoch
-        self.reference_predictions = torch.from_numpy(np.load(dump)['target_probs']).float().argmax(-1)
+        self.reference_predictions = torch.from_numpy(np.load(dump)['target_predictions'])
 
     def candidates(self, history: List[Dict]) -> List[Dict]:
         """The reference row and every later row of `history`."""
