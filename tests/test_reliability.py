@@ -258,3 +258,32 @@ def test_every_rank_takes_rank_0s_run_folder_name(tmp_path):
     torch.multiprocessing.spawn(_broadcast_rank, args=(str(tmp_path / 'init'), str(tmp_path)), nprocs=2)
     assert [Path(tmp_path, str(r)).read_text() for r in (0, 1)] == ['clock of rank 0'] * 2
     assert broadcast_from_main('alone') == 'alone'  # no process group: the value itself
+
+
+def _train_rank(rank: int, init_file: str, out_dir: str) -> None:
+    from timm.utils import ModelEmaV3
+    torch.distributed.init_process_group('gloo', init_method=f'file://{init_file}', rank=rank, world_size=2)
+    try:
+        torch.manual_seed(0)  # the same start on both ranks, as DDP makes it
+        net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Flatten(), nn.Linear(16, 2))
+        ema = ModelEmaV3(net, decay=0.9)
+        model = nn.parallel.DistributedDataParallel(MultiViewModel(net))
+        torch.manual_seed(1 + rank)  # each rank's own batches
+        batches = [(torch.randn(4, 3, 4, 4) + rank, torch.randint(0, 2, (4,))) for _ in range(2)]
+        train_one_epoch(model, UdaConfig(method='source_only'), batches, None, torch.optim.SGD(net.parameters(), 0.1),
+                        ema=ema, world_size=2)
+        buffers = dict(net=dict(net.named_buffers()), ema=dict(ema.module.named_buffers()))
+        torch.save(buffers, Path(out_dir, f'{rank}.pt'))
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_every_rank_ends_an_epoch_with_rank_0s_batchnorm_statistics_and_ema(tmp_path):
+    # DDP syncs the gradients only: each rank's running statistics followed its own batches
+    torch.multiprocessing.spawn(_train_rank, args=(str(tmp_path / 'init'), str(tmp_path)), nprocs=2)
+    ranks = [torch.load(tmp_path / f'{r}.pt') for r in (0, 1)]
+    for part in ('net', 'ema'):
+        assert ranks[0][part].keys() == ranks[1][part].keys() and 'running_mean' in ''.join(ranks[0][part])
+        for name, buffer in ranks[0][part].items():
+            assert torch.equal(buffer, ranks[1][part][name]), f'{part} {name}'

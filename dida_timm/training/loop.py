@@ -1,4 +1,5 @@
 """The epoch loop of domain-adaptation training: balanced source batches + cycled target batches."""
+import itertools
 from typing import Callable, Dict, Iterable, List, Optional
 
 import torch
@@ -56,6 +57,7 @@ def train_one_epoch(
     `epoch` (0-based) names the epoch in messages; the scheduler is stepped to `update_offset + step + 1`.
     The EMA is told the run's global update count, `ema_update_offset + step` (default `update_offset`): timm's
     EMA copies the weights outright at its first two steps, so a count restarting each epoch would reset it.
+    With `world_size > 1`, every rank ends the epoch with rank 0's buffers (BatchNorm statistics), the EMA's too.
 
     Raises:
         NonFiniteLossError: naming the epoch and step where the loss stopped being finite.
@@ -110,6 +112,10 @@ def train_one_epoch(
     metrics = torch.tensor([sums.get(k, 0.0) for k in _KEYS] + [steps], dtype=torch.float64, device=device)
     if world_size > 1:
         dist.all_reduce(metrics)
+        # DDP averages the gradients only: each rank's running statistics followed its own batches, so its evaluation
+        # would disagree with the other ranks' and with the checkpoint rank 0 saves
+        for buffer in itertools.chain(model.buffers(), ema.buffers() if ema is not None else ()):
+            dist.broadcast(buffer, src=0)
     totals = dict(zip(_KEYS + ['steps'], metrics.tolist()))
     n = max(totals['steps'], 1)
     result = {k: totals[k] / n for k in ('loss', 'source_loss', 'unlabelled_loss', 'keep_rate') if k in sums}
