@@ -283,6 +283,21 @@ def test_onnx_export_with_dynamic_batch_matches_eager(tmp_path, inference_form):
         torch.testing.assert_close(torch.from_numpy(out), model(x).detach(), rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize('name', ['dida_digitnet', 'dida_digitnet_compact'])
+def test_timms_onnx_export_of_the_digit_nets_matches_eager(tmp_path, name):
+    ort = pytest.importorskip('onnxruntime')
+    pytest.importorskip('onnx')
+    from timm.utils.onnx import onnx_export
+    model = timm.create_model(name).eval()
+    path = tmp_path / f'{name}.onnx'
+    onnx_export(model, str(path), batch_size=2)  # TorchScript tracing, dynamic batch
+    session = ort.InferenceSession(str(path), providers=['CPUExecutionProvider'])
+    for batch_size in (1, 5):
+        x = torch.randn(batch_size, 3, 32, 32)
+        (out,) = session.run(None, {'input0': x.numpy()})
+        torch.testing.assert_close(torch.from_numpy(out), model(x).detach(), rtol=1e-4, atol=1e-4)
+
+
 def test_digitnet_follows_the_m3sda_layout_with_a_620_parameter_dida_module():
     model = timm.create_model('dida_digitnet')
     static = timm.create_model('digitnet')

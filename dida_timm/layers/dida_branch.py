@@ -168,7 +168,9 @@ def _cropped_to(branch: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
     """
     height, width = out.shape[-2], out.shape[-1]
     if branch.shape[-2] == height and branch.shape[-1] == width:
-        return branch
+        # a view with `out`'s sizes: timm's onnx_export (TorchScript tracing) loses the sizes in the DIDA unit's
+        # reshapes, and the pooling after the sum needs them
+        return branch.view_as(out)
     extra_height, extra_width = branch.shape[-2] - height, branch.shape[-1] - width
     if extra_height < 0 or extra_height > 1 or extra_width < 0 or extra_width > 1:
         raise RuntimeError(f'the DIDA branch maps to {list(branch.shape)}, which does not fit the stage output '
