@@ -11,12 +11,13 @@ import torch
 import torch.nn.functional as F
 from timm.layers import BatchNormAct2d, LayerNorm2d
 from timm.models import load_checkpoint
-from timm.models._manipulate import group_parameters
+from timm.models._manipulate import group_parameters, group_with_matcher
 from timm.utils.model import reparameterize_model
 
 from dida_timm import add_dida, register_dida
 from dida_timm.layers import DidaStage, is_branch_parameter
 from dida_timm.models import static_twin_filter_fn
+from dida_timm.models.dida_generic import _ordinal_fn
 from dida_timm_models import our_models
 
 FAMILIES = {
@@ -152,6 +153,32 @@ def test_group_matcher_puts_the_branch_after_its_stage_and_before_the_head(name)
             # after its stage; timm's "join the previous group" ordinal may put a head conv with it
             assert min(branch) > max(blocks) and min(branch) < group_of[f"{model.pretrained_cfg['classifier']}.weight"]
     assert len(model.branch_parameters()) == sum(1 for n, _ in model.named_parameters() if is_branch_parameter(n))
+
+
+@pytest.mark.parametrize('base', ['selecsls42', 'resnet18', 'convnext_atto'])
+def test_layer_decay_groups_are_the_base_models_with_the_branch_after_its_stage(base):
+    static = timm.create_model(base, device='meta')
+    model = add_dida(timm.create_model(base, device='meta'))
+    stage = next(n for n, m in model.named_modules() if isinstance(m, DidaStage))
+    for coarse in (False, True):
+        groups = list(group_parameters(model, model.group_matcher(coarse=coarse)).values())
+        as_static = [[n.replace(f'{stage}.blocks.', f'{stage}.') for n in g if not is_branch_parameter(n)]
+                     for g in groups]
+        expected = group_parameters(static, static.group_matcher(coarse=coarse))
+        assert [g for g in as_static if g] == list(expected.values())
+        last = max(i for i, g in enumerate(groups) if any(n.startswith(f'{stage}.blocks.') for n in g))
+        branch = [i for i, g in enumerate(groups) if any(is_branch_parameter(n) for n in g)]
+        if coarse:
+            assert branch == [last]
+        else:  # a group of its own right after its stage's
+            assert branch == [last + 1] and not as_static[last + 1]
+
+
+def test_a_dict_group_matcher_gives_timms_ordinals():
+    matcher = dict(stem=r'^stem', left_out=None, blocks=[(r'^features\.(\d+)', None), (r'^norm', (99999,))],
+                   neck=r'^head')
+    names = [(n, None) for n in ('stem.w', 'features.0.w', 'features.1.w', 'norm.w', 'head.0.w', 'head.1.w', 'fc.w')]
+    assert group_with_matcher(names, _ordinal_fn(matcher)) == group_with_matcher(names, matcher)
 
 
 @pytest.mark.parametrize('name', ['dida_convnext_atto', 'dida_mobilenetv3_large_100'])

@@ -169,19 +169,24 @@ def add_dida(
 
 
 def _ordinal_fn(matcher: Union[Dict[str, Any], Callable]) -> Callable[[str], Tuple[float, ...]]:
-    """A parameter name -> group ordinal function from a timm `group_matcher` (regex dict or callable)."""
+    """A parameter name -> group ordinal function from a timm `group_matcher` (regex dict or callable), with the
+    ordinals timm's `group_with_matcher` gives."""
     if callable(matcher):
         return lambda name: tuple(o) if isinstance(o := matcher(name), (tuple, list)) else (o,)
     compiled = []
-    for spec in matcher.values():
+    for position, spec in enumerate(matcher.values()):
+        if spec is None:  # a group without a pattern (timm's way to leave one out) matches nothing
+            continue
         for regex, suffix in ([(spec, None)] if isinstance(spec, str) else spec):
-            compiled.append((re.compile(regex), suffix))
+            compiled.append((re.compile(regex), (position,), suffix))
 
     def ordinal(name: str) -> Tuple[float, ...]:
-        for regex, suffix in compiled:
+        for regex, prefix, suffix in compiled:
             found = regex.match(name)
             if found:
-                return tuple(float(x) for part in (found.groups(), suffix) if part for x in part)
+                # the group's position first, as in timm: without it the numbers of different groups' patterns
+                # collide ('features.0', 'head.0') and the groups whose pattern has none merge ('stem', 'head')
+                return tuple(float(x) for part in (prefix, found.groups(), suffix) if part for x in part)
         return (float('inf'),)  # unmatched (head) sorts last, as in timm
 
     return ordinal
