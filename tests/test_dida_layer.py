@@ -190,14 +190,15 @@ def test_static_ablation_has_no_generator_and_learns_depthwise_kernels():
 
 
 @pytest.mark.parametrize('kwargs, message', [
-    (dict(dilations=(1, 2, 3)), 'one or two dilations'),
+    (dict(dilations=(1, 2, 3)), r"one or two dilations \(a model's dida_dilations\)"),
+    (dict(out_chs=63), r"\(63\) must divide by the number of dilations \(a model's dida_dilations\), got \(1, 2\)"),
     (dict(kernel_size=2), 'odd'),
     (dict(kernel_size=(3, 3, 3)), 'one entry per dilation'),
     (dict(reduction=128), 'leaves no channels'),
 ])
 def test_bad_options_are_refused_with_a_clear_message(kwargs, message):
     with pytest.raises(ValueError, match=message):
-        DidaModule(64, 64, **kwargs)
+        DidaModule(**{'in_chs': 64, 'out_chs': 64, **kwargs})
 
 
 def test_module_scripts_and_traces():
