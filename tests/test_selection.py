@@ -1,6 +1,7 @@
 """Label-free scores, the ATC accuracy estimate, the collapse guard and the selection rules, on hand-made tensors."""
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -268,3 +269,9 @@ def test_a_resumed_monitor_restores_the_reference_predictions_exactly(monkeypatc
     resumed.restore_reference(3)
     assert run.reference_predictions.tolist() == [1, 2]
     assert torch.equal(resumed.reference_predictions, run.reference_predictions)
+    # a run written before the predicted classes were saved resumes with the argmax it used itself
+    dump = run._dump(3)
+    saved = dict(np.load(dump))
+    np.savez_compressed(dump, **{k: v for k, v in saved.items() if k != 'target_predictions'})
+    resumed.restore_reference(3)
+    assert resumed.reference_predictions.tolist() == saved['target_probs'].astype(np.float32).argmax(-1).tolist()

@@ -129,7 +129,11 @@ class LabelFreeMonitor:
         if dump is None or not dump.exists():
             raise FileNotFoundError(f'cannot resume the label-free scores: {dump} (the reference epoch) is missing')
         self.reference_epoch = epoch
-        self.reference_predictions = torch.from_numpy(np.load(dump)['target_predictions'])
+        with np.load(dump) as saved:
+            if 'target_predictions' in saved.files:
+                self.reference_predictions = torch.from_numpy(saved['target_predictions'])
+            else:  # a run started before the classes were saved: what it used itself
+                self.reference_predictions = torch.from_numpy(saved['target_probs']).float().argmax(-1)
 
     def candidates(self, history: List[Dict]) -> List[Dict]:
         """The reference row and every later row of `history`."""
