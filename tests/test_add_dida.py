@@ -236,6 +236,17 @@ def test_every_input_size_the_base_takes_works_with_the_branch(name):
         torch.testing.assert_close(stage(inp), out + branch[:, :, :out.shape[2], :out.shape[3]])
 
 
+def test_a_base_whose_unpadded_stem_needs_more_than_the_small_probe_gets_its_branch():
+    # Inception v3's unpadded stem leaves a 2 x 2 map for a 3 x 3 conv at the 64 px probe: add_dida failed there
+    name = register_dida('inception_v3')
+    features = timm.create_model(name, features_only=True).eval()
+    plain = timm.create_model('inception_v3', features_only=True).eval()
+    x = torch.randn(1, 3, 107, 107)
+    with torch.no_grad():
+        assert [f.shape for f in features(x)] == [f.shape for f in plain(x)]
+    assert any(is_branch_parameter(n) for n, _ in features.named_parameters())
+
+
 def test_a_branch_that_does_not_fit_its_stage_is_an_error():
     stage = DidaStage(torch.nn.Conv2d(8, 8, 3, stride=4, padding=1), torch.nn.Conv2d(8, 8, 3, stride=2, padding=1))
     with pytest.raises(RuntimeError, match=r'the DIDA branch maps to \[1, 8, 4, 4\], which does not fit the stage '

@@ -66,7 +66,9 @@ def _refuse_transformer(model: nn.Module) -> None:
 def _probe_shapes(model: nn.Module, names: Sequence[str]) -> Dict[str, Tuple[torch.Size, torch.Size]]:
     """Input and output shape of each named module, from one forward_features pass in eval mode."""
     reduction = max(f['reduction'] for f in model.feature_info)
-    size = max(64, 2 * reduction)
+    small = max(64, 2 * reduction)
+    # a small map is cheap; unpadded stems (Inception's) need more, and the model's own input size always works
+    sizes = (small, max(small, getattr(model, 'pretrained_cfg', {}).get('input_size', (0, 0, 0))[-1]))
     param = next(model.parameters())
     in_chans = getattr(model, 'in_chans', None) or next(
         m.in_channels for m in model.modules() if isinstance(m, nn.Conv2d))
@@ -80,7 +82,13 @@ def _probe_shapes(model: nn.Module, names: Sequence[str]) -> Dict[str, Tuple[tor
     modes = [(m, m.training) for m in model.modules()]
     try:
         model.eval()  # BN running statistics must not move
-        model.forward_features(torch.zeros(1, in_chans, size, size, device=param.device, dtype=param.dtype))
+        for size in sizes:
+            try:
+                model.forward_features(torch.zeros(1, in_chans, size, size, device=param.device, dtype=param.dtype))
+                break
+            except RuntimeError:
+                if size == sizes[-1]:
+                    raise
     finally:
         for h in hooks:
             h.remove()
