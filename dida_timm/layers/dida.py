@@ -37,8 +37,10 @@ from .dida_triton import dynamic_paths, output_size, triton_runs_on, use_triton_
 
 __all__ = ['DidaModule', 'kernel_basis']
 
-# the option as a user sets it: the registered models' kwarg (add_dida takes DidaModule's `dilations`)
-_DILATIONS_OPTION = "dilations (a model's dida_dilations)"
+
+def _option(name: str) -> str:
+    """A DidaModule argument as messages name it, with the kwarg users set on a model (add_dida takes `name`)."""
+    return f"{name} (a model's dida_{name})"
 
 
 def _per_dilation(value: Union[int, Sequence[int]], num: int, name: str) -> Tuple[int, ...]:
@@ -184,14 +186,16 @@ class DidaModule(nn.Module):
         dd = {'device': device, 'dtype': dtype}
         dilations = tuple(dilations)
         if len(dilations) not in (1, 2):
-            raise ValueError(f'DidaModule supports one or two {_DILATIONS_OPTION}, got {dilations!r}')
-        kernel_sizes = _per_dilation(kernel_size, len(dilations), 'kernel_size')
+            raise ValueError(f"DidaModule supports one or two {_option('dilations')}, got {dilations!r}")
+        kernel_sizes = _per_dilation(kernel_size, len(dilations), _option('kernel_size'))
         if any(k % 2 == 0 or k < 1 for k in kernel_sizes):
-            raise ValueError(f'kernel_size must be odd and positive, got {kernel_size!r}')
+            raise ValueError(f"{_option('kernel_size')} must be odd and positive, got {kernel_size!r}")
         if out_chs % len(dilations):
-            raise ValueError(f'out_chs ({out_chs}) must divide by the number of {_DILATIONS_OPTION}, got {dilations!r}')
+            raise ValueError(
+                f"out_chs ({out_chs}) must divide by the number of {_option('dilations')}, got {dilations!r}")
         if in_chs // reduction < 1:
-            raise ValueError(f'reduction {reduction} leaves no channels of in_chs={in_chs}')
+            raise ValueError(
+                f"{_option('reduction')} {reduction} leaves no channels of in_chs={in_chs} (at most {in_chs})")
         r = in_chs // reduction
         self.reduced_chs = r
         self.stride = stride
