@@ -80,6 +80,7 @@ def _refused(parse, capsys, option):
     (['--model-kwargs', '[1, 2]'], '--model-kwargs'),
     (['--model', 'no_such_model'], '--model'),
     (['--resume'], '--resume'),
+    (['--output', 'README.md'], '--output'),  # a file: the run folder could not be made inside it
     (['--init-checkpoint', 'no/such/file.safetensors'], '--init-checkpoint'),
     (['--target-dir', 'no/such/folder'], '--target-dir'),
     (['--target-eval-dir', 'tests'], '--target-eval-dir'),

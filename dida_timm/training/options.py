@@ -226,6 +226,8 @@ def check_args(args: argparse.Namespace, parser: argparse.ArgumentParser) -> arg
             parser.error(f'--source/--target: {e}')
     if args.resume and not args.experiment:
         parser.error('--resume: needs --experiment, the run folder to continue')
+    if Path(args.output).exists() and not Path(args.output).is_dir():
+        parser.error(f'--output: {args.output} exists and is not a folder (the runs are written in its sub-folders)')
     for option in ('target_dir', 'target_eval_dir'):
         folder = getattr(args, option)
         if folder and not Path(folder).is_dir():
