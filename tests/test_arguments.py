@@ -54,6 +54,8 @@ def _refused(parse, capsys, option):
     (['--warmup-epochs', '10'], '--warmup-epochs'),
     (['--source-only-epochs', '2', '--warmup-epochs', '2'], '--warmup-epochs'),
     (['--min-lr', '1'], '--min-lr'),
+    (['--sched', 'constant', '--min-lr', '0.001'], '--min-lr'),  # timm's step schedules ignore it
+    (['--sched', 'step', '--decay-epochs', '5', '--min-lr', '0.001'], '--min-lr'),
     (['--no-pseudo-label-dropout'], '--no-pseudo-label-dropout'),  # the joint pass has no pass of its own
     (['--clip-grad', '0'], '--clip-grad'),
     (['--ema-decay', '1'], '--ema-decay'),

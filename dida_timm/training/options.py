@@ -286,6 +286,9 @@ def check_args(args: argparse.Namespace, parser: argparse.ArgumentParser) -> arg
                          'so the lr would never decay there')
     if args.decay_rate != parser.get_default('decay_rate') and args.sched not in ('step', 'multistep', 'poly'):
         parser.error(f'--decay-rate: --sched {args.sched} has no decay rate (step, multistep and poly do)')
+    if args.min_lr and args.sched in ('step', 'multistep', 'constant'):
+        parser.error(f'--min-lr: --sched {args.sched} has no lr floor, timm ignores it (cosine, tanh, poly, wsd and '
+                     'rsqrt take one)')
     if args.min_lr > args.lr:
         parser.error(f'--min-lr: {args.min_lr} is above --lr {args.lr}')
     _check_optimiser(args, parser)
