@@ -64,6 +64,7 @@ def _refused(parse, capsys, option):
     (['--workers', '-1'], '--workers'),
     (['--offline-train-size', '5'], '--offline-train-size'),
     (['--offline-test-size', '0'], '--offline-test-size'),
+    (['--dataset', 'pacs', '--data-dir', 'x', '--offline-test-size', '100'], '--offline-test-size'),  # ignored
     (['--dist-timeout', '0'], '--dist-timeout'),
     (['--dist-timeout', '1e10'], '--dist-timeout'),  # overflowed the process group's timeout
     (['--seed', '-1'], '--seed'),

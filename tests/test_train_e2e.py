@@ -7,6 +7,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 import pytest
@@ -19,8 +20,8 @@ from dida_timm.layers import is_branch_parameter
 
 REPO = Path(__file__).resolve().parents[1]
 TRAIN = REPO / 'train' / 'train.py'
-TINY = ['--offline-train-size', '320', '--offline-test-size', '200', '--batch-size', '16', '--no-progress',
-        '--tsne-per-domain', '60']
+SIZES = ['--offline-train-size', '320', '--offline-test-size', '200']  # refused with another --dataset
+TINY = SIZES + ['--batch-size', '16', '--no-progress', '--tsne-per-domain', '60']
 
 
 @pytest.fixture(scope='module')
@@ -29,8 +30,8 @@ def data_dir(tmp_path_factory):
     return tmp_path_factory.mktemp('offline_cache')
 
 
-def _train(args, out: Path, data_dir: Path, check=True, **popen):
-    cmd = [sys.executable, str(TRAIN), '--output', str(out), '--data-dir', str(data_dir)] + TINY + args
+def _train(args, out: Path, data_dir: Path, check=True, tiny: Sequence[str] = TINY, **popen):
+    cmd = [sys.executable, str(TRAIN), '--output', str(out), '--data-dir', str(data_dir)] + list(tiny) + args
     if popen:
         return subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **popen)
     result = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
@@ -219,7 +220,7 @@ def test_bad_arguments_give_clear_errors(tmp_path, data_dir):
                     data_dir, check=False)
     assert result.returncode != 0 and 'is also a source' in result.stdout + result.stderr
     result = _train(['--dataset', 'pacs', '--source', 'photo', '--target', 'sketch', '--experiment', 'y'],
-                    tmp_path, data_dir.parent / 'no_such_dir', check=False)
+                    tmp_path, data_dir.parent / 'no_such_dir', check=False, tiny=TINY[len(SIZES):])
     assert result.returncode == 2 and 'pacs root not found' in result.stderr
     result = _train(['--model', 'no_such_model', '--experiment', 'z'], tmp_path, data_dir, check=False)
     assert result.returncode != 0 and 'unknown model' in (result.stdout + result.stderr).lower()

@@ -234,6 +234,11 @@ def check_args(args: argparse.Namespace, parser: argparse.ArgumentParser) -> arg
             parser.error(f'--{option.replace("_", "-")}: {folder} is not a folder')
     if args.target_eval_dir and not args.target_dir:
         parser.error('--target-eval-dir: goes with --target-dir (a --target domain brings its own test split)')
+    if args.dataset != 'offline_digits':
+        for dest in ('offline_train_size', 'offline_test_size'):
+            if getattr(args, dest) != parser.get_default(dest):
+                parser.error(f'{option_name(parser, dest)}: sizes the offline_digits benchmark, not --dataset '
+                             f'{args.dataset}')
     if args.init_checkpoint and not Path(args.init_checkpoint).is_file():
         parser.error(f'--init-checkpoint: {args.init_checkpoint} is not a file')
     if not isinstance(args.model_kwargs, dict):
