@@ -95,6 +95,8 @@ def _refused(parse, capsys, option):
     (['--opt', 'no_such_optimizer'], '--opt'),
     (['--opt', 'sgd', '--opt-betas', '0.9', '0.99'], '--opt-betas'),  # timm would drop them silently
     (['--opt', 'lookahead_sgd', '--opt-betas', '0.9', '0.99'], '--opt-betas'),
+    (['--opt', 'adamw', '--lr', '0.001', '--momentum', '0.5'], '--momentum'),  # timm would ignore it silently
+    (['--opt', 'lookahead_nadam', '--lr', '0.001', '--momentum', '0.5'], '--momentum'),
     (['--sched', 'plateau'], '--sched'),  # steps on a per-epoch metric, not per update
     (['--sched', 'none'], '--sched'),  # would drop the branch's lr scale
     (['--device', 'cuda:99'], '--device'),  # no GPU, or fewer than 100

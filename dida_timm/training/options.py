@@ -187,9 +187,13 @@ def _check_optimiser(args: argparse.Namespace, parser: argparse.ArgumentParser) 
         create_optimizer([torch.nn.Parameter(torch.zeros(1))], args)
     except (ValueError, TypeError, ImportError, AssertionError) as e:
         parser.error(f'--opt: {args.opt!r}: {e}')
-    # timm drops betas an optimizer does not take (its name's last part, after a 'lookahead_' prefix)
-    if args.opt_betas and not get_optimizer_info(args.opt.lower().split('_')[-1]).has_betas:
+    # timm drops the betas and momentum an optimizer does not take (its name's last part, after a 'lookahead_' prefix)
+    info = get_optimizer_info(args.opt.lower().split('_')[-1])
+    if args.opt_betas and not info.has_betas:
         parser.error(f'--opt-betas: {args.opt} takes no betas (Adam-like optimizers do), got {args.opt_betas}')
+    if args.momentum != parser.get_default('momentum') and not info.has_momentum:
+        parser.error(f'--momentum: {args.opt} takes no momentum (SGD-like optimizers do; Adam-like ones take '
+                     f'--opt-betas), got {args.momentum}')
 
 
 def check_args(args: argparse.Namespace, parser: argparse.ArgumentParser) -> argparse.Namespace:
