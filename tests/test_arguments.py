@@ -53,6 +53,7 @@ def _refused(parse, capsys, option):
     (['--weight-decay=-1e-4'], '--weight-decay'),
     (['--warmup-epochs', '10'], '--warmup-epochs'),
     (['--source-only-epochs', '2', '--warmup-epochs', '2'], '--warmup-epochs'),
+    (['--lr', '1e-6', '--warmup-epochs', '1'], '--warmup-epochs'),  # timm warms up from 1e-5: down to the lr
     (['--min-lr', '1'], '--min-lr'),
     (['--sched', 'constant', '--min-lr', '0.001'], '--min-lr'),  # timm's step schedules ignore it
     (['--sched', 'step', '--decay-epochs', '5', '--min-lr', '0.001'], '--min-lr'),

@@ -30,6 +30,8 @@ __all__ = ['build_parser', 'changed_run_options', 'check_args', 'create_optimize
 # timm's schedules that step per update, as the training loop does: not 'plateau' (a per-epoch metric) nor 'none'
 # (no warm-up, and no per-group lr scale: the branch and classifier would silently train at the backbone's rate)
 SCHEDULES = ('cosine', 'tanh', 'step', 'multistep', 'constant', 'poly', 'wsd', 'rsqrt')
+# the lr a warm-up starts from (timm's default), scaled like --lr by each parameter group's lr scale
+WARMUP_LR = 1e-5
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -175,8 +177,8 @@ def create_scheduler(optimizer: torch.optim.Optimizer, args: argparse.Namespace,
     if args.decay_milestones:
         decay.update(decay_milestones=args.decay_milestones)
     scheduler, _ = create_scheduler_v2(optimizer, args.sched, num_epochs=epochs, warmup_epochs=args.warmup_epochs,
-                                       min_lr=args.min_lr, updates_per_epoch=updates_per_epoch, step_on_epochs=False,
-                                       decay_rate=args.decay_rate, **decay)
+                                       warmup_lr=WARMUP_LR, min_lr=args.min_lr, updates_per_epoch=updates_per_epoch,
+                                       step_on_epochs=False, decay_rate=args.decay_rate, **decay)
     return scheduler
 
 
@@ -279,6 +281,9 @@ def check_args(args: argparse.Namespace, parser: argparse.ArgumentParser) -> arg
     if args.warmup_epochs and args.warmup_epochs >= min(phases):
         parser.error(f'--warmup-epochs: {args.warmup_epochs} warm-up epochs leave nothing of a {min(phases)}-epoch '
                      'phase (every phase warms up)')
+    if args.warmup_epochs and args.lr < WARMUP_LR:
+        parser.error(f'--warmup-epochs: the warm-up starts from {WARMUP_LR}, above --lr {args.lr}, so it would lower '
+                     'the lr instead of raising it (use --warmup-epochs 0 with this --lr)')
     if not args.pseudo_label_dropout and args.forward_mode == 'joint':
         parser.error('--no-pseudo-label-dropout: needs --forward-mode separate (the joint pass computes the '
                      'pseudo-labels in the same pass as the strong views)')
