@@ -81,6 +81,7 @@ def _refused(parse, capsys, option):
     (['--decay-rate', '0.5'], '--decay-rate'),  # cosine has none: it would be ignored
     (['--sched', 'multistep', '--decay-milestones', '8', '4'], '--decay-milestones'),  # timm bisects: wrong lrs
     (['--tsne-per-domain', '-1'], '--tsne-per-domain'),
+    (['--tsne-per-domain', '1'], '--tsne-per-domain'),  # 5 points: scikit-learn refused them after training
     (['--model-kwargs', '[1, 2]'], '--model-kwargs'),
     (['--model', 'no_such_model'], '--model'),
     (['--resume'], '--resume'),

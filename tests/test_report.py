@@ -34,3 +34,13 @@ def test_report_draws_every_picture_when_the_packages_are_there(tmp_path):
     written = write_report(tmp_path, [[3, 1], [0, 4]], ['x', 'y'], 'title', HISTORY, _features, 'b')
     assert sorted(p.name for p in written) == ['confusion_matrix.png', 'curves.png', 'tsne.png']
     assert all(p.stat().st_size > 1000 for p in written)
+
+
+def test_a_t_sne_of_too_few_images_is_skipped_with_a_log_line(tmp_path, caplog):
+    """Domains smaller than --tsne-per-domain leave fewer points than the options checked for."""
+    rng = np.random.default_rng(0)
+    few = ({d: rng.normal(size=(2, 4)) for d in 'ab'}, {d: rng.integers(0, 2, 2) for d in 'ab'})
+    with caplog.at_level(logging.INFO):
+        written = write_report(tmp_path, None, ['x', 'y'], '', HISTORY, lambda: few, 'b')
+    assert [p.name for p in written] == ['curves.png']
+    assert 't-SNE picture skipped: 4 images, too few for its perplexity 5' in caplog.text

@@ -22,6 +22,7 @@ from ..data.transforms import FIXMATCH_RAND_AUGMENT
 from ..models.factory import create_model
 from ..inference import smallest_input_size
 from .mixstyle import mixstyle_target
+from .report import tsne_perplexity
 from .selection import ATC_SCORES, RULES
 
 __all__ = ['build_parser', 'changed_run_options', 'check_args', 'create_optimizer', 'create_scheduler',
@@ -245,6 +246,12 @@ def check_args(args: argparse.Namespace, parser: argparse.ArgumentParser) -> arg
             if getattr(args, dest) != parser.get_default(dest):
                 parser.error(f'{option_name(parser, dest)}: sizes the offline_digits benchmark, not --dataset '
                              f'{args.dataset}')
+    # the picture shows that many images of every source and of the target
+    points = args.tsne_per_domain * (len(args.source) + 1)
+    if args.tsne_per_domain and tsne_perplexity(points) >= points:
+        parser.error(f'--tsne-per-domain: {points} images ({args.tsne_per_domain} of each of {len(args.source) + 1} '
+                     f'domains) are too few for the t-SNE, whose perplexity {tsne_perplexity(points)} must be below '
+                     'them; show more, or 0 to skip the picture')
     if args.init_checkpoint and not Path(args.init_checkpoint).is_file():
         parser.error(f'--init-checkpoint: {args.init_checkpoint} is not a file')
     if not isinstance(args.model_kwargs, dict):

@@ -10,7 +10,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-__all__ = ['missing_report_packages', 'plot_confusion', 'plot_tsne', 'plot_curves', 'write_report']
+__all__ = ['missing_report_packages', 'plot_confusion', 'plot_tsne', 'plot_curves', 'tsne_perplexity', 'write_report']
 
 _logger = logging.getLogger(__name__)
 
@@ -27,6 +27,12 @@ def missing_report_packages(tsne: bool = True) -> List[str]:
     return missing
 
 
+def tsne_perplexity(points: int) -> int:
+    """The perplexity of the t-SNE of `points` features: a tenth of them, within [5, 30]. scikit-learn needs it
+    below the number of points."""
+    return min(30, max(5, points // 10))
+
+
 def write_report(
         out_dir: Path,
         confusion: Optional[Sequence[Sequence[int]]],
@@ -41,7 +47,7 @@ def write_report(
     """Draw confusion_matrix.png (when the target has labels), curves.png and (given `tsne_features`) tsne.png;
     returns the files written.
 
-    `tsne_features` returns per-domain features and labels; it is called only when the t-SNE can be drawn.
+    `tsne_features` returns per-domain features and labels; it is called only when the plotting packages are there.
     """
     out_dir = Path(out_dir)
     missing = missing_report_packages(tsne=tsne_features is not None)
@@ -60,8 +66,14 @@ def write_report(
                          "(pip install 'dida-timm[data]' to draw it)")
         else:
             features, labels = tsne_features()
-            written.append(out_dir / 'tsne.png')
-            plot_tsne(features, labels, classes, target, written[-1], seed=seed)
+            points = sum(map(len, features.values()))
+            # domains with fewer images than --tsne-per-domain asks for, which the options could not know
+            if tsne_perplexity(points) >= points:
+                _logger.warning(f't-SNE picture skipped: {points} images, too few for its perplexity '
+                                f'{tsne_perplexity(points)}')
+            else:
+                written.append(out_dir / 'tsne.png')
+                plot_tsne(features, labels, classes, target, written[-1], seed=seed)
     return written
 
 
@@ -111,7 +123,7 @@ def plot_tsne(
     x = np.concatenate([features[d] for d in domains])
     y = np.concatenate([labels[d] for d in domains])
     dom = np.concatenate([[i] * len(features[d]) for i, d in enumerate(domains)])
-    emb = TSNE(n_components=2, init='pca', perplexity=min(30, max(5, len(x) // 10)), random_state=seed).fit_transform(x)
+    emb = TSNE(n_components=2, init='pca', perplexity=tsne_perplexity(len(x)), random_state=seed).fit_transform(x)
     fig, (ax_c, ax_d) = plt.subplots(1, 2, figsize=(13, 6))
     cmap = plt.get_cmap('tab10' if len(classes) <= 10 else 'tab20')
     for c in range(len(classes)):
