@@ -184,6 +184,17 @@ def test_an_error_while_building_the_run_is_a_message_with_its_traceback_in_the_
     assert 'Traceback' in log and 'broken_build_model' in log
 
 
+def test_a_corrupt_init_checkpoint_is_a_message_naming_the_option_and_the_file(tmp_path, data_dir, capsys):
+    from dida_timm.training import run
+    args = ['--output', str(tmp_path / 'runs'), '--data-dir', str(data_dir), '--source', 'mnist', '--target',
+            'uci_digits'] + TINY
+    for name, content in (('truncated.safetensors', b'\x10\x00'), ('empty.pth', b'')):
+        (tmp_path / name).write_bytes(content)
+        assert run.main(args + ['--init-checkpoint', str(tmp_path / name), '--experiment', name]) == 2
+        assert f'error: --init-checkpoint: cannot load {tmp_path / name} into dida_digitnet_compact (' in \
+            capsys.readouterr().err
+
+
 def test_source_and_target_stream_runs_after_a_source_only_phase_in_either_forward_mode(tmp_path, data_dir):
     """The released code's loss variant: source images get a strong view too, also while the phase is source-only."""
     weights = {}

@@ -27,6 +27,7 @@ import safetensors.torch
 import timm
 import torch
 import yaml
+from safetensors import SafetensorError
 from timm.data.readers.img_extensions import get_img_extensions
 from timm.models import load_checkpoint
 from timm.utils import ModelEmaV3
@@ -211,7 +212,13 @@ class Run:
         if a.init_checkpoint:
             if not Path(a.init_checkpoint).is_file():
                 raise RunError(f'--init-checkpoint {a.init_checkpoint} is not a file')
-            load_checkpoint(model, a.init_checkpoint, filter_fn=static_twin_filter_fn)
+            try:
+                load_checkpoint(model, a.init_checkpoint, filter_fn=static_twin_filter_fn)
+            except (SafetensorError, EOFError, RuntimeError, OSError) as e:
+                # a corrupt, truncated or unreadable file, or another model's weights: the user's file, not a fault
+                # of this package, and safetensors' and torch's errors do not say which option gave it
+                raise RunError(f'--init-checkpoint: cannot load {a.init_checkpoint} into {a.model} '
+                               f'({type(e).__name__}: {e})') from e
         if a.mixstyle_after:
             attach_mixstyle(model, a.mixstyle_after, MixStyle())
         if a.grad_checkpointing:
