@@ -72,6 +72,10 @@ def _refused(parse, capsys, option):
     (['--seed', '4294967296'], '--seed'),  # overflowed torch.manual_seed once training started
     (['--model-kwargs', '{num_classes: 10}'], '--model-kwargs'),  # a raw TypeError after the data were built
     (['--model-kwargs', '{pretrained: true}'], '--model-kwargs'),
+    (['--model-kwargs', "{global_pool: ''}"], '--model-kwargs'),  # feature maps, not logits
+    (['--model', 'resnet18', '--model-kwargs', "{global_pool: ''}"], '--model-kwargs'),  # its head's forward fails
+    (['--model-kwargs', '{in_chans: 1}'], '--model-kwargs'),  # the run's images are RGB
+    (['--model-kwargs', '{features_only: true}'], '--model-kwargs'),  # a list of feature maps
     (['--sched', 'step'], '--sched'),  # timm's default decays at epoch 90: never in a 10-epoch phase
     (['--sched', 'multistep'], '--sched'),
     (['--sched', 'step', '--decay-epochs', '10'], '--decay-epochs'),  # the default phase has 10 epochs

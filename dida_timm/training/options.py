@@ -264,10 +264,11 @@ def check_args(args: argparse.Namespace, parser: argparse.ArgumentParser) -> arg
     if reserved:
         parser.error(f'--model-kwargs: {reserved} are set by the run (the class count from the data, --pretrained, '
                      '--allow-pickle): leave them out')
+    described = f'{args.model}{f" with {args.model_kwargs}" if args.model_kwargs else ""}'
     try:
         model = create_model(args.model, **args.model_kwargs)
     except (RuntimeError, ValueError, TypeError, FileNotFoundError, AssertionError) as e:
-        parser.error(f'--model: {args.model}{f" with {args.model_kwargs}" if args.model_kwargs else ""}: {e}')
+        parser.error(f'--model: {described}: {e}')
     if args.mixstyle_after:
         try:
             mixstyle_target(model, args.mixstyle_after)
@@ -281,6 +282,18 @@ def check_args(args: argparse.Namespace, parser: argparse.ArgumentParser) -> arg
     if model.pretrained_cfg.get('fixed_input_size') and size != default_size:
         parser.error(f'--input-size: {args.model} takes only {default_size} px, got {size}')
     args.input_size = size
+    # kwargs such as global_pool='' or in_chans=1 build a model that the run's RGB batches break, or that gives
+    # feature maps rather than logits: one image shows it now rather than after the data are built (in eval mode:
+    # batch norm cannot train on one image)
+    option = '--model-kwargs' if args.model_kwargs else '--input-size'
+    try:
+        with torch.no_grad():
+            logits = model.eval()(torch.zeros(1, 3, size, size))
+    except (RuntimeError, ValueError, TypeError, AssertionError) as e:
+        parser.error(f'{option}: {described} fails on a {size} px RGB image: {e}')
+    if not isinstance(logits, torch.Tensor) or logits.ndim != 2:
+        output = f'shape {tuple(logits.shape)}' if isinstance(logits, torch.Tensor) else f'a {type(logits).__name__}'
+        parser.error(f'{option}: {described} gives {output} for one image, not (1, classes) logits')
     if args.cutout >= size:
         parser.error(f'--cutout: a {args.cutout} px square covers the whole {size} px input; use less than {size} '
                      '(0 turns Cutout off)')
