@@ -232,3 +232,10 @@ def test_unknown_dataset_and_missing_root_are_refused(tmp_path):
         create_domain_datasets('imagenet', tmp_path, ['a'], 'train')
     with pytest.raises(ValueError, match='needs a root folder'):
         create_domain_datasets('pacs', None, ['photo'], 'train')
+
+
+def test_split_line_without_a_class_folder_is_refused_naming_the_line(tmp_path):
+    _image(tmp_path / 'clipart' / 'apple' / 'a.jpg')
+    (tmp_path / 'clipart_train.txt').write_text('clipart/apple/a.jpg 0\nb.jpg 0\n')
+    with pytest.raises(ValueError, match=r"clipart_train.txt:2: expected an image path <domain>/<class>/<image>"):
+        create_domain_datasets('domainnet', tmp_path, ['clipart'], 'train')

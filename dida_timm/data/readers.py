@@ -130,15 +130,19 @@ def _read_list(
         parts = line.split()
         if len(parts) != 2 or not re.fullmatch(r'-?\d+', parts[1]):
             raise ValueError(f'{list_file}:{line_no}: expected "<image path> <integer label>", got {line!r}')
-        entries.append((parts[0], int(parts[1]), line_no))
+        try:
+            name = class_of(parts[0])
+        except IndexError:  # a path too short to hold the class folder
+            raise ValueError(f'{list_file}:{line_no}: expected an image path <domain>/<class>/<image>, '
+                             f'got {parts[0]!r}') from None
+        entries.append((parts[0], name, int(parts[1]), line_no))
     if not entries:
         raise ValueError(f'split file {list_file} lists no images')
-    names = sorted({class_of(rel) for rel, _, _ in entries})
+    names = sorted({name for _, name, _, _ in entries})
     classes = list(classes) if classes is not None else names
     file_label_of: Dict[str, Tuple[int, int]] = {}
     samples = []
-    for rel, file_label, line_no in entries:
-        name = class_of(rel)
+    for rel, name, file_label, line_no in entries:
         if name not in classes:
             raise ValueError(f'{list_file}:{line_no}: class {name!r} is not in the class map {classes}')
         seen = file_label_of.setdefault(name, (file_label, line_no))
