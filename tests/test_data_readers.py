@@ -239,3 +239,12 @@ def test_split_line_without_a_class_folder_is_refused_naming_the_line(tmp_path):
     (tmp_path / 'clipart_train.txt').write_text('clipart/apple/a.jpg 0\nb.jpg 0\n')
     with pytest.raises(ValueError, match=r"clipart_train.txt:2: expected an image path <domain>/<class>/<image>"):
         create_domain_datasets('domainnet', tmp_path, ['clipart'], 'train')
+
+
+def test_images_in_symlinked_sub_folders_are_read_and_a_link_loop_ends(tmp_path):
+    _domain(tmp_path / 'elsewhere', ['batch'], per_class=3)
+    _image(tmp_path / 'a' / 'cat' / 'own.png')
+    (tmp_path / 'a' / 'cat' / 'linked').symlink_to(tmp_path / 'elsewhere' / 'batch')
+    (tmp_path / 'a' / 'cat' / 'loop').symlink_to(tmp_path / 'a' / 'cat')
+    ds = read_class_folders(tmp_path / 'a', 'a')
+    assert sorted(p.name for p in ds.paths) == ['batch_0.png', 'batch_1.png', 'batch_2.png', 'own.png']

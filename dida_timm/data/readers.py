@@ -18,6 +18,7 @@ Layouts (`root` is the dataset folder):
 - `digit_five`: Dassl's root/<domain>/{train_images,test_images}/<index>_<label>.<ext>.
 - `offline_digits`: the built-in offline benchmark (`dida_timm.data.offline_digits`), built on first use.
 """
+import os
 import re
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
@@ -43,10 +44,26 @@ def _require_dir(path: Path, what: str) -> Path:
     return path
 
 
+def _files_under(folder: Path) -> List[Path]:
+    """Every entry under `folder` that is not a folder, through symlinked folders too (`Path.rglob` does not enter
+    them, silently leaving out the images of a class assembled from links); each real folder is read once, so a
+    link to an ancestor does not loop."""
+    files, seen = [], set()
+    for top, dirs, names in os.walk(folder, followlinks=True):
+        real = os.path.realpath(top)
+        if real in seen:
+            dirs.clear()
+            continue
+        seen.add(real)
+        dirs.sort()  # which of two links to one folder is read does not depend on the file system's listing order
+        files += [Path(top) / name for name in names]
+    return files
+
+
 def _images_under(folder: Path) -> Tuple[List[Path], List[Path]]:
     """Image files anywhere under `folder` (sorted; hidden files and folders, such as .ipynb_checkpoints/ with its
     copies, ignored) and the other files."""
-    files = [p for p in sorted(folder.rglob('*'))
+    files = [p for p in sorted(_files_under(folder))
              if p.is_file() and not any(part.startswith('.') for part in p.relative_to(folder).parts)]
     images = [p for p in files if _is_image(p)]
     return images, [p for p in files if not _is_image(p)]
