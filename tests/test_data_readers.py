@@ -248,3 +248,10 @@ def test_images_in_symlinked_sub_folders_are_read_and_a_link_loop_ends(tmp_path)
     (tmp_path / 'a' / 'cat' / 'loop').symlink_to(tmp_path / 'a' / 'cat')
     ds = read_class_folders(tmp_path / 'a', 'a')
     assert sorted(p.name for p in ds.paths) == ['batch_0.png', 'batch_1.png', 'batch_2.png', 'own.png']
+
+
+def test_a_split_missing_from_a_domains_split_folders_is_refused_not_read_as_classes(tmp_path):
+    _domain(tmp_path / 'a' / 'train', ['cat', 'dog'])
+    _domain(tmp_path / 'a' / 'val', ['cat', 'dog'])
+    with pytest.raises(FileNotFoundError, match=r"split 'test' of domain 'a' not found: .*\['train', 'val'\]"):
+        create_domain_datasets('folder', tmp_path, ['a'], 'test')

@@ -247,7 +247,11 @@ def _folder(root: Path, domain: str, split: str, classes, transform) -> DomainDa
     domain_dir = root / domain
     # optional per-split sub-folders, root/<domain>/<split>/<class>/...: only where every sub-folder of the domain is
     # named like a split, since a class may be (VisDA-2017 and DomainNet have a class 'train')
-    if (domain_dir / split).is_dir() and set(_class_dirs(domain_dir)) <= _SPLIT_FOLDERS | {split}:
+    sub_dirs = set(_class_dirs(domain_dir)) if domain_dir.is_dir() else set()
+    if sub_dirs and sub_dirs <= _SPLIT_FOLDERS | {split}:
+        if split not in sub_dirs:  # else its split folders would be read as its classes
+            raise FileNotFoundError(f'split {split!r} of domain {domain!r} not found: {domain_dir} holds the split '
+                                    f'folders {sorted(sub_dirs)}')
         domain_dir = domain_dir / split
     return read_class_folders(domain_dir, domain, classes, transform=transform)
 
