@@ -198,7 +198,8 @@ def predict_images(
 
 def _write_csv(path: Path, rows: List[Dict[str, object]]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, 'w', newline='') as f:
+    # an image name that is not valid in the file system's encoding is written back as its own bytes, not refused
+    with open(path, 'w', newline='', errors='surrogateescape') as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)

@@ -1,6 +1,7 @@
 """Export to a Hugging Face repo folder, every loading path (offline), pushing, prediction and fine-tuning."""
 import csv
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -341,6 +342,17 @@ def test_prediction_skips_unreadable_files_and_lists_them_with_the_reason(tmp_pa
     assert len(list(csv.DictReader((tmp_path / 'preds_unreadable.csv').open()))) == 4
     assert not out.exists()  # the predictions of the run before, for other images, are not left behind
 
+
+def test_prediction_writes_an_image_whose_name_is_not_utf8_under_its_own_name(tmp_path):
+    images = tmp_path / 'new_domain'
+    images.mkdir()
+    name = b'caf\xe9.png'  # a Latin-1 file name, as old archives carry
+    Image.new('RGB', (32, 32)).save(os.path.join(os.fsencode(images), name))
+    out = tmp_path / 'preds.csv'
+    assert predict_main(['--model', 'dida_digitnet_compact.offline_mnist', '--images', str(images),
+                         '--output', str(out), '--device', 'cpu']) == 0
+    row, = csv.DictReader(out.open(newline='', errors='surrogateescape'))
+    assert os.fsencode(row['image']) == os.path.join(os.fsencode(images), name)
 
 def test_export_of_a_from_scratch_run_predicts_at_its_input_size_and_claims_no_pretrained_weights(tmp_path):
     # dida_resnet18's default tag is ImageNet (224 px); this run trains it from scratch at 32 px
