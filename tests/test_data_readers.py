@@ -255,3 +255,10 @@ def test_a_split_missing_from_a_domains_split_folders_is_refused_not_read_as_cla
     _domain(tmp_path / 'a' / 'val', ['cat', 'dog'])
     with pytest.raises(FileNotFoundError, match=r"split 'test' of domain 'a' not found: .*\['train', 'val'\]"):
         create_domain_datasets('folder', tmp_path, ['a'], 'test')
+
+
+def test_a_flat_folder_of_images_as_a_labelled_domain_is_refused_for_its_missing_class_folders(tmp_path):
+    _image(tmp_path / 'a' / 'x.png')
+    for classes in (None, ['cat', 'dog']):
+        with pytest.raises(ValueError, match=r"domain 'a' at .*a has no class folders: labelled images go in"):
+            create_domain_datasets('folder', tmp_path, ['a'], 'train', classes=classes)

@@ -92,6 +92,8 @@ def read_class_folders(
     """
     root = _require_dir(Path(root), f'domain {domain!r} folder')
     found = _class_dirs(root)
+    if not found:  # a flat folder of images, say, which would be reported as empty or lacking every class
+        raise ValueError(f'domain {domain!r} at {root} has no class folders: labelled images go in {root}/<class>/')
     classes = list(classes) if classes is not None else sorted(found)
     unknown = sorted(set(found) - set(classes))
     if unknown:
