@@ -228,6 +228,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     check_options(parser, args, RULES)
     if not args.images.is_dir():
         parser.error(f'--images: {args.images} is not a folder')
+    if args.output.is_dir():
+        parser.error(f'--output: {args.output} is a folder; give the CSV file to write')
     unreadable_file = args.output.with_name(f'{args.output.stem}_unreadable.csv')
     for stale in (args.output, unreadable_file):  # an earlier run's, which a failure here must not leave behind
         stale.unlink(missing_ok=True)

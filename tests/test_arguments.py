@@ -302,6 +302,7 @@ def test_gpu_checks_keep_the_callers_python_path(tmp_path):
     (['--workers', '-1'], '--workers'),
     (['--images', 'no/such/folder'], '--images'),
     (['--device', 'cuda:99'], '--device'),
+    (['--output', str(REPO)], '--output'),  # a folder: the CSV could not be written
 ])
 def test_predict_command_refuses_what_makes_no_sense(argv, option, tmp_path, capsys):
     (tmp_path / 'images').mkdir()
