@@ -222,6 +222,8 @@ def test_digit_five_labels_come_from_file_names(tmp_path):
         _image(tmp_path / 'usps' / 'train_images' / f'{i:05d}_{label}.png')
     ds, = create_domain_datasets('digit_five', tmp_path, ['usps'], 'train')
     assert ds.targets.tolist() == [3, 7, 3] and ds.classes[3] == '3'
+    (tmp_path / 'usps' / 'train_images' / '._00000_3.png').write_bytes(b'\x00\x05\x16\x07')  # macOS metadata
+    assert len(create_domain_datasets('digit_five', tmp_path, ['usps'], 'train')[0]) == 3
     _image(tmp_path / 'usps' / 'train_images' / 'badname.png')
     with pytest.raises(ValueError, match='badname.png'):
         create_domain_datasets('digit_five', tmp_path, ['usps'], 'train')

@@ -221,7 +221,8 @@ def _digit_five(root: Path, domain: str, split: str, classes, transform) -> Doma
     folder = _require_dir(root / domain / sub, f'Digit-Five {domain!r} {split} folder')
     classes = list(classes) if classes is not None else [str(i) for i in range(10)]
     samples = []
-    for path in sorted(p for p in folder.iterdir() if _is_image(p)):
+    # hidden files left out as in class folders: macOS writes a ._<name> companion beside each file on foreign disks
+    for path in sorted(p for p in folder.iterdir() if _is_image(p) and not p.name.startswith('.')):
         match = re.fullmatch(r'\d+_(\d+)', path.stem)
         if match is None or match.group(1) not in classes:
             raise ValueError(f'{path}: expected a file named <index>_<label> with a label in {classes}')
