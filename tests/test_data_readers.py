@@ -264,3 +264,10 @@ def test_a_flat_folder_of_images_as_a_labelled_domain_is_refused_for_its_missing
     for classes in (None, ['cat', 'dog']):
         with pytest.raises(ValueError, match=r"domain 'a' at .*a has no class folders: labelled images go in"):
             create_domain_datasets('folder', tmp_path, ['a'], 'train', classes=classes)
+
+
+def test_a_class_spelled_in_another_unicode_normalisation_is_named_as_such(tmp_path):
+    _domain(tmp_path / 'a', ['caf\u00e9', 'tea'])  # composed, as Linux tools write it
+    _domain(tmp_path / 'b', ['cafe\u0301', 'tea'])  # decomposed, as copied from macOS
+    with pytest.raises(ValueError, match="differ only in Unicode normalisation"):
+        create_domain_datasets('folder', tmp_path, ['a', 'b'], 'train')

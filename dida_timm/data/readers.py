@@ -20,6 +20,7 @@ Layouts (`root` is the dataset folder):
 """
 import os
 import re
+import unicodedata
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 
@@ -97,7 +98,12 @@ def read_class_folders(
     classes = list(classes) if classes is not None else sorted(found)
     unknown = sorted(set(found) - set(classes))
     if unknown:
-        raise ValueError(f'{root} has class folders not in the class map {classes}: {unknown}')
+        # macOS writes decomposed Unicode (e + combining accent): the same name copied from there differs unseen
+        normalised = {unicodedata.normalize('NFC', c): c for c in classes}
+        twins = [f'folder {ascii(u)} and class {ascii(normalised[n])}' for u in unknown
+                 if (n := unicodedata.normalize('NFC', u)) in normalised]
+        hint = f'; {", ".join(twins)} differ only in Unicode normalisation: rename one like the other' if twins else ''
+        raise ValueError(f'{root} has class folders not in the class map {classes}: {unknown}{hint}')
     samples, skipped, empty = [], [], []
     for label, name in enumerate(classes):
         if name not in found:
