@@ -78,3 +78,11 @@ def test_datasets_share_one_class_map(tmp_path):
 def test_unknown_domain_is_refused(tmp_path):
     with pytest.raises(ValueError, match='offline_digits has domains'):
         create_domain_datasets('offline_digits', tmp_path, ['svhn'], 'train', seed=3, **SMALL)
+
+
+def test_build_command_refuses_a_too_small_size_naming_the_option(monkeypatch, capsys, tmp_path):
+    from dida_timm.data.offline_digits import main
+    monkeypatch.setattr('sys.argv', ['offline_digits', '--train-size', '5', '--cache-dir', str(tmp_path)])
+    with pytest.raises(SystemExit) as exit_info:
+        main()
+    assert exit_info.value.code == 2 and 'error: --train-size: ' in capsys.readouterr().err

@@ -347,6 +347,8 @@ def save_montage(arrays: Dict[str, np.ndarray], path: Path, per_domain: int = 16
 def main() -> None:
     import argparse
     import time
+
+    from ..arguments import at_least, check_options
     parser = argparse.ArgumentParser(description='Build (and cache) the offline digits benchmark.')
     parser.add_argument('--seed', type=int, default=0)
     parser.add_argument('--train-size', type=int, default=2000)
@@ -354,6 +356,7 @@ def main() -> None:
     parser.add_argument('--cache-dir', type=Path, default=None)
     parser.add_argument('--montage', type=Path, default=None, help='write a PNG montage of every domain here')
     args = parser.parse_args()
+    check_options(parser, args, [('train_size', at_least(10)), ('test_size', at_least(10))])
     start = time.perf_counter()
     arrays = load_offline_digits(args.seed, args.train_size, args.test_size, args.cache_dir)
     print(f'ready in {time.perf_counter() - start:.1f} s, digest {arrays_digest(arrays)[:16]}')
