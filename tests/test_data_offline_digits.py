@@ -1,4 +1,6 @@
 """The built-in offline digits benchmark: determinism, balance, splits, caching."""
+import re
+
 import numpy as np
 import pytest
 
@@ -86,3 +88,11 @@ def test_build_command_refuses_a_too_small_size_naming_the_option(monkeypatch, c
     with pytest.raises(SystemExit) as exit_info:
         main()
     assert exit_info.value.code == 2 and 'error: --train-size: ' in capsys.readouterr().err
+
+
+def test_a_damaged_cache_file_is_named_in_the_error(tmp_path):
+    load_offline_digits(seed=3, cache_dir=tmp_path, log=lambda _: None, **SMALL)
+    path, = (tmp_path / 'offline_digits').glob('*.npz')
+    path.write_bytes(path.read_bytes()[:1000])  # a partial copy
+    with pytest.raises(OSError, match=f'cannot read the cached benchmark {re.escape(str(path))}.*delete it'):
+        load_offline_digits(seed=3, cache_dir=tmp_path, **SMALL)

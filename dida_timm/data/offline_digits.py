@@ -27,6 +27,7 @@ import gzip
 import hashlib
 import io
 import os
+import zipfile
 from functools import lru_cache
 from importlib import resources
 from pathlib import Path
@@ -304,8 +305,12 @@ def load_offline_digits(
     cache_dir = Path(cache_dir or default_cache_dir()) / 'offline_digits'
     path = cache_dir / f'v{_VERSION}-seed{seed}-train{train_size}-test{test_size}.npz'
     if path.exists():
-        with np.load(path) as data:
-            return dict(data)
+        try:
+            with np.load(path) as data:
+                return dict(data)
+        except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:  # damaged after it was written: a partial copy
+            raise OSError(f'cannot read the cached benchmark {path} ({type(e).__name__}: {e}); delete it to rebuild '
+                          'it') from e
     log(f'building the offline digits benchmark (seed {seed}) into {path} ...')
     arrays = build_offline_digits(seed, train_size, test_size)
     cache_dir.mkdir(parents=True, exist_ok=True)
