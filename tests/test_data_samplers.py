@@ -45,6 +45,11 @@ def test_too_small_source_domain_is_refused():
         DomainBalancedSampler([100, 3], batch_per_domain=4)
 
 
+def test_an_empty_target_batch_is_refused_naming_the_argument():
+    with pytest.raises(ValueError, match='batch_size must be >= 1, got 0'):
+        CyclingBatchSampler(size=5, batch_size=0, num_batches=3)
+
+
 def test_target_stream_cycles_to_match_the_source_epoch():
     sampler = CyclingBatchSampler(size=5, batch_size=4, num_batches=6, seed=0)
     batches = list(sampler)

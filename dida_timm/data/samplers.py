@@ -89,6 +89,8 @@ class CyclingBatchSampler(_ShardedEpochSampler):
     def __init__(self, size: int, batch_size: int, num_batches: int, seed: int = 0, rank: int = 0, world_size: int = 1):
         if size < world_size:
             raise ValueError(f'the target domain has {size} images, fewer than {world_size} process(es)')
+        if batch_size < 1:
+            raise ValueError(f'batch_size must be >= 1, got {batch_size}')
         super().__init__(seed, rank, world_size)
         self.size = size
         self.batch_size = batch_size
