@@ -33,6 +33,8 @@ def holdout_split(
     """
     if not 0.0 < fraction < 1.0:
         raise ValueError(f'a held-out fraction must be in (0, 1), got {fraction}')
+    if max_items < 1:
+        raise ValueError(f'max_items must be >= 1, got {max_items}')
     n = len(dataset)
     count = min(max_items, max(1, round(n * fraction)))
     if count >= n:
