@@ -271,3 +271,10 @@ def test_a_class_spelled_in_another_unicode_normalisation_is_named_as_such(tmp_p
     _domain(tmp_path / 'b', ['cafe\u0301', 'tea'])  # decomposed, as copied from macOS
     with pytest.raises(ValueError, match="differ only in Unicode normalisation"):
         create_domain_datasets('folder', tmp_path, ['a', 'b'], 'train')
+
+
+def test_a_split_file_saved_with_a_byte_order_mark_reads_its_first_line(tmp_path):
+    _image(tmp_path / 'clipart' / 'apple' / 'a.jpg')
+    (tmp_path / 'clipart_train.txt').write_text('\ufeffclipart/apple/a.jpg 0\r\n', encoding='utf-8')
+    ds, = create_domain_datasets('domainnet', tmp_path, ['clipart'], 'train')
+    assert ds.paths == [tmp_path / 'clipart' / 'apple' / 'a.jpg']

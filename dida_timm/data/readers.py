@@ -149,7 +149,8 @@ def _read_list(
     if not list_file.is_file():
         raise FileNotFoundError(f'split file not found: {list_file}')
     entries = []
-    for line_no, line in enumerate(list_file.read_text().splitlines(), 1):
+    # utf-8-sig: a file saved by Windows Notepad starts with a byte-order mark, which would prefix the first path
+    for line_no, line in enumerate(list_file.read_text(encoding='utf-8-sig').splitlines(), 1):
         if not line.strip():
             continue
         parts = line.split()
