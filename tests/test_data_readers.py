@@ -252,6 +252,19 @@ def test_images_in_symlinked_sub_folders_are_read_and_a_link_loop_ends(tmp_path)
     assert sorted(p.name for p in ds.paths) == ['batch_0.png', 'batch_1.png', 'batch_2.png', 'own.png']
 
 
+def test_a_link_to_a_missing_image_is_an_unreadable_image_not_left_out_unseen(tmp_path):
+    _image(tmp_path / 'target' / 'own.png')
+    (tmp_path / 'target' / 'gone.png').symlink_to(tmp_path / 'nowhere.png')
+    readable, unreadable = read_unlabelled_folder(tmp_path / 'target', 'target', ['cat']).without_unreadable()
+    assert [p.name for p in readable.paths] == ['own.png']
+    assert [p.name for p, _ in unreadable] == ['gone.png']
+    _domain(tmp_path / 'a', ['cat'], per_class=1)
+    (tmp_path / 'a' / 'cat' / 'gone.png').symlink_to(tmp_path / 'nowhere.png')
+    labelled = read_class_folders(tmp_path / 'a', 'a')
+    with pytest.raises(OSError, match='cannot read image .*gone.png'):
+        [labelled.load(i) for i in range(len(labelled))]
+
+
 def test_a_split_missing_from_a_domains_split_folders_is_refused_not_read_as_classes(tmp_path):
     _domain(tmp_path / 'a' / 'train', ['cat', 'dog'])
     _domain(tmp_path / 'a' / 'val', ['cat', 'dog'])

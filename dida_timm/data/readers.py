@@ -64,8 +64,9 @@ def _files_under(folder: Path) -> List[Path]:
 def _images_under(folder: Path) -> Tuple[List[Path], List[Path]]:
     """Image files anywhere under `folder` (sorted; hidden files and folders, such as .ipynb_checkpoints/ with its
     copies, ignored) and the other files."""
-    files = [p for p in sorted(_files_under(folder))
-             if p.is_file() and not any(part.startswith('.') for part in p.relative_to(folder).parts)]
+    # a link whose target is gone stays in: an image that cannot be read is reported as such, not left out unseen
+    files = [p for p in sorted(_files_under(folder)) if (p.is_file() or p.is_symlink())
+             and not any(part.startswith('.') for part in p.relative_to(folder).parts)]
     images = [p for p in files if _is_image(p)]
     return images, [p for p in files if not _is_image(p)]
 
