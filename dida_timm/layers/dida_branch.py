@@ -168,9 +168,9 @@ def _cropped_to(branch: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
     """
     height, width = out.shape[-2], out.shape[-1]
     if branch.shape[-2] == height and branch.shape[-1] == width:
-        # a view with `out`'s sizes: timm's onnx_export (TorchScript tracing) loses the sizes in the DIDA unit's
-        # reshapes, and the pooling after the sum needs them
-        return branch.view_as(out)
+        # traced (timm's onnx_export), a view with `out`'s sizes: the trace loses the sizes in the DIDA unit's
+        # reshapes, and the pooling after the sum needs them; eager, no op at all
+        return branch.view_as(out) if torch.jit.is_tracing() else branch
     extra_height, extra_width = branch.shape[-2] - height, branch.shape[-1] - width
     if extra_height < 0 or extra_height > 1 or extra_width < 0 or extra_width > 1:
         raise RuntimeError(f'the DIDA branch maps to {list(branch.shape)}, which does not fit the stage output '
