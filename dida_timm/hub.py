@@ -262,12 +262,16 @@ def selection_section(run: Dict) -> List[str]:
 
 
 def export_tag(architecture: str, out_dir: Path, dataset: str, target: str, tag: Optional[str] = None) -> str:
-    """The pretrained tag an export names: `tag`, else TAG of an `ARCH.TAG` folder, else `DATASET_TARGET`."""
+    """The pretrained tag an export names: `tag`, else TAG of an `ARCH.TAG` folder, else `DATASET_TARGET` lower-cased
+    with other characters as underscores (domains such as Office-Home's `Real World` are capitalised)."""
     name = Path(out_dir).name
-    if tag is None:
-        tag = name[len(architecture) + 1:] if name.startswith(f'{architecture}.') else f'{dataset}_{target}'
+    if tag is None and name.startswith(f'{architecture}.'):
+        tag = name[len(architecture) + 1:]
+    elif tag is None:
+        tag = re.sub(r'[^a-z0-9_]+', '_', f'{dataset}_{target}'.lower())[:64]
     if not re.fullmatch(r'[a-z0-9_]{1,64}', tag):
-        raise ValueError(f'pretrained tag must be lower-case letters, digits and underscores, got {tag!r}')
+        raise ValueError(f'pretrained tag must be lower-case letters, digits and underscores, got {tag!r} (from '
+                         f'--tag, else from the output folder name {name!r} of the form ARCH.TAG)')
     return tag
 
 

@@ -24,7 +24,7 @@ def main(argv=None) -> int:
     parser.add_argument('--license', default='apache-2.0')
     parser.add_argument('--tag', default=None,
                         help='pretrained tag in config.json (default: TAG of an --out folder named ARCH.TAG, '
-                             'else DATASET_TARGET)')
+                             'else DATASET_TARGET lower-cased, other characters as underscores)')
     args = parser.parse_args(argv)
     check_options(parser, args, [('runs', distinct), ('repo_name', hub_repo_id)])
     try:

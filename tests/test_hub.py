@@ -388,3 +388,12 @@ def test_card_says_where_a_step_schedule_decays(trained_run):
     assert 'cosine schedule' in card and 'of each phase' not in card
     run['args'].update(sched='multistep', decay_milestones=[10, 20], decay_rate=0.1)
     assert 'multistep schedule (lr x0.1 at epochs [10, 20] of each phase)' in model_card([run], 'dida-timm/x')
+
+
+def test_default_tag_of_a_capitalised_target_is_a_valid_tag_and_a_bad_tag_names_its_option(tmp_path):
+    from dida_timm.hub import export_tag
+    # Office-Home's domains are capitalised, one with a space: its runs exported without --tag failed
+    assert export_tag('dida_resnet50', tmp_path / 'repo', 'office_home', 'Real World') == 'office_home_real_world'
+    with pytest.raises(ValueError, match=r"got 'Bad-Tag' \(from --tag, else from the output folder name "
+                                         r"'dida_resnet50.Bad-Tag'"):
+        export_tag('dida_resnet50', tmp_path / 'dida_resnet50.Bad-Tag', 'office_home', 'Art')
