@@ -344,6 +344,7 @@ def push_folder(folder: Path, repo_id: str, private: bool = False, dry_run: bool
 
     Raises:
         RuntimeError: without a token, or when the Hub cannot be reached, with the reason.
+        ValueError: when the card was exported for another repo than `repo_id`.
     """
     from huggingface_hub import HfApi, get_token
     folder = Path(folder)
@@ -351,6 +352,12 @@ def push_folder(folder: Path, repo_id: str, private: bool = False, dry_run: bool
     missing = {'config.json', 'model.safetensors', 'README.md'} - set(files)
     if missing:
         raise FileNotFoundError(f'{folder} is not an exported repo folder: missing {sorted(missing)}')
+    # the card's title and loading snippet name the repo it was exported for: pushed elsewhere, it would send its
+    # readers to that other repo
+    title = re.search(r'^# (\S+/\S+)\s*$', (folder / 'README.md').read_text(), re.MULTILINE)
+    if title and title.group(1).lower() != repo_id.lower():
+        raise ValueError(f"{folder / 'README.md'} was exported for {title.group(1)}, not {repo_id}: re-export with "
+                         f'--repo-name {repo_id}, or push to {title.group(1)}')
     if dry_run:
         return files
     token = get_token()

@@ -22,7 +22,7 @@ def main(argv=None) -> int:
     check_options(parser, args, [('repo_id', hub_repo_id)])
     try:
         files = push_folder(args.folder, args.repo_id, args.private, args.dry_run)
-    except (FileNotFoundError, RuntimeError) as e:
+    except (FileNotFoundError, RuntimeError, ValueError) as e:
         print(f'error: {e}', file=sys.stderr)
         return 2
     verb = 'would upload' if args.dry_run else 'uploaded'

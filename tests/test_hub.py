@@ -397,3 +397,14 @@ def test_default_tag_of_a_capitalised_target_is_a_valid_tag_and_a_bad_tag_names_
     with pytest.raises(ValueError, match=r"got 'Bad-Tag' \(from --tag, else from the output folder name "
                                          r"'dida_resnet50.Bad-Tag'"):
         export_tag('dida_resnet50', tmp_path / 'dida_resnet50.Bad-Tag', 'office_home', 'Art')
+
+
+def test_push_refuses_a_repo_other_than_the_one_the_card_was_exported_for(exported):
+    # the card's title and loading snippet name dida-timm/test-model: published elsewhere it points to that repo
+    with pytest.raises(ValueError, match=r'was exported for dida-timm/test-model, not someone/else: re-export with '
+                                         r'--repo-name someone/else'):
+        push_folder(exported, 'someone/else', dry_run=True)
+    result = subprocess.run([sys.executable, str(REPO / 'hub' / 'push.py'), str(exported), '--repo-id',
+                             'someone/else', '--dry-run'], capture_output=True, text=True)
+    assert result.returncode == 2 and 'error: ' in result.stderr and 'Traceback' not in result.stderr
+    assert push_folder(exported, 'Dida-Timm/Test-Model', dry_run=True)  # the Hub's names are case-insensitive
