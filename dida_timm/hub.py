@@ -8,10 +8,11 @@ import json
 import re
 import statistics
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import safetensors.torch
 import timm
+from safetensors import SafetensorError
 import yaml
 
 from .data.transforms import FIXMATCH_RAND_AUGMENT, test_data_config
@@ -34,10 +35,18 @@ def read_run(run_dir: Path) -> Dict:
     results_file = run_dir / 'results.json'
     if not results_file.is_file():
         raise FileNotFoundError(f'{results_file} not found: is {run_dir} a finished training run?')
-    results = json.loads(results_file.read_text())
-    results['args'] = yaml.safe_load((run_dir / 'args.yaml').read_text())
+    results = _parse_run_file(results_file, json.loads)
+    results['args'] = _parse_run_file(run_dir / 'args.yaml', yaml.safe_load)
     results['run_dir'] = str(run_dir)
     return results
+
+
+def _parse_run_file(path: Path, parse: Callable[[str], Any]) -> Any:
+    """`parse` of a run file's text; a corrupt file is named in the error (the parsers' own messages name none)."""
+    try:
+        return parse(path.read_text())
+    except (ValueError, yaml.YAMLError) as e:  # json's and the text decoding's errors are ValueErrors
+        raise ValueError(f'{path} is corrupt, cannot be read: {type(e).__name__}: {e}') from e
 
 
 def initial_weights(run: Dict) -> Tuple[str, Optional[str]]:
@@ -298,7 +307,11 @@ def export_runs(run_dirs: Sequence[Path], out_dir: Path, repo_name: str, license
     model_kwargs = run_model_args(first)
     model = create_model(first['architecture'], **model_kwargs)
     weights = Path(first['run_dir']) / 'model.safetensors'
-    model.load_state_dict(safetensors.torch.load_file(str(weights)))
+    try:
+        model.load_state_dict(safetensors.torch.load_file(str(weights)))
+    except (SafetensorError, RuntimeError) as e:  # a truncated file, or weights of another network
+        raise ValueError(f"{weights} cannot be loaded into {first['architecture']} {model_kwargs}, the network its "
+                         f'results.json records: {type(e).__name__}: {e}') from e
     # the config describes this run, not the architecture's default weights: no tag, Hub id or notes of those
     start, _ = initial_weights(first)
     size = run_data_config(first)['input_size'][-1]

@@ -408,3 +408,16 @@ def test_push_refuses_a_repo_other_than_the_one_the_card_was_exported_for(export
                              'someone/else', '--dry-run'], capture_output=True, text=True)
     assert result.returncode == 2 and 'error: ' in result.stderr and 'Traceback' not in result.stderr
     assert push_folder(exported, 'Dida-Timm/Test-Model', dry_run=True)  # the Hub's names are case-insensitive
+
+
+def test_export_names_the_run_file_it_cannot_read(trained_run, tmp_path):
+    other_network = safetensors.torch.save(timm.create_model('dida_digitnet_compact', num_classes=10).state_dict())
+    for name, data in (('results.json', b'{"model": '), ('args.yaml', b'a: [b'), ('model.safetensors', b'\0' * 64),
+                       ('model.safetensors', other_network)):
+        run = tmp_path / 'run'
+        shutil.rmtree(run, ignore_errors=True)
+        shutil.copytree(trained_run, run)
+        (run / name).write_bytes(data)
+        # the parsers' and load_state_dict's own messages name no file; a traceback or 'Expecting value' before
+        with pytest.raises(ValueError, match=f"^{run / name} (is corrupt|cannot be loaded into dida_digitnet_compact)"):
+            export_runs([run], tmp_path / 'repo', 'dida-timm/x')
