@@ -19,8 +19,9 @@ from .data.transforms import FIXMATCH_RAND_AUGMENT, test_data_config
 from .models.factory import builtin_architectures, create_model, validate_hub_config  # noqa: F401  (validate_hub_config re-exported)
 from .training.options import RESUMABLE_CHANGES, differing_options
 
-__all__ = ['PAPER_RESULTS', 'export_runs', 'export_tag', 'initial_weights', 'model_card', 'push_folder', 'read_run',
-           'run_data_config', 'run_label_free', 'run_model_args', 'selection_section', 'validate_hub_config']
+__all__ = ['PAPER_RESULTS', 'export_runs', 'export_tag', 'initial_weights', 'model_card', 'pre_adaptation_checkpoint',
+           'push_folder', 'read_run', 'run_data_config', 'run_label_free', 'run_model_args', 'selection_section',
+           'validate_hub_config']
 
 # published DIDA-Net target accuracies (%) per dataset and target domain (paper Tables I-III, docs/METHOD.md section 4)
 PAPER_RESULTS: Dict[str, Dict[str, float]] = {
@@ -156,11 +157,22 @@ def model_card(runs: List[Dict], repo_name: str, license: str = 'apache-2.0') ->
     checkpoint = (f"the checkpoint selected without target labels (epoch {selection['epoch']}, rule "
                   f"`{selection['rule']}`, see below)" if selection else "the last epoch's weights (no model selection)")
     domains = list(first['per_domain_accuracy'])
+    recipe = (f"DIDA-Net's recipe ({first['method']}; Deng et al., *Dynamic Instance Domain Adaptation*, IEEE T-IP "
+              '2022, [arXiv:2203.05028](https://arxiv.org/abs/2203.05028))')
+    before = pre_adaptation_checkpoint(first)
+    adapted = first['method'] != 'source_only' and before is None
+    if first['method'] == 'source_only':
+        what = (f"trained on the labelled sources only, without adaptation, as a baseline for the **{target}** domain "
+                f"of `{first['dataset']}` ({recipe})")
+    elif before:
+        what = (f"**not adapted** to the **{target}** domain of `{first['dataset']}`: its run of {recipe} ships epoch "
+                f'{before[0]}, a checkpoint from before adaptation ({before[1]} phase), which the selection without '
+                'target labels fell back to (see below)')
+    else:
+        what = f"adapted to the **{target}** domain of `{first['dataset']}` without target labels, with {recipe}"
     lines = [
         f'# {repo_name}', '',
-        f"{_spec_words(first['model'])} adapted to the **{target}** domain of `{first['dataset']}` without target labels, "
-        f"with DIDA-Net's recipe ({first['method']}; Deng et al., *Dynamic Instance Domain Adaptation*, IEEE T-IP "
-        '2022, [arXiv:2203.05028](https://arxiv.org/abs/2203.05028)), trained with dida-timm.', '',
+        f"{_spec_words(first['model'])} {what}, trained with dida-timm.", '',
         *_usage_lines(first['architecture'], repo_name), '',
         '## Setting', '',
         f"- sources (labelled): {', '.join(first['sources'])}",
@@ -218,7 +230,8 @@ def model_card(runs: List[Dict], repo_name: str, license: str = 'apache-2.0') ->
         f"dida-timm {first['versions']['dida_timm']}. Hardware: {first.get('hardware', first['device'])}. "
         f"Training time: {_mean_std([r['wall_seconds'] / 60 for r in runs])} min.",
         '', '## Limitations', '',
-        '- Adapted to one target domain; accuracy on other domains is the table above and nothing more.',
+        f"- {'Adapted to' if adapted else 'Chosen for'} one target domain; accuracy on other domains is the table "
+        'above and nothing more.',
         '- Pseudo-label training can reinforce its own mistakes on classes the source-only model confuses; '
         'check the per-class table before relying on a class.',
         '- Target labels, where they existed, were used for evaluation only, never for training or for choosing '
@@ -229,6 +242,18 @@ def model_card(runs: List[Dict], repo_name: str, license: str = 'apache-2.0') ->
         lines.append('- The offline benchmark imitates Digit-Five with data from PyPI packages; its MNIST-M-, '
                      'SynDigits- and SVHN-style domains are stand-ins, not the real datasets.')
     return ModelCard(f'---\n{data.to_yaml()}\n---\n\n' + '\n'.join(lines) + '\n').content
+
+
+def pre_adaptation_checkpoint(run: Dict) -> Optional[Tuple[int, str]]:
+    """(epoch, phase) of the checkpoint a fixmatch run ships when its selection without target labels fell back to
+    one from before adaptation (the source-only or starting weights); None when it ships adapted weights."""
+    selection = run.get('selection')
+    if run['method'] == 'source_only' or not isinstance(selection, dict):
+        return None
+    # rows of runs from before phases were recorded are all the method's
+    phase = next((h.get('phase', run['method']) for h in run['history'] if h['epoch'] == selection['epoch']),
+                 run['method'])
+    return None if phase == run['method'] else (selection['epoch'], phase)
 
 
 def selection_section(run: Dict) -> List[str]:
@@ -315,11 +340,15 @@ def export_runs(run_dirs: Sequence[Path], out_dir: Path, repo_name: str, license
     # the config describes this run, not the architecture's default weights: no tag, Hub id or notes of those
     start, _ = initial_weights(first)
     size = run_data_config(first)['input_size'][-1]
+    before = pre_adaptation_checkpoint(first)
     model.pretrained_cfg = {k: v for k, v in model.pretrained_cfg.items()
                             if k not in ('tag', 'hf_hub_id', 'url', 'file', 'notes', 'test_input_size', 'test_crop_pct')}
     model.pretrained_cfg.update(license=license, notes=(
         f"{first['method']} on {first['dataset']} ({', '.join(first['sources'])} -> {first['target']}) at {size} px "
-        f'with dida-timm, started from {start}; card: README.md',))
+        f'with dida-timm, started from {start}'
+        # the card says so too: weights the adaptation never changed must not pass for adapted ones
+        + ('; not adapted: ships epoch {}, from before adaptation ({} phase)'.format(*before) if before else '')
+        + '; card: README.md',))
     out_dir = Path(out_dir)
     tag = export_tag(first['architecture'], out_dir, first['dataset'], first['target'], tag)
     timm.models.save_for_hf(model, str(out_dir), model_config=dict(label_names=list(first['classes']),

@@ -2,6 +2,7 @@
 import csv
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -421,3 +422,39 @@ def test_export_names_the_run_file_it_cannot_read(trained_run, tmp_path):
         # the parsers' and load_state_dict's own messages name no file; a traceback or 'Expecting value' before
         with pytest.raises(ValueError, match=f"^{run / name} (is corrupt|cannot be loaded into dida_digitnet_compact)"):
             export_runs([run], tmp_path / 'repo', 'dida-timm/x')
+
+
+def test_card_and_config_say_when_the_shipped_weights_were_never_adapted(trained_run, tmp_path):
+    run = tmp_path / 'run'
+    shutil.copytree(trained_run, run)
+    results = json.loads((run / 'results.json').read_text())
+    assert [h['phase'] for h in results['history']] == ['source_only', 'fixmatch']
+    for epoch, adapted in ((1, False), (2, True)):  # the source-only epoch the collapse guard falls back to, or not
+        results['selection']['epoch'] = epoch
+        (run / 'results.json').write_text(json.dumps(results))
+        repo = export_runs([run], tmp_path / f'repo{epoch}', 'dida-timm/x')
+        card = (repo / 'README.md').read_text()
+        note, = json.loads((repo / 'config.json').read_text())['pretrained_cfg']['notes']
+        claim = 'adapted to the **mnistm_style** domain of `offline_digits` without target labels, with DIDA-Net'
+        assert (claim in card) == adapted and ('- Adapted to one target domain' in card) == adapted
+        assert ('**not adapted** to the **mnistm_style** domain of `offline_digits`: its run of DIDA-Net\'s recipe '
+                '(fixmatch;' in card) != adapted and ('ships epoch 1, a checkpoint from before adaptation '
+                                                      '(source_only phase)' in card) != adapted
+        assert note.endswith('; card: README.md') and ('; not adapted: ships epoch 1, from before adaptation '
+                                                       '(source_only phase); card' in note) != adapted
+    source_only = dict(read_run(run), method='source_only')
+    card = model_card([source_only], 'dida-timm/x')
+    assert 'trained on the labelled sources only, without adaptation, as a baseline for the **mnistm_style**' in card
+    assert 'without target labels, with DIDA-Net' not in card
+
+
+def test_every_shipped_checkpoint_from_before_adaptation_says_so():
+    for name in PUBLISHED:
+        folder = REPO / 'hub' / 'checkpoints' / name
+        config, card = json.loads((folder / 'config.json').read_text()), (folder / 'README.md').read_text()
+        source_only_epochs = int(re.search(r'- (\d+) source-only epochs, then', card).group(1))
+        before = config['label_free']['selection']['epoch'] <= source_only_epochs
+        note, = config['pretrained_cfg']['notes']
+        assert ('; not adapted: ships epoch' in note) == before, name
+        assert ('**not adapted** to the' in card) == before, name
+        assert ('without target labels, with DIDA-Net' in card) != before, name
