@@ -458,3 +458,12 @@ def test_every_shipped_checkpoint_from_before_adaptation_says_so():
         assert ('; not adapted: ships epoch' in note) == before, name
         assert ('**not adapted** to the' in card) == before, name
         assert ('without target labels, with DIDA-Net' in card) != before, name
+
+
+@pytest.mark.parametrize('name', PUBLISHED)
+def test_published_tag_preprocesses_images_as_its_config_json_says(name):
+    from dida_timm.models._published import published_folder
+    exported = json.loads((published_folder(name) / 'config.json').read_text())['pretrained_cfg']
+    resolved = timm.data.resolve_data_config({}, model=timm.create_model(name, pretrained=True))
+    for key in ('input_size', 'interpolation', 'mean', 'std', 'crop_pct', 'crop_mode'):  # timm's centre crop before
+        assert resolved[key] == (tuple(exported[key]) if isinstance(exported[key], list) else exported[key]), key

@@ -309,7 +309,9 @@ def _published_cfgs():
         name = f'dida_digitnet_compact.offline_{target}'
         folder = published_folder(name)
         if folder is not None:  # register no tag whose weights are not installed
-            cfgs[name] = _cfg(file=str(folder / 'model.safetensors'),
+            # squash, as their config.json says: they were evaluated on whole images resized to 32 x 32, where timm's
+            # default centre crop would cut the sides of a non-square image
+            cfgs[name] = _cfg(file=str(folder / 'model.safetensors'), crop_mode='squash',
                               notes=(f'adapted to offline_digits/{target}; card: {folder / "README.md"}',))
     return cfgs
 
