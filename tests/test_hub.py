@@ -467,3 +467,15 @@ def test_published_tag_preprocesses_images_as_its_config_json_says(name):
     resolved = timm.data.resolve_data_config({}, model=timm.create_model(name, pretrained=True))
     for key in ('input_size', 'interpolation', 'mean', 'std', 'crop_pct', 'crop_mode'):  # timm's centre crop before
         assert resolved[key] == (tuple(exported[key]) if isinstance(exported[key], list) else exported[key]), key
+
+
+def test_export_refuses_seeds_whose_network_or_preprocessing_differ(trained_run, tmp_path):
+    # same options, but --model named a Hub repo or folder that changed between the runs
+    other = tmp_path / 'other'
+    shutil.copytree(trained_run, other)
+    results = json.loads((other / 'results.json').read_text())
+    for key, value in (('model_args', dict(results['model_args'], dida_reduction=4)),
+                       ('test_data_config', dict(results['test_data_config'], mean=[0.485, 0.456, 0.406]))):
+        (other / 'results.json').write_text(json.dumps(dict(results, seed=1, **{key: value})))
+        with pytest.raises(ValueError, match=rf"differs from .* in \['{key}'\]: not seeds of one setting"):
+            export_runs([trained_run, other], tmp_path / 'repo', 'dida-timm/x')
