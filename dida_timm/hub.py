@@ -20,8 +20,8 @@ from .models.factory import builtin_architectures, create_model, validate_hub_co
 from .training.options import RESUMABLE_CHANGES, differing_options
 
 __all__ = ['PAPER_RESULTS', 'export_runs', 'export_tag', 'initial_weights', 'model_card', 'pre_adaptation_checkpoint',
-           'push_folder', 'read_run', 'run_data_config', 'run_label_free', 'run_model_args', 'selection_section',
-           'validate_hub_config']
+           'push_folder', 'read_run', 'run_data_config', 'run_label_free', 'run_license', 'run_model_args',
+           'selection_section', 'validate_hub_config']
 
 # published DIDA-Net target accuracies (%) per dataset and target domain (paper Tables I-III, docs/METHOD.md section 4)
 PAPER_RESULTS: Dict[str, Dict[str, float]] = {
@@ -125,8 +125,24 @@ def _strong_view(rand_augment: str) -> str:
     return f'timm RandAugment `{rand_augment}`' if rand_augment else 'no RandAugment'
 
 
-def model_card(runs: List[Dict], repo_name: str, license: str = 'apache-2.0') -> str:
-    """A model card (YAML front matter + sections) built only from the runs' own results."""
+def _base_cfg(run: Dict):
+    """The timm registry entry of the pretrained weights a run started from; None for Hub repos, folders,
+    --init-checkpoint and from-scratch runs."""
+    _, pretrained = initial_weights(run)
+    if pretrained and '.' in pretrained and ':' not in pretrained and not Path(pretrained).is_dir():
+        return timm.models.get_pretrained_cfg(pretrained)
+    return None
+
+
+def run_license(run: Dict) -> str:
+    """The license an export of `run` carries unless told otherwise: that of the pretrained weights it started from
+    (adapted weights derive from them: a non-commercial license stays so), else apache-2.0."""
+    return getattr(_base_cfg(run), 'license', None) or 'apache-2.0'
+
+
+def model_card(runs: List[Dict], repo_name: str, license: Optional[str] = None) -> str:
+    """A model card (YAML front matter + sections) built only from the runs' own results (license: `run_license`
+    of the first run unless given)."""
     from huggingface_hub import EvalResult, ModelCard, ModelCardData
     first = runs[0]
     args = first['args']
@@ -134,16 +150,14 @@ def model_card(runs: List[Dict], repo_name: str, license: str = 'apache-2.0') ->
     target = first['target']
     accs = [r['target_accuracy'] for r in runs]
     labelled = all(a is not None for a in accs)
-    start, pretrained = initial_weights(first)
-    base_model = None
-    if pretrained and '.' in pretrained and ':' not in pretrained and not Path(pretrained).is_dir():
-        base_model = getattr(timm.models.get_pretrained_cfg(pretrained), 'hf_hub_id', None)
+    start, _ = initial_weights(first)
+    base_model = getattr(_base_cfg(first), 'hf_hub_id', None)
     data_config = run_data_config(first)
     size = data_config['input_size'][-1]
     paper = PAPER_RESULTS.get(first['dataset'], {}).get(target)
     data = ModelCardData(
         library_name='timm',
-        license=license,
+        license=license or run_license(first),
         tags=['image-classification', 'timm', 'domain-adaptation', 'dida-net', 'fixmatch'],
         datasets=[first['dataset']],
         base_model=base_model,
@@ -309,13 +323,14 @@ def export_tag(architecture: str, out_dir: Path, dataset: str, target: str, tag:
     return tag
 
 
-def export_runs(run_dirs: Sequence[Path], out_dir: Path, repo_name: str, license: str = 'apache-2.0',
+def export_runs(run_dirs: Sequence[Path], out_dir: Path, repo_name: str, license: Optional[str] = None,
                 tag: Optional[str] = None) -> Path:
     """Write a Hugging Face model repo folder (config.json, model.safetensors, README.md) for runs of one setting.
 
     Several runs must be seeds of the same setting; the first run's weights are exported, the card reports
     every run. The config's pretrained_cfg names this export's own tag (see `export_tag`) and notes, never
-    those of the architecture's default tag, and no path of the machine that built it.
+    those of the architecture's default tag, and no path of the machine that built it. The license is `run_license`
+    of the first run unless given.
     """
     runs = [read_run(d) for d in run_dirs]
     keys = ('model', 'dataset', 'sources', 'target', 'method', 'classes')
@@ -344,6 +359,7 @@ def export_runs(run_dirs: Sequence[Path], out_dir: Path, repo_name: str, license
     start, _ = initial_weights(first)
     size = run_data_config(first)['input_size'][-1]
     before = pre_adaptation_checkpoint(first)
+    license = license or run_license(first)
     model.pretrained_cfg = {k: v for k, v in model.pretrained_cfg.items()
                             if k not in ('tag', 'hf_hub_id', 'url', 'file', 'notes', 'test_input_size', 'test_crop_pct')}
     model.pretrained_cfg.update(license=license, notes=(

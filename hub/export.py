@@ -21,7 +21,9 @@ def main(argv=None) -> int:
     parser.add_argument('runs', nargs='+', type=Path, help='training output folders (holding results.json)')
     parser.add_argument('--out', type=Path, required=True, help='repo folder to write')
     parser.add_argument('--repo-name', required=True, help='ORG/NAME used in the card')
-    parser.add_argument('--license', default='apache-2.0')
+    parser.add_argument('--license', default=None,
+                        help='license of the export (default: that of the pretrained weights the first run started '
+                             'from, else apache-2.0)')
     parser.add_argument('--tag', default=None,
                         help='pretrained tag in config.json (default: TAG of an --out folder named ARCH.TAG, '
                              'else DATASET_TARGET lower-cased, other characters as underscores)')

@@ -479,3 +479,21 @@ def test_export_refuses_seeds_whose_network_or_preprocessing_differ(trained_run,
         (other / 'results.json').write_text(json.dumps(dict(results, seed=1, **{key: value})))
         with pytest.raises(ValueError, match=rf"differs from .* in \['{key}'\]: not seeds of one setting"):
             export_runs([trained_run, other], tmp_path / 'repo', 'dida-timm/x')
+
+
+def test_export_carries_the_license_of_the_pretrained_weights_it_derives_from(trained_run, tmp_path):
+    from dida_timm import register_dida
+    from dida_timm.hub import run_license
+    assert run_license(read_run(trained_run)) == 'apache-2.0'  # trained from scratch
+    register_dida('resnext101_32x8d')
+    base = 'dida_resnext101_32x8d.fb_swsl_ig1b_ft_in1k'  # timm/resnext101_32x8d.fb_swsl_ig1b_ft_in1k: CC-BY-NC-4.0
+    run = tmp_path / 'run'
+    shutil.copytree(trained_run, run)
+    results = json.loads((run / 'results.json').read_text())
+    (run / 'results.json').write_text(json.dumps(dict(results, pretrained_weights=base)))
+    repo = export_runs([run], tmp_path / 'repo', 'dida-timm/x')
+    front = yaml.safe_load((repo / 'README.md').read_text().split('---')[1])
+    assert front['license'] == 'cc-by-nc-4.0' and front['base_model'] == 'timm/resnext101_32x8d.fb_swsl_ig1b_ft_in1k'
+    assert json.loads((repo / 'config.json').read_text())['pretrained_cfg']['license'] == 'cc-by-nc-4.0'
+    repo = export_runs([run], tmp_path / 'repo', 'dida-timm/x', license='other')  # an explicit --license wins
+    assert yaml.safe_load((repo / 'README.md').read_text().split('---')[1])['license'] == 'other'
