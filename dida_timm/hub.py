@@ -427,6 +427,10 @@ def push_folder(folder: Path, repo_id: str, private: bool = False, dry_run: bool
     api = HfApi(token=token, library_name='dida-timm')
     try:
         api.create_repo(repo_id, private=private, exist_ok=True)
+        # create_repo leaves an existing repo's visibility as it is
+        if private and not api.repo_info(repo_id).private:
+            raise PermissionError(f'{repo_id} exists and is public, which --private does not change: make it private '
+                                  'on the Hub first, or push without --private')
         api.upload_folder(folder_path=str(folder), repo_id=repo_id, commit_message=commit_message)
     except Exception as e:  # network, auth and permission errors all end the push the same way
         raise RuntimeError(f'pushing {folder} to {repo_id} failed: {type(e).__name__}: {e}') from e

@@ -497,3 +497,32 @@ def test_export_carries_the_license_of_the_pretrained_weights_it_derives_from(tr
     assert json.loads((repo / 'config.json').read_text())['pretrained_cfg']['license'] == 'cc-by-nc-4.0'
     repo = export_runs([run], tmp_path / 'repo', 'dida-timm/x', license='other')  # an explicit --license wins
     assert yaml.safe_load((repo / 'README.md').read_text().split('---')[1])['license'] == 'other'
+
+
+def test_private_push_never_uploads_into_an_existing_public_repo(exported, monkeypatch):
+    import types
+    import huggingface_hub
+    uploads = []
+
+    class FakeApi:  # the Hub of a repo that exists already (create_repo with exist_ok keeps its visibility)
+        def __init__(self, **kwargs):
+            pass
+
+        def create_repo(self, repo_id, private=False, exist_ok=False):
+            pass
+
+        def repo_info(self, repo_id):
+            return types.SimpleNamespace(private=public_repo is False)
+
+        def upload_folder(self, **kwargs):
+            uploads.append(kwargs['repo_id'])
+
+    monkeypatch.setattr(huggingface_hub, 'HfApi', FakeApi)
+    monkeypatch.setattr(huggingface_hub, 'get_token', lambda: 'hf_not_a_real_token')
+    public_repo = True
+    with pytest.raises(RuntimeError, match='dida-timm/test-model exists and is public, which --private does not'):
+        push_folder(exported, 'dida-timm/test-model', private=True)
+    assert uploads == []
+    public_repo = False
+    push_folder(exported, 'dida-timm/test-model', private=True)
+    assert uploads == ['dida-timm/test-model']
