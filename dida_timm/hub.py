@@ -333,6 +333,10 @@ def export_runs(run_dirs: Sequence[Path], out_dir: Path, repo_name: str, license
     of the first run unless given.
     """
     runs = [read_run(d) for d in run_dirs]
+    out_dir = Path(out_dir)
+    for r in runs:  # the export would overwrite that run's model.safetensors (with the first run's weights)
+        if out_dir.resolve() == Path(r['run_dir']).resolve():
+            raise ValueError(f"the output folder {out_dir} is the run folder {r['run_dir']}: export to another one")
     keys = ('model', 'dataset', 'sources', 'target', 'method', 'classes')
     for r in runs[1:]:
         differing = [k for k in keys if r[k] != runs[0][k]]
@@ -368,7 +372,6 @@ def export_runs(run_dirs: Sequence[Path], out_dir: Path, repo_name: str, license
         # the card says so too: weights the adaptation never changed must not pass for adapted ones
         + ('; not adapted: ships epoch {}, from before adaptation ({} phase)'.format(*before) if before else '')
         + '; card: README.md',))
-    out_dir = Path(out_dir)
     tag = export_tag(first['architecture'], out_dir, first['dataset'], first['target'], tag)
     timm.models.save_for_hf(model, str(out_dir), model_config=dict(label_names=list(first['classes']),
                                                                    pretrained_cfg=dict(tag=tag)),

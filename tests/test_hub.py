@@ -526,3 +526,16 @@ def test_private_push_never_uploads_into_an_existing_public_repo(exported, monke
     public_repo = False
     push_folder(exported, 'dida-timm/test-model', private=True)
     assert uploads == ['dida-timm/test-model']
+
+
+def test_export_refuses_to_write_into_a_run_folder(trained_run, tmp_path):
+    other = tmp_path / 'seed1'
+    shutil.copytree(trained_run, other)
+    results = json.loads((other / 'results.json').read_text())
+    (other / 'results.json').write_text(json.dumps(dict(results, seed=1)))
+    weights = (other / 'model.safetensors').read_bytes()
+    (other / 'model.safetensors').write_bytes(weights[:-4] + b'\0\0\0\0')  # seed 1's own weights
+    weights = (other / 'model.safetensors').read_bytes()
+    with pytest.raises(ValueError, match=f'the output folder {other} is the run folder {other}'):
+        export_runs([trained_run, other], other, 'dida-timm/x')
+    assert (other / 'model.safetensors').read_bytes() == weights and not (other / 'README.md').exists()
