@@ -168,8 +168,13 @@ def model_card(runs: List[Dict], repo_name: str, license: Optional[str] = None) 
             metric_type='accuracy', metric_value=round(statistics.mean(accs), 2))] if labelled else None,
     )
     selection = first.get('selection') if isinstance(first.get('selection'), dict) else None
-    checkpoint = (f"the checkpoint selected without target labels (epoch {selection['epoch']}, rule "
-                  f"`{selection['rule']}`, see below)" if selection else "the last epoch's weights (no model selection)")
+    checkpoint = "the last epoch's weights (no model selection)"
+    if selection:
+        # each seed's own choice: the table's mean is over those checkpoints, not over one epoch of every seed
+        epochs = [r['selection']['epoch'] for r in runs]
+        at = f'epoch {epochs[0]}' if len(set(epochs)) == 1 else \
+            f"epochs {', '.join(map(str, epochs))} of seeds {', '.join(map(str, seeds))}"
+        checkpoint = f"the checkpoint selected without target labels ({at}, rule `{selection['rule']}`, see below)"
     domains = list(first['per_domain_accuracy'])
     recipe = (f"DIDA-Net's recipe ({first['method']}; Deng et al., *Dynamic Instance Domain Adaptation*, IEEE T-IP "
               '2022, [arXiv:2203.05028](https://arxiv.org/abs/2203.05028))')

@@ -539,3 +539,15 @@ def test_export_refuses_to_write_into_a_run_folder(trained_run, tmp_path):
     with pytest.raises(ValueError, match=f'the output folder {other} is the run folder {other}'):
         export_runs([trained_run, other], other, 'dida-timm/x')
     assert (other / 'model.safetensors').read_bytes() == weights and not (other / 'README.md').exists()
+
+
+def test_card_of_several_seeds_names_the_epoch_each_selected(trained_run):
+    import copy
+    first = read_run(trained_run)
+    first['selection']['epoch'] = 1
+    second = copy.deepcopy(first)
+    second.update(seed=1)
+    assert 'selected without target labels (epoch 1, rule `guarded_last`' in model_card([first, second], 'dida-timm/x')
+    second['selection']['epoch'] = 2
+    card = model_card([first, second], 'dida-timm/x')
+    assert 'selected without target labels (epochs 1, 2 of seeds 0, 1, rule `guarded_last`, see below)' in card
