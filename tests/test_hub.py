@@ -551,3 +551,12 @@ def test_card_of_several_seeds_names_the_epoch_each_selected(trained_run):
     second['selection']['epoch'] = 2
     card = model_card([first, second], 'dida-timm/x')
     assert 'selected without target labels (epochs 1, 2 of seeds 0, 1, rule `guarded_last`, see below)' in card
+
+
+@pytest.mark.parametrize('name', PUBLISHED)
+def test_published_tag_notes_never_call_a_checkpoint_from_before_adaptation_adapted(name):
+    from dida_timm.models._published import published_folder
+    shipped, = json.loads((REPO / 'hub' / 'checkpoints' / name / 'config.json').read_text())['pretrained_cfg']['notes']
+    note, = timm.models.get_pretrained_cfg(name).notes
+    assert note.endswith(f"card: {published_folder(name) / 'README.md'}")
+    assert not ('not adapted' in shipped and 'adapted to' in note), note

@@ -312,7 +312,8 @@ def _published_cfgs():
             # squash, as their config.json says: they were evaluated on whole images resized to 32 x 32, where timm's
             # default centre crop would cut the sides of a non-square image
             cfgs[name] = _cfg(file=str(folder / 'model.safetensors'), crop_mode='squash',
-                              notes=(f'adapted to offline_digits/{target}; card: {folder / "README.md"}',))
+                              # not 'adapted to': offline_uci_digits ships its source-only model, as its card says
+                              notes=(f'for offline_digits/{target} as the target; card: {folder / "README.md"}',))
     return cfgs
 
 
