@@ -181,8 +181,8 @@ def model_card(runs: List[Dict], repo_name: str, license: Optional[str] = None) 
     before = pre_adaptation_checkpoint(first)
     adapted = first['method'] != 'source_only' and before is None
     if first['method'] == 'source_only':
-        what = (f"trained on the labelled sources only, without adaptation, as a baseline for the **{target}** domain "
-                f"of `{first['dataset']}` ({recipe})")
+        what = (f"trained on the labelled sources only, without adaptation: a baseline for the **{target}** domain "
+                f"of `{first['dataset']}` in {recipe}")
     elif before:
         what = (f"**not adapted** to the **{target}** domain of `{first['dataset']}`: its run of {recipe} ships epoch "
                 f'{before[0]}, a checkpoint from before adaptation ({before[1]} phase), which the selection without '

@@ -444,7 +444,7 @@ def test_card_and_config_say_when_the_shipped_weights_were_never_adapted(trained
                                                        '(source_only phase); card' in note) != adapted
     source_only = dict(read_run(run), method='source_only')
     card = model_card([source_only], 'dida-timm/x')
-    assert 'trained on the labelled sources only, without adaptation, as a baseline for the **mnistm_style**' in card
+    assert 'trained on the labelled sources only, without adaptation: a baseline for the **mnistm_style**' in card
     assert 'without target labels, with DIDA-Net' not in card
 
 
