@@ -179,8 +179,9 @@ def model_card(runs: List[Dict], repo_name: str, license: Optional[str] = None) 
     recipe = (f"DIDA-Net's recipe ({first['method']}; Deng et al., *Dynamic Instance Domain Adaptation*, IEEE T-IP "
               '2022, [arXiv:2203.05028](https://arxiv.org/abs/2203.05028))')
     before = pre_adaptation_checkpoint(first)
-    adapted = first['method'] != 'source_only' and before is None
-    if first['method'] == 'source_only':
+    source_only = first['method'] == 'source_only'
+    adapted = not source_only and before is None
+    if source_only:
         what = (f"trained on the labelled sources only, without adaptation: a baseline for the **{target}** domain "
                 f"of `{first['dataset']}` in {recipe}")
     elif before:
@@ -236,13 +237,17 @@ def model_card(runs: List[Dict], repo_name: str, license: Optional[str] = None) 
         f"- {args['source_only_epochs']} source-only epochs, then {args['epochs']} epochs of {first['method']}; "
         f"optimizer {args['opt']}, lr {args['lr']} (x{args['new_lr_scale']} for the DIDA branch and classifier), "
         f"weight decay {args['weight_decay']}, {args['sched']} schedule{_decay_words(args)}",
-        f"- batch {len(first['sources'])} x {args['batch_size']} source + {args['batch_size']} target images per "
-        f"step on each of {first['world_size']} process(es)",
-        f"- pseudo-labels: threshold {args['threshold']}, {'soft weighting' if args['soft_weighting'] else 'hard mask'}, "
-        f"unlabelled stream '{args['unlabelled_stream']}', forward mode '{args['forward_mode']}'"
-        # runs from before the option existed had dropout on (the only behaviour then)
-        + ('' if args.get('pseudo_label_dropout', True) else ', pseudo-label pass without dropout'),
-        f"- strong view: {_strong_view(args['rand_augment'])}, Cutout {args['cutout']} px",
+        f"- batch {len(first['sources'])} x {args['batch_size']} source"
+        f"{'' if source_only else ' + {} target'.format(args['batch_size'])} images per step on each of "
+        f"{first['world_size']} process(es)",
+        # a source-only run's step uses no target image, pseudo-label or strong view
+        *([] if source_only else [
+            f"- pseudo-labels: threshold {args['threshold']}, "
+            f"{'soft weighting' if args['soft_weighting'] else 'hard mask'}, "
+            f"unlabelled stream '{args['unlabelled_stream']}', forward mode '{args['forward_mode']}'"
+            # runs from before the option existed had dropout on (the only behaviour then)
+            + ('' if args.get('pseudo_label_dropout', True) else ', pseudo-label pass without dropout'),
+            f"- strong view: {_strong_view(args['rand_augment'])}, Cutout {args['cutout']} px"]),
         f'- weights shipped here: {shipped}; evaluated weights: {first["evaluated_weights"]}',
         '', '## Reproduce', '', '```bash', *[r['command'] for r in runs], '```', '',
         f"Versions: torch {first['versions']['torch']}, timm {first['versions']['timm']}, "

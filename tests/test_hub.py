@@ -560,3 +560,13 @@ def test_published_tag_notes_never_call_a_checkpoint_from_before_adaptation_adap
     note, = timm.models.get_pretrained_cfg(name).notes
     assert note.endswith(f"card: {published_folder(name) / 'README.md'}")
     assert not ('not adapted' in shipped and 'adapted to' in note), note
+
+
+def test_card_of_a_source_only_run_lists_no_setting_it_did_not_use(trained_run):
+    run = read_run(trained_run)
+    card = model_card([run], 'dida-timm/x')
+    assert '- batch 4 x 8 source + 8 target images per step' in card and '- pseudo-labels: threshold' in card
+    run['method'] = 'source_only'
+    card = model_card([run], 'dida-timm/x')
+    assert '- batch 4 x 8 source images per step on each of 1 process(es)' in card
+    assert 'pseudo-labels' not in card and 'strong view' not in card
