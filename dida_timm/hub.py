@@ -12,8 +12,8 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import safetensors.torch
 import timm
-from safetensors import SafetensorError
 import yaml
+from safetensors import SafetensorError
 
 from .data.transforms import FIXMATCH_RAND_AUGMENT, test_data_config
 from .models.factory import builtin_architectures, create_model, validate_hub_config  # noqa: F401  (validate_hub_config re-exported)
