@@ -5,7 +5,9 @@ The repo folder is what timm loads with `timm.create_model('hf-hub:ORG/NAME', pr
 `timm.models.save_for_hf`), plus a model card whose every number comes from the runs' `results.json`.
 """
 import json
+import os
 import re
+import shlex
 import statistics
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
@@ -72,6 +74,19 @@ def _spec_words(spec: str) -> str:
     if source != 'hf-hub' and ('/' in spec or '\\' in spec or Path(spec).is_dir()):  # timm names have no separator
         return f'the local export `{Path(spec).name}`'
     return f'`{spec}`'
+
+
+def _public_command(command: str) -> str:
+    """A run's command as a card prints it: each absolute path (an option's value, `local-dir:PATH`) as `.../NAME`,
+    its last part, so a published card names no folder of the machine that trained it."""
+    def public(token: str) -> str:
+        option, eq, value = token.partition('=') if token.startswith('-') else ('', '', token)
+        source, colon, location = value.partition(':') if value.startswith('local-dir:') else ('', '', value)
+        if os.path.isabs(location) or location.startswith('~'):
+            location = f'.../{Path(location).name}'
+        return option + eq + source + colon + location
+
+    return shlex.join(public(token) for token in shlex.split(command))
 
 
 def run_model_args(run: Dict) -> Dict:
@@ -249,7 +264,7 @@ def model_card(runs: List[Dict], repo_name: str, license: Optional[str] = None) 
             + ('' if args.get('pseudo_label_dropout', True) else ', pseudo-label pass without dropout'),
             f"- strong view: {_strong_view(args['rand_augment'])}, Cutout {args['cutout']} px"]),
         f'- weights shipped here: {shipped}; evaluated weights: {first["evaluated_weights"]}',
-        '', '## Reproduce', '', '```bash', *[r['command'] for r in runs], '```', '',
+        '', '## Reproduce', '', '```bash', *[_public_command(r['command']) for r in runs], '```', '',
         f"Versions: torch {first['versions']['torch']}, timm {first['versions']['timm']}, "
         f"dida-timm {first['versions']['dida_timm']}. Hardware: {first.get('hardware', first['device'])}. "
         f"Training time: {_mean_std([r['wall_seconds'] / 60 for r in runs])} min.",

@@ -184,8 +184,22 @@ def test_fine_tuning_from_an_exported_folder_reheads_the_classifier(exported, tm
     reference = timm.create_model('dida_digitnet_compact', num_classes=3, dida_reduction=8).eval()
     reference.load_state_dict(weights)
     torch.testing.assert_close(load_model(f'local-dir:{repo}')(x), reference(x))
-    card = (repo / 'README.md').read_text().replace(results['command'], '')  # the command is the user's own words
+    card = (repo / 'README.md').read_text()  # its Reproduce command included
     assert str(tmp_path) not in card and f'the local export `{exported.name}`' in card
+
+
+def test_the_cards_command_names_no_folder_of_the_training_machine(trained_run, tmp_path):
+    run = tmp_path / 'run'
+    shutil.copytree(trained_run, run)
+    results = json.loads((run / 'results.json').read_text())
+    machine = '/srv/someone/experiments'
+    results['command'] = (f'python train/train.py --dataset pacs --data-dir {machine}/PACS --output={machine}/runs '
+                          f'--model local-dir:{machine}/my-export --target-dir "{machine}/new photos" --lr 0.01')
+    (run / 'results.json').write_text(json.dumps(results))
+    card = (export_runs([run], tmp_path / 'repo', 'dida-timm/x') / 'README.md').read_text()
+    assert machine not in card
+    assert ("python train/train.py --dataset pacs --data-dir .../PACS --output=.../runs --model local-dir:.../my-export "
+            "--target-dir '.../new photos' --lr 0.01") in card
 
 
 def test_export_refuses_runs_that_are_not_seeds_of_one_setting(trained_run, tmp_path):
