@@ -179,7 +179,7 @@ def model_card(runs: List[Dict], repo_name: str, license: Optional[str] = None) 
         model_name=repo_name,
         eval_results=[EvalResult(
             task_type='image-classification', dataset_type=first['dataset'],
-            dataset_name=f"{first['dataset']} ({target} as target)", dataset_split=args['target_test_split'],
+            dataset_name=f"{first['dataset']} ({target} as target)", dataset_split=_evaluated_split(args),
             metric_type='accuracy', metric_value=round(statistics.mean(accs), 2))] if labelled else None,
     )
     selection = first.get('selection') if isinstance(first.get('selection'), dict) else None
@@ -281,6 +281,13 @@ def model_card(runs: List[Dict], repo_name: str, license: Optional[str] = None) 
         lines.append('- The offline benchmark imitates Digit-Five with data from PyPI packages; its MNIST-M-, '
                      'SynDigits- and SVHN-style domains are stand-ins, not the real datasets.')
     return ModelCard(f'---\n{data.to_yaml()}\n---\n\n' + '\n'.join(lines) + '\n').content
+
+
+def _evaluated_split(args: Dict) -> str:
+    """The target images a run's accuracy was measured on: its labelled --target-eval-dir folder (by name), else its
+    --target-test-split."""
+    eval_dir = args.get('target_eval_dir')
+    return f'labelled folder {Path(eval_dir).name}' if eval_dir else args['target_test_split']
 
 
 def pre_adaptation_checkpoint(run: Dict) -> Optional[Tuple[int, str]]:

@@ -202,6 +202,15 @@ def test_the_cards_command_names_no_folder_of_the_training_machine(trained_run, 
             "--target-dir '.../new photos' --lr 0.01") in card
 
 
+def test_the_cards_evaluation_split_is_the_labelled_folder_a_target_eval_dir_run_measured(trained_run, tmp_path):
+    run = tmp_path / 'run'
+    shutil.copytree(trained_run, run)
+    args = yaml.safe_load((run / 'args.yaml').read_text())
+    (run / 'args.yaml').write_text(yaml.safe_dump(dict(args, target_eval_dir='/srv/someone/labelled-photos')))
+    card = (export_runs([run], tmp_path / 'repo', 'dida-timm/x') / 'README.md').read_text()
+    assert 'split: labelled folder labelled-photos' in card and '/srv/someone' not in card
+
+
 def test_export_refuses_runs_that_are_not_seeds_of_one_setting(trained_run, tmp_path):
     other = tmp_path / 'other'
     shutil.copytree(trained_run, other)
