@@ -61,7 +61,9 @@ def initial_weights(run: Dict) -> Tuple[str, Optional[str]]:
     if checkpoint:
         return f'the weights of `{Path(checkpoint).name}` (--init-checkpoint)', None
     if pretrained:
-        return f'the pretrained weights {_spec_words(pretrained)}', pretrained
+        words = _spec_words(pretrained)
+        # a timm name reads `the pretrained weights `resnet18.a1_in1k``; a folder, `the weights of the local export`
+        return (f'the pretrained weights {words}' if words.startswith('`') else f'the weights of {words}'), pretrained
     return 'random initialisation (trained from scratch, no pretrained weights)', None
 
 

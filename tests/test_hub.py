@@ -185,7 +185,7 @@ def test_fine_tuning_from_an_exported_folder_reheads_the_classifier(exported, tm
     reference.load_state_dict(weights)
     torch.testing.assert_close(load_model(f'local-dir:{repo}')(x), reference(x))
     card = (repo / 'README.md').read_text()  # its Reproduce command included
-    assert str(tmp_path) not in card and f'the local export `{exported.name}`' in card
+    assert str(tmp_path) not in card and f'started from the weights of the local export `{exported.name}`' in card
 
 
 def test_the_cards_command_names_no_folder_of_the_training_machine(trained_run, tmp_path):
