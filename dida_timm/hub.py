@@ -120,6 +120,14 @@ def _decay_words(args: Dict) -> str:
     return f" (lr x{args['decay_rate']} {at[0].format(at[1])} of each phase)"
 
 
+def _extras_words(args: Dict) -> str:
+    """The recipe's optional parts a run used (warm-up, EMA, MixStyle), as the card's recipe says them."""
+    extras = [f"{args['warmup_epochs']} warm-up epochs per phase" if args.get('warmup_epochs') else '',
+              f"EMA of the weights (decay {args['ema_decay']})" if args.get('ema_decay') else '',
+              f"MixStyle after `{args['mixstyle_after']}`" if args.get('mixstyle_after') else '']
+    return ''.join(f'; {e}' for e in extras if e)
+
+
 def run_data_config(run: Dict) -> Dict:
     """The test preprocessing a run trained and evaluated with (runs that predate its record in results.json:
     their --input-size and the architecture's mean / std)."""
@@ -253,7 +261,7 @@ def model_card(runs: List[Dict], repo_name: str, license: Optional[str] = None) 
         f'{size} px',
         f"- {args['source_only_epochs']} source-only epochs, then {args['epochs']} epochs of {first['method']}; "
         f"optimizer {args['opt']}, lr {args['lr']} (x{args['new_lr_scale']} for the DIDA branch and classifier), "
-        f"weight decay {args['weight_decay']}, {args['sched']} schedule{_decay_words(args)}",
+        f"weight decay {args['weight_decay']}, {args['sched']} schedule{_decay_words(args)}{_extras_words(args)}",
         f"- batch {len(first['sources'])} x {args['batch_size']} source"
         f"{'' if source_only else ' + {} target'.format(args['batch_size'])} images per step on each of "
         f"{first['world_size']} process(es)",
@@ -261,7 +269,8 @@ def model_card(runs: List[Dict], repo_name: str, license: Optional[str] = None) 
         *([] if source_only else [
             f"- pseudo-labels: threshold {args['threshold']}, "
             f"{'soft weighting' if args['soft_weighting'] else 'hard mask'}, "
-            f"unlabelled stream '{args['unlabelled_stream']}', forward mode '{args['forward_mode']}'"
+            f"unlabelled stream '{args['unlabelled_stream']}' (loss weight {args.get('unlabelled_weight', 1.0)}), "
+            f"forward mode '{args['forward_mode']}'"
             # runs from before the option existed had dropout on (the only behaviour then)
             + ('' if args.get('pseudo_label_dropout', True) else ', pseudo-label pass without dropout'),
             f"- strong view: {_strong_view(args['rand_augment'])}, Cutout {args['cutout']} px"]),

@@ -63,7 +63,9 @@ def test_export_writes_timm_config_weights_and_a_card_from_results(exported, tra
     metric = front['model-index'][0]['results'][0]['metrics'][0]
     assert metric['value'] == round(results['target_accuracy'], 2)
     assert f"| mnistm_style | target | {results['target_accuracy']:.2f} |" in card
-    assert results['command'] in card and 'last epoch' in card.lower()
+    # the Reproduce command, with the run's folders as .../NAME
+    assert results['command'].split(' --offline-train-size')[1] in card and 'last epoch' in card.lower()
+    assert '--output .../' in card and str(Path(results['command'].split()[3]).parent) not in card
 
 
 def test_card_states_the_step_and_strong_view_the_run_used(trained_run):
@@ -211,6 +213,19 @@ def test_the_cards_evaluation_split_is_the_labelled_folder_a_target_eval_dir_run
     assert 'split: labelled folder labelled-photos' in card and '/srv/someone' not in card
 
 
+def test_the_cards_recipe_names_the_warm_up_ema_mixstyle_and_unlabelled_weight_a_run_used(trained_run, tmp_path):
+    run = tmp_path / 'run'
+    shutil.copytree(trained_run, run)
+    args = yaml.safe_load((run / 'args.yaml').read_text())
+    plain = (export_runs([run], tmp_path / 'plain', 'dida-timm/x') / 'README.md').read_text()
+    assert 'warm-up' not in plain and 'EMA of the weights' not in plain and 'MixStyle' not in plain
+    (run / 'args.yaml').write_text(yaml.safe_dump(dict(args, warmup_epochs=2, ema_decay=0.999, mixstyle_after='block1',
+                                                       unlabelled_weight=0.5)))
+    card = (export_runs([run], tmp_path / 'repo', 'dida-timm/x') / 'README.md').read_text()
+    assert '; 2 warm-up epochs per phase; EMA of the weights (decay 0.999); MixStyle after `block1`' in card
+    assert "unlabelled stream 'target' (loss weight 0.5)" in card
+
+
 def test_export_refuses_runs_that_are_not_seeds_of_one_setting(trained_run, tmp_path):
     other = tmp_path / 'other'
     shutil.copytree(trained_run, other)
@@ -241,7 +256,7 @@ def test_card_never_shows_the_path_of_a_folder_the_run_started_from(trained_run)
     run = read_run(trained_run)
     for spec in ('/srv/someone/exports/my_export', 'local-dir:/srv/someone/exports/my_export'):
         run.update(model=spec, pretrained_weights=spec)
-        card = model_card([run], 'dida-timm/test-model').replace(run['command'], '')
+        card = model_card([run], 'dida-timm/test-model')
         assert '/srv/someone' not in card and 'the local export `my_export`' in card
 
 
