@@ -21,8 +21,8 @@ shift
 steps=("$@")
 [ ${#steps[@]} -eq 0 ] && steps=(kernels eager eager_triton compiled compiled_triton)
 # each timed step: its time limit and its options to bench_cost.py (parts*: to bench_branch_parts.py)
-declare -A limit=([eager]=90 [eager_triton]=90 [compiled]=120 [compiled_triton]=120 [reduce_overhead]=150
-                  [reduce_overhead_triton]=150 [parts]=90 [parts_triton]=120 [inference]=60)
+declare -A limit=([eager]=90 [eager_triton]=90 [compiled]=200 [compiled_triton]=200 [reduce_overhead]=200
+                  [reduce_overhead_triton]=200 [parts]=90 [parts_triton]=120 [inference]=60)
 declare -A options=([eager]="" [eager_triton]="--triton" [compiled]="--compile default"
                     [compiled_triton]="--compile default --triton" [reduce_overhead]="--compile reduce-overhead"
                     [reduce_overhead_triton]="--compile reduce-overhead --triton" [parts]="" [parts_triton]="--triton"

@@ -277,16 +277,24 @@ def test_model_with_kernels_trains_like_the_eager_model(triton_dida):
     eager.load_state_dict(fused.state_dict())
     assert [m.use_triton for m in fused.modules() if isinstance(m, DidaModule)] == [True]
     x = torch.randn(4, 3, 32, 32, device=DEVICE)
+    exact = copy.deepcopy(eager).double()
     out, grads = _outputs_and_grads(fused, x)
     out_ref, grads_ref = _outputs_and_grads(eager, x)
+    _, grads_exact = _outputs_and_grads(exact, x.double())
     torch.testing.assert_close(out, out_ref, rtol=1e-4, atol=1e-5)
-    # the kernels' unit runs its 1x1s as convs, the eager unit as matmuls: sums in other orders. Where a gradient is
+    # The kernels' unit runs its 1x1s as convs, the eager unit as matmuls: sums in other orders. Where a gradient is
     # a sum that nearly cancels (a bias followed by a batch-statistics BN has a true gradient of zero; a branch
-    # whose BN cancels what the fuse's weights do), the two differ by rounding on the scale of the summed terms, so
-    # near-zero entries are compared against the model's gradient scale (30 seeds: at most 0.13 of this tolerance)
-    scale = max(grad.abs().max() for grad in grads_ref)
-    for grad, grad_ref in zip(grads, grads_ref):
-        torch.testing.assert_close(grad, grad_ref, rtol=1e-3, atol=1e-4 * scale)
+    # whose BN cancels what the fuse's weights do), fp32 gets it only to rounding on the scale of the summed terms,
+    # and batch statistics of 4 images amplify that: on an H200 the two fp32 models differed by 4e-4 of the
+    # gradient scale in 60 of block3's 204,800 conv weights. So each fp32 model is measured against the eager model
+    # in float64, and the kernels' model must be about as close to it as the eager fp32 model (on a CPU, 30 seeds
+    # of the earlier direct comparison came to at most 0.13 of the floor below)
+    scale = max(grad.abs().max() for grad in grads_exact).item()
+    names = ['input'] + [name for name, _ in fused.named_parameters()]
+    for name, grad, grad_ref, grad_exact in zip(names, grads, grads_ref, grads_exact):
+        error = (grad.double() - grad_exact).abs().max().item()
+        error_ref = (grad_ref.double() - grad_exact).abs().max().item()
+        assert error <= 2 * error_ref + 1e-4 * scale, (name, error, error_ref, scale)
 
 
 def test_gpu_compiler_takes_every_launch(tmp_path):
