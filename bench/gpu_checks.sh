@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# The DIDA unit's GPU checks as one prepared script, for a lent GPU (about 8 minutes on an H200 by default):
+# The DIDA unit's GPU checks as one prepared script, for a lent GPU (on an H200, 2026-12-04, the default steps and
+# reduce_overhead took 9 minutes together):
 #   kernels          the Triton kernels' tests on the GPU (the real compiler and card, not the CPU interpreter CI uses)
 #   eager            training-step cost against the static twins, eager, the eager unit
 #   eager_triton     the same with the Triton kernels
@@ -8,6 +9,8 @@
 #   reduce_overhead, reduce_overhead_triton   torch.compile(mode='reduce-overhead') (CUDA graphs), not run by default
 #   parts, parts_triton   where dida_digitnet_compact's extra step time goes (bench_branch_parts.py), eager unit /
 #                         Triton kernels, each also with its 1x1s as batched matmuls, not run by default
+#   profile, profile_compiled   each step's kernel time, kernels and launches against the static twin
+#                    (bench_step_profile.py), eager / torch.compile default, not run by default
 #   inference        forward latency and ops of both models' inference forms (timm's reparameterize_model), eager,
 #                    not run by default
 # Each step's output is kept in OUTDIR/<step>.txt, also when a later step runs out of its time limit.
@@ -15,18 +18,22 @@
 #   bash bench/gpu_checks.sh OUTDIR                                   # the default steps
 #   bash bench/gpu_checks.sh OUTDIR reduce_overhead reduce_overhead_triton
 #   bash bench/gpu_checks.sh OUTDIR parts parts_triton inference
+#   bash bench/gpu_checks.sh OUTDIR profile profile_compiled
 set -uo pipefail
 out=${1:?usage: bash bench/gpu_checks.sh OUTDIR [STEP ...]}
 shift
 steps=("$@")
 [ ${#steps[@]} -eq 0 ] && steps=(kernels eager eager_triton compiled compiled_triton)
-# each timed step: its time limit and its options to bench_cost.py (parts*: to bench_branch_parts.py)
+# each timed step: its time limit and its options to bench_cost.py (parts*: to bench_branch_parts.py,
+# profile*: to bench_step_profile.py)
 declare -A limit=([eager]=90 [eager_triton]=90 [compiled]=200 [compiled_triton]=200 [reduce_overhead]=200
-                  [reduce_overhead_triton]=200 [parts]=90 [parts_triton]=120 [inference]=60)
+                  [reduce_overhead_triton]=200 [parts]=90 [parts_triton]=120 [inference]=60
+                  [profile]=60 [profile_compiled]=150)
 declare -A options=([eager]="" [eager_triton]="--triton" [compiled]="--compile default"
                     [compiled_triton]="--compile default --triton" [reduce_overhead]="--compile reduce-overhead"
                     [reduce_overhead_triton]="--compile reduce-overhead --triton" [parts]="" [parts_triton]="--triton"
-                    [inference]="--reparameterize")
+                    [inference]="--reparameterize"
+                    [profile]="" [profile_compiled]="--compile default")
 for name in "${steps[@]}"; do
     if [ "$name" != kernels ] && [ -z "${limit[$name]+set}" ]; then
         echo "unknown step: $name (see the list at the top of $0)" >&2
@@ -39,6 +46,7 @@ export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 python=${PYTHON:-python3}
 cost="$python bench/bench_cost.py --device cuda --depths 18 --train-depths 18 --reps 21 --models-only"
 parts="$python bench/bench_branch_parts.py --device cuda --reps 100"
+profile="$python bench/bench_step_profile.py --device cuda"
 # the kernel tests less the ahead-of-time compile test: on a GPU every kernel test compiles for the card itself
 kernel_tests=($python -m pytest -q -p no:cacheprovider tests/test_dida_triton.py -k "not gpu_compiler")
 
@@ -56,6 +64,8 @@ for name in "${steps[@]}"; do
         step kernels 150 "${kernel_tests[@]}"
     elif [[ $name == parts* ]]; then
         step "$name" "${limit[$name]}" $parts ${options[$name]}
+    elif [[ $name == profile* ]]; then
+        step "$name" "${limit[$name]}" $profile ${options[$name]}
     else
         step "$name" "${limit[$name]}" $cost ${options[$name]}
     fi

@@ -248,6 +248,10 @@ def test_folder_domains_are_the_sub_folders_and_must_be_chosen(tmp_path, capsys)
     ('bench/bench_cost.py', ['--triton'], '--triton'),  # on a CPU the kernels run in Triton's interpreter only
     ('bench/bench_cost.py', ['--branch-only', '--models-only'], '--branch-only'),
     ('bench/bench_cost.py', ['--device', 'cuda:99'], '--device'),
+    ('bench/bench_step_profile.py', ['--device', 'cpu', '--models', 'resnet18'], '--models'),
+    ('bench/bench_step_profile.py', ['--device', 'cpu', '--reps', '1'], '--reps'),
+    ('bench/bench_step_profile.py', ['--device', 'cpu', '--steps', '0'], '--steps'),
+    ('bench/bench_step_profile.py', ['--device', 'cuda:99'], '--device'),
     ('bench/bench_branch_parts.py', ['--reps', '2'], '--reps'),
     ('bench/bench_branch_parts.py', ['--batch-size', '1'], '--batch-size'),
     ('bench/bench_branch_parts.py', ['--device', 'cuda:99'], '--device'),

@@ -1,5 +1,5 @@
 """bench/bench_cost.py times equal work: the factored and loop branch steps give the same gradients;
-bench/bench_branch_parts.py times every part of a DIDA stage."""
+bench/bench_branch_parts.py times every part of a DIDA stage; bench/bench_step_profile.py times each pair's step."""
 import sys
 from pathlib import Path
 
@@ -10,6 +10,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / 'bench'))
 from bench_branch_parts import channels_first_conv, main as branch_parts_main, matmul_1x1s  # noqa: E402
 from bench_cost import branch_step_fn, count_top_level_ops, dynamic_conv_step_fn, ratio_with_spread  # noqa: E402
 from bench_cost import main as cost_main  # noqa: E402
+from bench_step_profile import main as step_profile_main  # noqa: E402
 
 from dida_timm.layers import DidaBranch, DidaModule, dida, dida_triton  # noqa: E402
 
@@ -90,6 +91,16 @@ def test_inference_forms_run_at_most_15_extra_ops_per_unit_on_the_gpu_forms(caps
     with pytest.raises(SystemExit):
         cost_main(['--ops-only', '--reparameterize', '--triton'])
     assert '--reparameterize: the inference forms run no Triton kernels' in capsys.readouterr().err
+
+
+def test_step_profile_times_each_chosen_pair_and_has_no_kernel_columns_on_a_cpu(capsys):
+    step_profile_main(['--device', 'cpu', '--reps', '2', '--steps', '1', '--models', 'dida_digitnet_compact'])
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith('| dida_')]
+    assert len(rows) == 1 and rows[0].startswith('| dida_digitnet_compact vs digitnet_compact | ')
+    cells = rows[0].strip('| ').split(' | ')
+    static_ms, dida_ms = (float(v) for v in cells[1].split(' / '))
+    assert static_ms > 0 and dida_ms > 0 and cells[2].startswith(f'{dida_ms / static_ms:.3f} [')
+    assert cells[3:] == ['-'] * 5  # no device kernels to count on a CPU
 
 
 def test_branch_parts_times_each_part_of_every_dida_stage(capsys):
