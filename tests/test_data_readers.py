@@ -279,6 +279,21 @@ def test_a_flat_folder_of_images_as_a_labelled_domain_is_refused_for_its_missing
             create_domain_datasets('folder', tmp_path, ['a'], 'train', classes=classes)
 
 
+def test_images_beside_the_class_folders_of_a_labelled_domain_are_refused_by_name(tmp_path):
+    _domain(tmp_path / 'a', ['cat', 'dog'])
+    for name in ('b.png', 'c.JPG', 'd.png', 'e.png'):
+        _image(tmp_path / 'a' / name)
+    (tmp_path / 'a' / 'notes.txt').write_text('not an image')  # other files there are not images to lose
+    _image(tmp_path / 'a' / '.thumb.png')  # nor are hidden files
+    with pytest.raises(ValueError, match=r"domain 'a' at .*a has 4 images beside its class folders, in no class "
+                                         r"\('b.png', 'c.JPG', 'd.png' and 1 more\): move each into"):
+        create_domain_datasets('folder', tmp_path, ['a'], 'train')
+    for name in ('b.png', 'c.JPG', 'd.png', 'e.png'):
+        (tmp_path / 'a' / name).unlink()
+    a, = create_domain_datasets('folder', tmp_path, ['a'], 'train')
+    assert len(a) == 4
+
+
 def test_a_class_spelled_in_another_unicode_normalisation_is_named_as_such(tmp_path):
     _domain(tmp_path / 'a', ['caf\u00e9', 'tea'])  # composed, as Linux tools write it
     _domain(tmp_path / 'b', ['cafe\u0301', 'tea'])  # decomposed, as copied from macOS

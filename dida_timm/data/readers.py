@@ -96,6 +96,11 @@ def read_class_folders(
     found = _class_dirs(root)
     if not found:  # a flat folder of images, say, which would be reported as empty or lacking every class
         raise ValueError(f'domain {domain!r} at {root} has no class folders: labelled images go in {root}/<class>/')
+    loose = sorted(p.name for p in root.iterdir() if _is_image(p) and not p.is_dir() and not p.name.startswith('.'))
+    if loose:  # no class folder gives them a label, and leaving them out unseen would train on part of the domain
+        shown = ', '.join(ascii(n) for n in loose[:3]) + (f' and {len(loose) - 3} more' if len(loose) > 3 else '')
+        raise ValueError(f'domain {domain!r} at {root} has {len(loose)} images beside its class folders, in no class '
+                         f'({shown}): move each into {root}/<class>/, or out of the domain folder')
     classes = list(classes) if classes is not None else sorted(found)
     unknown = sorted(set(found) - set(classes))
     if unknown:
