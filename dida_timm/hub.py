@@ -384,8 +384,10 @@ def export_runs(run_dirs: Sequence[Path], out_dir: Path, repo_name: str, license
     for r in runs[1:]:
         differing = [k for k in keys if r[k] != runs[0][k]]
         # the network and preprocessing the same options built: other ones when --model names a Hub repo or folder
-        # that changed between the runs (both recorded only by newer versions)
-        differing += [k for k in ('model_args', 'test_data_config') if k in r and k in runs[0] and r[k] != runs[0][k]]
+        # that changed between the runs; the images read, other ones when --data-dir (free to move between seeds)
+        # named other data (all recorded only by newer versions)
+        differing += [k for k in ('model_args', 'test_data_config', 'data_images')
+                      if k in r and k in runs[0] and r[k] != runs[0][k]]
         # seeds of one setting may differ in the seed, and in what a resumed run may change
         differing += differing_options(runs[0]['args'], r['args'], RESUMABLE_CHANGES | {'seed'})
         if differing:

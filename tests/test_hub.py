@@ -507,13 +507,19 @@ def test_published_tag_preprocesses_images_as_its_config_json_says(name):
         assert resolved[key] == (tuple(exported[key]) if isinstance(exported[key], list) else exported[key]), key
 
 
-def test_export_refuses_seeds_whose_network_or_preprocessing_differ(trained_run, tmp_path):
-    # same options, but --model named a Hub repo or folder that changed between the runs
+def test_export_refuses_seeds_whose_network_preprocessing_or_data_differ(trained_run, tmp_path):
+    # same options, but --model named a Hub repo or folder that changed between the runs, or --data-dir (which
+    # seeds may move) other images
     other = tmp_path / 'other'
     shutil.copytree(trained_run, other)
     results = json.loads((other / 'results.json').read_text())
+    train_images = results['data_images']['train']
+    assert sorted(train_images) == sorted(results['sources'] + [results['target']]) and min(train_images.values()) > 0
+    source = results['sources'][0]
     for key, value in (('model_args', dict(results['model_args'], dida_reduction=4)),
-                       ('test_data_config', dict(results['test_data_config'], mean=[0.485, 0.456, 0.406]))):
+                       ('test_data_config', dict(results['test_data_config'], mean=[0.485, 0.456, 0.406])),
+                       ('data_images', dict(results['data_images'],
+                                            train=dict(train_images, **{source: train_images[source] + 1})))):
         (other / 'results.json').write_text(json.dumps(dict(results, seed=1, **{key: value})))
         with pytest.raises(ValueError, match=rf"differs from .* in \['{key}'\]: not seeds of one setting"):
             export_runs([trained_run, other], tmp_path / 'repo', 'dida-timm/x')

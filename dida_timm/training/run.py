@@ -158,6 +158,9 @@ class Run:
             for ds in datasets:
                 _warn_of_skipped_files(ds, split)
         self.test_sets = {d.domain: d for d in test_sets}
+        # what was read, by domain: runs of other data under one --data-dir name are told apart by it (hub export)
+        self.data_images = dict(train={d.domain: len(d) for d in sources + [target]},
+                                test={d.domain: len(d) for d in test_sets})
         self.target_test = self.test_sets.get(self.target_name)
         self.transductive = _shares_images(target, self.target_test, a.target_train_split == a.target_test_split)
         # held-out slices for the label-free scores: never trained on, fixed by the seed
@@ -432,7 +435,8 @@ class Run:
         results = dict(
             model=a.model, architecture=self.model.pretrained_cfg['architecture'], method=a.method,
             dataset=a.dataset, sources=a.source, target=self.target_name, target_dir=a.target_dir or None,
-            target_labelled=target is not None, classes=self.classes, seed=a.seed, epochs=a.epochs,
+            target_labelled=target is not None, classes=self.classes, data_images=self.data_images, seed=a.seed,
+            epochs=a.epochs,
             source_only_epochs=a.source_only_epochs,
             transductive=self.transductive,
             target_accuracy=target['accuracy'] if target else None,
