@@ -284,9 +284,39 @@ class DigitNet(nn.Module):
         return self.forward_head(self.forward_features(x))
 
 
+def _checkpoint_filter_fn(state_dict: Dict[str, torch.Tensor], model: DigitNet) -> Dict[str, torch.Tensor]:
+    """`static_twin_filter_fn`, and for a model built with `global_pool=''` (no pooling, no hidden layers) the
+    checkpoint's pooled head left out: its hidden layers have no place in the model, and its classifier, which reads
+    their output, none either (a new class count gets a new per-location classifier, as timm gives any model).
+
+    Raises:
+        RuntimeError: where the checkpoint's head cannot serve the model's: its classifier for the same class count
+            without hidden layers, or hidden layers fed by another pooling.
+    """
+    state_dict = state_dict.get('state_dict', state_dict)
+    if model.head.pool_type:
+        model_state = model.state_dict()
+        resized = [k for k, v in state_dict.items()
+                   if k.startswith('head.pre_logits.') and k in model_state and v.shape != model_state[k].shape]
+        if resized:
+            raise RuntimeError(
+                f"global_pool={model.head.pool_type!r} gives the head's hidden layers other inputs than the "
+                f"checkpoint's ({resized[0]}: {tuple(state_dict[resized[0]].shape)} in the checkpoint, "
+                f"{tuple(model_state[resized[0]].shape)} here): keep the checkpoint's global_pool, or pass "
+                "global_pool='' and num_classes=0 for the feature map")
+        return static_twin_filter_fn(state_dict, model)
+    classifier = state_dict.get('head.fc.weight')
+    if model.num_classes and classifier is not None and classifier.shape[0] == model.num_classes:
+        raise RuntimeError(
+            f"global_pool='' builds a head without the checkpoint's hidden layers, so its {model.num_classes}-class "
+            "classifier, which reads them, cannot be loaded: pass num_classes=0 for the feature map, or another "
+            "num_classes for a new per-location classifier")
+    return static_twin_filter_fn({k: v for k, v in state_dict.items() if not k.startswith('head.')}, model)
+
+
 def _create_digitnet(variant: str, pretrained: bool = False, **kwargs) -> DigitNet:
     return build_model_with_cfg(
-        DigitNet, variant, pretrained, pretrained_filter_fn=static_twin_filter_fn,
+        DigitNet, variant, pretrained, pretrained_filter_fn=_checkpoint_filter_fn,
         feature_cfg=dict(out_indices=(0, 1, 2)), **kwargs)
 
 
