@@ -499,6 +499,15 @@ def test_every_shipped_checkpoint_from_before_adaptation_says_so():
 
 
 @pytest.mark.parametrize('name', PUBLISHED)
+def test_published_card_names_the_model_arguments_its_config_json_builds_with(name):
+    from dida_timm.models._published import published_folder
+    folder = published_folder(name)
+    model_args = json.loads((folder / 'config.json').read_text())['model_args']
+    line, = [t for t in (folder / 'README.md').read_text().splitlines() if 'model arguments' in t]
+    assert json.loads(line.split('model arguments ', 1)[1].split(' (', 1)[0]) == model_args
+
+
+@pytest.mark.parametrize('name', PUBLISHED)
 def test_published_tag_preprocesses_images_as_its_config_json_says(name):
     from dida_timm.models._published import published_folder
     exported = json.loads((published_folder(name) / 'config.json').read_text())['pretrained_cfg']
