@@ -168,6 +168,23 @@ def test_ema_after_two_epochs_equals_a_hand_rolled_ema_of_every_update():
         torch.testing.assert_close(got, want)
 
 
+def test_an_epoch_reports_the_scheduled_learning_rate_of_its_last_update():
+    from timm.scheduler import StepLRScheduler
+    from dida_timm.training import train_one_epoch
+    net = nn.Linear(3, 2)
+    # the first group scaled, as layer decay and --lr-mult groups are: the schedule's value is reported, once
+    optimizer = torch.optim.SGD([dict(params=[net.weight], lr_scale=0.1), dict(params=[net.bias])], lr=1.0)
+    scheduler = StepLRScheduler(optimizer, decay_t=2, decay_rate=0.5, t_in_epochs=False)
+    scheduler.step_update(0)
+    batches = [(torch.randn(4, 3), torch.randint(0, 2, (4,))) for _ in range(3)]
+    # updates 0, 1 at lr 1.0, update 2 at 0.5; after it the scheduler has moved on to update 3's 0.5
+    metrics = train_one_epoch(MultiViewModel(net), UdaConfig(method='source_only'), batches, None, optimizer, scheduler)
+    assert metrics['lr'] == 0.5
+    metrics = train_one_epoch(MultiViewModel(net), UdaConfig(method='source_only'), batches[:1], None, optimizer,
+                              scheduler, update_offset=3)
+    assert metrics['lr'] == 0.5 and optimizer.param_groups[1]['lr'] == 0.25  # update 3 used 0.5; 4 will use 0.25
+
+
 def test_an_epoch_that_keeps_no_pseudo_label_reports_no_pseudo_label_accuracy_in_strict_json():
     from dida_timm.training import train_one_epoch
     torch.manual_seed(0)

@@ -52,7 +52,8 @@ def train_one_epoch(
         world_size: int = 1,
         progress: Optional[Callable[[Dict[str, float]], None]] = None,
 ) -> Dict[str, Optional[float]]:
-    """Train `model` (a MultiViewModel, maybe DDP-wrapped) for one epoch; returns averaged metrics.
+    """Train `model` (a MultiViewModel, maybe DDP-wrapped) for one epoch; returns averaged metrics, and `lr`, the
+    scheduled learning rate of the epoch's last update.
 
     `epoch` (0-based) names the epoch in messages; the scheduler is stepped to `update_offset + step + 1`.
     The EMA is told the run's global update count, `ema_update_offset + step` (default `update_offset`): timm's
@@ -99,6 +100,10 @@ def train_one_epoch(
         if ema is not None:
             ema.update(model.module.model if hasattr(model, 'module') else model.model,
                        step=ema_update_offset + step)
+        # the learning rate this update used, as the schedule gives it (before a group's lr_scale and before the
+        # scheduler moves it on to the next update)
+        group = optimizer.param_groups[0]
+        lr = group['lr'] / group.get('lr_scale', 1.0)
         if scheduler is not None:
             scheduler.step_update(num_updates=update_offset + step + 1)
         for key, value in out.items():
@@ -119,6 +124,8 @@ def train_one_epoch(
     totals = dict(zip(_KEYS + ['steps'], metrics.tolist()))
     n = max(totals['steps'], 1)
     result = {k: totals[k] / n for k in ('loss', 'source_loss', 'unlabelled_loss', 'keep_rate') if k in sums}
+    if steps:
+        result['lr'] = lr
     if 'pseudo_kept' in sums:
         # undefined, not zero, when no pseudo-label was kept; None is what JSON and the CSV can carry
         result['pseudo_accuracy'] = (totals['pseudo_correct'] / totals['pseudo_kept'] if totals['pseudo_kept'] > 0

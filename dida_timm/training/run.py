@@ -345,7 +345,7 @@ class Run:
                 if bar:
                     bar.close()
                 row = self.epoch_row(epoch + 1, phase)
-                row.update(lr=optimizer.param_groups[0]['lr'], epoch_seconds=time.time() - start, **metrics)
+                row.update(epoch_seconds=time.time() - start, **metrics)
                 self.history.append(row)
                 _logger.info(' '.join(f'{k}={v:.4f}' if isinstance(v, float) else f'{k}={v}' for k, v in row.items()))
                 if self.is_main:
