@@ -20,25 +20,26 @@ the wall times are printed.
 """
 import argparse
 import statistics
-from typing import Dict, List, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Tuple
 
 import timm
 import torch
 from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile
 
-from bench_cost import enable_triton_kernels, model_pairs, paired_times, ratio_with_spread, train_step_fn
+from bench_cost import RESNET_DEPTHS, enable_triton_kernels, model_pairs, paired_times, ratio_with_spread, train_step_fn
 from dida_timm.arguments import at_least, check_options, usable_device
 from dida_timm.training.run import describe_hardware
 
+
 def known_models(names: List[str]) -> Optional[str]:
     """The `--models` check: each is a DIDA model of bench_cost.py's table."""
-    table = {pair[0] for pair in model_pairs([18, 34, 50, 101, 152])}
+    table = {pair[0] for pair in model_pairs(list(RESNET_DEPTHS))}
     unknown = [n for n in names if n not in table]
     return f'{unknown} not among {sorted(table)}' if unknown else None
 
 
-def step_profile(step, steps: int) -> Tuple[Dict[str, float], Dict[str, float]]:
+def step_profile(step: Callable[[], None], steps: int) -> Tuple[Dict[str, float], Dict[str, float]]:
     """Per-step counts (kernels, launches, copies) and device microseconds per kernel name over `steps` steps."""
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
     with profile(activities=activities) as prof:
@@ -84,7 +85,7 @@ def main(argv: Optional[List[str]] = None) -> None:
     print('|---|---|---|---|---|---|---|---|')
     warmup = 3 if args.compile else 1
     extra_kernels = []
-    for dida_name, static_name, img_size, batch in model_pairs([18, 34, 50, 101, 152]):
+    for dida_name, static_name, img_size, batch in model_pairs(list(RESNET_DEPTHS)):
         if dida_name not in args.models:
             continue
         torch.manual_seed(0)
