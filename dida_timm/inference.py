@@ -124,8 +124,20 @@ def load_model(spec: str, device: str = 'cpu', allow_pickle: bool = False, **kwa
 
 
 def label_names(model: torch.nn.Module) -> List[str]:
+    """The name of each class index: the config's `label_names`, a list or timm's id -> name map, else the index.
+
+    Raises:
+        ValueError: when the names do not name each of the model's classes once.
+    """
     names = model.pretrained_cfg.get('label_names')
-    return [str(n) for n in names] if names else [str(i) for i in range(model.num_classes)]
+    if not names:
+        return [str(i) for i in range(model.num_classes)]
+    if isinstance(names, dict):
+        names = [names.get(str(i), names.get(i)) for i in range(len(names))]
+    if len(names) != model.num_classes or any(n is None for n in names):
+        raise ValueError(f"the model's label_names {list(names)[:5]}... do not name its {model.num_classes} classes "
+                         'each once (a list in class order, or ids 0 to num_classes - 1)')
+    return [str(n) for n in names]
 
 
 class _ReadOrReason(Dataset):

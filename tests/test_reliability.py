@@ -126,12 +126,25 @@ def test_malicious_pickles_are_refused(tmp_path):
     (dict(pretrained_cfg={'file': '/somewhere/else.pth'}), 'pretrained_cfg.file'),
     (dict(pretrained_cfg={'custom_load': True}), 'pretrained_cfg.custom_load'),
     (dict(label_names=[1, 2]), 'label_names'),
+    (dict(label_names=[str(i) for i in range(9)]), 'label_names'),  # 9 names for 10 classes
+    (dict(label_names={str(i + 1): str(i) for i in range(10)}), 'label_names'),  # ids 1 to 10, not 0 to 9
 ])
 def test_hub_config_values_are_validated_before_use(change, field):
     config = dict(architecture='dida_digitnet_compact', num_classes=10, model_args={}, pretrained_cfg={})
     validate_hub_config(config, 'ok')
+    validate_hub_config(dict(config, label_names={str(i): f'class {i}' for i in range(10)}), 'ok')
     with pytest.raises(ValueError, match=f"field '{field}'"):
         validate_hub_config(dict(config, **change), 'hf-hub:org/evil')
+
+
+def test_label_names_given_as_an_id_to_name_map_name_each_class_by_its_id():
+    from dida_timm.inference import label_names
+    model = timm.create_model('dida_digitnet_compact', num_classes=3)
+    model.pretrained_cfg = dict(model.pretrained_cfg, label_names={'2': 'two', '0': 'zero', '1': 'one'})
+    assert label_names(model) == ['zero', 'one', 'two']
+    model.pretrained_cfg = dict(model.pretrained_cfg, label_names=['zero', 'one'])
+    with pytest.raises(ValueError, match="label_names .* do not name its 3 classes"):
+        label_names(model)
 
 
 def test_bad_images_are_handled_or_named(tmp_path):

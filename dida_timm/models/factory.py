@@ -81,9 +81,15 @@ def validate_hub_config(config: Dict, where: str) -> None:
     if pretrained_cfg.get('custom_load'):
         bad('pretrained_cfg.custom_load', 'must be false: only plain state dicts are loaded')
     labels = config.get('label_names', [])
-    labels = list(labels.values()) if isinstance(labels, dict) else labels
+    if isinstance(labels, dict):  # timm's other form, {"0": name, ...}: every class id once, no other key
+        if sorted(labels) != sorted(str(i) for i in range(len(labels))):
+            bad('label_names', f'maps ids {sorted(labels)[:5]}...: an id -> name map needs the ids "0" to '
+                               f'"{len(labels) - 1}", each once')
+        labels = list(labels.values())
     if not isinstance(labels, list) or not all(isinstance(n, str) and len(n) <= 256 for n in labels):
         bad('label_names', 'must be a list of strings (or an id -> string map)')
+    if labels and num_classes and len(labels) != num_classes:
+        bad('label_names', f'names {len(labels)} classes, but num_classes is {num_classes}')
 
 
 def _source(spec: str) -> Tuple[Optional[str], str]:
