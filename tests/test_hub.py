@@ -213,6 +213,46 @@ def test_the_cards_evaluation_split_is_the_labelled_folder_a_target_eval_dir_run
     assert 'split: labelled folder labelled-photos' in card and '/srv/someone' not in card
 
 
+def test_the_card_of_a_target_dir_run_calls_its_target_a_folder_not_a_domain_of_the_dataset(trained_run, tmp_path):
+    run = tmp_path / 'run'
+    shutil.copytree(trained_run, run)
+    results = json.loads((run / 'results.json').read_text())
+    target = results['target']
+    args = yaml.safe_load((run / 'args.yaml').read_text())
+    plain = (export_runs([run], tmp_path / 'plain', 'dida-timm/x') / 'README.md').read_text()
+    assert f'the **{target}** domain of `offline_digits`' in plain and 'type: offline_digits' in plain
+    # the same results as a run that adapted to a folder named like a PACS domain, with a labelled eval folder
+    accuracy = {d: a for d, a in results['per_domain_accuracy'].items() if d != target}
+    accuracy['sketch'] = results['per_domain_accuracy'][target]
+    results = dict(results, dataset='pacs', target='sketch', target_dir='/srv/someone/sketch',
+                   per_domain_accuracy=accuracy)
+    (run / 'results.json').write_text(json.dumps(results))
+    (run / 'args.yaml').write_text(yaml.safe_dump(dict(args, target_dir='/srv/someone/sketch',
+                                                       target_eval_dir='/srv/someone/labelled')))
+    card = (export_runs([run], tmp_path / 'repo', 'dida-timm/x') / 'README.md').read_text()
+    assert 'domain of `pacs`' not in card and 'the unlabelled folder `sketch`' in card
+    assert '- target (unlabelled during training): the folder `sketch` (--target-dir)' in card
+    assert '- transductive: no, the labelled evaluation folder shares no image with the folder trained on' in card
+    assert 'type: sketch' in card and 'DIDA-Net paper' not in card  # PACS's sketch number is not this target's
+    assert 'None: the target is a folder of images (`sketch`), not a domain the paper evaluated.' in card
+    # no labelled folder: nothing evaluated on the target, so nothing to call transductive or not
+    results = dict(results, target_accuracy=None, target_per_class_accuracy=None,
+                   per_domain_accuracy={d: a for d, a in accuracy.items() if d != 'sketch'})
+    (run / 'results.json').write_text(json.dumps(results))
+    card = (export_runs([run], tmp_path / 'unlabelled', 'dida-timm/x') / 'README.md').read_text()
+    assert '- transductive: not applicable, no labelled target images were evaluated' in card
+
+
+def test_the_model_index_gives_the_accuracy_of_the_weights_shipped_not_the_seeds_mean(trained_run, tmp_path):
+    other = tmp_path / 'other'
+    shutil.copytree(trained_run, other)
+    results = json.loads((other / 'results.json').read_text())
+    shipped = json.loads((trained_run / 'results.json').read_text())['target_accuracy']
+    (other / 'results.json').write_text(json.dumps(dict(results, seed=1, target_accuracy=shipped + 10)))
+    card = (export_runs([trained_run, other], tmp_path / 'repo', 'dida-timm/x') / 'README.md').read_text()
+    assert f'value: {round(shipped, 2)}' in card
+
+
 def test_the_cards_recipe_names_the_warm_up_ema_mixstyle_and_unlabelled_weight_a_run_used(trained_run, tmp_path):
     run = tmp_path / 'run'
     shutil.copytree(trained_run, run)
