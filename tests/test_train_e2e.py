@@ -1,6 +1,7 @@
 """End-to-end runs of train/train.py on small offline data: adaptation helps, resume is exact, DDP works."""
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -308,6 +309,31 @@ def _flat_unlabelled_folder(folder: Path, data_dir: Path, domain: str, count: in
 
 
 @pytest.mark.slow
+def test_a_target_folder_inside_a_labelled_source_domain_is_refused_before_training(tmp_path):
+    from PIL import Image
+    root = tmp_path / 'data'
+    for domain in ('A', 'B', 'C'):
+        for label in ('0', '1'):
+            for i in range(3):
+                (root / domain / label).mkdir(parents=True, exist_ok=True)
+                Image.new('RGB', (8, 8), (40 * i, 0, 0)).save(root / domain / label / f'{domain}{label}{i}.png')
+    unlabelled = tmp_path / 'C_photos'
+    unlabelled.mkdir()
+    Image.new('RGB', (8, 8)).save(unlabelled / 'x.png')
+    common = ['--dataset', 'folder', '--source-only-epochs', '1', '--epochs', '1', '--batch-size', '2']
+    # the labelled evaluation folder is domain C, which every domain of --data-dir being a source makes a source
+    result = _train(common + ['--target-dir', str(unlabelled), '--target-eval-dir', str(root / 'C')], tmp_path,
+                    root, check=False, tiny=['--no-progress'])
+    assert result.returncode == 2 and 'Traceback' not in result.stderr
+    assert re.search(r"--target-eval-dir: .*C0\d\.png is also an image of the labelled source domain 'C'",
+                     result.stderr), result.stderr
+    # the unlabelled target itself inside source B (through a link, as it may be)
+    (tmp_path / 'B_link').symlink_to(root / 'B' / '1')
+    result = _train(common + ['--target-dir', str(tmp_path / 'B_link'), '--source', 'A', 'B'], tmp_path, root,
+                    check=False, tiny=['--no-progress'])
+    assert result.returncode == 2 and "--target-dir: " in result.stderr and "source domain 'B'" in result.stderr
+
+
 def test_a_flat_folder_of_unlabelled_images_trains_exports_and_predicts_without_labels(tmp_path, data_dir):
     from dida_timm.hub import export_runs
     target = tmp_path / 'new_domain'

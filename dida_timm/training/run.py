@@ -20,7 +20,7 @@ import traceback
 from dataclasses import asdict
 from functools import partial
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import List, Optional, Sequence, Tuple
 
 import numpy as np
 import safetensors.torch
@@ -154,6 +154,15 @@ class Run:
                                                 allow_missing_classes=True))
         elif not a.target_dir:
             test_sets += read([a.target], a.target_test_split, classes=self.classes)
+        if a.target_dir:  # folders of the user's own: either may lie inside a labelled source domain
+            folders = {'--target-dir': target, '--target-eval-dir': test_sets[-1] if a.target_eval_dir else None}
+            for option, folder in folders.items():
+                shared = _source_image_in(sources, folder)
+                if shared:
+                    raise RunError(
+                        f'{option}: {shared[1]} is also an image of the labelled source domain {shared[0]!r}: the '
+                        f'run would train with the labels of its target images; leave {shared[0]!r} out of --source '
+                        'or keep the folder out of the source domains')
         for split, datasets in (('train', sources + ([] if a.target_dir else [target])), ('test', test_sets)):
             for ds in datasets:
                 _warn_of_skipped_files(ds, split)
@@ -494,6 +503,20 @@ def _warn_of_skipped_files(dataset: Dataset, split: str) -> None:
         suffixes = sorted({p.suffix.lower() or '(none)' for p in skipped})
         _logger.warning(f'domain {dataset.domain} ({split}): {len(skipped)} files left out, not having an image '
                         f'extension ({" ".join(sorted(get_img_extensions()))}): suffixes {suffixes}, e.g. {skipped[0]}')
+
+
+def _source_image_in(sources: List[Dataset], folder: Optional[Dataset]) -> Optional[Tuple[str, Path]]:
+    """(domain, path) of a source image that is also an image of `folder` (compared as resolved files, those with a
+    name the folder has only, so that large sources are not resolved file by file), else None."""
+    if not isinstance(folder, FileDomainDataset):
+        return None
+    names, files = {p.name for p in folder.paths}, {p.resolve() for p in folder.paths}
+    for source in sources:
+        if isinstance(source, FileDomainDataset):
+            shared = next((p for p in source.paths if p.name in names and p.resolve() in files), None)
+            if shared is not None:
+                return source.domain, shared
+    return None
 
 
 def _shares_images(train: Dataset, test: Optional[Dataset], same_split: bool) -> bool:
