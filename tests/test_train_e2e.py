@@ -308,7 +308,6 @@ def _flat_unlabelled_folder(folder: Path, data_dir: Path, domain: str, count: in
     (folder / 'broken.png').write_bytes(b'\x89PNG\r\n\x1a\n garbage')
 
 
-@pytest.mark.slow
 def test_a_target_folder_inside_a_labelled_source_domain_is_refused_before_training(tmp_path):
     from PIL import Image
     root = tmp_path / 'data'
@@ -334,6 +333,27 @@ def test_a_target_folder_inside_a_labelled_source_domain_is_refused_before_train
     assert result.returncode == 2 and "--target-dir: " in result.stderr and "source domain 'B'" in result.stderr
 
 
+@pytest.mark.slow
+def test_an_unreadable_image_of_the_evaluation_folder_is_left_out_with_a_warning_before_training(tmp_path, data_dir):
+    from dida_timm.data import create_domain_datasets
+    target = tmp_path / 'new_domain'
+    _flat_unlabelled_folder(target, data_dir, 'mnistm_style', 40)
+    ds, = create_domain_datasets('offline_digits', data_dir, ['mnistm_style'], 'test', train_size=320, test_size=200)
+    evaluation = tmp_path / 'labelled'
+    for i in range(30):
+        (evaluation / ds.classes[ds.targets[i]]).mkdir(parents=True, exist_ok=True)
+        ds.load(i).save(evaluation / ds.classes[ds.targets[i]] / f'{i}.png')
+    (evaluation / ds.classes[0] / 'broken.png').write_bytes(b'\x89PNG\r\n\x1a\n garbage')
+    _train(['--source', 'mnist', '--target-dir', str(target), '--target-eval-dir', str(evaluation),
+            '--source-only-epochs', '1', '--epochs', '1', '--experiment', 'eval'], tmp_path, data_dir)
+    log = (tmp_path / 'eval' / 'log.txt').read_text()
+    assert 'skipping unreadable evaluation image' in log and 'broken.png' in log
+    assert '1 unreadable images left out, target accuracy is measured on the other 30' in log
+    results = json.loads((tmp_path / 'eval' / 'results.json').read_text())
+    assert results['data_images']['test']['new_domain'] == 30 and results['target_accuracy'] is not None
+
+
+@pytest.mark.slow
 def test_a_flat_folder_of_unlabelled_images_trains_exports_and_predicts_without_labels(tmp_path, data_dir):
     from dida_timm.hub import export_runs
     target = tmp_path / 'new_domain'

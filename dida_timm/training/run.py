@@ -150,8 +150,20 @@ class Run:
             target, = read([a.target], a.target_train_split, classes=self.classes)
         test_sets = read(a.source, a.target_test_split, classes=self.classes)
         if a.target_eval_dir:
-            test_sets.append(read_class_folders(a.target_eval_dir, self.target_name, self.classes,
-                                                allow_missing_classes=True))
+            evaluated = read_class_folders(a.target_eval_dir, self.target_name, self.classes,
+                                           allow_missing_classes=True)
+            # checked now, as the target folder is: a broken image would otherwise end the run at its first
+            # evaluation, an epoch later
+            evaluated, unreadable = evaluated.without_unreadable()
+            for path, why in unreadable:
+                _logger.warning(f'skipping unreadable evaluation image {path}: {why}')
+            if unreadable and not len(evaluated):
+                raise RunError(f'--target-eval-dir {a.target_eval_dir}: none of its {len(unreadable)} images can be '
+                               f'read ({unreadable[0][0]}: {unreadable[0][1]})')
+            if unreadable:
+                _logger.warning(f'--target-eval-dir {a.target_eval_dir}: {len(unreadable)} unreadable images left '
+                                f'out, target accuracy is measured on the other {len(evaluated)}')
+            test_sets.append(evaluated)
         elif not a.target_dir:
             test_sets += read([a.target], a.target_test_split, classes=self.classes)
         if a.target_dir:  # folders of the user's own: either may lie inside a labelled source domain
