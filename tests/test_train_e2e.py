@@ -308,7 +308,7 @@ def _flat_unlabelled_folder(folder: Path, data_dir: Path, domain: str, count: in
     (folder / 'broken.png').write_bytes(b'\x89PNG\r\n\x1a\n garbage')
 
 
-def test_a_target_folder_inside_a_labelled_source_domain_is_refused_before_training(tmp_path):
+def test_a_target_folder_inside_a_source_domain_or_a_single_class_is_refused_before_training(tmp_path):
     from PIL import Image
     root = tmp_path / 'data'
     for domain in ('A', 'B', 'C'):
@@ -331,6 +331,11 @@ def test_a_target_folder_inside_a_labelled_source_domain_is_refused_before_train
     result = _train(common + ['--target-dir', str(tmp_path / 'B_link'), '--source', 'A', 'B'], tmp_path, root,
                     check=False, tiny=['--no-progress'])
     assert result.returncode == 2 and "--target-dir: " in result.stderr and "source domain 'B'" in result.stderr
+    # one class: its softmax is always 1, so every accuracy would read 100%
+    for domain in ('A', 'B', 'C'):
+        shutil.rmtree(root / domain / '1')
+    result = _train(common + ['--target-dir', str(unlabelled)], tmp_path, root, check=False, tiny=['--no-progress'])
+    assert result.returncode == 2 and "have one class, ['0']: a classifier needs two or more" in result.stderr
 
 
 @pytest.mark.slow

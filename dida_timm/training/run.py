@@ -139,6 +139,9 @@ class Run:
             self.target_name = a.target
         sources = read(a.source, a.source_split)
         self.classes = sources[0].classes
+        if len(self.classes) < 2:  # one softmax output is always 1: every accuracy and estimate would read 100%
+            raise RunError(f'the source domains {a.source} of --data-dir {a.data_dir} have one class, '
+                           f'{self.classes}: a classifier needs two or more')
         if a.target_dir:
             target = read_unlabelled_folder(a.target_dir, self.target_name, self.classes)
             target, unreadable = target.without_unreadable()
