@@ -178,9 +178,9 @@ def predict_images(
     the others are predicted. `progress` (default: when stderr is a terminal) shows a bar. When `probabilities`
     is a list, each batch's full softmax output is appended to it (for the label-free check).
     """
-    # the evaluation transform of training: resize to the input size, no centre crop
-    config = dict(timm.data.resolve_data_config({}, model=model), crop_pct=1.0, crop_mode='squash')
-    transform = timm.data.create_transform(**config)
+    # the model's own preprocessing: an export records the evaluation transform of its training run (resize to the
+    # input size, no centre crop), any other timm model keeps its crop
+    transform = timm.data.create_transform(**timm.data.resolve_data_config({}, model=model))
     names = label_names(model)
     dataset = read_unlabelled_folder(folder, Path(folder).name, names, transform)
     device = next(model.parameters()).device

@@ -396,6 +396,23 @@ def test_published_checkpoint_matches_its_card(name, tmp_path_factory):
     assert abs(measured - claimed) <= 0.5, f'{name}: card says {claimed}, measured {measured:.2f}'
 
 
+def test_prediction_preprocesses_as_the_models_own_config_says(tmp_path):
+    from PIL import Image
+    from dida_timm.inference import predict_images
+    for i in range(3):  # wide images: a centre crop and a squash see different pixels
+        pixels = np.random.default_rng(i).integers(0, 256, (20, 64, 3), dtype=np.uint8)
+        Image.fromarray(pixels).save(tmp_path / f'{i}.png')
+    for crop in (dict(crop_pct=0.5, crop_mode='center'), dict(crop_pct=1.0, crop_mode='squash')):
+        torch.manual_seed(0)
+        model = timm.create_model('digitnet_compact', num_classes=3, pretrained_cfg_overlay=crop).eval()
+        transform = timm.data.create_transform(**timm.data.resolve_data_config({}, model=model))
+        probabilities = []
+        rows = list(predict_images(model, tmp_path, probabilities=probabilities))
+        with torch.no_grad():
+            expected = model(torch.stack([transform(Image.open(r['image']).convert('RGB')) for r in rows]))
+        torch.testing.assert_close(torch.cat(probabilities), expected.softmax(-1))
+
+
 def test_prediction_skips_unreadable_files_and_lists_them_with_the_reason(tmp_path, capsys):
     images = tmp_path / 'new_domain'
     (images / 'a' / 'b').mkdir(parents=True)
