@@ -29,6 +29,8 @@ def main(argv=None) -> int:
                              'else DATASET_TARGET lower-cased, other characters as underscores)')
     args = parser.parse_args(argv)
     check_options(parser, args, [('runs', distinct), ('repo_name', hub_repo_id)])
+    if args.out.exists() and not args.out.is_dir():
+        parser.error(f'--out: {args.out} is a file; give the repo folder to write')
     try:
         out = export_runs(args.runs, args.out, args.repo_name, args.license, tag=args.tag)
     except (FileNotFoundError, ValueError, RuntimeError) as e:

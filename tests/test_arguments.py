@@ -270,6 +270,7 @@ def test_folder_domains_are_the_sub_folders_and_must_be_chosen(tmp_path, capsys)
     ('bench/bench_unit_versions.py', ['--rev', 'HEAD', '--device', 'cuda:99'], '--device'),
     ('hub/export.py', ['run', 'run', '--out', 'x', '--repo-name', 'org/name'], 'runs'),
     ('hub/export.py', ['run', '--out', 'x', '--repo-name', 'no-org'], '--repo-name'),
+    ('hub/export.py', ['run', '--out', 'README.md', '--repo-name', 'org/name'], '--out'),  # a file, not a folder
     ('hub/push.py', ['folder', '--repo-id', 'a/b/c'], '--repo-id'),
 ])
 def test_bench_and_hub_commands_refuse_what_makes_no_sense(script, argv, option, monkeypatch, capsys):

@@ -134,7 +134,8 @@ class Run:
         read = partial(create_domain_datasets, a.dataset, a.data_dir, **extra)
         if a.target_dir:
             self.target_name = Path(a.target_dir).resolve().name
-            _logger.info(f'target: the unlabelled images under {a.target_dir} (--target {a.target} not used)')
+            unused = f' (--target {a.target} not used)' if a.target is not None else ''
+            _logger.info(f'target: the unlabelled images under {a.target_dir}{unused}')
         else:
             self.target_name = a.target
         sources = read(a.source, a.source_split)
