@@ -294,6 +294,14 @@ def test_images_beside_the_class_folders_of_a_labelled_domain_are_refused_by_nam
     assert len(a) == 4
 
 
+def test_a_folder_of_images_in_other_formats_than_timms_says_which_suffixes_it_holds(tmp_path):
+    for name in ('a.bmp', 'b.TIF', 'c.webp'):
+        _image(tmp_path / 'target' / name)
+    with pytest.raises(ValueError, match=r"has no images: its 3 files have the suffixes \['.bmp', '.tif', '.webp'\], "
+                                         r"none of timm's image extensions \['.jpeg', '.jpg', '.png'\]"):
+        read_unlabelled_folder(tmp_path / 'target', 'target', ['0'])
+
+
 def test_a_class_spelled_in_another_unicode_normalisation_is_named_as_such(tmp_path):
     _domain(tmp_path / 'a', ['caf\u00e9', 'tea'])  # composed, as Linux tools write it
     _domain(tmp_path / 'b', ['cafe\u0301', 'tea'])  # decomposed, as copied from macOS

@@ -71,6 +71,15 @@ def _images_under(folder: Path) -> Tuple[List[Path], List[Path]]:
     return images, [p for p in files if not _is_image(p)]
 
 
+def _not_images(skipped: List[Path]) -> str:
+    """What a folder without images holds instead, for its error: files of other suffixes than timm's image ones."""
+    if not skipped:
+        return ''
+    suffixes = sorted({p.suffix.lower() or '(none)' for p in skipped})
+    return (f': its {len(skipped)} files have the suffixes {suffixes[:8]}, none of timm\'s image extensions '
+            f'{sorted(get_img_extensions(as_set=True))} (timm.data.add_img_extensions adds one)')
+
+
 def _class_dirs(root: Path) -> Dict[str, Path]:
     return {d.name: d for d in sorted(root.iterdir()) if d.is_dir() and not d.name.startswith('.')}
 
@@ -125,7 +134,7 @@ def read_class_folders(
             f'{root} lacks images of classes {missing} that other domains have; pass '
             f'allow_missing_classes=True if that is expected (labels stay tied to class names)')
     if not samples:
-        raise ValueError(f'domain {domain!r} at {root} has no images')
+        raise ValueError(f'domain {domain!r} at {root} has no images{_not_images(skipped)}')
     return FileDomainDataset(domain, classes, samples, transform, skipped=skipped)
 
 
@@ -139,7 +148,7 @@ def read_unlabelled_folder(
     root = _require_dir(Path(root), f'domain {domain!r} folder')
     images, skipped = _images_under(root)
     if not images:
-        raise ValueError(f'domain {domain!r} at {root} has no images')
+        raise ValueError(f'domain {domain!r} at {root} has no images{_not_images(skipped)}')
     return FileDomainDataset(domain, classes, [(p, UNLABELLED) for p in images], transform, skipped=skipped)
 
 
