@@ -406,8 +406,9 @@ def export_runs(run_dirs: Sequence[Path], out_dir: Path, repo_name: str, license
         # named other data (all recorded only by newer versions)
         differing += [k for k in ('model_args', 'test_data_config', 'data_images')
                       if k in r and k in runs[0] and r[k] != runs[0][k]]
-        # seeds of one setting may differ in the seed, and in what a resumed run may change
-        differing += differing_options(runs[0]['args'], r['args'], RESUMABLE_CHANGES | {'seed'})
+        # seeds of one setting may differ in the seed, in its loader workers (which, like the seed, pick other random
+        # augmentations), and in what a resumed run may change
+        differing += differing_options(runs[0]['args'], r['args'], RESUMABLE_CHANGES | {'seed', 'workers'})
         if differing:
             raise ValueError(f"{r['run_dir']} differs from {runs[0]['run_dir']} in {differing}: not seeds of one setting")
     seeds = [r['seed'] for r in runs]

@@ -336,8 +336,10 @@ def check_args(args: argparse.Namespace, parser: argparse.ArgumentParser) -> arg
 
 
 # options a resumed run may change: where things are, how fast they run and the run's name, not what it computes
+# (not --workers: the strong view's random draws come from each loader worker's own generator, so another count
+# draws other augmentations)
 RESUMABLE_CHANGES = frozenset({
-    'resume', 'experiment', 'data_dir', 'output', 'workers', 'device', 'dist_timeout', 'compile', 'channels_last',
+    'resume', 'experiment', 'data_dir', 'output', 'device', 'dist_timeout', 'compile', 'channels_last',
     'grad_checkpointing', 'deterministic', 'eval_batch_size', 'keep_checkpoints', 'no_progress', 'tsne_per_domain',
     'config'})
 # options holding a path: equal when they name the same file or folder
