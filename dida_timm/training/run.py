@@ -195,8 +195,10 @@ class Run:
                   for i, ds in enumerate(sources)]
         self.sources = [train for train, _ in splits]
         self.source_val = ConcatDataset([val for _, val in splits])
-        val_labels = torch.from_numpy(np.concatenate([val.targets for _, val in splits]))
-        self.source_label_share = torch.bincount(val_labels, minlength=len(self.classes)).double() / len(val_labels)
+        # COT's label marginal from every source label: a small held-out slice can miss a class, and COT would
+        # then assume the target has none of it
+        labels = torch.from_numpy(np.concatenate([ds.targets for ds in sources]))
+        self.source_label_share = torch.bincount(labels, minlength=len(self.classes)).double() / len(labels)
         self.uda_cfg = UdaConfig(a.method, a.threshold, a.soft_weighting, a.unlabelled_stream, a.forward_mode,
                                  a.unlabelled_weight, a.pseudo_label_dropout)
 

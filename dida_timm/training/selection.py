@@ -134,7 +134,7 @@ def cot_estimate(
 
     Args:
         probs: [N, C] predicted probabilities on unlabelled images.
-        label_share: [C] expected share of each class (the source validation labels' histogram).
+        label_share: [C] expected share of each class (a training run's: the histogram of every source label).
         temperature: Scaling of log(probs) fitted on source validation (`fit_temperature`).
         max_images: Above this many images, a fixed random sample of this size is transported.
     """
