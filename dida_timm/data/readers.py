@@ -30,7 +30,7 @@ from .domain_dataset import UNLABELLED, ArrayDomainDataset, DomainDataset, FileD
 from .offline_digits import DOMAINS as OFFLINE_DOMAINS
 
 __all__ = ['DATASETS', 'DATASET_DOMAINS', 'create_domain_datasets', 'dataset_domains', 'default_domains',
-           'read_class_folders', 'read_unlabelled_folder']
+           'file_suffixes', 'read_class_folders', 'read_unlabelled_folder']
 
 PathLike = Union[str, Path]
 
@@ -71,13 +71,17 @@ def _images_under(folder: Path) -> Tuple[List[Path], List[Path]]:
     return images, [p for p in files if not _is_image(p)]
 
 
+def file_suffixes(paths: Sequence[Path]) -> List[str]:
+    """The distinct suffixes of `paths`, lower-cased and sorted ('(none)' for a name without one)."""
+    return sorted({p.suffix.lower() or '(none)' for p in paths})
+
+
 def _not_images(skipped: List[Path]) -> str:
     """What a folder without images holds instead, for its error: files of other suffixes than timm's image ones."""
     if not skipped:
         return ''
-    suffixes = sorted({p.suffix.lower() or '(none)' for p in skipped})
-    return (f': its {len(skipped)} files have the suffixes {suffixes[:8]}, none of timm\'s image extensions '
-            f'{sorted(get_img_extensions(as_set=True))} (timm.data.add_img_extensions adds one)')
+    return (f': its {len(skipped)} files have the suffixes {file_suffixes(skipped)[:8]}, none of timm\'s image '
+            f'extensions {sorted(get_img_extensions(as_set=True))} (timm.data.add_img_extensions adds one)')
 
 
 def _class_dirs(root: Path) -> Dict[str, Path]:

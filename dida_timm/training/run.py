@@ -36,8 +36,8 @@ from torch.utils.data import ConcatDataset, DataLoader, Dataset
 import dida_timm
 from ..data import (
     CyclingBatchSampler, DomainBalancedSampler, FileDomainDataset, TransformedDataset, TwoViewDataset,
-    create_domain_datasets, create_uda_transforms, holdout_split, read_class_folders, read_unlabelled_folder,
-    test_data_config)
+    create_domain_datasets, create_uda_transforms, file_suffixes, holdout_split, read_class_folders,
+    read_unlabelled_folder, test_data_config)
 from ..layers import DidaModule, muted_if_untrained
 from ..layers.dida_triton import triton_runs_on
 from ..models import static_twin_filter_fn
@@ -144,23 +144,19 @@ class Run:
             raise RunError(f'the source domains {a.source} of --data-dir {a.data_dir} have one class, '
                            f'{self.classes}: a classifier needs two or more')
         if a.target_dir:
-            target = read_unlabelled_folder(a.target_dir, self.target_name, self.classes)
-            target, unreadable = target.without_unreadable()
-            for path, why in unreadable:
-                _logger.warning(f'skipping unreadable target image {path}: {why}')
+            target, unreadable = _without_unreadable(
+                read_unlabelled_folder(a.target_dir, self.target_name, self.classes), 'target')
             _logger.info(f'target {a.target_dir}: {len(target)} images, {target.skipped} non-image files skipped, '
                          f'{len(unreadable)} unreadable images skipped')
         else:
             target, = read([a.target], a.target_train_split, classes=self.classes)
         test_sets = read(a.source, a.target_test_split, classes=self.classes)
+        evaluated = None
         if a.target_eval_dir:
-            evaluated = read_class_folders(a.target_eval_dir, self.target_name, self.classes,
-                                           allow_missing_classes=True)
             # checked now, as the target folder is: a broken image would otherwise end the run at its first
             # evaluation, an epoch later
-            evaluated, unreadable = evaluated.without_unreadable()
-            for path, why in unreadable:
-                _logger.warning(f'skipping unreadable evaluation image {path}: {why}')
+            evaluated, unreadable = _without_unreadable(read_class_folders(
+                a.target_eval_dir, self.target_name, self.classes, allow_missing_classes=True), 'evaluation')
             if unreadable and not len(evaluated):
                 raise RunError(f'--target-eval-dir {a.target_eval_dir}: none of its {len(unreadable)} images can be '
                                f'read ({unreadable[0][0]}: {unreadable[0][1]})')
@@ -171,9 +167,8 @@ class Run:
         elif not a.target_dir:
             test_sets += read([a.target], a.target_test_split, classes=self.classes)
         if a.target_dir:  # folders of the user's own: either may lie inside a labelled source domain
-            folders = {'--target-dir': target, '--target-eval-dir': test_sets[-1] if a.target_eval_dir else None}
-            for option, folder in folders.items():
-                shared = _source_image_in(sources, folder)
+            for option, folder in (('--target-dir', target), ('--target-eval-dir', evaluated)):
+                shared = _shared_image(sources, folder)
                 if shared:
                     raise RunError(
                         f'{option}: {shared[1]} is also an image of the labelled source domain {shared[0]!r}: the '
@@ -518,22 +513,31 @@ def _warn_of_skipped_files(dataset: Dataset, split: str) -> None:
     """Log the files of a domain that its reader left out for their extension (a .bmp or .webp is not read)."""
     skipped = getattr(dataset, 'skipped_paths', [])
     if skipped:
-        suffixes = sorted({p.suffix.lower() or '(none)' for p in skipped})
+        suffixes = file_suffixes(skipped)
         _logger.warning(f'domain {dataset.domain} ({split}): {len(skipped)} files left out, not having an image '
                         f'extension ({" ".join(sorted(get_img_extensions()))}): suffixes {suffixes}, e.g. {skipped[0]}')
 
 
-def _source_image_in(sources: List[Dataset], folder: Optional[Dataset]) -> Optional[Tuple[str, Path]]:
-    """(domain, path) of a source image that is also an image of `folder` (compared as resolved files, those with a
-    name the folder has only, so that large sources are not resolved file by file), else None."""
+def _without_unreadable(dataset: FileDomainDataset, what: str) -> Tuple[FileDomainDataset, List[Tuple[Path, str]]]:
+    """`dataset` without the images that cannot be decoded, each logged as skipped, and those images with why."""
+    readable, unreadable = dataset.without_unreadable()
+    for path, why in unreadable:
+        _logger.warning(f'skipping unreadable {what} image {path}: {why}')
+    return readable, unreadable
+
+
+def _shared_image(datasets: List[Dataset], folder: Optional[Dataset]) -> Optional[Tuple[str, Path]]:
+    """(domain, path) of an image of `datasets` that is also an image of `folder`, where both read files (compared
+    as resolved files, those with a name the folder has only, so that large domains are not resolved file by
+    file), else None."""
     if not isinstance(folder, FileDomainDataset):
         return None
     names, files = {p.name for p in folder.paths}, {p.resolve() for p in folder.paths}
-    for source in sources:
-        if isinstance(source, FileDomainDataset):
-            shared = next((p for p in source.paths if p.name in names and p.resolve() in files), None)
+    for dataset in datasets:
+        if isinstance(dataset, FileDomainDataset):
+            shared = next((p for p in dataset.paths if p.name in names and p.resolve() in files), None)
             if shared is not None:
-                return source.domain, shared
+                return dataset.domain, shared
     return None
 
 
@@ -544,7 +548,7 @@ def _shares_images(train: Dataset, test: Optional[Dataset], same_split: bool) ->
     if test is None:
         return False
     if isinstance(train, FileDomainDataset) and isinstance(test, FileDomainDataset):
-        return not {p.resolve() for p in train.paths}.isdisjoint(p.resolve() for p in test.paths)
+        return _shared_image([train], test) is not None
     return same_split
 
 
