@@ -341,3 +341,20 @@ def test_a_map_of_the_wrong_size_is_refused():
     for op in (dida_triton.dynamic_paths, dida_triton.dynamic_paths_op):
         with pytest.raises(ValueError, match=r'\[N, r, 36\]'):
             op(torch.randn(2, 4, 35, device=DEVICE), generators, 6, 6, 1, [1, 2])
+
+
+def test_kernels_launch_on_the_gpu_of_their_tensors(monkeypatch):
+    # Triton launches on the current CUDA device: a unit on cuda:1 while cuda:0 is current must switch to cuda:1
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    with FakeTensorMode():  # a tensor on a second GPU, on any machine
+        on_second_gpu = torch.empty(2, device='cuda:1')
+    guard = dida_triton._on_device_of(on_second_gpu)
+    assert isinstance(guard, torch.cuda.device) and guard.idx == 1
+    # and every launch runs inside that guard, forward and backward
+    entered = []
+    guard_of = dida_triton._on_device_of
+    monkeypatch.setattr(dida_triton, '_on_device_of', lambda t: entered.append(t) or guard_of(t))
+    fused, _ = _pair()
+    x = torch.randn(2, 32, 6, 6, device=DEVICE, requires_grad=True)
+    fused(x).sum().backward()
+    assert len(entered) == 2 and all(t.shape == (2, 8, 36) for t in entered)

@@ -91,6 +91,12 @@ def _check(pre: Tensor, generators: List[Tensor], height: int, width: int, dilat
         raise RuntimeError(f'the Triton DIDA kernels need a CUDA tensor (or TRITON_INTERPRET=1), got {pre.device}')
 
 
+def _on_device_of(tensor: Tensor):
+    """A context in which Triton launches on `tensor`'s GPU and stream: Triton launches on the current CUDA device,
+    so a unit on cuda:1 while cuda:0 is current would run its kernels on cuda:0 against cuda:1's memory."""
+    return torch.cuda.device(tensor.device) if tensor.is_cuda else contextlib.nullcontext()
+
+
 def _launch_forward(
         pre: Tensor, generators: List[Tensor], height: int, width: int, stride: int, dilations: Sequence[int],
 ) -> Tuple[Tensor, Tensor]:
@@ -101,9 +107,10 @@ def _launch_forward(
     out_height, out_width = output_size(height, width, stride)
     out = pre.new_empty(n, len(dilations), r, out_height * out_width)
     code = pre.new_empty(n, r, dtype=torch.float32)
-    _dida_kernels.dynamic_paths_forward[(n * r,)](
-        pre, out, code, *_padded(generators), r, height, width, out_width, out_height * out_width,
-        **_constants(generators, stride, dilations, height * width))
+    with _on_device_of(pre):
+        _dida_kernels.dynamic_paths_forward[(n * r,)](
+            pre, out, code, *_padded(generators), r, height, width, out_width, out_height * out_width,
+            **_constants(generators, stride, dilations, height * width))
     return out, code
 
 
@@ -125,17 +132,18 @@ def _launch_backward(
     # Triton 3.6 (torch 2.11's) gave it 255 registers a thread and spilled in 5 of tests/triton_compile.py's 66
     # launches; at 8 none spilled, under Triton 3.6 and 3.8, at 180 registers at most (ptxas, sm_90)
     warps = 8 if max(constants['TAPS1'], constants['TAPS2']) * constants['BLOCK'] >= _TILE_VALUES else 4
-    _dida_kernels.dynamic_paths_backward[(n * r,)](
-        pre, grad.contiguous(), code, pre_grad, kernel_grad, *padded,
-        r, height, width, out_height, out_width, num_warps=warps, **constants)
-    if not with_generator_grads:  # frozen generators: the per-row kernel gradients were needed for dL/dg only
-        return pre_grad, [None] * len(generators)
-    generator_grads = [torch.empty_like(g) for g in generators]
-    # 64 rows of the [N * r, taps] kernel gradients a step: [64, taps] tiles, as small as the kernels' others
-    _dida_kernels.generator_grads[(constants['PATHS'],)](
-        kernel_grad, code, *padded[0:3], *padded[4:7], *_padded(generator_grads), n * r,
-        PATHS=constants['PATHS'], KSIZE1=constants['KSIZE1'], TAPS1=constants['TAPS1'],
-        KSIZE2=constants['KSIZE2'], TAPS2=constants['TAPS2'], ROWS=64)
+    with _on_device_of(pre):
+        _dida_kernels.dynamic_paths_backward[(n * r,)](
+            pre, grad.contiguous(), code, pre_grad, kernel_grad, *padded,
+            r, height, width, out_height, out_width, num_warps=warps, **constants)
+        if not with_generator_grads:  # frozen generators: the per-row kernel gradients were needed for dL/dg only
+            return pre_grad, [None] * len(generators)
+        generator_grads = [torch.empty_like(g) for g in generators]
+        # 64 rows of the [N * r, taps] kernel gradients a step: [64, taps] tiles, as small as the kernels' others
+        _dida_kernels.generator_grads[(constants['PATHS'],)](
+            kernel_grad, code, *padded[0:3], *padded[4:7], *_padded(generator_grads), n * r,
+            PATHS=constants['PATHS'], KSIZE1=constants['KSIZE1'], TAPS1=constants['TAPS1'],
+            KSIZE2=constants['KSIZE2'], TAPS2=constants['TAPS2'], ROWS=64)
     return pre_grad, generator_grads
 
 
