@@ -9,8 +9,9 @@
 #   reduce_overhead, reduce_overhead_triton   torch.compile(mode='reduce-overhead') (CUDA graphs), not run by default
 #   parts, parts_triton   where dida_digitnet_compact's extra step time goes (bench_branch_parts.py), eager unit /
 #                         Triton kernels, each also with its 1x1s as batched matmuls, not run by default
-#   profile, profile_compiled   each step's kernel time, kernels and launches against the static twin
-#                    (bench_step_profile.py), eager / torch.compile default, not run by default
+#   profile, profile_triton, profile_compiled   each step's kernel time, kernels and launches against the static
+#                    twin (bench_step_profile.py): eager with the eager unit / with the Triton kernels /
+#                    torch.compile default, not run by default
 #   inference        forward latency and ops of both models' inference forms (timm's reparameterize_model), eager,
 #                    not run by default
 # Each step's output is kept in OUTDIR/<step>.txt, also when a later step runs out of its time limit.
@@ -18,7 +19,7 @@
 #   bash bench/gpu_checks.sh OUTDIR                                   # the default steps
 #   bash bench/gpu_checks.sh OUTDIR reduce_overhead reduce_overhead_triton
 #   bash bench/gpu_checks.sh OUTDIR parts parts_triton inference
-#   bash bench/gpu_checks.sh OUTDIR profile profile_compiled
+#   bash bench/gpu_checks.sh OUTDIR profile profile_triton profile_compiled
 set -uo pipefail
 out=${1:?usage: bash bench/gpu_checks.sh OUTDIR [STEP ...]}
 shift
@@ -28,12 +29,12 @@ steps=("$@")
 # profile*: to bench_step_profile.py)
 declare -A limit=([eager]=90 [eager_triton]=90 [compiled]=200 [compiled_triton]=200 [reduce_overhead]=200
                   [reduce_overhead_triton]=200 [parts]=90 [parts_triton]=120 [inference]=60
-                  [profile]=60 [profile_compiled]=150)
+                  [profile]=60 [profile_triton]=90 [profile_compiled]=150)
 declare -A options=([eager]="" [eager_triton]="--triton" [compiled]="--compile default"
                     [compiled_triton]="--compile default --triton" [reduce_overhead]="--compile reduce-overhead"
                     [reduce_overhead_triton]="--compile reduce-overhead --triton" [parts]="" [parts_triton]="--triton"
                     [inference]="--reparameterize"
-                    [profile]="" [profile_compiled]="--compile default")
+                    [profile]="" [profile_triton]="--triton" [profile_compiled]="--compile default")
 for name in "${steps[@]}"; do
     if [ "$name" != kernels ] && [ -z "${limit[$name]+set}" ]; then
         echo "unknown step: $name (see the list at the top of $0)" >&2
