@@ -4,9 +4,11 @@ import sys
 from pathlib import Path
 
 import pytest
+import timm
 import torch
 
-from dida_timm.layers import DidaModule, dida
+import dida_timm  # noqa: F401  registers the models
+from dida_timm.layers import DidaBranch, DidaModule, dida
 from dida_timm.layers.dida_reference import dida_forward_per_sample, literal_kernels
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / 'bench'))
@@ -113,6 +115,41 @@ def test_cpu_and_gpu_forms_of_the_unit_give_the_same_function(monkeypatch):
         torch.testing.assert_close(gpu_form, cpu_form)
 
 
+@pytest.mark.parametrize('dynamic', [True, False])
+def test_a_channels_last_model_runs_the_gpu_form_and_stays_channels_last(dynamic):
+    # train.py --channels-last converts the model: the fuse conv's weight becomes channels-last, so off CPU the conv
+    # writes channels-last and a sample's paths are not adjacent (a view of them failed); CPU reads it as a matmul
+    module = _randomise(DidaModule(32, 16, reduction=4, stride=2, dynamic=dynamic))
+    x = torch.randn(3, 32, 9, 9)
+    reference = dida_forward_per_sample(module, x)
+    module.to(memory_format=torch.channels_last)
+    for inp in (x, x.contiguous(memory_format=torch.channels_last)):
+        out = module(inp.as_subclass(OffCpu))
+        torch.testing.assert_close(out, reference, rtol=0, atol=1e-5)
+        assert out.is_contiguous(memory_format=torch.channels_last)
+
+
+@pytest.mark.parametrize('kwargs', [dict(), dict(dynamic=False), dict(dilations=(1,)), dict(shared_reduction=False)])
+def test_an_empty_batch_gives_an_empty_output(kwargs):
+    # timm's CNNs map a batch of 0 images to 0 outputs; a reshape with -1 cannot infer a size from 0 elements
+    module = DidaModule(32, 16, reduction=4, stride=2, **kwargs).eval()
+    x = torch.randn(0, 32, 9, 9)
+    for inp in (x, x.as_subclass(OffCpu)):
+        assert module(inp).shape == (0, 16, 5, 5)
+    model = timm.create_model('dida_resnet18', num_classes=3).eval()
+    assert model(torch.randn(0, 3, 64, 64)).shape == (0, 3)
+
+
+def test_reparameterizing_a_frozen_unit_keeps_it_frozen():
+    branch = DidaBranch(32, 16, 16, reduction=4).eval().requires_grad_(False)
+    module = DidaModule(32, 16, reduction=4).eval()
+    module.fuse.weight.requires_grad_(False)
+    branch.reparameterize()
+    module.reparameterize()
+    assert not any(p.requires_grad for p in branch.parameters())
+    assert not module.proj.weight.requires_grad and module.proj.bias.requires_grad
+
+
 @pytest.mark.parametrize('device, ops, kernel_ops', [('cpu', 31, 12), ('meta', 20, 11)])
 def test_forward_runs_few_aten_ops(device, ops, kernel_ops):
     # each op is a dispatch, and each that is not a view a kernel launch on a GPU (the unit used to run 47). Off CPU
@@ -195,10 +232,22 @@ def test_static_ablation_has_no_generator_and_learns_depthwise_kernels():
     (dict(kernel_size=2), r"kernel_size \(a model's dida_kernel_size\) must be odd"),
     (dict(kernel_size=(3, 3, 3)), r"kernel_size \(a model's dida_kernel_size\) must be an int or have one entry per"),
     (dict(reduction=128), r"reduction \(a model's dida_reduction\) 128 leaves no channels of in_chs=64 \(at most 64\)"),
+    (dict(reduction=0), r"reduction \(a model's dida_reduction\) must be a positive integer, got 0"),
+    (dict(dilations=(0,)), r"dilations \(a model's dida_dilations\) must be positive integers, got \(0,\)"),
+    (dict(dilations=(2, -1)), r"dilations \(a model's dida_dilations\) must be positive integers, got \(2, -1\)"),
+    (dict(dilations=(1, 1.5)), r"must be positive integers, got \(1, 1.5\)"),
+    (dict(stride=0), r"DidaModule stride must be a positive integer, got 0"),
 ])
 def test_bad_options_are_refused_with_a_clear_message(kwargs, message):
     with pytest.raises(ValueError, match=message):
         DidaModule(**{'in_chs': 64, 'out_chs': 64, **kwargs})
+
+
+def test_one_dilation_may_be_given_as_an_int_like_the_kernel_size():
+    module = _randomise(DidaModule(32, 16, reduction=4, dilations=2, kernel_size=5))
+    assert module.dilations == (2,) and module.kernel_sizes == (5,)
+    x = torch.randn(2, 32, 9, 9)
+    torch.testing.assert_close(module(x), dida_forward_per_sample(module, x), rtol=0, atol=1e-5)
 
 
 def test_module_scripts_and_traces():

@@ -358,3 +358,28 @@ def test_kernels_launch_on_the_gpu_of_their_tensors(monkeypatch):
     x = torch.randn(2, 32, 6, 6, device=DEVICE, requires_grad=True)
     fused(x).sum().backward()
     assert len(entered) == 2 and all(t.shape == (2, 8, 36) for t in entered)
+
+
+def test_a_float64_unit_keeps_the_eager_unit_and_its_precision():
+    # the kernels compute in fp32: a float64 unit on them got fp32 precision in a float64 tensor
+    fused, eager = _pair()
+    fused, eager = fused.double(), eager.double()
+    x = torch.randn(2, 32, 6, 6, dtype=torch.float64, device=DEVICE)
+    assert not dida_triton.triton_runs_on(x)
+    torch.testing.assert_close(fused(x), dida_forward_per_sample(eager, x), rtol=0, atol=1e-12)
+    with pytest.raises(RuntimeError, match='float64'):
+        dida_triton.dynamic_paths(torch.randn(2, 8, 36, dtype=torch.float64, device=DEVICE),
+                                  fused.generator_tensors(), 6, 6, 1, [1, 2])
+
+
+def test_a_channels_last_model_on_the_kernels_gives_the_same_function():
+    # train.py --channels-last converts the model: the fuse conv then writes channels-last
+    fused, eager = _pair()
+    fused.to(memory_format=torch.channels_last)
+    x = torch.randn(2, 32, 6, 6, device=DEVICE)
+    for inp in (x, x.contiguous(memory_format=torch.channels_last)):
+        out, grads = _outputs_and_grads(fused, inp)
+        out_ref, grads_ref = _outputs_and_grads(eager, inp)
+        torch.testing.assert_close(out, out_ref, rtol=0, atol=1e-5)
+        _assert_grads_close(grads, grads_ref)
+        assert out.is_contiguous(memory_format=torch.channels_last)

@@ -27,7 +27,7 @@ detached (gradients reach `conv_kernel*`, `conv_k*` and `conv`), and the ablatio
 kernels, unshared reduction convs, one dilation, a 1x1 kernel on the dilation-1 path) are options.
 """
 import math
-from typing import Final, List, Optional, Sequence, Tuple, Union
+from typing import Any, Final, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
@@ -41,6 +41,10 @@ __all__ = ['DidaModule', 'kernel_basis']
 def _option(name: str) -> str:
     """A DidaModule argument as messages name it, with the kwarg users set on a model (add_dida takes `name`)."""
     return f"{name} (a model's dida_{name})"
+
+
+def _positive_ints(values: Sequence[Any]) -> bool:
+    return all(isinstance(v, int) and v >= 1 for v in values)
 
 
 def _per_dilation(value: Union[int, Sequence[int]], num: int, name: str) -> Tuple[int, ...]:
@@ -107,7 +111,7 @@ def pointwise_matmul(
         batch_weight = weight.view(groups, rows, -1).repeat(n, 1, 1)
         batch_bias = bias.view(groups, rows, 1).repeat(n, 1, 1)
     out = torch.baddbmm(batch_bias, batch_weight, x.reshape(n * groups, c // groups, h * w))
-    return out.view(n, -1, h, w)
+    return out.view(n, weight.shape[0], h, w)
 
 
 @torch.fx.wrap  # FX would trace the parameters' `dim()` into control flow
@@ -152,6 +156,20 @@ def _grouped_conv_input(feat: torch.Tensor) -> torch.Tensor:
     return feat.contiguous(memory_format=torch.channels_last) if feat.is_cpu else feat
 
 
+@torch.fx.wrap  # FX would trace the layout test into control flow
+def _concatenated_paths(out: torch.Tensor, batch: int, num_paths: int) -> torch.Tensor:
+    """The fuse's output on path-major rows, [N * paths, P / paths, H', W'], as the paths' concatenation [N, P, H', W'].
+
+    A view when the conv wrote channels-first. A conv whose weight is channels-last (a model converted with
+    `.to(memory_format=torch.channels_last)`, as `train.py --channels-last` does) writes channels-last, where a
+    sample's paths are not adjacent: they are copied into a channels-last concatenation, the layout the model runs in.
+    """
+    chs, height, width = out.shape[1], out.shape[2], out.shape[3]
+    if out.is_contiguous():
+        return out.view(batch, num_paths * chs, height, width)
+    return torch.cat(out.view(batch, num_paths, chs, height, width).unbind(1), 1)
+
+
 class DidaModule(nn.Module):
     """Dynamic instance adaptation module (paper Fig. 3, docs/METHOD.md section 1).
 
@@ -160,7 +178,7 @@ class DidaModule(nn.Module):
         out_chs: Output channels P, split evenly across the dilation paths.
         stride: Stride of the dynamic depthwise conv.
         reduction: Channel reduction m, r = in_chs // m.
-        dilations: One dynamic path per dilation, one or two of them.
+        dilations: One dynamic path per dilation, one or two of them (an int: one path).
         kernel_size: Kernel size of the generated kernels, an int or one per dilation (odd).
         shared_reduction: Use one 1x1 conv for the features and the kernel generators (paper), else one each.
         dynamic: Generate kernels per sample (DIDA); False learns static depthwise kernels (ablation).
@@ -175,7 +193,7 @@ class DidaModule(nn.Module):
             out_chs: int,
             stride: int = 1,
             reduction: int = 16,
-            dilations: Sequence[int] = (1, 2),
+            dilations: Union[int, Sequence[int]] = (1, 2),
             kernel_size: Union[int, Sequence[int]] = 3,
             shared_reduction: bool = True,
             dynamic: bool = True,
@@ -184,7 +202,13 @@ class DidaModule(nn.Module):
     ):
         super().__init__()
         dd = {'device': device, 'dtype': dtype}
-        dilations = tuple(dilations)
+        dilations = (dilations,) if isinstance(dilations, int) else tuple(dilations)
+        if not _positive_ints((stride,)):
+            raise ValueError(f'DidaModule stride must be a positive integer, got {stride!r}')
+        if not _positive_ints((reduction,)):
+            raise ValueError(f"{_option('reduction')} must be a positive integer, got {reduction!r}")
+        if not _positive_ints(dilations):
+            raise ValueError(f"{_option('dilations')} must be positive integers, got {dilations!r}")
         if len(dilations) not in (1, 2):
             raise ValueError(f"DidaModule supports one or two {_option('dilations')}, got {dilations!r}")
         kernel_sizes = _per_dilation(kernel_size, len(dilations), _option('kernel_size'))
@@ -290,6 +314,9 @@ class DidaModule(nn.Module):
             weight[path, :, :, path] = fuse.weight.view(out_chs, r)
         self.proj.weight.copy_(weight.view(num_paths * out_chs, r * num_paths, 1, 1))
         self.proj.bias.copy_(fuse.bias.repeat(num_paths))
+        # a frozen unit stays frozen: an optimizer built from the trainable parameters must not pick `proj` up
+        self.proj.weight.requires_grad_(fuse.weight.requires_grad)
+        self.proj.bias.requires_grad_(fuse.bias.requires_grad)
         del self.fuse
 
     def _static_kernel(self, chs: int, kernel_size: int, dilation: int, dd: dict) -> nn.Conv2d:
@@ -349,7 +376,8 @@ class DidaModule(nn.Module):
         out = F.conv2d(_grouped_conv_input(feat), self.conv_weight(), None, self.stride, self.padding,
                        self.conv_dilation, groups=self.reduced_chs)
         # a view in either memory layout (it splits the channels and merges the rows with the columns)
-        shift, slope = out.view(out.shape[0], self.reduced_chs, 2, -1, out.shape[2] * out.shape[3]).unbind(2)
+        shift, slope = out.view(
+            out.shape[0], self.reduced_chs, 2, len(self.dilations), out.shape[2] * out.shape[3]).unbind(2)
         return torch.addcmul(shift, slope, code)
 
     def fuse_paths(self, paths: torch.Tensor, height: int, width: int) -> torch.Tensor:
@@ -361,7 +389,7 @@ class DidaModule(nn.Module):
         # concatenation of the paths
         out = pointwise_conv(paths.transpose(1, 2).reshape(n * num_paths, r, height, width), self.fuse.weight,
                              self.fuse.bias)
-        return out.view(n, -1, height, width)
+        return _concatenated_paths(out, n, num_paths)
 
     def generator_tensors(self) -> List[torch.Tensor]:
         """Per dilation the generator's `conv_kernel.weight`, `conv_kernel.bias`, `conv_k.weight`, `conv_k.bias`."""
@@ -387,8 +415,8 @@ class DidaModule(nn.Module):
         height, width = output_size(h, w, self.stride)
         # the paths are laid out [N, paths, r, H' * W']: a batch of path-major samples, whose fused outputs are
         # the concatenation
-        out = F.conv2d(paths.view(-1, r, height, width), self.fuse.weight, self.fuse.bias)
-        return out.view(n, -1, height, width)
+        out = F.conv2d(paths.view(n * len(self.dilations), r, height, width), self.fuse.weight, self.fuse.bias)
+        return _concatenated_paths(out, n, len(self.dilations))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not torch.jit.is_scripting():

@@ -49,10 +49,16 @@ def use_triton_dida() -> bool:
     return _USE_TRITON and _HAS_TRITON
 
 
+# the kernels load, compute and reduce in fp32: a float64 unit would get fp32 precision in a float64 tensor
+_KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
 def triton_runs_on(x: Tensor) -> bool:
-    """Whether the kernels can run on `x`: a CUDA tensor, or any tensor under Triton's interpreter; never an FX proxy
-    nor under `torch.jit.trace` (a traced graph keeps the eager unit, which it can record and export)."""
-    return _HAS_TRITON and isinstance(x, Tensor) and (x.is_cuda or _INTERPRET) and not torch.jit.is_tracing()
+    """Whether the kernels can run on `x`: a CUDA tensor, or any tensor under Triton's interpreter, of a dtype they
+    keep the precision of (not float64); never an FX proxy nor under `torch.jit.trace` (a traced graph keeps the
+    eager unit, which it can record and export)."""
+    return (_HAS_TRITON and isinstance(x, Tensor) and (x.is_cuda or _INTERPRET) and x.dtype in _KERNEL_DTYPES
+            and not torch.jit.is_tracing())
 
 
 def output_size(height: int, width: int, stride: int) -> Tuple[int, int]:
@@ -88,7 +94,8 @@ def _check(pre: Tensor, generators: List[Tensor], height: int, width: int, dilat
         raise ValueError(f'dynamic_paths: pre must be [N, r, height * width] = [N, r, {height * width}], got '
                          f'{list(pre.shape)}')
     if not triton_runs_on(pre):
-        raise RuntimeError(f'the Triton DIDA kernels need a CUDA tensor (or TRITON_INTERPRET=1), got {pre.device}')
+        raise RuntimeError(f'the Triton DIDA kernels need a CUDA tensor (or TRITON_INTERPRET=1) of float32, float16 or '
+                           f'bfloat16, got {pre.dtype} on {pre.device}')
 
 
 def _on_device_of(tensor: Tensor):
