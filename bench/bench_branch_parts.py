@@ -108,6 +108,12 @@ def main(argv: List[str] = None) -> None:
     device = torch.device(args.device)
     if args.triton:
         enable_triton_kernels(parser, device)
+    precision = ''
+    if device.type == 'cuda':
+        # torch's defaults let cuDNN's convs run in TF32 but not cuBLAS's matmuls: the 1x1s as convs or as batched
+        # matmuls are compared at the same precision
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32
+        precision = f", TF32 {'on' if torch.backends.cudnn.allow_tf32 else 'off'} for convs and matmuls alike"
     torch.manual_seed(0)
     dida, static = (timm.create_model(name).to(device).train() for name in (args.model, static_name))
     x = torch.randn(args.batch_size, 3, args.img_size, args.img_size, device=device)
@@ -132,7 +138,7 @@ def main(argv: List[str] = None) -> None:
                 fns[f'{name}: DIDA module, 1x1s as batched matmuls'] = matmul_1x1s(backward_fn(module, inp))
     times = {k: statistics.median(v) for k, v in paired_times(fns, args.reps, warmup=2).items()}
     print(f'# {args.model} vs {static_name}, batch {args.batch_size}, {args.img_size} px, {args.reps} rounds; '
-          f'{describe_hardware(device)}, torch {torch.__version__}'
+          f'{describe_hardware(device)}, torch {torch.__version__}{precision}'
           f'{", DIDA units on their Triton kernels" if args.triton else ""}\n')
     print('| part (forward + backward) | ms | share of the static step |')
     print('|---|---|---|')

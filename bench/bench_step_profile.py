@@ -20,14 +20,15 @@ the wall times are printed.
 """
 import argparse
 import statistics
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import timm
 import torch
 from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile
 
-from bench_cost import RESNET_DEPTHS, enable_triton_kernels, model_pairs, paired_times, ratio_with_spread, train_step_fn
+from bench_cost import (RESNET_DEPTHS, compiled, enable_triton_kernels, model_pairs, paired_times, ratio_with_spread,
+                        train_step_fn)
 from dida_timm.arguments import at_least, check_options, usable_device
 from dida_timm.training.run import describe_hardware
 
@@ -50,14 +51,31 @@ def step_profile(step: Callable[[], None], steps: int) -> Tuple[Dict[str, float]
     counts = {'kernels': 0., 'launches': 0., 'copies': 0.}
     kernel_us: Dict[str, float] = {}
     for event in prof.events():
-        if event.device_type == DeviceType.CUDA:
-            counts['kernels'] += 1 / steps
+        kind = event_kind(event)
+        if kind:
+            counts[kind] += 1 / steps
+        if kind == 'kernels':
             kernel_us[event.name] = kernel_us.get(event.name, 0.) + event.device_time / steps
-        elif 'LaunchKernel' in event.name or 'cuLaunch' in event.name:
-            counts['launches'] += 1 / steps
-        elif 'Memcpy' in event.name or 'Memset' in event.name:
-            counts['copies'] += 1 / steps
     return counts, kernel_us
+
+
+def event_kind(event: Any) -> Optional[str]:
+    """'kernels' (a kernel's run on the device), 'copies' (a memcpy or memset on the device), 'launches' (a host call
+    that launches a kernel) or None for a profiler event.
+
+    The device's timeline also holds the spans of user-annotated ranges (`Optimizer.step#SGD.step`, the Triton
+    operator's range), each covering kernels that are events of their own: they are not kernels, and their time
+    would count the kernels' twice.
+    """
+    if event.device_type == DeviceType.CUDA:
+        activity = getattr(event, 'activity_type', None)  # an older torch has none: then the name tells the copies
+        if getattr(event, 'is_user_annotation', False) or activity == 'gpu_user_annotation':
+            return None
+        copy_names = activity is None and event.name.startswith(('Memcpy', 'Memset'))
+        if activity in ('gpu_memcpy', 'gpu_memset') or copy_names:
+            return 'copies'
+        return 'kernels' if activity in (None, 'kernel') else None
+    return 'launches' if 'LaunchKernel' in event.name or 'cuLaunch' in event.name else None
 
 
 def main(argv: Optional[List[str]] = None) -> None:
@@ -91,7 +109,7 @@ def main(argv: Optional[List[str]] = None) -> None:
         torch.manual_seed(0)
         models = {'static': timm.create_model(static_name).to(device), 'dida': timm.create_model(dida_name).to(device)}
         if args.compile:
-            models = {k: torch.compile(m, mode=args.compile) for k, m in models.items()}
+            models = compiled(models, args.compile)
         x = torch.randn(batch, 3, img_size, img_size, device=device)
         y = torch.randint(0, models['static'].num_classes, (batch,), device=device)
         steps = {k: train_step_fn(m, x, y) for k, m in models.items()}

@@ -14,7 +14,10 @@
 #                    torch.compile default, not run by default
 #   inference        forward latency and ops of both models' inference forms (timm's reparameterize_model), eager,
 #                    not run by default
-# Each step's output is kept in OUTDIR/<step>.txt, also when a later step runs out of its time limit.
+# Each step's output is kept in OUTDIR/<step>.txt, also when a later step runs out of its time limit; a step that
+# fails or runs out of time ends its file with a line that says so, and the script then exits 1 after the other steps.
+# The limits of the default steps add up to 730 s: where a command may run 600 s at most, split them over two calls
+# (`kernels eager eager_triton`, then `compiled compiled_triton`), and give an OUTDIR that the machine sends back.
 #
 #   bash bench/gpu_checks.sh OUTDIR                                   # the default steps
 #   bash bench/gpu_checks.sh OUTDIR reduce_overhead reduce_overhead_triton
@@ -51,11 +54,19 @@ profile="$python bench/bench_step_profile.py --device cuda"
 # the kernel tests less the ahead-of-time compile test: on a GPU every kernel test compiles for the card itself
 kernel_tests=($python -m pytest -q -p no:cacheprovider tests/test_dida_triton.py -k "not gpu_compiler")
 
+failed=()
 step() {
     local name=$1 limit=$2
     shift 2
     echo "== $name (at most ${limit}s): $*"
-    timeout "$limit" "$@" 2>&1 | tee "$out/$name.txt"
+    timeout -k 10 "$limit" "$@" 2>&1 | tee "$out/$name.txt"
+    local rc=${PIPESTATUS[0]}
+    if [ "$rc" -ne 0 ]; then
+        local why=''
+        [ "$rc" -eq 124 ] || [ "$rc" -eq 137 ] && why=': out of time, the output above is cut short'
+        echo "## $name exited $rc$why" | tee -a "$out/$name.txt"
+        failed+=("$name")
+    fi
 }
 
 $python -c 'import torch, triton, timm; print("torch", torch.__version__, "triton", triton.__version__,
@@ -71,3 +82,7 @@ for name in "${steps[@]}"; do
         step "$name" "${limit[$name]}" $cost ${options[$name]}
     fi
 done
+if [ ${#failed[@]} -ne 0 ]; then
+    echo "failed steps: ${failed[*]}" >&2
+    exit 1
+fi

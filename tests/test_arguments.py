@@ -300,6 +300,21 @@ def test_gpu_checks_keep_the_callers_python_path(tmp_path):
         assert (tmp_path / 'out' / f'{step}.txt').read_text().strip() == f'path={REPO}:/carried/site'
 
 
+def test_gpu_checks_mark_a_failed_step_and_run_the_others(tmp_path):
+    """A step that fails or runs out of time must not read as a complete table: its file says so, the later steps
+    still run, and the script exits 1 (a stand-in Python: the version check passes, every step prints a line and
+    fails)."""
+    python = tmp_path / 'python'
+    python.write_text('#!/bin/sh\n[ "$1" = -c ] && exit 0\necho "half a table"\nexit 3\n')
+    python.chmod(0o755)
+    env = {**os.environ, 'PYTHON': str(python)}
+    proc = subprocess.run(['bash', str(REPO / 'bench/gpu_checks.sh'), str(tmp_path / 'out'), 'eager', 'parts'],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 1 and 'failed steps: eager parts' in proc.stderr
+    for step in ('eager', 'parts'):
+        assert (tmp_path / 'out' / f'{step}.txt').read_text().splitlines() == ['half a table', f'## {step} exited 3']
+
+
 @pytest.mark.parametrize('argv, option', [
     (['--batch-size', '0'], '--batch-size'),
     (['--topk', '0'], '--topk'),

@@ -2,15 +2,17 @@
 bench/bench_branch_parts.py times every part of a DIDA stage; bench/bench_step_profile.py times each pair's step."""
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / 'bench'))
 from bench_branch_parts import channels_first_conv, main as branch_parts_main, matmul_1x1s  # noqa: E402
-from bench_cost import branch_step_fn, count_top_level_ops, dynamic_conv_step_fn, ratio_with_spread  # noqa: E402
+from bench_cost import (branch_step_fn, compiled, count_top_level_ops, dynamic_conv_step_fn,  # noqa: E402
+                        ratio_with_spread)
 from bench_cost import main as cost_main  # noqa: E402
-from bench_step_profile import main as step_profile_main  # noqa: E402
+from bench_step_profile import main as step_profile_main, step_profile  # noqa: E402
 
 from dida_timm.layers import DidaBranch, DidaModule, dida, dida_triton  # noqa: E402
 
@@ -101,6 +103,53 @@ def test_step_profile_times_each_chosen_pair_and_has_no_kernel_columns_on_a_cpu(
     static_ms, dida_ms = (float(v) for v in cells[1].split(' / '))
     assert static_ms > 0 and dida_ms > 0 and cells[2].startswith(f'{dida_ms / static_ms:.3f} [')
     assert cells[3:] == ['-'] * 5  # no device kernels to count on a CPU
+
+
+def test_step_profile_counts_kernels_not_the_device_spans_of_annotated_ranges(monkeypatch):
+    # one step as the profiler reports it on a GPU: an annotated range's device span covers kernels counted on their
+    # own (their time counted twice, the span as a kernel), and copies are not kernels
+    import bench_step_profile
+    from torch.autograd import DeviceType
+
+    def event(name, device_type, activity_type, device_time=0., is_user_annotation=False):
+        return SimpleNamespace(name=name, device_type=device_type, activity_type=activity_type,
+                               device_time=device_time, is_user_annotation=is_user_annotation)
+    cpu, gpu = DeviceType.CPU, DeviceType.CUDA
+    events = [event('aten::add_', cpu, 'cpu_op'), event('cudaLaunchKernel', cpu, 'cuda_runtime'),
+              event('vectorized_elementwise_kernel', gpu, 'kernel', 10.),
+              event('cudaMemsetAsync', cpu, 'cuda_runtime'), event('Memset (Device)', gpu, 'gpu_memset', 1.),
+              event('Optimizer.step#SGD.step', cpu, 'user_annotation', is_user_annotation=True),
+              event('Optimizer.step#SGD.step', gpu, 'gpu_user_annotation', 30., is_user_annotation=True),
+              event('dida_timm::dynamic_paths', gpu, 'gpu_user_annotation', 12., is_user_annotation=True)]
+
+    class Profile:
+        def __init__(self, **kwargs):
+            pass
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *args):
+            return False
+
+        def events(self):
+            return events
+    monkeypatch.setattr(bench_step_profile, 'profile', Profile)
+    monkeypatch.setattr(torch.cuda, 'is_available', lambda: True)
+    monkeypatch.setattr(torch.cuda, 'synchronize', lambda *args: None)
+    counts, kernel_us = step_profile(lambda: None, 1)
+    assert counts == {'kernels': 1., 'launches': 1., 'copies': 1.}
+    assert kernel_us == {'vectorized_elementwise_kernel': 10.}
+
+
+def test_each_compiled_pair_starts_from_empty_dynamo_caches(monkeypatch):
+    # the digit nets share one forward's code object: eval and train of four models filled Dynamo's 8 entries for it,
+    # and one pair more would have been timed eager without a word
+    calls = []
+    monkeypatch.setattr(torch._dynamo, 'reset', lambda: calls.append('reset'))
+    monkeypatch.setattr(torch, 'compile', lambda model, mode: calls.append(mode) or model)
+    models = {'static': torch.nn.Identity(), 'dida': torch.nn.Identity()}
+    assert compiled(models, 'default') == models and calls == ['reset', 'default', 'default']
 
 
 def test_branch_parts_times_each_part_of_every_dida_stage(capsys):
