@@ -5,11 +5,11 @@ Paper: `Dynamic Instance Domain Adaptation` - https://arxiv.org/abs/2203.05028
 Eager on a GPU, the unit's cost is launches, not arithmetic: between its two 1x1 convs it runs a dozen small ops
 each way. `dynamic_paths` does that span in one kernel forward (ReLU, pooling, code, kernel generation, every
 dilation path's depthwise conv, written in the fuse's input layout) and two backward, for the paper's unit
-(dynamic kernels from the shared reduction). It is an opt-in, like timm's fused attention: `set_triton_dida(True)`
-or the environment variable `DIDA_TRITON=1` (read when dida_timm is imported); either applies to the `DidaModule`s
-built from then on. Modules fall back to the eager unit where the kernels cannot run (a CPU tensor, TorchScript,
-FX and `torch.jit.trace` tracing); with `TRITON_INTERPRET=1` Triton runs them on CPU tensors through its
-interpreter, which is how they are tested without a GPU.
+(dynamic kernels from the shared reduction). It is an opt-in, as timm's experimental fused attention is:
+`set_triton_dida(True)` or the environment variable `DIDA_TRITON=1` (read when dida_timm is imported); either applies
+to the `DidaModule`s built from then on. Modules fall back to the eager unit where the kernels cannot run (a CPU
+tensor, a float64 one, TorchScript, FX and `torch.jit.trace` tracing); with `TRITON_INTERPRET=1` Triton runs them
+on CPU tensors through its interpreter, which is how they are tested without a GPU.
 
 Eager calls go through a lean autograd.Function; under torch.compile the same launches run as the custom op
 `dida_timm::dynamic_paths` (opaque to the compiler, its shapes and autograd registered).
