@@ -7,6 +7,7 @@ A model spec is a timm name with an optional tag (`dida_resnet18.tv_in1k`), a Hu
 """
 import argparse
 import csv
+import itertools
 import json
 import sys
 from pathlib import Path
@@ -47,18 +48,22 @@ def smallest_input_size(model: torch.nn.Module) -> int:
     if reductions:
         return int(max(reductions))
     in_chans = getattr(model, 'in_chans', 3)
+    # probe on the model's device and in its dtype (a CPU float32 probe fails on a GPU or half model at every size)
+    weight = next(itertools.chain(model.parameters(), model.buffers()), None)
+    like = {'device': weight.device, 'dtype': weight.dtype} if weight is not None and weight.is_floating_point() else {}
     was_training = model.training
     model.eval()
+    error = None
     try:
         for size in (2 ** i for i in range(11)):
             try:
-                model(torch.zeros(1, in_chans, size, size))
+                model(torch.zeros(1, in_chans, size, size, **like))
                 return size
-            except RuntimeError:
-                continue
+            except RuntimeError as e:
+                error = e
     finally:
         model.train(was_training)
-    raise ValueError(f'{type(model).__name__} takes no square input of up to 1024 px')
+    raise ValueError(f'{type(model).__name__} takes no square input of up to 1024 px (the last error below)') from error
 
 
 def label_free_config(spec: str) -> Optional[dict]:

@@ -17,7 +17,7 @@ import yaml
 from PIL import Image
 
 from dida_timm.hub import export_runs, model_card, push_folder, read_run
-from dida_timm.inference import load_model, main as predict_main, predict_images
+from dida_timm.inference import load_model, main as predict_main, predict_images, smallest_input_size
 from hf_cache import add_snapshot
 
 REPO = Path(__file__).resolve().parents[1]
@@ -680,3 +680,14 @@ def test_card_of_a_source_only_run_lists_no_setting_it_did_not_use(trained_run):
     card = model_card([run], 'dida-timm/x')
     assert '- batch 4 x 8 source images per step on each of 1 process(es)' in card
     assert 'pseudo-labels' not in card and 'strong view' not in card
+
+
+@pytest.mark.parametrize('where', [dict(device='meta'), dict(dtype=torch.bfloat16)])
+def test_smallest_input_size_probes_on_the_models_device_and_in_its_dtype(where):
+    # a model without min_input_size or feature_info is probed with a forward; a float32 CPU probe failed at every
+    # size on a GPU (here: meta) or half model, which was then said to take no input at all
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, stride=2), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten())
+    assert smallest_input_size(net.to(**where)) == 4
+    with pytest.raises(ValueError, match='no square input') as refused:
+        smallest_input_size(torch.nn.Sequential(torch.nn.Linear(5, 2)).to(**where))
+    assert isinstance(refused.value.__cause__, RuntimeError)  # why, for a model that takes none
