@@ -384,3 +384,38 @@ def test_the_package_factory_registers_any_timm_cnn_named_dida_base():
     # this process registered at run time
     assert "'dida_convnext_atto'" in str(error.value) and "'dida_resnet18'" in str(error.value)
     assert "'dida_efficientnet_lite0'" not in str(error.value)
+
+
+@pytest.mark.parametrize('name, base', [('dida_resnet18', 'resnet18'), ('dida_convnext_atto', 'convnext_atto'),
+                                        ('dida_digitnet_compact', 'digitnet_compact')])
+def test_a_static_state_dict_loads_non_strict_into_everything_but_the_branch(name, base):
+    # the usual way to load a backbone into a model with more modules: the stage beside the branch is `blocks` here,
+    # and its keys were left out without a word (the stage kept its initialisation); now only the branch is missing
+    torch.manual_seed(0)
+    twin, model = timm.create_model(base), timm.create_model(name)
+    result = model.load_state_dict(twin.state_dict(), strict=False)
+    assert not result.unexpected_keys and result.missing_keys
+    assert all(is_branch_parameter(k) for k in result.missing_keys)
+    twin_values = sorted(t.sum().item() for t in twin.state_dict().values())
+    static_values = sorted(t.sum().item() for k, t in model.state_dict().items() if not is_branch_parameter(k))
+    assert static_values == twin_values
+    # a DIDA state dict without its branch is not renamed (its stage keys are the model's own already)
+    dida_static = {k: v for k, v in model.state_dict().items() if not is_branch_parameter(k)}
+    result = timm.create_model(name).load_state_dict(dida_static, strict=False)
+    assert not result.unexpected_keys and all(is_branch_parameter(k) for k in result.missing_keys)
+
+
+def test_a_stage_that_shrinks_its_map_without_striding_is_refused_when_the_branch_is_added():
+    # Inception's Conv2d_4a_3x3 (unpadded, stride 1: 73 -> 71) got a stride-2 branch from the rounded-up size ratio,
+    # and the model failed at every forward; no padded branch fits beside it
+    with pytest.raises(ValueError, match=r'Conv2d_4a_3x3 maps 73x73 to 71x71: not a downsampling by a whole stride'):
+        add_dida(timm.create_model('inception_v3'), stages=(1,))
+    model = add_dida(timm.create_model('inception_v3', num_classes=3), stages=(2,)).eval()
+    assert model(torch.randn(1, 3, 160, 160)).shape == (1, 3)
+
+
+def test_an_option_only_timms_features_classes_take_is_refused_naming_the_network_it_reached():
+    # features_only builds the classification network and wraps it; MobileNetV3 itself takes no output_stride
+    with pytest.raises(TypeError, match=r"dida_mobilenetv3_large_100 is mobilenetv3_large_100's classification "
+                                        r"network .* unexpected keyword argument 'output_stride'"):
+        timm.create_model('dida_mobilenetv3_large_100', features_only=True, output_stride=16)

@@ -144,6 +144,7 @@ class DidaStage(nn.Module):
         self.blocks = blocks
         self.branch = branch
         self.grad_checkpointing = False
+        self.register_load_state_dict_pre_hook(_static_keys_to_blocks)
 
     @torch.jit.ignore
     def __iter__(self) -> Iterator[nn.Module]:
@@ -155,6 +156,21 @@ class DidaStage(nn.Module):
             return out + _cropped_to(checkpoint(self.branch, x), out)
         out = self.blocks(x)
         return out + _cropped_to(self.branch(x), out)
+
+
+def _static_keys_to_blocks(stage: DidaStage, state_dict: dict, prefix: str, *args: Any) -> None:
+    """Rename, in place, the keys of the static network's stage in `state_dict` to the stage's place in this one.
+
+    The static stage is `blocks` here (`layer4.0.conv1.weight` is `layer4.blocks.0.conv1.weight`), so a static
+    twin's state dict loaded with `strict=False` (the usual way to load a backbone into a model with more modules)
+    left the whole stage at its initialisation without a word; renamed, only the branch is missing. A key is renamed
+    only where it is not one of the stage's own keys and its name under `blocks.` is.
+    """
+    own = set(stage.state_dict(keep_vars=True))
+    for key in [k for k in state_dict if k.startswith(prefix)]:
+        name = key[len(prefix):]
+        if name not in own and f'blocks.{name}' in own:
+            state_dict[f'{prefix}blocks.{name}'] = state_dict.pop(key)
 
 
 @torch.fx.wrap  # FX would trace the sizes' comparison into control flow

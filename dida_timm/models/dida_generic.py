@@ -23,7 +23,6 @@ strict key checks and a fresh branch; `<name>.untrained` has no weights.
 """
 import copyreg
 import functools
-import math
 import re
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Type, Union
 
@@ -97,6 +96,24 @@ def _probe_shapes(model: nn.Module, names: Sequence[str]) -> Dict[str, Tuple[tor
     return shapes
 
 
+def _branch_stride(model: nn.Module, name: str, in_shape: torch.Size, out_shape: torch.Size) -> int:
+    """The stride of the branch beside stage `name`, which maps `in_shape` to `out_shape` in the probe.
+
+    The branch pads its convs, so at stride s it maps a side of n to ceil(n / s); the stage's output may have one row
+    or column fewer (an unpadded strided conv, cropped by `DidaStage`). A stage that shrinks its map without striding
+    (an unpadded stride-1 conv, as Inception's `Conv2d_4a_3x3`) has no branch that fits: refused here, not at every
+    forward.
+    """
+    stride = max(1, round(in_shape[2] / out_shape[2]))
+    fits = all(out_shape[i] <= (in_shape[i] - 1) // stride + 1 <= out_shape[i] + 1 for i in (2, 3))
+    if not fits:
+        raise ValueError(
+            f'{type(model).__name__}.{name} maps {in_shape[2]}x{in_shape[3]} to {out_shape[2]}x{out_shape[3]}: not a '
+            f'downsampling by a whole stride (an unpadded conv?), so no DIDA branch fits beside it; choose another '
+            f'stage with stages=')
+    return stride
+
+
 def add_dida(
         model: nn.Module,
         stages: Optional[Sequence[int]] = None,
@@ -152,6 +169,7 @@ def add_dida(
         if in_shape is None or out_shape is None or len(in_shape) != 4 or len(out_shape) != 4:
             raise ValueError(
                 f'add_dida needs NCHW feature maps: {type(model).__name__}.{name} maps {in_shape} to {out_shape}')
+        stride = _branch_stride(model, name, in_shape, out_shape)
         stage = model.get_submodule(name)
         stage_norm, stage_act = _stage_norm_act(stage)
         param = next(stage.parameters())
@@ -160,8 +178,7 @@ def add_dida(
             out_shape[1],
             out_shape[1],
             depth=branch_depth,
-            # the probe's sizes are multiples of the stride, so the ratio is exact (1 for a dilated stage)
-            stride=math.ceil(in_shape[2] / out_shape[2]),
+            stride=stride,
             layer_scale_init=layer_scale_init,
             norm_layer=get_norm_layer(norm_layer) if norm_layer else stage_norm,
             act_layer=get_act_layer(act_layer) if act_layer else stage_act,
@@ -270,7 +287,16 @@ def _create_dida_model(base: str, **kwargs: Any) -> nn.Module:
     dida_kwargs = {_RENAMED.get(k, k[len('dida_'):]): kwargs.pop(k) for k in list(kwargs) if k.startswith('dida_')}
     if 'branch_depth' in kwargs:
         dida_kwargs['branch_depth'] = kwargs.pop('branch_depth')
-    return add_dida(model_entrypoint(base)(pretrained=False, **kwargs), **dida_kwargs)
+    try:
+        model = model_entrypoint(base)(pretrained=False, **kwargs)
+    except TypeError as e:
+        if 'unexpected keyword argument' not in str(e):
+            raise
+        # features_only builds this classification network and wraps it: options only timm's features classes take
+        # (MobileNetV3Features' output_stride, feature_location) reach a constructor without them
+        raise TypeError(f'dida_{base} is {base}\'s classification network with a DIDA branch (features_only wraps it '
+                        f'as timm\'s feature extraction does), which does not take this option: {e}') from e
+    return add_dida(model, **dida_kwargs)
 
 
 @functools.lru_cache(maxsize=None)
