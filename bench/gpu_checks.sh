@@ -16,6 +16,7 @@
 #                    not run by default
 # Each step's output is kept in OUTDIR/<step>.txt, also when a later step runs out of its time limit; a step that
 # fails or runs out of time ends its file with a line that says so, and the script then exits 1 after the other steps.
+# A step cut short by the end of the whole script leaves OUTDIR/<step>.txt.part.
 # The limits of the default steps add up to 730 s: where a command may run 600 s at most, split them over two calls
 # (`kernels eager eager_triton`, then `compiled compiled_triton`), and give an OUTDIR that the machine sends back.
 #
@@ -59,14 +60,17 @@ step() {
     local name=$1 limit=$2
     shift 2
     echo "== $name (at most ${limit}s): $*"
-    timeout -k 10 "$limit" "$@" 2>&1 | tee "$out/$name.txt"
+    # written as <step>.txt.part and renamed when the step ends: a file still named .part was cut short by whatever
+    # ended the whole script (the caller's own time limit)
+    timeout -k 10 "$limit" "$@" 2>&1 | tee "$out/$name.txt.part"
     local rc=${PIPESTATUS[0]}
     if [ "$rc" -ne 0 ]; then
         local why=''
         [ "$rc" -eq 124 ] || [ "$rc" -eq 137 ] && why=': out of time, the output above is cut short'
-        echo "## $name exited $rc$why" | tee -a "$out/$name.txt"
+        echo "## $name exited $rc$why" | tee -a "$out/$name.txt.part"
         failed+=("$name")
     fi
+    mv "$out/$name.txt.part" "$out/$name.txt"
 }
 
 $python -c 'import torch, triton, timm; print("torch", torch.__version__, "triton", triton.__version__,

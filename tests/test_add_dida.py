@@ -403,6 +403,10 @@ def test_a_static_state_dict_loads_non_strict_into_everything_but_the_branch(nam
     dida_static = {k: v for k, v in model.state_dict().items() if not is_branch_parameter(k)}
     result = timm.create_model(name).load_state_dict(dida_static, strict=False)
     assert not result.unexpected_keys and all(is_branch_parameter(k) for k in result.missing_keys)
+    # a state dict holding a stage under both names is refused by a strict load, as before the renaming
+    both = {**model.state_dict(), **twin.state_dict()}
+    with pytest.raises(RuntimeError, match='Unexpected key'):
+        timm.create_model(name).load_state_dict(both)
 
 
 def test_a_stage_that_shrinks_its_map_without_striding_is_refused_when_the_branch_is_added():
@@ -419,3 +423,5 @@ def test_an_option_only_timms_features_classes_take_is_refused_naming_the_networ
     with pytest.raises(TypeError, match=r"dida_mobilenetv3_large_100 is mobilenetv3_large_100's classification "
                                         r"network .* unexpected keyword argument 'output_stride'"):
         timm.create_model('dida_mobilenetv3_large_100', features_only=True, output_stride=16)
+    with pytest.raises(TypeError, match=r"^[^ ]*__init__\(\) got an unexpected keyword argument 'drop_rat'"):
+        timm.create_model('dida_mobilenetv3_large_100', drop_rat=0.1)  # not features_only: timm's own message

@@ -164,13 +164,16 @@ def _static_keys_to_blocks(stage: DidaStage, state_dict: dict, prefix: str, *arg
     The static stage is `blocks` here (`layer4.0.conv1.weight` is `layer4.blocks.0.conv1.weight`), so a static
     twin's state dict loaded with `strict=False` (the usual way to load a backbone into a model with more modules)
     left the whole stage at its initialisation without a word; renamed, only the branch is missing. A key is renamed
-    only where it is not one of the stage's own keys and its name under `blocks.` is.
+    only where it is not one of the stage's own keys, its name under `blocks.` is, and the state dict does not hold
+    that name already (a state dict with both stays refused by a strict load). An FX graph of the model has no
+    DidaStage, so no hook: load into the model before tracing, or through `static_twin_filter_fn`.
     """
     own = set(stage.state_dict(keep_vars=True))
     for key in [k for k in state_dict if k.startswith(prefix)]:
         name = key[len(prefix):]
-        if name not in own and f'blocks.{name}' in own:
-            state_dict[f'{prefix}blocks.{name}'] = state_dict.pop(key)
+        renamed = f'{prefix}blocks.{name}'
+        if name not in own and f'blocks.{name}' in own and renamed not in state_dict:
+            state_dict[renamed] = state_dict.pop(key)
 
 
 @torch.fx.wrap  # FX would trace the sizes' comparison into control flow

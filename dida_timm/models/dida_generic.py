@@ -287,16 +287,7 @@ def _create_dida_model(base: str, **kwargs: Any) -> nn.Module:
     dida_kwargs = {_RENAMED.get(k, k[len('dida_'):]): kwargs.pop(k) for k in list(kwargs) if k.startswith('dida_')}
     if 'branch_depth' in kwargs:
         dida_kwargs['branch_depth'] = kwargs.pop('branch_depth')
-    try:
-        model = model_entrypoint(base)(pretrained=False, **kwargs)
-    except TypeError as e:
-        if 'unexpected keyword argument' not in str(e):
-            raise
-        # features_only builds this classification network and wraps it: options only timm's features classes take
-        # (MobileNetV3Features' output_stride, feature_location) reach a constructor without them
-        raise TypeError(f'dida_{base} is {base}\'s classification network with a DIDA branch (features_only wraps it '
-                        f'as timm\'s feature extraction does), which does not take this option: {e}') from e
-    return add_dida(model, **dida_kwargs)
+    return add_dida(model_entrypoint(base)(pretrained=False, **kwargs), **dida_kwargs)
 
 
 @functools.lru_cache(maxsize=None)
@@ -321,16 +312,24 @@ def create_dida(variant: str, pretrained: bool = False, **kwargs: Any) -> nn.Mod
     """Build `dida_<base>` through timm's `build_model_with_cfg` (weights of a static checkpoint load with the
     branch left fresh)."""
     base = variant[len('dida_'):]
-    return build_model_with_cfg(
-        lambda **kw: _create_dida_model(base, **kw),
-        variant,
-        pretrained,
-        pretrained_filter_fn=static_twin_filter_fn,
-        # the base family's features_only classes (EfficientNetFeatures, ...) have no branch: wrap this model
-        # (a copy: timm writes into it)
-        feature_cfg=dict(_feature_cfg(base)) if kwargs.get('features_only') else None,
-        **kwargs,
-    )
+    try:
+        return build_model_with_cfg(
+            lambda **kw: _create_dida_model(base, **kw),
+            variant,
+            pretrained,
+            pretrained_filter_fn=static_twin_filter_fn,
+            # the base family's features_only classes (EfficientNetFeatures, ...) have no branch: wrap this model
+            # (a copy: timm writes into it)
+            feature_cfg=dict(_feature_cfg(base)) if kwargs.get('features_only') else None,
+            **kwargs,
+        )
+    except TypeError as e:
+        if not kwargs.get('features_only') or 'unexpected keyword argument' not in str(e):
+            raise
+        # options only timm's features classes take (MobileNetV3Features' output_stride, feature_location) reach
+        # the classification network's constructor, which has none of them
+        raise TypeError(f'{variant} is {base}\'s classification network with a DIDA branch (features_only wraps it '
+                        f'as timm\'s feature extraction does), which does not take this option: {e}') from e
 
 
 def dida_cfgs(base: str) -> Dict[str, Dict[str, Any]]:
