@@ -25,7 +25,7 @@ from torch.nn.utils.fusion import fuse_conv_bn_weights
 
 from .dida import DidaModule
 
-__all__ = ['DidaBranch', 'DidaStage', 'is_branch_parameter', 'muted_if_untrained']
+__all__ = ['DidaBranch', 'DidaStage', 'is_branch_parameter', 'muted_if_untrained', 'static_keys_to_blocks']
 
 
 class DidaBranch(nn.Sequential):
@@ -144,7 +144,7 @@ class DidaStage(nn.Module):
         self.blocks = blocks
         self.branch = branch
         self.grad_checkpointing = False
-        self.register_load_state_dict_pre_hook(_static_keys_to_blocks)
+        self.register_load_state_dict_pre_hook(static_keys_to_blocks)
 
     @torch.jit.ignore
     def __iter__(self) -> Iterator[nn.Module]:
@@ -158,15 +158,16 @@ class DidaStage(nn.Module):
         return out + _cropped_to(self.branch(x), out)
 
 
-def _static_keys_to_blocks(stage: DidaStage, state_dict: dict, prefix: str, *args: Any) -> None:
+def static_keys_to_blocks(stage: DidaStage, state_dict: dict, prefix: str, *args: Any) -> None:
     """Rename, in place, the keys of the static network's stage in `state_dict` to the stage's place in this one.
 
     The static stage is `blocks` here (`layer4.0.conv1.weight` is `layer4.blocks.0.conv1.weight`), so a static
     twin's state dict loaded with `strict=False` (the usual way to load a backbone into a model with more modules)
     left the whole stage at its initialisation without a word; renamed, only the branch is missing. A key is renamed
     only where it is not one of the stage's own keys, its name under `blocks.` is, and the state dict does not hold
-    that name already (a state dict with both stays refused by a strict load). An FX graph of the model has no
-    DidaStage, so no hook: load into the model before tracing, or through `static_twin_filter_fn`.
+    that name already (a state dict with both stays refused by a strict load). Every DidaStage runs it as its load
+    pre-hook (`*args`: the hook's other arguments), and `static_twin_filter_fn` on a twin's state dict. An FX graph
+    of the model has no DidaStage, so no hook: load into the model before tracing, or through that filter.
     """
     own = set(stage.state_dict(keep_vars=True))
     for key in [k for k in state_dict if k.startswith(prefix)]:

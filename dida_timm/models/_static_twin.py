@@ -12,7 +12,7 @@ from typing import Dict
 import torch
 import torch.nn as nn
 
-from dida_timm.layers import DidaStage, is_branch_parameter
+from dida_timm.layers import DidaStage, is_branch_parameter, static_keys_to_blocks
 
 __all__ = ['static_twin_filter_fn']
 
@@ -34,14 +34,14 @@ def static_twin_filter_fn(state_dict: Dict[str, torch.Tensor], model: nn.Module)
         RuntimeError: naming the keys that are missing or unexpected.
     """
     state_dict = state_dict.get('state_dict', state_dict)
-    stages = tuple(f'{name}.' for name, m in model.named_modules() if isinstance(m, DidaStage))
+    stages = {f'{name}.': m for name, m in model.named_modules() if isinstance(m, DidaStage)}
     if not stages:
         return state_dict
     twin = not any(is_branch_parameter(k) for k in state_dict)
-    out = {}
-    for k, v in state_dict.items():
-        stage = next((s for s in stages if k.startswith(s)), None) if twin else None
-        out[f'{stage}blocks.{k[len(stage):]}' if stage else k] = v
+    out = dict(state_dict)
+    if twin:
+        for prefix, stage in stages.items():
+            static_keys_to_blocks(stage, out, prefix)
     model_state = model.state_dict()
     classifier = classifier_name(model) + '.'
     expected = {k for k in model_state if not k.startswith(classifier) and not (twin and is_branch_parameter(k))}
