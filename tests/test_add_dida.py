@@ -362,6 +362,11 @@ def test_add_dida_refuses_what_it_cannot_handle():
     # RepVGG's last feature module is its final_conv, an Identity there: nothing to run beside
     with pytest.raises(ValueError, match=r'ByobNet.final_conv \(feature_info index 4\) has no parameters'):
         add_dida(timm.create_model('repvgg_a0', device='meta'))
+    # HRNet's classifier: its feature_info names modules of its features_only form, and its stages pass lists
+    with pytest.raises(ValueError, match="HighResolutionNet has no module 'stem', which its feature_info names"):
+        add_dida(timm.create_model('hrnet_w18_small', device='meta'), stages=(0,))
+    with pytest.raises(ValueError, match=r'NCHW feature maps: HighResolutionNet.stage2 maps a list to a list'):
+        add_dida(timm.create_model('hrnet_w18_small', device='meta'), stages=(2,))
     for name in ('no_such_model', 'regnetx_002.pycls_in1k', 'dida_resnet18'):
         with pytest.raises(ValueError, match='register_dida needs'):
             register_dida(name)
@@ -425,3 +430,20 @@ def test_an_option_only_timms_features_classes_take_is_refused_naming_the_networ
         timm.create_model('dida_mobilenetv3_large_100', features_only=True, output_stride=16)
     with pytest.raises(TypeError, match=r"^[^ ]*__init__\(\) got an unexpected keyword argument 'drop_rat'"):
         timm.create_model('dida_mobilenetv3_large_100', drop_rat=0.1)  # not features_only: timm's own message
+
+
+def test_pretrained_weights_adapt_to_in_chans_with_a_branch_beside_the_stem(tmp_path):
+    # the stem's conv moves into the DidaStage: timm's first_conv trait must follow it, or in_chans adaptation of the
+    # pretrained stem finds no weight to adapt and the load fails on the shape
+    twin = timm.create_model('regnety_004')
+    path = tmp_path / 'twin.safetensors'
+    safetensors.torch.save_file(twin.state_dict(), str(path))
+    model = timm.create_model('dida_regnety_004', pretrained=True, pretrained_cfg_overlay=dict(file=str(path)),
+                              dida_stages=(0,), dida_reduction=1, in_chans=1)
+    assert timm.models.get_model_traits(model)['first_conv'] == 'stem.blocks.conv'
+    torch.testing.assert_close(model.stem.blocks.conv.weight, twin.stem.conv.weight.sum(1, keepdim=True))
+    assert model(torch.randn(2, 1, 64, 64)).shape == (2, 1000)
+    # add_dida on a built model renames the trait too; a conv outside the wrapped stages keeps its name
+    assert timm.models.get_model_traits(add_dida(timm.create_model('regnety_004'), stages=(0,), reduction=1))[
+        'first_conv'] == 'stem.blocks.conv'
+    assert timm.models.get_model_traits(add_dida(timm.create_model('regnety_004')))['first_conv'] == 'stem.conv'

@@ -62,8 +62,9 @@ def _refuse_transformer(model: nn.Module) -> None:
 
 
 @torch.no_grad()
-def _probe_shapes(model: nn.Module, names: Sequence[str]) -> Dict[str, Tuple[torch.Size, torch.Size]]:
-    """Input and output shape of each named module, from one forward_features pass in eval mode."""
+def _probe_shapes(model: nn.Module, names: Sequence[str]) -> Dict[str, Tuple[Any, Any]]:
+    """Input and output shape of each named module called by one forward_features pass in eval mode (the objects
+    themselves where they are not tensors: HRNet's stages take and give lists)."""
     reduction = max(f['reduction'] for f in model.feature_info)
     small = max(64, 2 * reduction)
     # a small map is cheap; unpadded stems (Inception's) need more, and the model's own input size always works
@@ -74,8 +75,8 @@ def _probe_shapes(model: nn.Module, names: Sequence[str]) -> Dict[str, Tuple[tor
     shapes = {}
 
     def record(name, module, args, output):
-        shapes[name] = (args[0].shape if args and torch.is_tensor(args[0]) else None,
-                        output.shape if torch.is_tensor(output) else None)
+        shapes[name] = (args[0].shape if args and torch.is_tensor(args[0]) else args[0] if args else None,
+                        output.shape if torch.is_tensor(output) else output)
 
     hooks = [model.get_submodule(n).register_forward_hook(lambda m, a, o, n=n: record(n, m, a, o)) for n in names]
     modes = [(m, m.training) for m in model.modules()]
@@ -156,8 +157,12 @@ def add_dida(
                          f'(-{num_stages}..{num_stages - 1}), got {stages!r}')
     indices = sorted({s % num_stages for s in stages})
     names = [feature_info[i]['module'] for i in indices]
+    modules = dict(model.named_modules())
     for i, name in zip(indices, names):
-        if next(model.get_submodule(name).parameters(), None) is None:
+        if name not in modules:  # HRNet's classifier lists the modules of its features_only form
+            raise ValueError(f'{type(model).__name__} has no module {name!r}, which its feature_info names at index '
+                             f'{i}: add_dida cannot find that stage; choose another with stages=')
+        if next(modules[name].parameters(), None) is None:
             raise ValueError(f'{type(model).__name__}.{name} (feature_info index {i}) has no parameters: a DIDA '
                              'branch runs beside a stage, so choose another with stages=')
     wrapped = [n for n in names if isinstance(model.get_submodule(n), DidaStage)]
@@ -165,10 +170,14 @@ def add_dida(
         raise ValueError(f'{wrapped} already have a DIDA branch')
     shapes = _probe_shapes(model, names)
     for name in names:
-        in_shape, out_shape = shapes.get(name, (None, None))
-        if in_shape is None or out_shape is None or len(in_shape) != 4 or len(out_shape) != 4:
-            raise ValueError(
-                f'add_dida needs NCHW feature maps: {type(model).__name__}.{name} maps {in_shape} to {out_shape}')
+        if name not in shapes:
+            raise ValueError(f'{type(model).__name__}.{name} is not called by forward_features, so add_dida cannot '
+                             'put a branch beside it; choose another stage with stages=')
+        in_shape, out_shape = shapes[name]
+        if not all(isinstance(s, torch.Size) and len(s) == 4 for s in (in_shape, out_shape)):
+            shown = [tuple(s) if isinstance(s, torch.Size) else f'a {type(s).__name__}' for s in (in_shape, out_shape)]
+            raise ValueError(f'add_dida needs NCHW feature maps: {type(model).__name__}.{name} maps {shown[0]} to '
+                             f'{shown[1]}')
         stride = _branch_stride(model, name, in_shape, out_shape)
         stage = model.get_submodule(name)
         stage_norm, stage_act = _stage_norm_act(stage)
@@ -189,8 +198,29 @@ def add_dida(
         parent, _, child = name.rpartition('.')
         parent_module = model.get_submodule(parent) if parent else model
         setattr(parent_module, child, DidaStage(stage, branch))
+    _rename_first_conv(model, names)
     model.__class__ = _with_dida_class(type(model))
     return model
+
+
+def _rename_first_conv(model: nn.Module, stages: Sequence[str]) -> None:
+    """Name timm's `first_conv` trait (the stem conv whose pretrained weights timm adapts to `in_chans`) as it is
+    inside the stages just wrapped: `stem.conv` -> `stem.blocks.conv`.
+
+    The trait is the model's own (timm keeps it in `model._traits`, set when the base was built, and it outranks the
+    pretrained_cfg's entry); a stale one makes `in_chans=1` with pretrained weights fail on a branch beside the stem.
+    """
+    traits = getattr(model, '_traits', None)
+    first = traits.get('first_conv') if traits else None
+    if not first:
+        return
+
+    def renamed(conv: str) -> str:
+        stage = next((s for s in stages if conv == s or conv.startswith(f'{s}.')), None)
+        return f'{stage}.blocks{conv[len(stage):]}' if stage else conv
+
+    convs = tuple(renamed(c) for c in ((first,) if isinstance(first, str) else first))
+    model._traits = dict(traits, first_conv=convs[0] if isinstance(first, str) else convs)
 
 
 def _ordinal_fn(matcher: Union[Dict[str, Any], Callable]) -> Callable[[str], Tuple[float, ...]]:
