@@ -150,11 +150,11 @@ def test_reparameterizing_a_frozen_unit_keeps_it_frozen():
     assert not module.proj.weight.requires_grad and module.proj.bias.requires_grad
 
 
-@pytest.mark.parametrize('device, ops, kernel_ops', [('cpu', 31, 12), ('meta', 20, 11)])
+@pytest.mark.parametrize('device, ops, kernel_ops', [('cpu', 33, 12), ('meta', 20, 11)])
 def test_forward_runs_few_aten_ops(device, ops, kernel_ops):
     # each op is a dispatch, and each that is not a view a kernel launch on a GPU (the unit used to run 47). Off CPU
     # (meta tensors: no data, the same dispatches) the 1x1s are one conv each; on CPU each is a batched matmul and
-    # its views, and the features get a channels-last copy for the grouped conv
+    # its views, and the features get a channels-last copy for the grouped conv (between two permutes: vmap)
     module = DidaModule(64, 128, reduction=16).eval().to(device)
     x = torch.randn(8, 64, 16, 16, device=device)
     with torch.no_grad():
@@ -206,6 +206,25 @@ def test_kernels_follow_their_sample_when_batch_is_permuted():
     for kernels, kernels_swapped in zip(module.generate_kernels(x), module.generate_kernels(swapped)):
         torch.testing.assert_close(kernels_swapped, kernels[[3, 1, 2, 0, 4]])
     torch.testing.assert_close(module(swapped), module(x)[[3, 1, 2, 0, 4]])
+
+
+@pytest.mark.parametrize('dynamic', [True, False])
+def test_per_sample_gradients_through_torch_func_equal_one_backward_per_sample(dynamic):
+    # torch.func.vmap (per-sample gradients, DP-SGD) takes no channels-last clone: the CPU form must avoid one
+    module = _randomise(DidaModule(32, 32, reduction=4, dynamic=dynamic))
+    params = {name: p.detach() for name, p in module.named_parameters()}
+    buffers = dict(module.named_buffers())
+    x = torch.randn(3, 32, 6, 6)
+
+    def loss(p, sample):
+        return torch.func.functional_call(module, (p, buffers), (sample[None],)).square().mean()
+
+    grads = torch.func.vmap(torch.func.grad(loss), in_dims=(None, 0))(params, x)
+    for i in range(len(x)):
+        module.zero_grad()
+        module(x[i:i + 1]).square().mean().backward()
+        for name, p in module.named_parameters():
+            torch.testing.assert_close(grads[name][i], p.grad, msg=name)
 
 
 def test_single_sample_output_does_not_depend_on_the_rest_of_the_batch():
@@ -293,7 +312,7 @@ def test_reparameterized_module_scripts_traces_and_moves_its_weight():
         deployed.generate_kernels(x.double())
 
 
-@pytest.mark.parametrize('device, ops, kernel_ops', [('cpu', 21, 8), ('meta', 10, 7)])
+@pytest.mark.parametrize('device, ops, kernel_ops', [('cpu', 23, 8), ('meta', 10, 7)])
 def test_reparameterized_forward_skips_the_weight_build(device, ops, kernel_ops):
     # the grouped conv's weight (a gather and a multiply-add of the generator parameters, 8 ops with their views)
     # and the output's view are gone; compare test_forward_runs_few_aten_ops

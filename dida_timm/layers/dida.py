@@ -151,9 +151,10 @@ def _grouped_conv_input(feat: torch.Tensor) -> torch.Tensor:
     oneDNN's grouped conv with several outputs per group is faster on channels-last input, this copy of the
     r-channel features included: the whole module's forward + backward took 5.1 instead of 5.9 ms in
     dida_digitnet_compact, 5.0 and 5.2 instead of 5.1 and 6.3 ms in dida_resnet18 (`bench/bench_branch_parts.py`, 2
-    threads, torch 2.14.1). GPUs keep the layout they were measured with.
+    threads, torch 2.14.1). GPUs keep the layout they were measured with. The copy is made between two permutes, not by
+    `contiguous(memory_format=...)`, which `torch.func.vmap` (per-sample gradients) does not take.
     """
-    return feat.contiguous(memory_format=torch.channels_last) if feat.is_cpu else feat
+    return feat.permute(0, 2, 3, 1).contiguous().permute(0, 3, 1, 2) if feat.is_cpu else feat
 
 
 @torch.fx.wrap  # FX would trace the layout test into control flow
