@@ -1,5 +1,7 @@
 """The built-in offline digits benchmark: determinism, balance, splits, caching."""
 import re
+import struct
+import zipfile
 
 import numpy as np
 import pytest
@@ -90,9 +92,24 @@ def test_build_command_refuses_a_too_small_size_naming_the_option(monkeypatch, c
     assert exit_info.value.code == 2 and 'error: --train-size: ' in capsys.readouterr().err
 
 
-def test_a_damaged_cache_file_is_named_in_the_error(tmp_path):
+def _flip_compressed_bytes(path) -> None:
+    """Invert 20 bytes inside the first member's compressed data (a disk or copy error that keeps the zip's index)."""
+    data = bytearray(path.read_bytes())
+    with zipfile.ZipFile(path) as archive:
+        member = archive.infolist()[0]
+    name_len, extra_len = struct.unpack('<HH', data[member.header_offset + 26:member.header_offset + 30])
+    start = member.header_offset + 30 + name_len + extra_len + 100
+    data[start:start + 20] = bytes(255 - b for b in data[start:start + 20])
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize('damage', ['partial copy', 'flipped bytes'])
+def test_a_damaged_cache_file_is_named_in_the_error(tmp_path, damage):
     load_offline_digits(seed=3, cache_dir=tmp_path, log=lambda _: None, **SMALL)
     path, = (tmp_path / 'offline_digits').glob('*.npz')
-    path.write_bytes(path.read_bytes()[:1000])  # a partial copy
+    if damage == 'partial copy':
+        path.write_bytes(path.read_bytes()[:1000])
+    else:  # zlib's own error, not the zip's CRC check, reports this one
+        _flip_compressed_bytes(path)
     with pytest.raises(OSError, match=f'cannot read the cached benchmark {re.escape(str(path))}.*delete it'):
         load_offline_digits(seed=3, cache_dir=tmp_path, **SMALL)

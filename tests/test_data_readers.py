@@ -1,4 +1,7 @@
 """Readers of real dataset layouts and of a user's folders, on tiny fixture trees built here."""
+import os
+import re
+import struct
 from pathlib import Path
 
 import numpy as np
@@ -27,6 +30,18 @@ def test_folder_domains_share_the_class_map_by_name(tmp_path):
     a, b = create_domain_datasets('folder', tmp_path, ['a', 'b'], 'train')
     assert a.classes == b.classes == ['cat', 'dog', 'fox']
     assert [b.classes[t] for t in b.targets] == [p.parent.name for p in b.paths]
+
+
+@pytest.mark.parametrize('splits, split', [(['train', 'valid', 'test'], 'valid'), (['Train', 'Test'], 'test'),
+                                           (['training', 'testing'], 'training')])
+def test_split_folders_as_exports_name_them_are_read_as_splits_not_classes(tmp_path, splits, split):
+    for name in splits:
+        _domain(tmp_path / 'photos' / name, ['cat', 'dog'])
+    for asked in splits if split != 'valid' else ['train', 'valid']:
+        ds, = create_domain_datasets('folder', tmp_path, ['photos'], asked.lower())
+        assert ds.classes == ['cat', 'dog'] and {p.parent.parent.name for p in ds.paths} == {asked}
+    with pytest.raises(FileNotFoundError, match='split .unlabeled. of domain .photos. not found'):
+        create_domain_datasets('folder', tmp_path, ['photos'], 'unlabeled')
 
 
 def test_folder_domain_with_split_folders_reads_the_split(tmp_path):
@@ -74,7 +89,8 @@ def test_empty_domain_and_empty_class_folder_are_refused(tmp_path):
     _domain(tmp_path / 'a', ['cat', 'dog'])
     (tmp_path / 'b' / 'cat').mkdir(parents=True)
     (tmp_path / 'b' / 'dog').mkdir(parents=True)
-    with pytest.raises(ValueError, match='lacks images of classes'):
+    with pytest.raises(ValueError, match=r"lacks images of classes \['cat', 'dog'\] \(class folders without images "
+                                         r"\['cat', 'dog'\]\): every domain of a run needs"):
         create_domain_datasets('folder', tmp_path, ['a', 'b'], 'train')
     (tmp_path / 'c').mkdir()
     with pytest.raises(ValueError, match='has no images'):
@@ -110,6 +126,46 @@ def test_images_in_hidden_folders_are_not_read(tmp_path):
     assert [p.name for p in ds.paths] == ['a.png'] and ds.skipped == 0
 
 
+def test_a_visible_link_to_a_hidden_folder_is_read(tmp_path):
+    # the hidden folder sorts first: walked, it claimed the real folder, and the link to it was then skipped
+    _image(tmp_path / 'new' / '.store' / 'b.png')
+    (tmp_path / 'new' / 'photos').symlink_to(tmp_path / 'new' / '.store', target_is_directory=True)
+    ds = read_unlabelled_folder(tmp_path / 'new', 'new', ['cat'])
+    assert [p.relative_to(tmp_path / 'new').as_posix() for p in ds.paths] == ['photos/b.png']
+
+
+def test_a_folder_that_cannot_be_listed_is_an_error_naming_it(tmp_path, monkeypatch):
+    _domain(tmp_path / 'a', ['cat', 'dog'])
+    _image(tmp_path / 'a' / 'cat' / 'batch2' / 'c.png')
+    listing = os.scandir
+
+    def scandir(path):  # chmod 000 does not stop root, who runs CI
+        if Path(path).name == 'batch2':
+            raise PermissionError(13, 'Permission denied', str(path))
+        return listing(path)
+    monkeypatch.setattr(os, 'scandir', scandir)
+    with pytest.raises(OSError, match=f'cannot list the folder {re.escape(str(tmp_path / "a" / "cat" / "batch2"))}'):
+        read_class_folders(tmp_path / 'a', 'a')
+
+
+@pytest.mark.parametrize('damage', ['not an image', 'cut inside a chunk header'])
+def test_an_undecodable_image_is_reported_and_left_out_not_raised(tmp_path, damage):
+    _image(tmp_path / 'new' / 'a.png')
+    broken = tmp_path / 'new' / 'b.png'
+    if damage == 'not an image':
+        broken.write_bytes(b'not a png')
+    else:  # PIL raises SyntaxError for a PNG whose second IDAT chunk header is cut (a partial download)
+        Image.fromarray(np.random.default_rng(0).integers(0, 256, (300, 300, 3), np.uint8)).save(broken)
+        data = broken.read_bytes()
+        first = data.index(b'IDAT') - 4
+        broken.write_bytes(data[:first + 12 + struct.unpack('>I', data[first:first + 4])[0] + 6])
+    ds = read_unlabelled_folder(tmp_path / 'new', 'new', ['cat'])
+    readable, unreadable = ds.without_unreadable()
+    assert [p.name for p in readable.paths] == ['a.png'] and [p.name for p, _ in unreadable] == ['b.png']
+    with pytest.raises(OSError, match='cannot read image .*b.png'):
+        ds.load(1)
+
+
 def test_a_photo_loads_upright_as_its_exif_orientation_says(tmp_path):
     path = tmp_path / 'a' / 'cat' / 'photo.jpg'
     path.parent.mkdir(parents=True)
@@ -134,6 +190,22 @@ def test_every_image_mode_loads_as_rgb(tmp_path, mode):
     assert img.mode == 'RGB' and label == 0
     if mode == 'I;16':
         assert np.asarray(img).min() == 255  # rescaled, not clipped to a wrong value
+
+
+@pytest.mark.parametrize('mode, key', [('L', 255), ('RGB', (255, 255, 255)), ('P', 0), ('RGBA', None)])
+def test_a_transparent_image_is_composited_on_black_however_its_png_stores_it(tmp_path, mode, key):
+    # a colour key (tRNS) in an L or RGB PNG, as an optimiser may write it, is transparency like an alpha channel
+    path = tmp_path / 'a' / 'cat' / 'logo.png'
+    path.parent.mkdir(parents=True)
+    if key is None:
+        Image.new('RGBA', (8, 8), (255, 255, 255, 0)).save(path)
+    else:
+        img = Image.new(mode, (8, 8), 'white' if mode != 'P' else 0)
+        if mode == 'P':
+            img.putpalette([255, 255, 255] * 256)
+        img.save(path, transparency=key)
+    img, _ = read_class_folders(tmp_path / 'a', 'a')[0]
+    assert np.asarray(img).max() == 0
 
 
 def test_unlabelled_folder_reads_every_image_without_labels(tmp_path):

@@ -339,6 +339,30 @@ def test_a_target_folder_inside_a_source_domain_or_a_single_class_is_refused_bef
     assert result.returncode == 2 and "have one class, ['0']: a classifier needs two or more" in result.stderr
 
 
+def test_too_small_data_is_refused_before_training_naming_the_folder_and_the_held_out_images(tmp_path):
+    from PIL import Image
+    root = tmp_path / 'data'
+    for domain, count in (('A', 9), ('B', 3)):
+        for label in ('0', '1'):
+            (root / domain / label).mkdir(parents=True)
+            for i in range(count):
+                Image.new('RGB', (8, 8), (20 * i, 0, 0)).save(root / domain / label / f'{i}.png')
+    broken = tmp_path / 'broken'
+    broken.mkdir()
+    for i in range(3):
+        (broken / f'{i}.png').write_bytes(b'not a png')
+    common = ['--dataset', 'folder', '--source', 'A', '--source-only-epochs', '1', '--epochs', '1']
+    # 18 images in A, 2 held out: the 16 left cannot fill a batch of 17 (the sampler counted 16 without saying why)
+    result = _train(common + ['--target', 'B', '--batch-size', '17'], tmp_path, root, check=False,
+                    tiny=['--no-progress'])
+    assert result.returncode == 2 and 'Traceback' not in result.stderr
+    assert "source domain 'A' has 18 images, 2 of them held out (--source-val-fraction 0.1): its 16 training " \
+        'images cannot fill one batch of --batch-size 17' in result.stderr, result.stderr
+    result = _train(common + ['--target-dir', str(broken), '--batch-size', '2'], tmp_path, root, check=False,
+                    tiny=['--no-progress'])
+    assert result.returncode == 2 and f'--target-dir {broken}: none of its 3 images can be read' in result.stderr
+
+
 @pytest.mark.slow
 def test_an_unreadable_image_of_the_evaluation_folder_is_left_out_with_a_warning_before_training(tmp_path, data_dir):
     from dida_timm.data import create_domain_datasets

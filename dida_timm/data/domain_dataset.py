@@ -4,6 +4,8 @@ Domain adaptation mixes several domains in one run, so a label must mean the sam
 labels are always looked up by class NAME in the run's class map, never taken from folder order.
 """
 import copy
+import struct
+import zlib
 from pathlib import Path
 from typing import Callable, List, Optional, Sequence, Tuple
 
@@ -137,8 +139,9 @@ class FileDomainDataset(DomainDataset):
             raise OSError(f'cannot read image {path} (domain {self.domain!r}): {e}') from e
 
 
-# what PIL raises for a file it cannot decode (truncated, not an image, a decompression bomb)
-READ_ERRORS = (OSError, ValueError, Image.DecompressionBombError)
+# what PIL raises for a file it cannot decode (truncated, not an image, a decompression bomb; a damaged PNG chunk
+# raises SyntaxError, short or corrupt data structures EOFError, struct.error or zlib.error)
+READ_ERRORS = (OSError, ValueError, SyntaxError, EOFError, struct.error, zlib.error, Image.DecompressionBombError)
 
 
 def read_error_reason(error: BaseException) -> str:
@@ -148,12 +151,13 @@ def read_error_reason(error: BaseException) -> str:
 
 
 def to_rgb(img: Image.Image) -> Image.Image:
-    """Any PIL mode as 8-bit RGB: 16-bit gray is rescaled (not clipped), alpha is composited on black."""
+    """Any PIL mode as 8-bit RGB: 16-bit gray is rescaled (not clipped), alpha is composited on black, and so is a
+    colour key (a PNG's `transparency` in any mode: L, RGB and P store it so, as an optimiser may choose)."""
     if img.mode in ('I;16', 'I;16B', 'I;16L', 'I'):
         arr = np.asarray(img, dtype=np.float64)
         peak = 65535.0 if img.mode.startswith('I;16') else max(float(arr.max()), 1.0)
         img = Image.fromarray((arr * (255.0 / peak)).clip(0, 255).astype(np.uint8))
-    if img.mode in ('RGBA', 'LA') or (img.mode == 'P' and 'transparency' in img.info):
+    if img.mode in ('RGBA', 'LA', 'PA') or 'transparency' in img.info:
         img = img.convert('RGBA')
         background = Image.new('RGBA', img.size, (0, 0, 0, 255))
         img = Image.alpha_composite(background, img)

@@ -27,7 +27,9 @@ import gzip
 import hashlib
 import io
 import os
+import uuid
 import zipfile
+import zlib
 from functools import lru_cache
 from importlib import resources
 from pathlib import Path
@@ -308,13 +310,15 @@ def load_offline_digits(
         try:
             with np.load(path) as data:
                 return dict(data)
-        except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:  # damaged after it was written: a partial copy
+        # damaged after it was written (a partial copy, flipped bits): every way numpy's zip reading fails
+        except (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error) as e:
             raise OSError(f'cannot read the cached benchmark {path} ({type(e).__name__}: {e}); delete it to rebuild '
                           'it') from e
     log(f'building the offline digits benchmark (seed {seed}) into {path} ...')
     arrays = build_offline_digits(seed, train_size, test_size)
     cache_dir.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(f'.tmp{os.getpid()}.npz')
+    # a unique name: builders on other machines may share a network cache, and their process ids can be equal
+    tmp = path.with_suffix(f'.tmp{os.getpid()}-{uuid.uuid4().hex[:12]}.npz')
     np.savez_compressed(tmp, **arrays)
     os.replace(tmp, path)
     return arrays

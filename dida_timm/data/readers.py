@@ -45,28 +45,38 @@ def _require_dir(path: Path, what: str) -> Path:
     return path
 
 
+def _refuse_unlisted(error: OSError) -> None:
+    raise OSError(f'cannot list the folder {error.filename} ({error.strerror or error}): its images would be left '
+                  'out') from error
+
+
 def _files_under(folder: Path) -> List[Path]:
-    """Every entry under `folder` that is not a folder, through symlinked folders too (`Path.rglob` does not enter
-    them, silently leaving out the images of a class assembled from links); each real folder is read once, so a
-    link to an ancestor does not loop."""
+    """Every entry under `folder` that is not a folder, hidden ones and hidden folders (such as .ipynb_checkpoints/
+    with its copies) left out, through symlinked folders too (`Path.rglob` does not enter them, silently leaving out
+    the images of a class assembled from links); each real folder is read once, so a link to an ancestor does not
+    loop.
+
+    Raises:
+        OSError: naming a folder that cannot be listed.
+    """
     files, seen = [], set()
-    for top, dirs, names in os.walk(folder, followlinks=True):
+    for top, dirs, names in os.walk(folder, onerror=_refuse_unlisted, followlinks=True):
         real = os.path.realpath(top)
         if real in seen:
             dirs.clear()
             continue
         seen.add(real)
-        dirs.sort()  # which of two links to one folder is read does not depend on the file system's listing order
-        files += [Path(top) / name for name in names]
+        # hidden folders are pruned before they are walked: read first, one would claim the real folder that a
+        # visible link also reaches; sorted, which of two links to a folder is read does not depend on the listing
+        dirs[:] = sorted(d for d in dirs if not d.startswith('.'))
+        files += [Path(top) / name for name in names if not name.startswith('.')]
     return files
 
 
 def _images_under(folder: Path) -> Tuple[List[Path], List[Path]]:
-    """Image files anywhere under `folder` (sorted; hidden files and folders, such as .ipynb_checkpoints/ with its
-    copies, ignored) and the other files."""
+    """Image files anywhere under `folder` (sorted; hidden files and folders ignored) and the other files."""
     # a link whose target is gone stays in: an image that cannot be read is reported as such, not left out unseen
-    files = [p for p in sorted(_files_under(folder)) if (p.is_file() or p.is_symlink())
-             and not any(part.startswith('.') for part in p.relative_to(folder).parts)]
+    files = [p for p in sorted(_files_under(folder)) if p.is_file() or p.is_symlink()]
     images = [p for p in files if _is_image(p)]
     return images, [p for p in files if not _is_image(p)]
 
@@ -132,11 +142,12 @@ def read_class_folders(
         if not images:
             empty.append(name)
         samples += [(p, label) for p in images]
-    missing = sorted((set(classes) - set(found)) | set(empty))
-    if missing and not allow_missing_classes:
-        raise ValueError(
-            f'{root} lacks images of classes {missing} that other domains have; pass '
-            f'allow_missing_classes=True if that is expected (labels stay tied to class names)')
+    absent = sorted(set(classes) - set(found))
+    if (absent or empty) and not allow_missing_classes:
+        lacks = ([f'no folder for the classes {absent}'] if absent else []) + (
+            [f'class folders without images {empty}'] if empty else [])
+        raise ValueError(f'{root} lacks images of classes {sorted(absent + empty)} ({"; ".join(lacks)}): every '
+                         f'domain of a run needs images of every class of its class map {classes}')
     if not samples:
         raise ValueError(f'domain {domain!r} at {root} has no images{_not_images(skipped)}')
     return FileDomainDataset(domain, classes, samples, transform, skipped=skipped)
@@ -269,19 +280,24 @@ def _offline_digits(root: Optional[Path], domain: str, split: str, classes, tran
                               arrays[f'{domain}_{split}_labels'], transform)
 
 
-_SPLIT_FOLDERS = frozenset({'train', 'val', 'validation', 'test', 'all'})
+# split folder names as exports write them (Roboflow's valid/, Kaggle's Train/ and Test/), compared in lower case
+_SPLIT_FOLDERS = frozenset({'train', 'training', 'val', 'valid', 'validation', 'test', 'testing', 'all', 'unlabeled',
+                            'unlabelled'})
 
 
 def _folder(root: Path, domain: str, split: str, classes, transform) -> DomainDataset:
     domain_dir = root / domain
     # optional per-split sub-folders, root/<domain>/<split>/<class>/...: only where every sub-folder of the domain is
     # named like a split, since a class may be (VisDA-2017 and DomainNet have a class 'train')
-    sub_dirs = set(_class_dirs(domain_dir)) if domain_dir.is_dir() else set()
-    if sub_dirs and sub_dirs <= _SPLIT_FOLDERS | {split}:
-        if split not in sub_dirs:  # else its split folders would be read as its classes
+    sub_dirs = sorted(_class_dirs(domain_dir)) if domain_dir.is_dir() else []
+    if sub_dirs and all(d.lower() in _SPLIT_FOLDERS | {split.lower()} for d in sub_dirs):
+        chosen = [d for d in sub_dirs if d.lower() == split.lower()]
+        if not chosen:  # else its split folders would be read as its classes
             raise FileNotFoundError(f'split {split!r} of domain {domain!r} not found: {domain_dir} holds the split '
-                                    f'folders {sorted(sub_dirs)}')
-        domain_dir = domain_dir / split
+                                    f'folders {sub_dirs}')
+        if len(chosen) > 1:
+            raise ValueError(f'{domain_dir} holds the split folders {chosen}, which differ only in case: merge them')
+        domain_dir = domain_dir / chosen[0]
     return read_class_folders(domain_dir, domain, classes, transform=transform)
 
 

@@ -146,6 +146,9 @@ class Run:
         if a.target_dir:
             target, unreadable = _without_unreadable(
                 read_unlabelled_folder(a.target_dir, self.target_name, self.classes), 'target')
+            if unreadable and not len(target):
+                raise RunError(f'--target-dir {a.target_dir}: none of its {len(unreadable)} images can be read '
+                               f'({unreadable[0][0]}: {unreadable[0][1]})')
             _logger.info(f'target {a.target_dir}: {len(target)} images, {target.skipped} non-image files skipped, '
                          f'{len(unreadable)} unreadable images skipped')
         else:
@@ -188,6 +191,12 @@ class Run:
         self.target_train, self.target_val = holdout_split(target, a.target_val_fraction, a.val_max_images, val_seed)
         splits = [holdout_split(ds, a.source_val_fraction, a.val_max_images, val_seed + i + 1)
                   for i, ds in enumerate(sources)]
+        for train, val in splits:  # the sampler's own error would count the images after the held-out slice
+            if len(train) < a.batch_size * self.world_size:
+                raise RunError(
+                    f'source domain {train.domain!r} has {len(train) + len(val)} images, {len(val)} of them held out '
+                    f'(--source-val-fraction {a.source_val_fraction}): its {len(train)} training images cannot fill '
+                    f'one batch of --batch-size {a.batch_size} per domain on {self.world_size} process(es)')
         self.sources = [train for train, _ in splits]
         self.source_val = ConcatDataset([val for _, val in splits])
         # COT's label marginal from every source label: a small held-out slice can miss a class, and COT would
