@@ -22,12 +22,8 @@ from .data import read_unlabelled_folder
 from .data.domain_dataset import READ_ERRORS, read_error_reason
 from .models._published import published_folder
 from .models.factory import create_model, read_hub_config  # create_model re-exported: it used to live here
-from .training.selection import COT_MAX_IMAGES, CollapseGuard, atc_estimate, cot_estimate, label_free_scores
-
-# below this many images per class, a healthy model's predicted-class counts stray far from the class shares by
-# chance (simulated, 10 classes, 80% accurate and calibrated: 10 images gave a false collapse warning in 98% of
-# folders and a COT estimate of 50%, 100 images none and 74%)
-MIN_IMAGES_PER_CLASS = 10
+from .training.selection import (COT_MAX_IMAGES, MIN_IMAGES_PER_CLASS, CollapseGuard, atc_estimate, cot_estimate,
+                                 label_free_scores)
 
 __all__ = ['create_model', 'label_free_check', 'label_free_config', 'load_model', 'predict_images',
            'smallest_input_size', 'main']

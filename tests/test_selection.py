@@ -275,3 +275,28 @@ def test_a_resumed_monitor_restores_the_reference_predictions_exactly(monkeypatc
     np.savez_compressed(dump, **{k: v for k, v in saved.items() if k != 'target_predictions'})
     resumed.restore_reference(3)
     assert resumed.reference_predictions.tolist() == saved['target_probs'].astype(np.float32).argmax(-1).tolist()
+
+
+def test_the_saved_probabilities_recompute_the_logged_scores_exactly(monkeypatch, tmp_path):
+    from torch.utils.data import TensorDataset
+
+    import dida_timm.training.label_free as label_free
+    from dida_timm.training.selection import atc_estimate, cot_estimate, fit_atc_threshold, fit_temperature
+    # confident predictions, as a trained model gives: float16 rounded many to exactly 1.0, which moved the threshold
+    gen = torch.Generator().manual_seed(0)
+    source_probs = torch.softmax(torch.randn(200, 4, generator=gen) * 12, -1)
+    source_labels = torch.where(torch.rand(200, generator=gen) < 0.9, source_probs.argmax(-1), 0)
+    target_probs = torch.softmax(torch.randn(100, 4, generator=gen) * 10, -1)
+    target = TensorDataset(torch.zeros(100, 1), torch.full((100,), -1))
+    source = TensorDataset(torch.zeros(200, 1), source_labels)
+    monkeypatch.setattr(label_free, 'predict_probs', lambda m, ds, *a: (
+        (target_probs, ds.tensors[1]) if ds is target else (source_probs, source_labels)))
+    share = torch.full((4,), 0.25)
+    monitor = label_free.LabelFreeMonitor(tmp_path, True, target, source, share)
+    row = monitor.score(torch.nn.Linear(1, 4), 1)
+    saved = {k: torch.from_numpy(v) for k, v in np.load(monitor._dump(1)).items()}
+    threshold = fit_atc_threshold(saved['source_probs'], saved['source_labels'], monitor.atc_score)
+    temperature = fit_temperature(saved['source_probs'], saved['source_labels'])
+    assert (threshold, temperature) == (row['atc_threshold'], row['temperature'])
+    assert atc_estimate(saved['target_probs'], threshold, monitor.atc_score) == row['estimated_accuracy']
+    assert cot_estimate(saved['target_probs'], share, temperature) == row['cot_estimated_accuracy']

@@ -103,6 +103,47 @@ def test_resume_refuses_options_the_run_was_not_started_with(tmp_path, data_dir)
     assert 'resumed from' in result.stdout  # --device may change
 
 
+def test_resume_refuses_a_changed_target_folder_world_size_or_damaged_checkpoint_naming_it(tmp_path):
+    from PIL import Image
+    root, target = tmp_path / 'data', tmp_path / 'target'
+    for label in ('0', '1'):
+        (root / 'A' / label).mkdir(parents=True)
+        for i in range(6):
+            Image.new('RGB', (8, 8), (40 * i, 100 * int(label), 0)).save(root / 'A' / label / f'{i}.png')
+    target.mkdir()
+    for i in range(10):
+        Image.new('RGB', (8, 8), (20 * i, 0, 90)).save(target / f'{i}.png')
+    common = ['--dataset', 'folder', '--source', 'A', '--target-dir', str(target), '--batch-size', '4',
+              '--source-only-epochs', '1', '--epochs', '1', '--keep-checkpoints', '2', '--experiment', 'run']
+    tiny = ['--no-progress', '--tsne-per-domain', '0']
+    # 2 of the 10 target images held out: fewer than 10 per class, where the collapse guard misreads chance
+    assert 'the held-out target slice has 2 images, fewer than 20 (10 per class)' in _train(
+        common, tmp_path, root, tiny=tiny).stdout
+    run = tmp_path / 'run'
+    (run / 'results.json').unlink()
+
+    def resume():
+        result = _train(common + ['--resume'], tmp_path, root, check=False, tiny=tiny)
+        assert result.returncode == 2 and 'Traceback' not in result.stderr, result.stderr
+        return result.stderr
+    # images added to the target folder: another held-out slice, whose scores the run's reference does not match
+    Image.new('RGB', (8, 8)).save(target / 'new.png')
+    assert 'the target images held out for its label-free scores changed' in resume()
+    (target / 'new.png').unlink()
+    # resumed on another number of processes: the schedule counted steps per process
+    state_file = run / 'checkpoints' / 'epoch-0002' / 'state.pt'
+    state = torch.load(state_file, weights_only=True)
+    torch.save(dict(state, resumable=dict(state['resumable'], world_size=2)), state_file)
+    assert 'it ran on 2 process(es), now on 1' in resume()
+    torch.save(state, state_file)
+    # a checkpoint cut short: named, with the one before it
+    weights = run / 'checkpoints' / 'epoch-0002' / 'model.safetensors'
+    weights.write_bytes(weights.read_bytes()[:1000])
+    message = resume()
+    assert f'--resume: cannot resume from {weights}' in message
+    assert f"to resume from the one before, write epoch-0001 into {run / 'checkpoints' / 'last'}" in message
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(shutil.which('g++') is None, reason='inductor compiles C++ on CPU')
 def test_compiled_run_saves_and_resumes_the_plain_model(tmp_path, data_dir):
@@ -223,6 +264,8 @@ def test_torchrun_two_processes_on_cpu(tmp_path, data_dir):
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     results = json.loads((tmp_path / 'ddp' / 'results.json').read_text())
     assert results['world_size'] == 2
+    # the command a card prints to reproduce it runs (torchrun takes the script, not `python script`)
+    assert results['command'].startswith('torchrun --nproc_per_node=2 train/train.py --output ')
     # every target test image is evaluated exactly once across the two ranks
     assert sum(map(sum, results['target_confusion'])) == 200
     assert '2 process(es)' in (tmp_path / 'ddp' / 'log.txt').read_text()
@@ -258,8 +301,11 @@ def test_dida_model_starts_from_its_static_twins_run(tmp_path, data_dir):
     # with no source-only phase, the label-free reference (a --select candidate) is the static network it came from
     assert 'the static network inside, its branch muted' in result.stdout
     assert 'no source-only phase: the label-free reference' not in result.stdout + result.stderr
-    start = json.loads((tmp_path / 'dida' / 'results.json').read_text())['history'][0]
+    results = json.loads((tmp_path / 'dida' / 'results.json').read_text())
+    start = results['history'][0]
     assert start['phase'] == 'static_start' and start['epoch'] == 0
+    # ... and the source-only start the run reports (it said n/a: it looked for a source-only phase only)
+    assert results['source_only_start_target_accuracy'] == start['target_accuracy'] is not None
     assert start['target_accuracy'] == json.loads((tmp_path / 'static' / 'results.json').read_text())[
         'target_accuracy']
     reference = safetensors.torch.load_file(str(tmp_path / 'dida' / 'selection' / 'reference.safetensors'))
@@ -353,11 +399,17 @@ def test_too_small_data_is_refused_before_training_naming_the_folder_and_the_hel
         (broken / f'{i}.png').write_bytes(b'not a png')
     common = ['--dataset', 'folder', '--source', 'A', '--source-only-epochs', '1', '--epochs', '1']
     # 18 images in A, 2 held out: the 16 left cannot fill a batch of 17 (the sampler counted 16 without saying why)
-    result = _train(common + ['--target', 'B', '--batch-size', '17'], tmp_path, root, check=False,
-                    tiny=['--no-progress'])
+    result = _train(common + ['--target', 'B', '--batch-size', '17', '--experiment', 'run'], tmp_path, root,
+                    check=False, tiny=['--no-progress'])
     assert result.returncode == 2 and 'Traceback' not in result.stderr
     assert "source domain 'A' has 18 images, 2 of them held out (--source-val-fraction 0.1): its 16 training " \
         'images cannot fill one batch of --batch-size 17' in result.stderr, result.stderr
+    # the corrected command may take the name again: the failed start left only its log and empty folders
+    _train(common + ['--target', 'B', '--batch-size', '4', '--experiment', 'run'], tmp_path, root,
+           tiny=['--no-progress', '--tsne-per-domain', '0'])
+    result = _train(common + ['--target', 'B', '--batch-size', '4', '--experiment', 'run'], tmp_path, root,
+                    check=False, tiny=['--no-progress'])
+    assert result.returncode == 2 and 'already holds a run' in result.stderr
     result = _train(common + ['--target-dir', str(broken), '--batch-size', '2'], tmp_path, root, check=False,
                     tiny=['--no-progress'])
     assert result.returncode == 2 and f'--target-dir {broken}: none of its 3 images can be read' in result.stderr

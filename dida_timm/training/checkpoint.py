@@ -67,12 +67,23 @@ def load_last_checkpoint(
         model: nn.Module,
         ema: Optional[nn.Module] = None,
 ) -> Optional[Dict[str, Any]]:
-    """Load the checkpoint `last` points to into `model` (and `ema`); returns its state, or None if none."""
+    """Load the checkpoint `last` points to into `model` (and `ema`); returns its state, or None if none.
+
+    Raises:
+        OSError: naming the file that is missing or cannot be read (a copy cut short, a disk error), and the older
+            checkpoint that `last` could name instead.
+    """
     pointer = Path(directory) / 'last'
     if not pointer.exists():
         return None
     folder = Path(directory) / pointer.read_text().strip()
-    model.load_state_dict(safetensors.torch.load_file(str(folder / 'model.safetensors')))
-    if ema is not None and (folder / 'ema.safetensors').exists():
-        ema.load_state_dict(safetensors.torch.load_file(str(folder / 'ema.safetensors')))
-    return torch.load(folder / 'state.pt', map_location='cpu', weights_only=True)
+    files = [(model, folder / 'model.safetensors')] + ([(ema, folder / 'ema.safetensors')] if ema is not None else [])
+    try:
+        for module, path in files:  # an EMA left at the model's first weights would be silently wrong
+            module.load_state_dict(safetensors.torch.load_file(str(path)))
+        path = folder / 'state.pt'
+        return torch.load(path, map_location='cpu', weights_only=True)
+    except (OSError, RuntimeError, EOFError, safetensors.SafetensorError) as e:
+        older = [f.name for f in sorted(Path(directory).glob('epoch-*')) if f.name < folder.name]
+        hint = f'; to resume from the one before, write {older[-1]} into {pointer}' if older else ''
+        raise OSError(f'cannot resume from {path} ({type(e).__name__}: {e}){hint}') from e

@@ -3,9 +3,9 @@ weights of the checkpoint the selection rule picks.
 
 Each epoch the model predicts a fixed held-out slice of the unlabelled target and of the source domains (never
 trained on). The scores (`selection.label_free_scores`), the source validation accuracy and two accuracy
-estimates (ATC, and COT on temperature-scaled predictions) go into the run's history; the probabilities (float16)
-and the target's predicted classes are saved to `label_free/epoch-NNNN.npz`, so that any score or rule can be
-recomputed after the run. The model at the start of adaptation (the end of the source-only
+estimates (ATC, and COT on temperature-scaled predictions) go into the run's history; the probabilities (float32,
+as they were scored: float16 rounds a confident one to 1.0 and moves the ATC threshold) and the target's predicted
+classes are saved to `label_free/epoch-NNNN.npz`, so that any score or rule can be recomputed after the run. The model at the start of adaptation (the end of the source-only
 phase, or the starting weights) is the reference every candidate is compared with and the fallback when the
 collapse guard fires; its weights and those of the currently selected epoch are kept in `selection/`.
 """
@@ -106,9 +106,9 @@ class LabelFreeMonitor:
         )
         if self.write:
             np.savez_compressed(
-                self._dump(epoch), target_probs=target_probs.half().numpy(), target_labels=target_labels.numpy(),
-                source_probs=source_probs.half().numpy(), source_labels=source_labels.numpy(),
-                # float16 rounding ties close probabilities, so their argmax after reloading can differ
+                self._dump(epoch), target_probs=target_probs.numpy(), target_labels=target_labels.numpy(),
+                source_probs=source_probs.numpy(), source_labels=source_labels.numpy(),
+                # runs before 2026-12-04 stored float16 probabilities, whose rounding ties close ones
                 target_predictions=self._scored[1].numpy())
         return row
 

@@ -10,6 +10,7 @@ keeps its pick; at the end the selected checkpoint is evaluated, saved and repor
 import argparse
 import csv
 import json
+import hashlib
 import logging
 import os
 import random
@@ -20,7 +21,7 @@ import traceback
 from dataclasses import asdict
 from functools import partial
 from pathlib import Path
-from typing import List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import safetensors.torch
@@ -51,7 +52,7 @@ from .mixstyle import MixStyle, attach_mixstyle
 from .options import changed_run_options, create_optimizer, create_scheduler, parse_args
 from .param_groups import uda_param_groups
 from .report import write_report
-from .selection import LABEL_FREE_KEYS, Selection
+from .selection import LABEL_FREE_KEYS, MIN_IMAGES_PER_CLASS, Selection
 from .step import UdaConfig
 
 __all__ = ['Run', 'RunError', 'describe_hardware', 'main', 'print_result_table']
@@ -98,7 +99,7 @@ class Run:
                                f'{"; ".join(changed)}); resume it with its own (its args.yaml), or start another '
                                f'run with --experiment')
         if self.is_main:
-            if self.out_dir.exists() and any(self.out_dir.iterdir()) and not args.resume:
+            if _holds_a_run(self.out_dir) and not args.resume:
                 raise RunError(f'{self.out_dir} already holds a run; pass --resume to continue it or '
                                f'--experiment to start another')
             self.out_dir.mkdir(parents=True, exist_ok=True)
@@ -189,6 +190,13 @@ class Run:
         # held-out slices for the label-free scores: never trained on, fixed by the seed
         val_seed = a.seed * 7 + 3
         self.target_train, self.target_val = holdout_split(target, a.target_val_fraction, a.val_max_images, val_seed)
+        enough = MIN_IMAGES_PER_CLASS * len(self.classes)
+        if len(self.target_val) < enough and a.method == 'fixmatch' and a.select != 'last':
+            _logger.warning(
+                f'the held-out target slice has {len(self.target_val)} images, fewer than {enough} '
+                f'({MIN_IMAGES_PER_CLASS} per class): its predicted-class counts stray by chance, so the collapse '
+                f'guard of --select {a.select} may flag a healthy epoch and ship an earlier one; hold out more '
+                f'(--target-val-fraction, --val-max-images) or read the flagged reasons in results.json')
         splits = [holdout_split(ds, a.source_val_fraction, a.val_max_images, val_seed + i + 1)
                   for i, ds in enumerate(sources)]
         for train, val in splits:  # the sampler's own error would count the images after the held-out slice
@@ -319,6 +327,29 @@ class Run:
         row.update(self.monitor.score(model, epoch))
         return row
 
+    def _resumable(self) -> Dict[str, Any]:
+        """What a resumed run must find as the run left it, beyond its options: the processes and steps per epoch
+        its schedule counted, and the target images held out for the label-free scores (a folder's may change)."""
+        root = self.args.target_dir or self.args.data_dir
+        paths = getattr(self.target_val, 'paths', None)
+        names = [os.path.relpath(p, root) for p in paths] if paths is not None and root else [str(len(self.target_val))]
+        return dict(world_size=self.world_size, steps_per_epoch=self.steps_per_epoch,
+                    target_held_out=hashlib.sha1('\n'.join(names).encode()).hexdigest()[:16])
+
+    def _check_resumable(self, saved: Dict[str, Any]) -> None:
+        """Refuse a resume whose processes, steps per epoch or held-out target images differ from the run's."""
+        now = self._resumable()
+        why = dict(
+            world_size=f'it ran on {saved.get("world_size")} process(es), now on {now["world_size"]}: resume it on '
+                       f'as many (its schedule and batches count per process)',
+            steps_per_epoch=f'its epochs had {saved.get("steps_per_epoch")} steps, now {now["steps_per_epoch"]}: '
+                            f'the source images changed',
+            target_held_out=f'the target images held out for its label-free scores changed (images added to or '
+                            f'removed from {self.args.target_dir or "the target"}?)')
+        changed = [why[k] for k in why if k in saved and saved[k] != now[k]]
+        if changed:
+            raise RunError(f'--resume: the run in {self.out_dir} cannot continue here; ' + '; '.join(changed))
+
     def phases(self):
         a = self.args
         phases = []
@@ -330,9 +361,13 @@ class Run:
     def train(self) -> dict:
         a = self.args
         ckpt_dir = self.out_dir / 'checkpoints'
-        state = load_last_checkpoint(ckpt_dir, self.model, self.ema) if a.resume else None
+        try:
+            state = load_last_checkpoint(ckpt_dir, self.model, self.ema) if a.resume else None
+        except OSError as e:
+            raise RunError(f'--resume: {e}') from e
         done = state['epoch'] if state else 0
         if state:
+            self._check_resumable(state.get('resumable', {}))
             self.history = state['history']
             _logger.info(f'resumed from {ckpt_dir} after epoch {done}')
         elif a.resume:
@@ -382,8 +417,8 @@ class Run:
                 if self.is_main:
                     save_checkpoint(ckpt_dir, epoch + 1, self.model, dict(
                         phase=phase_index, optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(),
-                        scaler=scaler.state_dict() if scaler is not None else None, history=self.history),
-                        self.ema, keep=a.keep_checkpoints)
+                        scaler=scaler.state_dict() if scaler is not None else None, history=self.history,
+                        resumable=self._resumable()), self.ema, keep=a.keep_checkpoints)
                     self._write_summary()
                 if cfg.method == 'fixmatch':
                     # after the checkpoint, so that the kept weights never run ahead of the history a resume restores
@@ -461,7 +496,9 @@ class Run:
         if not self.is_main:
             return {}
         chosen = next(h for h in self.history if h['epoch'] == selection.epoch)
-        source_only = [h for h in self.history if h['phase'] == 'source_only']
+        # the source-only model adaptation started from: the last source-only epoch, or without that phase a trained
+        # static twin's network with its branch muted (the model as loaded may be untrained: not reported as such)
+        source_only = [h for h in self.history if h['phase'] in ('source_only', 'static_start')]
         target = per_domain.get(self.target_name)
         results = dict(
             model=a.model, architecture=self.model.pretrained_cfg['architecture'], method=a.method,
@@ -493,6 +530,8 @@ class Run:
             dida_kernels=_dida_unit_backend(self.model, self.device),
             # what the weights started from and the preprocessing they were trained and evaluated with
             pretrained_weights=_pretrained_name(a.model, self.model) if a.pretrained else None,
+            # an export's license follows the weights' (a Hub repo's or a folder's config.json says it, not the name)
+            pretrained_license=self.model.pretrained_cfg.get('license') if a.pretrained else None,
             init_checkpoint=a.init_checkpoint or None, test_data_config=self.test_data_config,
             # the arguments that rebuild the network (an export's own, such as dida_reduction, included)
             model_args=timm.models.get_model_args(self.model),
@@ -525,6 +564,16 @@ def _warn_of_skipped_files(dataset: Dataset, split: str) -> None:
         suffixes = file_suffixes(skipped)
         _logger.warning(f'domain {dataset.domain} ({split}): {len(skipped)} files left out, not having an image '
                         f'extension ({" ".join(sorted(get_img_extensions()))}): suffixes {suffixes}, e.g. {skipped[0]}')
+
+
+def _holds_a_run(folder: Path) -> bool:
+    """Whether `folder` holds anything but what a start that failed before training leaves (its log and the empty
+    label-free folders): a corrected command may then use its name again."""
+    if not folder.is_dir():
+        return False
+    left = {p.name: p for p in folder.iterdir()}
+    return not (set(left) <= {'log.txt', 'label_free', 'selection'} and
+                all(left[n].is_dir() and not any(left[n].iterdir()) for n in ('label_free', 'selection') if n in left))
 
 
 def _without_unreadable(dataset: FileDomainDataset, what: str) -> Tuple[FileDomainDataset, List[Tuple[Path, str]]]:
@@ -563,9 +612,12 @@ def _shares_images(train: Dataset, test: Optional[Dataset], same_split: bool) ->
 
 def _pretrained_name(spec: str, model: torch.nn.Module) -> str:
     """The weights --pretrained loaded: a registry name with the tag timm resolved (dida_resnet18 ->
-    dida_resnet18.tv_in1k); Hub ids and folders as given."""
+    dida_resnet18.tv_in1k), a folder as `local-dir:` and its absolute path (an export run from another folder must
+    not read a relative one as a timm name), Hub ids as given."""
+    if ':' not in spec and Path(spec).is_dir():
+        return f'local-dir:{Path(spec).resolve()}'
     tag = model.pretrained_cfg.get('tag')
-    if ':' in spec or '.' in spec or Path(spec).is_dir() or not tag:
+    if ':' in spec or '.' in spec or not tag:
         return spec
     return f'{spec}.{tag}'
 
@@ -612,8 +664,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     non-finite loss."""
     args = parse_args(argv)
     argv = sys.argv[1:] if argv is None else list(argv)
-    launcher = 'torchrun --nproc_per_node N ' if 'LOCAL_RANK' in os.environ else ''
-    command = launcher + shlex.join(['python', 'train/train.py'] + argv)
+    # torchrun runs the script itself (`torchrun ... python train.py` would run a script named python)
+    launcher = ['python']
+    if 'LOCAL_RANK' in os.environ:
+        per_node, world = os.environ.get('LOCAL_WORLD_SIZE', 'N'), os.environ.get('WORLD_SIZE', 'N')
+        nodes = [f'--nnodes={int(world) // int(per_node)}'] if world.isdigit() and per_node.isdigit() and \
+            world != per_node else []
+        launcher = ['torchrun'] + nodes + [f'--nproc_per_node={per_node}']
+    command = shlex.join(launcher + ['train/train.py'] + argv)
     try:
         run = Run(args, command)
         if run.is_main:
