@@ -102,11 +102,11 @@ def run_model_args(run: Dict) -> Dict:
 
 
 def _usage_lines(architecture: str, repo_name: str) -> List[str]:
-    """The card's loading snippet; an architecture registered at run time (`register_dida`, any timm CNN) is
-    registered in it too, since `import dida_timm` registers only the built-in families."""
+    """The card's loading snippet; a `dida_` architecture registered at run time (`register_dida` of any timm CNN) is
+    registered in it too, since `import dida_timm` registers only the built-in families (timm's own need nothing)."""
     lines = ['```python', 'import timm', 'import dida_timm  # registers the dida_* architectures with timm, import it '
              'first', '']
-    if architecture not in builtin_architectures():
+    if architecture.startswith('dida_') and architecture not in builtin_architectures():
         lines += [f"dida_timm.register_dida('{architecture[len('dida_'):]}')  # not a built-in family", '']
     return lines + [f"model = timm.create_model('hf-hub:{repo_name}', pretrained=True).eval()", '```']
 
@@ -155,14 +155,32 @@ def _base_cfg(run: Dict):
     --init-checkpoint and from-scratch runs."""
     _, pretrained = initial_weights(run)
     if pretrained and '.' in pretrained and ':' not in pretrained and not Path(pretrained).is_dir():
-        return timm.models.get_pretrained_cfg(pretrained)
+        try:
+            return timm.models.get_pretrained_cfg(pretrained)
+        except RuntimeError:  # no registry tag: a folder named ARCH.TAG, relative to where an older run started
+            pass
     return None
 
 
 def run_license(run: Dict) -> str:
     """The license an export of `run` carries unless told otherwise: that of the pretrained weights it started from
-    (adapted weights derive from them: a non-commercial license stays so), else apache-2.0."""
+    (adapted weights derive from them: a non-commercial license stays so), else apache-2.0.
+
+    Newer runs record that license as they loaded it (a Hub repo's or folder's config.json says it, where the
+    registry knows nothing); older runs' is looked up in timm's registry.
+    """
+    _, pretrained = initial_weights(run)
+    if pretrained and run.get('pretrained_license'):
+        return run['pretrained_license']
     return getattr(_base_cfg(run), 'license', None) or 'apache-2.0'
+
+
+def _has_dida_units(run: Dict) -> bool:
+    """Whether a run's network has DIDA units: what the run recorded of how they ran (None without units), else, for
+    runs that predate that record, whether its architecture is a `dida_` one."""
+    if 'dida_kernels' in run:
+        return run['dida_kernels'] is not None
+    return run['architecture'].startswith('dida_')
 
 
 def _transductive_words(run: Dict, labelled: bool) -> str:
@@ -195,10 +213,13 @@ def model_card(runs: List[Dict], repo_name: str, license: Optional[str] = None) 
     paper = None if own_folder else PAPER_RESULTS.get(first['dataset'], {}).get(target)
     target_words = f'the unlabelled folder `{target}`' if own_folder else \
         f"the **{target}** domain of `{first['dataset']}`"
+    fixmatch, dida = first['method'] == 'fixmatch', _has_dida_units(first)
     data = ModelCardData(
         library_name='timm',
         license=license or run_license(first),
-        tags=['image-classification', 'timm', 'domain-adaptation', 'dida-net', 'fixmatch'],
+        # a source-only run adapts nothing, and a static baseline (`--model resnet18`) has no DIDA unit
+        tags=['image-classification', 'timm', *(['domain-adaptation'] if fixmatch else []),
+              *(['dida-net'] if dida else []), *(['fixmatch'] if fixmatch else [])],
         datasets=[first['dataset']],
         base_model=base_model,
         model_name=repo_name,
@@ -218,8 +239,11 @@ def model_card(runs: List[Dict], repo_name: str, license: Optional[str] = None) 
             f"epochs {', '.join(map(str, epochs))} of seeds {', '.join(map(str, seeds))}"
         checkpoint = f"the checkpoint selected without target labels ({at}, rule `{selection['rule']}`, see below)"
     domains = list(first['per_domain_accuracy'])
-    recipe = (f"DIDA-Net's recipe ({first['method']}; Deng et al., *Dynamic Instance Domain Adaptation*, IEEE T-IP "
-              '2022, [arXiv:2203.05028](https://arxiv.org/abs/2203.05028))')
+    paper_ref = ('Deng et al., *Dynamic Instance Domain Adaptation*, IEEE T-IP 2022, '
+                 '[arXiv:2203.05028](https://arxiv.org/abs/2203.05028)')
+    recipe = (f"DIDA-Net's recipe ({first['method']}; {paper_ref})" if dida else
+              f"{first['method']} training of a static network, without DIDA units (the static baseline of DIDA-Net; "
+              f'{paper_ref})')
     before = pre_adaptation_checkpoint(first)
     source_only = first['method'] == 'source_only'
     adapted = not source_only and before is None
@@ -253,7 +277,7 @@ def model_card(runs: List[Dict], repo_name: str, license: Optional[str] = None) 
         lines += ['', f"Source-only starting point of the same run on {target}: "
                       f"{_mean_std([r['source_only_start_target_accuracy'] for r in runs])}."]
     if selection:
-        lines += selection_section(first)
+        lines += selection_section(runs)
     if labelled:
         lines += ['', f'Per-class accuracy on {target} (%):', '', '| class | accuracy |', '|---|---|']
         for i, c in enumerate(first['classes']):
@@ -278,7 +302,8 @@ def model_card(runs: List[Dict], repo_name: str, license: Optional[str] = None) 
         'the exported config.json carries this preprocessing, so timm and `dida_timm.inference` predict at '
         f'{size} px',
         f"- {args['source_only_epochs']} source-only epochs, then {args['epochs']} epochs of {first['method']}; "
-        f"optimizer {args['opt']}, lr {args['lr']} (x{args['new_lr_scale']} for the DIDA branch and classifier), "
+        f"optimizer {args['opt']}, lr {args['lr']} (x{args['new_lr_scale']} for the "
+        f"{'DIDA branch and ' if dida else ''}classifier), "
         f"weight decay {args['weight_decay']}, {args['sched']} schedule{_decay_words(args)}{_extras_words(args)}",
         f"- batch {len(first['sources'])} x {args['batch_size']} source"
         f"{'' if source_only else ' + {} target'.format(args['batch_size'])} images per step on each of "
@@ -331,8 +356,10 @@ def pre_adaptation_checkpoint(run: Dict) -> Optional[Tuple[int, str]]:
     return None if phase == run['method'] else (selection['epoch'], phase)
 
 
-def selection_section(run: Dict) -> List[str]:
-    """Card lines: which checkpoint the run chose without target labels, by which rule, with which scores."""
+def selection_section(runs: List[Dict]) -> List[str]:
+    """Card lines: which checkpoint the first run (the one shipped) chose without target labels, by which rule, with
+    which scores, and the runs' last-epoch target accuracy for comparison (mean ± std over several)."""
+    run = runs[0]
     sel = run['selection']
     scores = sel['label_free_scores']
     last = run['history'][-1]
@@ -348,8 +375,10 @@ def selection_section(run: Dict) -> List[str]:
                   f"Flagged epochs: {', '.join(sorted(sel['flagged'], key=int))}:"]
         lines += [f"- epoch {e}: {'; '.join(reasons)}" for e, reasons in sorted(sel['flagged'].items(),
                                                                              key=lambda kv: int(kv[0]))][:5]
-    if run.get('last_target_accuracy') is not None:
-        lines += ['', f"Target accuracy of the last epoch, for comparison: {run['last_target_accuracy']:.2f}%."]
+    last_accuracies = [r.get('last_target_accuracy') for r in runs]
+    if None not in last_accuracies:
+        over = f" (mean ± std over seeds {', '.join(str(r['seed']) for r in runs)})" if len(runs) > 1 else ''
+        lines += ['', f'Target accuracy of the last epoch, for comparison: {_mean_std(last_accuracies)}%{over}.']
     lines += ['', 'Label-free scores of the chosen checkpoint on held-out target images (never trained on):', '',
               '| score | value |', '|---|---|']
     names = dict(cot_estimated_accuracy='estimated target accuracy (COT, temperature-scaled), %',
@@ -409,6 +438,9 @@ def export_runs(run_dirs: Sequence[Path], out_dir: Path, repo_name: str, license
         # seeds of one setting may differ in the seed, in its loader workers (which, like the seed, pick other random
         # augmentations), and in what a resumed run may change
         differing += differing_options(runs[0]['args'], r['args'], RESUMABLE_CHANGES | {'seed', 'workers'})
+        # the process count sets the batch of a step (the card states the first run's)
+        if r['world_size'] != runs[0]['world_size']:
+            differing.append(f"world_size {runs[0]['world_size']} -> {r['world_size']}")
         if differing:
             raise ValueError(f"{r['run_dir']} differs from {runs[0]['run_dir']} in {differing}: not seeds of one setting")
     seeds = [r['seed'] for r in runs]
@@ -475,8 +507,11 @@ def push_folder(folder: Path, repo_id: str, private: bool = False, dry_run: bool
         ValueError: when the card was exported for another repo than `repo_id`.
     """
     from huggingface_hub import HfApi, get_token
+    from huggingface_hub.utils import DEFAULT_IGNORE_PATTERNS, filter_repo_objects
     folder = Path(folder)
-    files = sorted(str(p.relative_to(folder)) for p in folder.rglob('*') if p.is_file())
+    # the files upload_folder sends: it always leaves out .git and the .cache/huggingface of earlier uploads
+    files = sorted(filter_repo_objects([p.relative_to(folder).as_posix() for p in folder.rglob('*') if p.is_file()],
+                                       ignore_patterns=DEFAULT_IGNORE_PATTERNS))
     missing = {'config.json', 'model.safetensors', 'README.md'} - set(files)
     if missing:
         raise FileNotFoundError(f'{folder} is not an exported repo folder: missing {sorted(missing)}')

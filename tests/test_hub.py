@@ -691,3 +691,88 @@ def test_smallest_input_size_probes_on_the_models_device_and_in_its_dtype(where)
     with pytest.raises(ValueError, match='no square input') as refused:
         smallest_input_size(torch.nn.Sequential(torch.nn.Linear(5, 2)).to(**where))
     assert isinstance(refused.value.__cause__, RuntimeError)  # why, for a model that takes none
+
+
+def test_export_license_follows_the_license_a_run_recorded_for_its_hub_repo_or_folder(trained_run):
+    from dida_timm.hub import run_license
+    run = read_run(trained_run)
+    for spec in ('local-dir:/srv/someone/nc_export', 'hf-hub:someone/nc-model', 'dida_digitnet_compact.offline_mnist'):
+        run.update(pretrained_weights=spec, pretrained_license='cc-by-nc-4.0')
+        assert run_license(run) == 'cc-by-nc-4.0', spec  # the registry knows nothing of the first two
+        assert yaml.safe_load(model_card([run], 'dida-timm/x').split('---')[1])['license'] == 'cc-by-nc-4.0'
+    # weights --init-checkpoint replaced: the recorded license is not theirs
+    assert run_license(dict(run, init_checkpoint='/srv/someone/own.safetensors')) == 'apache-2.0'
+    # runs that predate the record, or whose weights named no license: the registry's, else apache-2.0
+    assert run_license(dict(run, pretrained_license=None)) == 'apache-2.0'
+    run.pop('pretrained_license')
+    assert run_license(run) == 'apache-2.0'
+
+
+def test_card_of_a_timm_architecture_registers_nothing(trained_run):
+    # a FixMatch baseline trained with `--model resnet18`: its snippet said register_dida('t18'), which raised
+    run = read_run(trained_run)
+    run.update(architecture='resnet18', model='resnet18', dida_kernels=None)
+    assert 'register_dida' not in model_card([run], 'dida-timm/x')
+
+
+def test_card_of_a_network_without_dida_units_neither_tags_nor_calls_it_dida_net(trained_run):
+    run = read_run(trained_run)
+    front = yaml.safe_load(model_card([run], 'dida-timm/x').split('---')[1])
+    assert front['tags'] == ['image-classification', 'timm', 'domain-adaptation', 'dida-net', 'fixmatch']
+    run.update(architecture='resnet18', model='resnet18', dida_kernels=None)  # a static FixMatch baseline
+    card = model_card([run], 'dida-timm/x')
+    assert "DIDA-Net's recipe" not in card and 'DIDA branch' not in card
+    assert 'fixmatch training of a static network, without DIDA units (the static baseline of DIDA-Net; Deng' in card
+    front = yaml.safe_load(card.split('---')[1])
+    assert front['tags'] == ['image-classification', 'timm', 'domain-adaptation', 'fixmatch']
+    run.pop('dida_kernels')  # a run that predates the record: told by its architecture's name
+    assert 'dida-net' not in yaml.safe_load(model_card([run], 'dida-timm/x').split('---')[1])['tags']
+    run['method'] = 'source_only'
+    assert yaml.safe_load(model_card([run], 'dida-timm/x').split('---')[1])['tags'] == ['image-classification', 'timm']
+
+
+def test_export_refuses_seeds_that_ran_on_other_process_counts(trained_run, tmp_path):
+    other = tmp_path / 'other'
+    shutil.copytree(trained_run, other)
+    results = json.loads((other / 'results.json').read_text())
+    assert results['world_size'] == 1
+    (other / 'results.json').write_text(json.dumps(dict(results, seed=1, world_size=2)))
+    with pytest.raises(ValueError, match=r"differs from .* in \['world_size 1 -> 2'\]: not seeds of one setting"):
+        export_runs([trained_run, other], tmp_path / 'repo', 'dida-timm/x')
+
+
+def test_card_of_several_seeds_gives_the_last_epochs_accuracy_over_the_seeds(trained_run):
+    import copy
+    first = read_run(trained_run)
+    first['last_target_accuracy'] = 50.0
+    second = copy.deepcopy(first)
+    second.update(seed=1, last_target_accuracy=60.0)
+    assert 'Target accuracy of the last epoch, for comparison: 50.00%.' in model_card([first], 'dida-timm/x')
+    card = model_card([first, second], 'dida-timm/x')
+    assert 'Target accuracy of the last epoch, for comparison: 55.00 ± 7.07% (mean ± std over seeds 0, 1).' in card
+
+
+def test_export_of_an_older_run_from_a_relative_folder_named_arch_tag_does_not_crash(trained_run, tmp_path,
+                                                                                     monkeypatch):
+    from dida_timm.hub import run_license
+    # an older run recorded `--model dida_digitnet_compact.my_export --pretrained` as given: a folder beside the
+    # training's working directory, not here, and no tag of timm's registry
+    run = read_run(trained_run)
+    run.update(pretrained_weights='dida_digitnet_compact.my_export')
+    run.pop('pretrained_license', None)
+    monkeypatch.chdir(tmp_path)
+    assert run_license(run) == 'apache-2.0'
+    card = model_card([run], 'dida-timm/x')
+    assert 'base_model' not in card.split('---')[1] and str(tmp_path) not in card
+
+
+def test_push_lists_only_the_files_upload_folder_sends(exported, tmp_path):
+    folder = tmp_path / 'repo'
+    shutil.copytree(exported, folder)
+    for name in ('.git/config', '.cache/huggingface/upload/README.md.metadata', 'sub/.git/HEAD'):
+        (folder / name).parent.mkdir(parents=True, exist_ok=True)
+        (folder / name).write_text('not uploaded')
+    (folder / 'extra' / 'notes.txt').parent.mkdir()
+    (folder / 'extra' / 'notes.txt').write_text('uploaded')
+    assert push_folder(folder, 'dida-timm/test-model', dry_run=True) == ['README.md', 'config.json', 'extra/notes.txt',
+                                                                         'model.safetensors']

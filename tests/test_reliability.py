@@ -251,10 +251,49 @@ def test_hub_config_is_validated_at_the_revision_timm_loads(tmp_path, offline_hu
     assert create_model('hf-hub:org/model', pretrained=True).num_classes == 10
     with pytest.raises(ValueError, match="field 'pretrained_cfg.file'"):
         create_model('hf-hub:org/model@v2', pretrained=True)
+
+
+def test_hub_weights_missing_from_the_cache_are_refused_without_calling_them_missing_from_the_repo(
+        tmp_path, offline_hub, monkeypatch):
+    import huggingface_hub
+    from huggingface_hub.utils import EntryNotFoundError
+    from dida_timm.inference import create_model
+    from hf_cache import add_snapshot
     pickled = _repo_files(tmp_path, safe=False)
     add_snapshot(offline_hub, 'org/pickled', {n: (pickled / n).read_bytes() for n in ('config.json', 'pytorch_model.bin')})
-    with pytest.raises(ValueError, match='no model.safetensors'):
+    # offline, the Hub was never asked whether the repo has a model.safetensors: refused all the same (timm would
+    # unpickle the cached pytorch_model.bin), but --allow-pickle is not the advice
+    with pytest.raises(FileNotFoundError, match=r'hf-hub:org/pickled: model.safetensors could not be downloaded or '
+                                                r'found in the cache \(.+\)$') as e:
         create_model('hf-hub:org/pickled', pretrained=True)
+    assert 'allow' not in str(e.value)
+    real_download = huggingface_hub.hf_hub_download
+
+    def hub_answers_no_such_file(repo_id, filename, **kwargs):
+        if filename == 'model.safetensors':
+            raise EntryNotFoundError(f'{repo_id} has no {filename}')
+        return real_download(repo_id, filename, **kwargs)
+
+    monkeypatch.setattr(huggingface_hub, 'hf_hub_download', hub_answers_no_such_file)
+    with pytest.raises(ValueError, match='hf-hub:org/pickled: no model.safetensors, .* --allow-pickle'):
+        create_model('hf-hub:org/pickled', pretrained=True)
+
+
+def test_hub_checks_read_the_cache_dir_timm_loads_from(tmp_path, offline_hub):
+    from dida_timm.inference import create_model
+    from hf_cache import add_snapshot
+    safe, pickled = _repo_files(tmp_path), _repo_files(tmp_path, safe=False)
+    own_cache = tmp_path / 'own_cache'
+    # the default cache holds safetensors weights, the cache_dir timm loads from only a pickle: checking the
+    # default one let timm unpickle the other's
+    add_snapshot(offline_hub, 'org/two-caches', {n: (safe / n).read_bytes() for n in ('config.json', 'model.safetensors')})
+    add_snapshot(own_cache, 'org/two-caches', {n: (pickled / n).read_bytes() for n in ('config.json', 'pytorch_model.bin')})
+    with pytest.raises(FileNotFoundError, match='hf-hub:org/two-caches: model.safetensors could not be downloaded'):
+        create_model('hf-hub:org/two-caches', pretrained=True, cache_dir=str(own_cache))
+    assert create_model('hf-hub:org/two-caches', pretrained=True).num_classes == 10
+    # a repo only the cache_dir holds: its config is read there too
+    add_snapshot(own_cache, 'org/own-cache-only', {n: (safe / n).read_bytes() for n in ('config.json', 'model.safetensors')})
+    assert create_model('hf-hub:org/own-cache-only', pretrained=True, cache_dir=own_cache).num_classes == 10
 
 
 def _broadcast_rank(rank: int, init_file: str, out_dir: str) -> None:

@@ -13,7 +13,7 @@ import json
 import math
 import re
 from pathlib import Path
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Optional, Tuple, Union
 
 import timm
 import torch
@@ -100,15 +100,16 @@ def _source(spec: str) -> Tuple[Optional[str], str]:
     return None, spec
 
 
-def _hf_download(location: str, filename: str) -> Path:
+def _hf_download(location: str, filename: str, cache_dir: Optional[Union[str, Path]] = None) -> Path:
     from huggingface_hub import hf_hub_download
     from timm.models._hub import hf_split
     repo_id, revision = hf_split(location)
-    return Path(hf_hub_download(repo_id, filename, revision=revision))
+    return Path(hf_hub_download(repo_id, filename, revision=revision, cache_dir=cache_dir))
 
 
-def read_hub_config(spec: str) -> Optional[Dict]:
-    """The config.json timm reads for a `local-dir:` or `hf-hub:` spec (the spec's own revision); None otherwise."""
+def read_hub_config(spec: str, cache_dir: Optional[Union[str, Path]] = None) -> Optional[Dict]:
+    """The config.json timm reads for a `local-dir:` or `hf-hub:` spec (the spec's own revision; a Hub repo's from
+    `cache_dir` when given, the cache timm then reads); None otherwise."""
     source, location = _source(spec)
     if source == 'local-dir':
         path = Path(location) / 'config.json'
@@ -116,15 +117,18 @@ def read_hub_config(spec: str) -> Optional[Dict]:
             raise FileNotFoundError(f'{spec}: no config.json in {path.parent}')
         return json.loads(path.read_text())
     if source == 'hf-hub':
-        return json.loads(_hf_download(location, 'config.json').read_text())
+        return json.loads(_hf_download(location, 'config.json', cache_dir).read_text())
     return None
 
 
-def require_safetensors(spec: str) -> None:
-    """Refuse a `local-dir:` / `hf-hub:` spec whose weights timm would not read from model.safetensors.
+def require_safetensors(spec: str, cache_dir: Optional[Union[str, Path]] = None) -> None:
+    """Refuse a `local-dir:` / `hf-hub:` spec whose weights timm would not read from model.safetensors (a Hub repo's
+    looked up in `cache_dir` when given, the cache timm then loads from).
 
     Raises:
         ValueError: naming the spec, when it holds no model.safetensors.
+        FileNotFoundError: naming the spec and the reason, when its model.safetensors could be neither downloaded
+            nor found in the cache (offline, or the Hub unreachable): whether the repo has one is then unknown.
     """
     source, location = _source(spec)
     refusal = (f'{spec}: no model.safetensors, so timm would unpickle another weights file; refused by default '
@@ -132,10 +136,13 @@ def require_safetensors(spec: str) -> None:
     if source == 'local-dir' and not (Path(location) / 'model.safetensors').is_file():
         raise ValueError(refusal)
     if source == 'hf-hub':
-        from huggingface_hub.utils import EntryNotFoundError
+        from huggingface_hub.utils import EntryNotFoundError, LocalEntryNotFoundError
         try:
-            _hf_download(location, 'model.safetensors')
-        except EntryNotFoundError as e:
+            _hf_download(location, 'model.safetensors', cache_dir)
+        except LocalEntryNotFoundError as e:  # an EntryNotFoundError too, but says nothing of what the repo holds
+            raise FileNotFoundError(f'{spec}: model.safetensors could not be downloaded or found in the cache '
+                                    f'({e})') from e
+        except EntryNotFoundError as e:  # the Hub answered: the repo has no such file
             raise ValueError(refusal) from e
 
 
@@ -155,15 +162,17 @@ def create_model(spec: str, pretrained: bool = False, allow_pickle: bool = False
         spec: name[.tag], hf-hub:ORG/NAME[@REVISION], local-dir:PATH, or the path of an exported repo folder.
         pretrained: Load the weights the spec names.
         allow_pickle: Let a downloaded or local repo without model.safetensors load pickled weights.
-        **kwargs: Passed to timm.create_model.
+        **kwargs: Passed to timm.create_model; a `cache_dir` among them is where the Hub checks read too.
     """
     if Path(spec).is_dir():
         spec = f'local-dir:{Path(spec).resolve()}'
-    config = read_hub_config(spec)
+    # checked where timm will read: another cache may hold other files than the default one
+    cache_dir = kwargs.get('cache_dir')
+    config = read_hub_config(spec, cache_dir)
     if config is not None:
         validate_hub_config(config, spec)
         if pretrained and not allow_pickle:
-            require_safetensors(spec)
+            require_safetensors(spec, cache_dir)
     arch = config['architecture'] if config is not None else spec.split('.')[0]
     if arch.startswith('dida_') and not timm.is_model(arch) and timm.is_model(arch[len('dida_'):]):
         register_dida(arch[len('dida_'):])
