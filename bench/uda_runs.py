@@ -24,6 +24,7 @@ from typing import Dict, Iterable, List, Optional, Sequence, Tuple, Union
 import yaml
 
 from dida_timm.data.offline_digits import DOMAINS
+from dida_timm.training.options import FIXMATCH_ONLY, build_parser
 from dida_timm.training.selection import CollapseGuard, select_checkpoint
 
 TRAIN_SCRIPT = Path(__file__).resolve().parents[1] / 'train' / 'train.py'
@@ -149,9 +150,28 @@ def _run(
     sources = [d for d in study.domains if d != target]
     # JSON is YAML, which is what --model-kwargs parses; the studies report the last epoch (the paper's protocol),
     # the label-free selection study re-selects from the per-epoch history
+    if train_method == 'source_only':
+        train_args = without_fixmatch_options(train_args)
     return Run(name, ('-c', str(study.config), '--model', model, '--method', train_method, '--select', 'last',
                       '--model-kwargs', json.dumps(kwargs), *schedule, '--source', *sources, '--target', target,
                       '--seed', str(seed), *study.args, *train_args))
+
+
+def without_fixmatch_options(train_args: Sequence[str]) -> Tuple[str, ...]:
+    """`train_args` without the options only FixMatch reads (a recipe's, such as --forward-mode separate, given to
+    every run of a study), which train.py refuses for a source-only run: that run is the same without them."""
+    actions = build_parser()._option_string_actions
+    kept, skip_value = [], False
+    for token in train_args:
+        if skip_value:
+            skip_value = False
+            continue
+        action = actions.get(token.split('=')[0]) if token.startswith('--') else None
+        if action is not None and action.dest in FIXMATCH_ONLY:
+            skip_value = '=' not in token and action.nargs != 0
+            continue
+        kept.append(token)
+    return tuple(kept)
 
 
 def study_run(

@@ -210,9 +210,12 @@ def config_defaults(parser: argparse.ArgumentParser, path: Path) -> Dict[str, An
         parser.error(f'--config: {path} is not valid YAML: {e}')
     if not isinstance(cfg, dict):
         parser.error(f'--config: {path} must hold a mapping of option: value')
-    if 'config' in cfg:  # it would only set --config's default, which the -c given replaces: silently ignored
-        parser.error(f'--config: {path} names another config ({cfg["config"]!r}); configs do not nest')
     actions = {a.dest: a for a in parser._actions}
+    # a config named there would only set --config's default, which the -c given replaces: silently ignored. A run's
+    # args.yaml names the config the run read, but records every option besides: resuming from it nests nothing
+    record = set(actions) - {'help'} <= set(cfg)
+    if cfg.get('config') and not record:
+        parser.error(f'--config: {path} names another config ({cfg["config"]!r}); configs do not nest')
     unknown = sorted(set(cfg) - set(actions))
     if unknown:
         parser.error(f'{path}: unknown keys {unknown}')

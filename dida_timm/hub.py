@@ -310,8 +310,9 @@ def model_card(runs: List[Dict], repo_name: str, license: Optional[str] = None) 
         f"{first['world_size']} process(es)",
         # a source-only run's step uses no target image, pseudo-label or strong view
         *([] if source_only else [
-            f"- pseudo-labels: threshold {args['threshold']}, "
-            f"{'soft weighting' if args['soft_weighting'] else 'hard mask'}, "
+            # soft weighting keeps every pseudo-label, weighted by its confidence: the threshold drops none
+            "- pseudo-labels: " + ('soft weighting (confidence-weighted, none dropped), ' if args['soft_weighting'] else
+                                   f"threshold {args['threshold']}, hard mask, ") +
             f"unlabelled stream '{args['unlabelled_stream']}' (loss weight {args.get('unlabelled_weight', 1.0)}), "
             f"forward mode '{args['forward_mode']}'"
             # runs from before the option existed had dropout on (the only behaviour then)

@@ -35,6 +35,15 @@ def test_study_run_parses_to_the_method_with_equal_total_epochs(method, size):
     assert (args.lr, args.threshold, args.rand_augment) == (0.05, 0.95, 'rand-m10-n2-mstd0.5')
 
 
+def test_a_recipe_given_to_every_run_leaves_the_source_only_run_without_its_fixmatch_options():
+    # train.py refuses them for a source-only run, which reads none of them: the study's baseline runs as before
+    recipe = ('--forward-mode', 'separate', '--no-pseudo-label-dropout', '--cutout=8', '--lr', '0.1')
+    args = train.parse_args(list(study_run(offline_study('cpu'), 'x', 'source-only', 'mnist', 0, None, recipe).args))
+    assert (args.method, args.lr, args.forward_mode, args.pseudo_label_dropout) == ('source_only', 0.1, 'joint', True)
+    args = train.parse_args(list(study_run(offline_study('cpu'), 'x', 'FixMatch', 'mnist', 0, None, recipe).args))
+    assert (args.forward_mode, args.pseudo_label_dropout, args.cutout) == ('separate', False, 8)
+
+
 def test_ablation_variants_build_distinct_models_and_names():
     names = set()
     for _, method, options, train_args in VARIANTS.values():

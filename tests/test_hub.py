@@ -77,6 +77,11 @@ def test_card_states_the_step_and_strong_view_the_run_used(trained_run):
     card = model_card([run], 'dida-timm/test-model')
     assert "forward mode 'separate', pseudo-label pass without dropout" in card
     assert "FixMatch's RandAugment" in card and 'rand-m10' not in card
+    assert 'threshold 0.95, hard mask' in card
+    # soft weighting drops no pseudo-label: the card names no threshold for it
+    run['args'].update(soft_weighting=True)
+    card = model_card([run], 'dida-timm/test-model')
+    assert 'pseudo-labels: soft weighting (confidence-weighted, none dropped),' in card and 'threshold 0.95' not in card
 
 
 def test_card_says_when_the_selected_checkpoint_is_the_static_start_with_its_branch_muted(trained_run):

@@ -4,13 +4,14 @@
 A value that makes no sense stops the command with one `error: --option: why` line and exit code 2.
 """
 import argparse
+from functools import lru_cache
 from pathlib import Path
-from typing import Dict, FrozenSet, List
+from typing import AbstractSet, Any, Dict, FrozenSet, List
 
 import torch
 import yaml
 from timm.data import rand_augment_transform
-from timm.optim import create_optimizer_v2, get_optimizer_info
+from timm.optim import create_optimizer_v2, get_optimizer_info, list_optimizers
 from timm.scheduler import create_scheduler_v2
 from timm.scheduler.scheduler import Scheduler
 
@@ -33,6 +34,10 @@ __all__ = ['build_parser', 'changed_run_options', 'check_args', 'create_optimize
 SCHEDULES = ('cosine', 'tanh', 'step', 'multistep', 'constant', 'poly', 'wsd', 'rsqrt')
 # the lr a warm-up starts from (timm's default), scaled like --lr by each parameter group's lr scale
 WARMUP_LR = 1e-5
+# options only FixMatch's step and strong view read: a source-only run trains on the source's weak view alone (not
+# --threshold: the label-free scores every run records count the pseudo-labels FixMatch would keep at it)
+FIXMATCH_ONLY = ('soft_weighting', 'unlabelled_stream', 'forward_mode', 'unlabelled_weight', 'pseudo_label_dropout',
+                 'rand_augment', 'cutout')
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -67,7 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument('--model', default='dida_digitnet_compact', help='any timm model name, with an optional .tag')
     g.add_argument('--pretrained', action=argparse.BooleanOptionalAction, default=False,
                    help='start from the tag\'s pretrained weights (--no-pretrained overrides a config)')
-    g.add_argument('--allow-pickle', action='store_true',
+    g.add_argument('--allow-pickle', action=argparse.BooleanOptionalAction, default=False,
                    help='let a hf-hub: / local-dir: model without model.safetensors load pickled weights')
     g.add_argument('--init-checkpoint', default='',
                    help='weights to start from (safetensors, or a weights-only torch file): the model\'s own, or its '
@@ -81,7 +86,8 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group('method')
     g.add_argument('--method', default='fixmatch', choices=['fixmatch', 'source_only'])
     g.add_argument('--threshold', type=float, default=0.95)
-    g.add_argument('--soft-weighting', action='store_true', help='confidence-weighted pseudo-labels (DomainNet)')
+    g.add_argument('--soft-weighting', action=argparse.BooleanOptionalAction, default=False,
+                   help='confidence-weighted pseudo-labels (DomainNet), none dropped: --threshold does not apply')
     g.add_argument('--unlabelled-stream', default='target', choices=['target', 'source+target'])
     g.add_argument('--forward-mode', default='joint', choices=['joint', 'separate'])
     g.add_argument('--pseudo-label-dropout', action=argparse.BooleanOptionalAction, default=True,
@@ -125,20 +131,26 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group('runtime')
     g.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
     g.add_argument('--dist-timeout', type=float, default=600, help='seconds a rank waits for the others (torchrun)')
-    g.add_argument('--amp', action='store_true', help='autocast (bfloat16 on CPU, float16 + scaler on CUDA)')
-    g.add_argument('--grad-checkpointing', action='store_true')
-    g.add_argument('--channels-last', action='store_true')
-    g.add_argument('--compile', action='store_true', help='torch.compile the model')
+    g.add_argument('--amp', action=argparse.BooleanOptionalAction, default=False,
+                   help='autocast (bfloat16 on CPU, float16 + scaler on CUDA)')
+    g.add_argument('--grad-checkpointing', action=argparse.BooleanOptionalAction, default=False)
+    g.add_argument('--channels-last', action=argparse.BooleanOptionalAction, default=False)
+    g.add_argument('--compile', action=argparse.BooleanOptionalAction, default=False, help='torch.compile the model')
     g.add_argument('--seed', type=int, default=0)
-    g.add_argument('--deterministic', action='store_true', help='deterministic kernels (bitwise resume on CPU)')
+    g.add_argument('--deterministic', action=argparse.BooleanOptionalAction, default=False,
+                   help='deterministic kernels (bitwise resume on CPU)')
     g = p.add_argument_group('output')
     g.add_argument('--output', default='output')
     g.add_argument('--experiment', default='', help='run folder name (default: time, model, target, method)')
-    g.add_argument('--resume', action='store_true', help='continue the run --experiment names')
+    g.add_argument('--resume', action=argparse.BooleanOptionalAction, default=False,
+                   help='continue the run --experiment names')
     g.add_argument('--keep-checkpoints', type=int, default=2)
     g.add_argument('--eval-batch-size', type=int, default=256)
     g.add_argument('--tsne-per-domain', type=int, default=300, help='0 skips the t-SNE picture')
     g.add_argument('--no-progress', action='store_true', help='no progress bars (they only show on a terminal)')
+    # the flag's own negation (BooleanOptionalAction's would be --no-no-progress), to override a config
+    g.add_argument('--progress', dest='no_progress', action='store_false', default=False,
+                   help='progress bars on a terminal (overrides a config\'s no_progress: true)')
     return p
 
 
@@ -158,10 +170,23 @@ OPTION_RULES = [
     # torch holds --dist-timeout in int64 nanoseconds (9.2e9 s): 1e10 s wrapped round and timed out at once
     ('dist_timeout', between(0, 10 ** 9, low_open=True)), ('seed', between(0, 2 ** 32, high_open=True)),
     ('decay_epochs', greater_than(0)), ('decay_milestones', at_least(1)), ('decay_milestones', increasing),
-    ('decay_rate', between(0, 1, low_open=True)),
     ('keep_checkpoints', at_least(1)), ('eval_batch_size', at_least(1)), ('tsne_per_domain', at_least(0)),
     ('device', usable_device),
 ]
+
+
+@lru_cache(maxsize=None)
+def _built_in_defaults() -> Dict[str, Any]:
+    """Every option's default as build_parser gives it, before a config's values replace the parser's own."""
+    return {action.dest: action.default for action in build_parser()._actions}
+
+
+def _given(args: argparse.Namespace, dest: str) -> bool:
+    """Whether an option was set, on the command line or in a config: its value is not the built-in default.
+
+    Not parser.get_default: parse_args makes a config's values the parser's defaults, which would pass unchecked.
+    """
+    return getattr(args, dest) != _built_in_defaults()[dest]
 
 
 def create_optimizer(params, args: argparse.Namespace) -> torch.optim.Optimizer:
@@ -186,22 +211,41 @@ def create_scheduler(optimizer: torch.optim.Optimizer, args: argparse.Namespace,
 def _check_optimiser(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
     """Build the optimizer on a stand-in parameter: a wrong name or option combination stops the command now,
     naming the option, instead of after the data are prepared (--sched is checked by its choices)."""
+    # timm's own name of the optimizer: the last part, after a 'lookahead_' prefix
+    name = args.opt.lower().split('_')[-1]
     try:
         create_optimizer([torch.nn.Parameter(torch.zeros(1))], args)
     except (ValueError, TypeError, ImportError, AssertionError) as e:
+        # torch's Nesterov SGD refuses a zero momentum, in words that name neither option
+        if args.momentum == 0 and name in list_optimizers() and (get_optimizer_info(name).defaults or {}).get(
+                'nesterov'):
+            parser.error(f"--momentum: timm's {name} is Nesterov SGD, which needs a momentum > 0; use --opt "
+                         f"{args.opt.lower()[:-len(name)]}momentum for SGD without Nesterov")
         parser.error(f'--opt: {args.opt!r}: {e}')
-    # timm drops the betas and momentum an optimizer does not take (its name's last part, after a 'lookahead_' prefix)
-    info = get_optimizer_info(args.opt.lower().split('_')[-1])
+    # timm drops the betas and momentum an optimizer does not take
+    info = get_optimizer_info(name)
+    # the training loop calls loss.backward() alone: a Hessian-based step fails there, after the data are prepared
+    if info.second_order:
+        parser.error(f'--opt: {args.opt} is a second-order optimizer (needs backward(create_graph=True)), which '
+                     'train.py does not run')
     if args.opt_betas and not info.has_betas:
         parser.error(f'--opt-betas: {args.opt} takes no betas (Adam-like optimizers do), got {args.opt_betas}')
-    if args.momentum != parser.get_default('momentum') and not info.has_momentum:
+    if _given(args, 'momentum') and not info.has_momentum:
         parser.error(f'--momentum: {args.opt} takes no momentum (SGD-like optimizers do; Adam-like ones take '
                      f'--opt-betas), got {args.momentum}')
 
 
-def check_args(args: argparse.Namespace, parser: argparse.ArgumentParser) -> argparse.Namespace:
+def check_args(
+        args: argparse.Namespace,
+        parser: argparse.ArgumentParser,
+        on_command_line: AbstractSet[str],
+) -> argparse.Namespace:
     """Refuse what makes no sense (`error: --option: why`, exit 2) and fill the defaults that depend on the
-    dataset (its domains) and the model (its input size), so args.yaml records what the run uses."""
+    dataset (its domains) and the model (its input size), so args.yaml records what the run uses.
+
+    `on_command_line` holds the options the command line set (the rest are a config's or built-in): a recipe's
+    FixMatch options stay part of it when the same config runs its source-only baseline.
+    """
     check_options(parser, args, OPTION_RULES)
     try:
         domains = dataset_domains(args.dataset, args.data_dir)
@@ -243,7 +287,7 @@ def check_args(args: argparse.Namespace, parser: argparse.ArgumentParser) -> arg
         parser.error('--target-eval-dir: goes with --target-dir (a --target domain brings its own test split)')
     if args.dataset != 'offline_digits':
         for dest in ('offline_train_size', 'offline_test_size'):
-            if getattr(args, dest) != parser.get_default(dest):
+            if _given(args, dest):
                 parser.error(f'{option_name(parser, dest)}: sizes the offline_digits benchmark, not --dataset '
                              f'{args.dataset}')
     # the picture shows that many images of every source and of the target
@@ -294,9 +338,28 @@ def check_args(args: argparse.Namespace, parser: argparse.ArgumentParser) -> arg
     if not isinstance(logits, torch.Tensor) or logits.ndim != 2:
         output = f'shape {tuple(logits.shape)}' if isinstance(logits, torch.Tensor) else f'a {type(logits).__name__}'
         parser.error(f'{option}: {described} gives {output} for one image, not (1, classes) logits')
-    if args.cutout >= size:
+    if args.method == 'source_only':
+        # each would be ignored without a word: as given, a switched-off flag by its --no- form
+        unused = [option_name(parser, dest) if getattr(args, dest) is not False else f'--no-{dest.replace("_", "-")}'
+                  for dest in FIXMATCH_ONLY if _given(args, dest) and dest in on_command_line]
+        if unused:
+            parser.error(f'{unused[0]}: only FixMatch uses {", ".join(unused)}; --method source_only would ignore '
+                         f'{"them" if len(unused) > 1 else "it"}')
+        # guarded_last, the default, is a source-only run's last epoch too: only an explicit other rule is refused
+        if args.select not in (_built_in_defaults()['select'], 'last'):
+            parser.error(f'--select: a source-only run reports its last epoch (there is no adaptation to select '
+                         f'from), not {args.select}; leave --select out')
+        if args.source_only_epochs:
+            parser.error(f'--source-only-epochs: with --method source_only the whole run is source-only (a second '
+                         f'phase would restart the lr schedule); give its length with --epochs, e.g. --epochs '
+                         f'{args.source_only_epochs + args.epochs} --source-only-epochs 0')
+    elif args.cutout >= size:
         parser.error(f'--cutout: a {args.cutout} px square covers the whole {size} px input; use less than {size} '
                      '(0 turns Cutout off)')
+    # the confidence weights keep every pseudo-label: the threshold would only change the logged keep rates
+    if args.soft_weighting and _given(args, 'threshold'):
+        parser.error(f'--threshold: --soft-weighting weights every pseudo-label by its confidence and drops none, so '
+                     f'{args.threshold} would not change the loss (only the keep rates logged); give one of the two')
     phases = [n for n in (args.source_only_epochs, args.epochs) if n]
     if args.warmup_epochs and args.warmup_epochs >= min(phases):
         parser.error(f'--warmup-epochs: {args.warmup_epochs} warm-up epochs leave nothing of a {min(phases)}-epoch '
@@ -318,8 +381,14 @@ def check_args(args: argparse.Namespace, parser: argparse.ArgumentParser) -> arg
         if given and max(given if isinstance(given, list) else [given]) >= max(phases):
             parser.error(f'{flag}: {given} falls at or after the end of the longest phase ({max(phases)} epochs), '
                          'so the lr would never decay there')
-    if args.decay_rate != parser.get_default('decay_rate') and args.sched not in ('step', 'multistep', 'poly'):
+    if _given(args, 'decay_rate') and args.sched not in ('step', 'multistep', 'poly'):
         parser.error(f'--decay-rate: --sched {args.sched} has no decay rate (step, multistep and poly do)')
+    # step / multistep multiply the lr by the rate at each decay; poly (timm) takes it as the power of its decay
+    rate = between(0, 1, low_open=True) if args.sched in ('step', 'multistep') else greater_than(0)
+    why = rate(args.decay_rate)
+    if why:
+        use = 'the power of its decay' if args.sched == 'poly' else 'the lr factor of each decay'
+        parser.error(f'--decay-rate: with --sched {args.sched} it is {use}: {why}')
     if args.min_lr and args.sched in ('step', 'multistep', 'constant'):
         parser.error(f'--min-lr: --sched {args.sched} has no lr floor, timm ignores it (cosine, tanh, poly, wsd and '
                      'rsqrt take one)')
@@ -377,6 +446,14 @@ def parse_args(argv=None) -> argparse.Namespace:
         parser.set_defaults(**config_defaults(parser, Path(config)))
     args = parser.parse_args(remaining)
     args.config = config
-    return check_args(args, parser)
+    return check_args(args, parser, _command_line_options(remaining))
+
+
+def _command_line_options(argv: List[str]) -> FrozenSet[str]:
+    """The options `argv` sets itself, whatever a config sets: parsed with no defaults at all."""
+    bare = build_parser()
+    for action in bare._actions:
+        action.default = argparse.SUPPRESS
+    return frozenset(vars(bare.parse_args(argv)))
 
 
