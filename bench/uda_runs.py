@@ -161,12 +161,19 @@ def without_fixmatch_options(train_args: Sequence[str]) -> Tuple[str, ...]:
     """`train_args` without the options only FixMatch reads (a recipe's, such as --forward-mode separate, given to
     every run of a study), which train.py refuses for a source-only run: that run is the same without them."""
     actions = build_parser()._option_string_actions
+
+    def action_of(token: str):
+        # as argparse reads it: the option itself, or one it abbreviates unambiguously
+        name = token.split('=')[0]
+        matches = {actions[o] for o in actions if o == name} or {actions[o] for o in actions if o.startswith(name)}
+        return matches.pop() if token.startswith('--') and len(matches) == 1 else None
+
     kept, skip_value = [], False
     for token in train_args:
         if skip_value:
             skip_value = False
             continue
-        action = actions.get(token.split('=')[0]) if token.startswith('--') else None
+        action = action_of(token)
         if action is not None and action.dest in FIXMATCH_ONLY:
             skip_value = '=' not in token and action.nargs != 0
             continue

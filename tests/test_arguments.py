@@ -405,7 +405,7 @@ def test_a_source_only_run_refuses_what_only_adaptation_uses(argv, option, capsy
     if option in ('--forward-mode', '--soft-weighting'):
         assert 'only FixMatch uses' in err
     if option == '--source-only-epochs':
-        assert 'give its length with --epochs, e.g. --epochs 12 --source-only-epochs 0' in err
+        assert 'give its length with --epochs, e.g. --epochs 12' in err
 
 
 def test_a_source_only_run_takes_what_it_uses():
@@ -418,11 +418,24 @@ def test_a_source_only_run_takes_what_it_uses():
 
 @pytest.mark.parametrize('config', ['domainnet.yaml', 'offline_digits_cpu.yaml'])
 def test_a_published_recipe_runs_its_source_only_baseline_with_its_fixmatch_options_left_unused(config):
-    # the recipe's soft weighting, RandAugment and cutout are part of the recipe, not a mistake of this command (the
-    # bench studies run every source-only baseline so); its source-only phase is the schedule's, so given as 0
+    # the recipe's soft weighting, RandAugment, cutout and source-only phase are part of the recipe, not a mistake of
+    # this command (the bench studies run every source-only baseline so); its threshold still sets the label-free
+    # keep rates of a source-only run
     path = str(REPO / 'train' / 'configs' / config)
-    args = train.parse_args(['-c', path, '--method', 'source_only', '--source-only-epochs', '0'])
-    assert args.method == 'source_only' and args.source_only_epochs == 0
+    args = train.parse_args(['-c', path, '--method', 'source_only', '--threshold', '0.8'])
+    assert args.method == 'source_only' and args.threshold == 0.8
+
+
+def test_a_run_started_before_the_combination_checks_resumes(tmp_path):
+    # its args.yaml holds what is refused now; a resume must take it as it is (dropping it would change the run)
+    args = train.parse_args(['--soft-weighting', '--source-only-epochs', '1'])
+    saved = dict(vars(args), threshold=0.9)
+    path = tmp_path / 'args.yaml'
+    path.write_text(yaml.safe_dump(dict(saved, method='source_only', select='guarded_estimate'), sort_keys=False))
+    resumed = train.parse_args(['-c', str(path), '--resume', '--experiment', 'run'])
+    assert (resumed.threshold, resumed.select, resumed.source_only_epochs) == (0.9, 'guarded_estimate', 1)
+    resumed = train.parse_args(['--soft-weighting', '--threshold', '0.9', '--resume', '--experiment', 'run'])
+    assert resumed.threshold == 0.9
 
 
 def test_a_threshold_is_refused_with_soft_weighting_which_drops_no_pseudo_label(capsys):

@@ -37,7 +37,7 @@ def test_study_run_parses_to_the_method_with_equal_total_epochs(method, size):
 
 def test_a_recipe_given_to_every_run_leaves_the_source_only_run_without_its_fixmatch_options():
     # train.py refuses them for a source-only run, which reads none of them: the study's baseline runs as before
-    recipe = ('--forward-mode', 'separate', '--no-pseudo-label-dropout', '--cutout=8', '--lr', '0.1')
+    recipe = ('--forward', 'separate', '--no-pseudo-label-dropout', '--cutout=8', '--lr', '0.1')  # abbreviated too
     args = train.parse_args(list(study_run(offline_study('cpu'), 'x', 'source-only', 'mnist', 0, None, recipe).args))
     assert (args.method, args.lr, args.forward_mode, args.pseudo_label_dropout) == ('source_only', 0.1, 'joint', True)
     args = train.parse_args(list(study_run(offline_study('cpu'), 'x', 'FixMatch', 'mnist', 0, None, recipe).args))

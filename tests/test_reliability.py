@@ -107,8 +107,15 @@ def test_malicious_pickles_are_refused(tmp_path):
     save_checkpoint(tmp_path / 'ckpt', 1, nn.Linear(2, 2), dict(history=[]))
     state_file = tmp_path / 'ckpt' / 'epoch-0001' / 'state.pt'
     state_file.write_bytes(pickle.dumps({'epoch': 1, 'evil': _Payload()}))
-    with pytest.raises(pickle.UnpicklingError):
+    with pytest.raises(OSError, match=f'cannot resume from {state_file}') as refused:
         load_last_checkpoint(tmp_path / 'ckpt', nn.Linear(2, 2))
+    assert isinstance(refused.value.__cause__, pickle.UnpicklingError)
+    # a state file damaged in its first bytes is no torch file: named too, not a UnicodeDecodeError
+    save_checkpoint(tmp_path / 'damaged', 1, nn.Linear(2, 2), dict(history=[]))
+    state_file = tmp_path / 'damaged' / 'epoch-0001' / 'state.pt'
+    state_file.write_bytes(b'XX' + state_file.read_bytes()[2:])
+    with pytest.raises(OSError, match=f'cannot resume from {state_file}'):
+        load_last_checkpoint(tmp_path / 'damaged', nn.Linear(2, 2))
     # pretrained weights given as a pickle file
     evil = tmp_path / 'weights.pth'
     evil.write_bytes(pickle.dumps({'conv1.weight': _Payload()}))

@@ -152,7 +152,8 @@ def read_error_reason(error: BaseException) -> str:
 
 def to_rgb(img: Image.Image) -> Image.Image:
     """Any PIL mode as 8-bit RGB: 16-bit gray is rescaled (not clipped), alpha is composited on black, and so is a
-    colour key (a PNG's `transparency` in any mode: L, RGB and P store it so, as an optimiser may choose)."""
+    colour key (a PNG's `transparency` in L, RGB or P mode, as an optimiser may store it; a 16-bit one's key is not
+    applied)."""
     if img.mode in ('I;16', 'I;16B', 'I;16L', 'I'):
         arr = np.asarray(img, dtype=np.float64)
         peak = 65535.0 if img.mode.startswith('I;16') else max(float(arr.max()), 1.0)

@@ -68,7 +68,8 @@ def _files_under(folder: Path) -> List[Path]:
         seen.add(real)
         # hidden folders are pruned before they are walked: read first, one would claim the real folder that a
         # visible link also reaches; sorted, which of two links to a folder is read does not depend on the listing
-        dirs[:] = sorted(d for d in dirs if not d.startswith('.'))
+        # (a file system's lost+found, unreadable to users at a mount point, holds no images of theirs either)
+        dirs[:] = sorted(d for d in dirs if not d.startswith('.') and d != 'lost+found')
         files += [Path(top) / name for name in names if not name.startswith('.')]
     return files
 

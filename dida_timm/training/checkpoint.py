@@ -6,6 +6,7 @@ into place, then `last` (a one-line file) is replaced to point at it; a run kill
 either the previous checkpoint or the new one as `last`, never a half-written one.
 """
 import os
+import pickle
 import shutil
 import uuid
 from pathlib import Path
@@ -83,7 +84,9 @@ def load_last_checkpoint(
             module.load_state_dict(safetensors.torch.load_file(str(path)))
         path = folder / 'state.pt'
         return torch.load(path, map_location='cpu', weights_only=True)
-    except (OSError, RuntimeError, EOFError, safetensors.SafetensorError) as e:
+    # a damaged state.pt fails torch's reader (RuntimeError) or, damaged in its first bytes, its unpickler (also the
+    # refusal of a pickle that weights_only will not run: still refused, with the file named)
+    except (OSError, RuntimeError, EOFError, ValueError, pickle.UnpicklingError, safetensors.SafetensorError) as e:
         older = [f.name for f in sorted(Path(directory).glob('epoch-*')) if f.name < folder.name]
         hint = f'; to resume from the one before, write {older[-1]} into {pointer}' if older else ''
         raise OSError(f'cannot resume from {path} ({type(e).__name__}: {e}){hint}') from e

@@ -338,26 +338,30 @@ def check_args(
     if not isinstance(logits, torch.Tensor) or logits.ndim != 2:
         output = f'shape {tuple(logits.shape)}' if isinstance(logits, torch.Tensor) else f'a {type(logits).__name__}'
         parser.error(f'{option}: {described} gives {output} for one image, not (1, classes) logits')
+    # what a command asks for that its run would not do: refused as given on the command line only (a config's recipe
+    # serves its source-only baseline too), and not on --resume (a run started before these checks must finish)
+    asked = on_command_line if not args.resume else frozenset()
     if args.method == 'source_only':
         # each would be ignored without a word: as given, a switched-off flag by its --no- form
         unused = [option_name(parser, dest) if getattr(args, dest) is not False else f'--no-{dest.replace("_", "-")}'
-                  for dest in FIXMATCH_ONLY if _given(args, dest) and dest in on_command_line]
+                  for dest in FIXMATCH_ONLY if _given(args, dest) and dest in asked]
         if unused:
             parser.error(f'{unused[0]}: only FixMatch uses {", ".join(unused)}; --method source_only would ignore '
                          f'{"them" if len(unused) > 1 else "it"}')
         # guarded_last, the default, is a source-only run's last epoch too: only an explicit other rule is refused
-        if args.select not in (_built_in_defaults()['select'], 'last'):
+        if 'select' in asked and args.select not in (_built_in_defaults()['select'], 'last'):
             parser.error(f'--select: a source-only run reports its last epoch (there is no adaptation to select '
                          f'from), not {args.select}; leave --select out')
-        if args.source_only_epochs:
+        if 'source_only_epochs' in asked and args.source_only_epochs:
             parser.error(f'--source-only-epochs: with --method source_only the whole run is source-only (a second '
                          f'phase would restart the lr schedule); give its length with --epochs, e.g. --epochs '
-                         f'{args.source_only_epochs + args.epochs} --source-only-epochs 0')
+                         f'{args.source_only_epochs + args.epochs}')
     elif args.cutout >= size:
         parser.error(f'--cutout: a {args.cutout} px square covers the whole {size} px input; use less than {size} '
                      '(0 turns Cutout off)')
-    # the confidence weights keep every pseudo-label: the threshold would only change the logged keep rates
-    if args.soft_weighting and _given(args, 'threshold'):
+    # the confidence weights keep every pseudo-label: the threshold would only change the logged keep rates (a
+    # source-only run's label-free scores count the pseudo-labels kept at it, and it weights none)
+    if args.method == 'fixmatch' and args.soft_weighting and 'threshold' in asked and _given(args, 'threshold'):
         parser.error(f'--threshold: --soft-weighting weights every pseudo-label by its confidence and drops none, so '
                      f'{args.threshold} would not change the loss (only the keep rates logged); give one of the two')
     phases = [n for n in (args.source_only_epochs, args.epochs) if n]
