@@ -95,9 +95,11 @@ class Run:
         if args.resume and saved_args.is_file():
             changed = changed_run_options(yaml.safe_load(saved_args.read_text()), args)
             if changed:
+                # the run's name too: a run named by the clock recorded `experiment: ''`
+                own = shlex.join(['-c', str(saved_args), '--resume', '--experiment', name])
                 raise RunError(f'--resume: the run in {self.out_dir} was started with other options ('
-                               f'{"; ".join(changed)}); resume it with its own (its args.yaml), or start another '
-                               f'run with --experiment')
+                               f'{"; ".join(changed)}); resume it with its own ({own}), or start another run with '
+                               f'--experiment')
         if self.is_main:
             if _holds_a_run(self.out_dir) and not args.resume:
                 raise RunError(f'{self.out_dir} already holds a run; pass --resume to continue it or '
