@@ -44,3 +44,26 @@ def test_a_t_sne_of_too_few_images_is_skipped_with_a_log_line(tmp_path, caplog):
         written = write_report(tmp_path, None, ['x', 'y'], '', HISTORY, lambda: few, 'b')
     assert [p.name for p in written] == ['curves.png']
     assert 't-SNE picture skipped: 4 images, too few for its perplexity 5' in caplog.text
+
+
+def test_a_confusion_matrix_of_hundreds_of_classes_is_drawn_at_a_bounded_size(tmp_path):
+    # DomainNet's 345 classes asked for an 18,700 px picture: 2.6 GB to draw, killed or crashed at the run's end
+    from PIL import Image
+
+    from dida_timm.training.report import plot_confusion
+    counts = np.eye(345, dtype=int) * 5 + 1
+    plot_confusion(counts.tolist(), [f'c{i}' for i in range(345)], 'title', tmp_path / 'confusion.png')
+    assert max(Image.open(tmp_path / 'confusion.png').size) <= 3000
+
+
+def test_a_picture_that_fails_is_logged_and_the_others_are_drawn(tmp_path, monkeypatch, caplog):
+    import dida_timm.training.report as report
+
+    def fail(*args, **kwargs):
+        raise MemoryError('Unable to allocate 2.60 GiB')
+    monkeypatch.setattr(report, 'plot_confusion', fail)
+    with caplog.at_level(logging.WARNING):
+        written = write_report(tmp_path, [[3, 1], [0, 4]], ['x', 'y'], 'title', HISTORY, _features, 'b')
+    assert [p.name for p in written] == ['curves.png', 'tsne.png']
+    assert any('confusion_matrix.png not drawn (MemoryError: Unable to allocate' in r.getMessage()
+               for r in caplog.records)

@@ -6,7 +6,7 @@ pictures it cannot draw, with one log line, and the run still finishes.
 import importlib
 import logging
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -55,11 +55,19 @@ def write_report(
         _logger.info(f"report pictures skipped: {' and '.join(missing)} not installed "
                      "(pip install 'dida-timm[data]' to draw them)")
         return []
-    written = [out_dir / 'curves.png']
-    plot_curves(history, written[0], selected_epoch)
+    written = []
+
+    def draw(name: str, plot: Callable[..., None], *args: Any, **kwargs: Any) -> None:
+        # a picture is a view of results already written: one that fails is logged, the run still ends with its table
+        try:
+            plot(*args, out_dir / name, **kwargs)
+            written.append(out_dir / name)
+        except (MemoryError, ValueError, RuntimeError, OSError) as e:
+            _logger.warning(f'{name} not drawn ({type(e).__name__}: {e}); results.json holds its numbers')
+
+    draw('curves.png', plot_curves, history, selected_epoch=selected_epoch)
     if confusion is not None:
-        written.append(out_dir / 'confusion_matrix.png')
-        plot_confusion(confusion, classes, title, written[-1])
+        draw('confusion_matrix.png', plot_confusion, confusion, classes, title)
     if tsne_features is not None:
         if missing:
             _logger.info(f"t-SNE picture skipped: {' and '.join(missing)} not installed "
@@ -72,8 +80,7 @@ def write_report(
                 _logger.warning(f't-SNE picture skipped: {points} images, too few for its perplexity '
                                 f'{tsne_perplexity(points)}')
             else:
-                written.append(out_dir / 'tsne.png')
-                plot_tsne(features, labels, classes, target, written[-1], seed=seed)
+                draw('tsne.png', plot_tsne, features, labels, classes, target, seed=seed)
     return written
 
 
@@ -84,16 +91,23 @@ def _pyplot():
     return plt
 
 
+MAX_CONFUSION_INCHES = 25.0
+
+
 def plot_confusion(confusion: Sequence[Sequence[int]], classes: Sequence[str], title: str, path: Path) -> None:
     """Row-normalised confusion matrix (true class per row), with the counts written in each cell."""
     plt = _pyplot()
     counts = np.asarray(confusion)
     rates = counts / np.maximum(counts.sum(1, keepdims=True), 1)
-    size = max(5.0, 0.45 * len(classes) + 2)
+    # capped: DomainNet's 345 classes asked for 157 inches (18,700 px a side, 2.6 GB to draw); past 100 classes
+    # their names cannot be read at a size that draws, so the axes are left unnamed
+    size = min(max(5.0, 0.45 * len(classes) + 2), MAX_CONFUSION_INCHES)
     fig, ax = plt.subplots(figsize=(size, size))
-    ax.imshow(rates, cmap='Blues', vmin=0, vmax=1)
-    ax.set_xticks(range(len(classes)), classes, rotation=90 if len(classes) > 12 else 0)
-    ax.set_yticks(range(len(classes)), classes)
+    ax.imshow(rates, cmap='Blues', vmin=0, vmax=1, interpolation='nearest')
+    if len(classes) <= 100:
+        fontsize = 10 if len(classes) <= 40 else 6
+        ax.set_xticks(range(len(classes)), classes, rotation=90 if len(classes) > 12 else 0, fontsize=fontsize)
+        ax.set_yticks(range(len(classes)), classes, fontsize=fontsize)
     ax.set_xlabel('predicted')
     ax.set_ylabel('true')
     ax.set_title(title)
