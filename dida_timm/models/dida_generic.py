@@ -165,7 +165,7 @@ def add_dida(
         if next(modules[name].parameters(), None) is None:
             raise ValueError(f'{type(model).__name__}.{name} (feature_info index {i}) has no parameters: a DIDA '
                              'branch runs beside a stage, so choose another with stages=')
-    wrapped = [n for n in names if isinstance(model.get_submodule(n), DidaStage)]
+    wrapped = [n for n in names if isinstance(modules[n], DidaStage)]
     if wrapped:
         raise ValueError(f'{wrapped} already have a DIDA branch')
     shapes = _probe_shapes(model, names)

@@ -19,7 +19,7 @@ import sys
 import time
 import traceback
 from dataclasses import asdict
-from functools import partial
+from functools import cached_property, partial
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
@@ -329,9 +329,11 @@ class Run:
         row.update(self.monitor.score(model, epoch))
         return row
 
-    def _resumable(self) -> Dict[str, Any]:
+    @cached_property
+    def resumable(self) -> Dict[str, Any]:
         """What a resumed run must find as the run left it, beyond its options: the processes and steps per epoch
-        its schedule counted, and the target images held out for the label-free scores (a folder's may change)."""
+        its schedule counted, and the target images held out for the label-free scores (a folder's may change).
+        Fixed once the inputs are built: computed once, saved with every checkpoint."""
         root = self.args.target_dir or self.args.data_dir
         paths = getattr(self.target_val, 'paths', None)
         names = [os.path.relpath(p, root) for p in paths] if paths is not None and root else [str(len(self.target_val))]
@@ -340,7 +342,7 @@ class Run:
 
     def _check_resumable(self, saved: Dict[str, Any]) -> None:
         """Refuse a resume whose processes, steps per epoch or held-out target images differ from the run's."""
-        now = self._resumable()
+        now = self.resumable
         why = dict(
             world_size=f'it ran on {saved.get("world_size")} process(es), now on {now["world_size"]}: resume it on '
                        f'as many (its schedule and batches count per process)',
@@ -420,7 +422,7 @@ class Run:
                     save_checkpoint(ckpt_dir, epoch + 1, self.model, dict(
                         phase=phase_index, optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(),
                         scaler=scaler.state_dict() if scaler is not None else None, history=self.history,
-                        resumable=self._resumable()), self.ema, keep=a.keep_checkpoints)
+                        resumable=self.resumable), self.ema, keep=a.keep_checkpoints)
                     self._write_summary()
                 if cfg.method == 'fixmatch':
                     # after the checkpoint, so that the kept weights never run ahead of the history a resume restores
