@@ -9,9 +9,10 @@ import argparse
 import csv
 import itertools
 import json
+import math
 import sys
 from pathlib import Path
-from typing import Dict, Iterator, List, Optional, Sequence
+from typing import Dict, Iterable, Iterator, List, Optional, Sequence
 
 import timm
 import torch
@@ -22,8 +23,8 @@ from .data import read_unlabelled_folder
 from .data.domain_dataset import READ_ERRORS, read_error_reason
 from .models._published import published_folder
 from .models.factory import create_model, read_hub_config  # create_model re-exported: it used to live here
-from .training.selection import (COT_MAX_IMAGES, MIN_IMAGES_PER_CLASS, CollapseGuard, atc_estimate, cot_estimate,
-                                 label_free_scores)
+from .training.selection import (ATC_SCORES, COT_MAX_IMAGES, MIN_IMAGES_PER_CLASS, CollapseGuard, atc_estimate,
+                                 cot_estimate, label_free_scores)
 
 __all__ = ['create_model', 'label_free_check', 'label_free_config', 'load_model', 'predict_images',
            'smallest_input_size', 'main']
@@ -62,17 +63,60 @@ def smallest_input_size(model: torch.nn.Module) -> int:
     raise ValueError(f'{type(model).__name__} takes no square input of up to 1024 px (the last error below)') from error
 
 
-def label_free_config(spec: str) -> Optional[dict]:
+def label_free_config(spec: str, num_classes: Optional[int] = None) -> Optional[dict]:
     """The `label_free` section an export wrote into the spec's config.json (the ATC threshold fitted on the
     source domains, the collapse guard and the predicted-class spread the model had on its training target);
-    None for a model that has none (e.g. an ImageNet tag)."""
+    None for a model that has none (e.g. an ImageNet tag).
+
+    Raises:
+        ValueError: when the section lacks a value `label_free_check` reads or holds one it cannot use (for a
+            model of `num_classes` classes, when given), naming it: an edited config must not end a prediction in
+            a traceback, nor give a made-up estimate.
+    """
     if Path(spec).is_dir():
         spec = f'local-dir:{Path(spec).resolve()}'
     config = read_hub_config(spec)
     if config is None:
         folder = published_folder(spec)
         config = json.loads((folder / 'config.json').read_text()) if folder else {}
-    return config.get('label_free')
+    section = config.get('label_free')
+    if section is not None:
+        _check_label_free(section, num_classes, f"{spec}'s config.json: label_free")
+    return section
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _check_label_free(cfg: object, num_classes: Optional[int], where: str) -> None:
+    """Raise a ValueError naming `where` and the value when `cfg` is not a label-free section `label_free_check`
+    can use."""
+    if not isinstance(cfg, dict):
+        raise ValueError(f'{where} must be a mapping, got {type(cfg).__name__}')
+    if not _is_number(cfg.get('atc_threshold')):
+        raise ValueError(f"{where}.atc_threshold must be a number, got {cfg.get('atc_threshold')!r}")
+    if cfg.get('atc_score') not in ATC_SCORES:
+        raise ValueError(f"{where}.atc_score must be one of {ATC_SCORES}, got {cfg.get('atc_score')!r}")
+    temperature, share = cfg.get('temperature'), cfg.get('label_share')
+    if temperature is not None and not (_is_number(temperature) and temperature > 0):
+        raise ValueError(f'{where}.temperature must be a positive number, got {temperature!r}')
+    if share is not None:
+        length = num_classes if num_classes is not None else len(share) if isinstance(share, list) else None
+        if not (isinstance(share, list) and len(share) == length and all(_is_number(v) and v >= 0 for v in share)
+                and sum(share) > 0):
+            raise ValueError(f'{where}.label_share must list {length} non-negative class shares (not all 0), '
+                             f'got {share!r}')
+    scores = cfg.get('target_scores')
+    if scores is not None and not (isinstance(scores, dict) and _is_number(scores.get('effective_classes'))
+                                   and _is_number(scores.get('dead_classes'))):
+        raise ValueError(f'{where}.target_scores must hold the numbers effective_classes and dead_classes, '
+                         f'got {scores!r}')
+    if cfg.get('guard') is not None:
+        try:
+            CollapseGuard(**cfg['guard'])
+        except TypeError as e:
+            raise ValueError(f"{where}.guard must hold CollapseGuard's settings, got {cfg['guard']!r} ({e})") from e
 
 
 def label_free_check(probs: torch.Tensor, cfg: dict) -> List[str]:
@@ -184,7 +228,7 @@ def predict_images(
     transform = timm.data.create_transform(**timm.data.resolve_data_config({}, model=model))
     names = label_names(model)
     dataset = read_unlabelled_folder(folder, Path(folder).name, names, transform)
-    device = next(model.parameters()).device
+    weight = next(model.parameters())
     loader = DataLoader(_ReadOrReason(dataset), batch_size=batch_size, num_workers=num_workers,
                         collate_fn=_collate_readable)
     for path in dataset.skipped_paths:
@@ -192,17 +236,37 @@ def predict_images(
     if sys.stderr.isatty() if progress is None else progress:
         from tqdm import tqdm
         loader = tqdm(loader, desc='predicting', unit='batch')
+    # in train mode batch norm would normalise each batch by its own statistics (predictions depending on the batch
+    # size) and move the model's running statistics
+    was_training = model.training
+    model.eval()
+    try:
+        yield from _predicted_rows(model, loader, dataset.paths, names, topk, weight, probabilities)
+    finally:
+        model.train(was_training)
+
+
+def _predicted_rows(
+        model: torch.nn.Module,
+        loader: Iterable,
+        paths: List[Path],
+        names: List[str],
+        topk: int,
+        weight: torch.Tensor,
+        probabilities: Optional[List[torch.Tensor]],
+) -> Iterator[Dict[str, object]]:
+    """`predict_images`' rows from its loader's batches, on the device and in the dtype of the model's `weight`."""
     for images, indices, unreadable in loader:
         for index, why in unreadable:
-            yield {'image': str(dataset.paths[index]), 'error': why}
+            yield {'image': str(paths[index]), 'error': why}
         if images is None:
             continue
-        probs = model(images.to(device)).float().softmax(-1)
+        probs = model(images.to(weight.device, weight.dtype)).float().softmax(-1)
         if probabilities is not None:
             probabilities.append(probs.cpu())
         top_p, top_i = probs.topk(min(topk, probs.shape[-1]), dim=-1)
         for index, p_row, i_row in zip(indices, top_p.tolist(), top_i.tolist()):
-            row = {'image': str(dataset.paths[index])}
+            row = {'image': str(paths[index])}
             for rank, (p, i) in enumerate(zip(p_row, i_row), 1):
                 row[f'label_{rank}'] = names[i]
                 row[f'confidence_{rank}'] = round(p, 6)
@@ -224,7 +288,8 @@ RULES = [('batch_size', at_least(1)), ('topk', at_least(1)), ('workers', at_leas
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Predict every readable image; unreadable ones go to stderr and to <output>_unreadable.csv.
 
-    Exit status: 0 when at least one image was predicted, 1 when none could be read, 2 for a usage error.
+    Exit status: 0 when at least one image was predicted, 1 when none could be read, 2 for a usage error, a model
+    that cannot be loaded or an output that cannot be written.
     """
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument('--model', required=True, help='name[.tag], hf-hub:ORG/NAME, local-dir:PATH or a folder')
@@ -244,16 +309,22 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.output.is_dir():
         parser.error(f'--output: {args.output} is a folder; give the CSV file to write')
     unreadable_file = args.output.with_name(f'{args.output.stem}_unreadable.csv')
-    for stale in (args.output, unreadable_file):  # an earlier run's, which a failure here must not leave behind
-        stale.unlink(missing_ok=True)
+    try:  # before any prediction: a folder's worth of work must not end in a file that cannot be written
+        args.output.parent.mkdir(parents=True, exist_ok=True)
+        for stale in (args.output, unreadable_file):  # an earlier run's, which a failure here must not leave behind
+            stale.unlink(missing_ok=True)
+        args.output.touch()
+        args.output.unlink()
+    except OSError as e:
+        parser.error(f'--output: cannot write {args.output} ({e.strerror or e})')
     try:
         model = load_model(args.model, args.device, allow_pickle=args.allow_pickle)
         if args.topk > model.num_classes:
             parser.error(f'--topk: {args.topk} is more than the model\'s {model.num_classes} classes')
+        check = label_free_config(args.model, model.num_classes)
         probabilities: List[torch.Tensor] = []
         rows = list(predict_images(model, args.images, args.batch_size, args.topk, args.workers,
                                    probabilities=probabilities))
-        check = label_free_config(args.model)
     except (RuntimeError, FileNotFoundError, ValueError, OSError) as e:
         print(f'error: {e}', file=sys.stderr)
         return 2
@@ -261,13 +332,18 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     unreadable = [r for r in rows if 'error' in r]
     for r in unreadable:
         print(f"warning: cannot read {r['image']}: {r['error']}", file=sys.stderr)
-    if unreadable:
-        _write_csv(unreadable_file, unreadable)
+    try:
+        if unreadable:
+            _write_csv(unreadable_file, unreadable)
+        if predicted:
+            _write_csv(args.output, predicted)
+    except OSError as e:  # writable at the start, not now (a full disk)
+        print(f'error: cannot write the predictions: {e}', file=sys.stderr)
+        return 2
     if not predicted:
-        print(f'error: none of the {len(rows)} images under {args.images} could be read (listed in '
+        print(f'error: none of the {len(rows)} files under {args.images} could be read as an image (listed in '
               f'{unreadable_file})', file=sys.stderr)
         return 1
-    _write_csv(args.output, predicted)
     print(f'{len(predicted)} predictions written to {args.output}' + (
         f'; {len(unreadable)} unreadable files listed in {unreadable_file}' if unreadable else ''))
     if check:

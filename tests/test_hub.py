@@ -17,7 +17,7 @@ import yaml
 from PIL import Image
 
 from dida_timm.hub import export_runs, model_card, push_folder, read_run
-from dida_timm.inference import load_model, main as predict_main, predict_images, smallest_input_size
+from dida_timm.inference import label_free_config, load_model, main as predict_main, predict_images, smallest_input_size
 from hf_cache import add_snapshot
 
 REPO = Path(__file__).resolve().parents[1]
@@ -781,3 +781,66 @@ def test_push_lists_only_the_files_upload_folder_sends(exported, tmp_path):
     (folder / 'extra' / 'notes.txt').write_text('uploaded')
     assert push_folder(folder, 'dida-timm/test-model', dry_run=True) == ['README.md', 'config.json', 'extra/notes.txt',
                                                                          'model.safetensors']
+
+
+def test_prediction_runs_a_model_in_eval_mode_and_leaves_it_as_it_was(tmp_path):
+    rng = np.random.default_rng(0)
+    for i in range(6):
+        Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(tmp_path / f'{i}.png')
+    torch.manual_seed(0)
+    model = timm.create_model('dida_digitnet_compact', num_classes=10)  # train mode, as create_model leaves it
+    with torch.no_grad():  # running statistics far from a batch's: train-mode batch norm would change every output
+        for m in model.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.uniform_(-1, 1)
+                m.running_var.uniform_(0.5, 2)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    probs = {}
+    for batch_size in (6, 2):
+        probabilities = []
+        list(predict_images(model, tmp_path, batch_size=batch_size, probabilities=probabilities, progress=False))
+        probs[batch_size] = torch.cat(probabilities)
+        assert model.training
+    torch.testing.assert_close(probs[6], probs[2])
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, state[key]), key
+
+
+def test_prediction_refuses_an_output_it_cannot_write_before_predicting(tmp_path, capsys, monkeypatch):
+    images = tmp_path / 'images'
+    images.mkdir()
+    Image.new('RGB', (32, 32)).save(images / 'x.png')
+    (tmp_path / 'a_file').write_text('')
+    import dida_timm.inference as inference
+    monkeypatch.setattr(inference, 'load_model', lambda *a, **k: pytest.fail('predicted before checking --output'))
+    with pytest.raises(SystemExit) as exit_info:
+        predict_main(['--model', 'dida_digitnet_compact.offline_mnist', '--images', str(images),
+                      '--output', str(tmp_path / 'a_file' / 'preds.csv')])
+    assert exit_info.value.code == 2
+    assert f"--output: cannot write {tmp_path / 'a_file' / 'preds.csv'}" in capsys.readouterr().err
+
+
+def test_prediction_refuses_an_edited_label_free_section_naming_the_value_before_predicting(tmp_path, capsys):
+    from dida_timm.models._published import published_folder
+    repo = tmp_path / 'repo'
+    shutil.copytree(published_folder('dida_digitnet_compact.offline_mnist'), repo)
+    config = json.loads((repo / 'config.json').read_text())
+    config['label_free']['label_share'] = config['label_free']['label_share'][:9]  # 9 shares for 10 classes
+    (repo / 'config.json').write_text(json.dumps(config))
+    images = tmp_path / 'images'
+    images.mkdir()
+    Image.new('RGB', (32, 32)).save(images / 'x.png')
+    out = tmp_path / 'preds.csv'
+    assert predict_main(['--model', str(repo), '--images', str(images), '--output', str(out)]) == 2
+    assert 'label_free.label_share must list 10 non-negative class shares' in capsys.readouterr().err
+    assert not out.exists()
+    original = dict(config['label_free'], label_share=[0.1] * 10)
+    for key, value in (('atc_score', 'confidence'), ('atc_threshold', None), ('temperature', -1.0),
+                       ('guard', {'min_ratio': 1}), ('target_scores', {'effective_classes': 9.5})):
+        config['label_free'] = dict(original, **{key: value})
+        (repo / 'config.json').write_text(json.dumps(config))
+        with pytest.raises(ValueError, match=f'label_free.{key} must'):
+            label_free_config(str(repo), 10)
+    config['label_free'] = original
+    (repo / 'config.json').write_text(json.dumps(config))
+    assert label_free_config(str(repo), 10) == original

@@ -346,3 +346,21 @@ def test_every_rank_ends_an_epoch_with_rank_0s_batchnorm_statistics_and_ema(tmp_
         assert ranks[0][part].keys() == ranks[1][part].keys() and 'running_mean' in ''.join(ranks[0][part])
         for name, buffer in ranks[0][part].items():
             assert torch.equal(buffer, ranks[1][part][name]), f'{part} {name}'
+
+
+def test_evaluate_refuses_a_model_whose_outputs_are_not_the_class_count():
+    from dida_timm.training import evaluation
+
+    class AlwaysLast(nn.Module):  # five outputs, always class 4
+        def forward(self, x):
+            return torch.arange(5.).expand(len(x), 5)
+
+    images = torch.zeros(4, 1)
+    # with 3 classes the flat confusion index label * 3 + 4 put each prediction of class 4 into the next row: the
+    # 0%-accurate model scored 75%
+    with pytest.raises(ValueError, match='the model gives 5 class scores, num_classes is 3'):
+        evaluation.evaluate(AlwaysLast(), torch.utils.data.TensorDataset(images, torch.tensor([0, 0, 0, 1])), 3)
+    with pytest.raises(ValueError, match=r'label 5, past num_classes \(5\)'):
+        evaluation.evaluate(AlwaysLast(), torch.utils.data.TensorDataset(images, torch.tensor([0, 5, 0, 1])), 5)
+    assert evaluation.evaluate(AlwaysLast(), torch.utils.data.TensorDataset(images, torch.tensor([4, 4, 0, 1])),
+                               5)['accuracy'] == 50.0

@@ -44,7 +44,13 @@ def evaluate(
     confusion = torch.zeros(num_classes, num_classes, dtype=torch.int64, device=device)
     for images, labels in DataLoader(shard, batch_size=batch_size, num_workers=num_workers):
         labels = labels.to(device)
-        preds = model(images.to(device)).argmax(-1)
+        logits = model(images.to(device))
+        # a wider output would put predictions past num_classes into the next row of the flat confusion index
+        if logits.shape[-1] != num_classes:
+            raise ValueError(f'evaluate: the model gives {logits.shape[-1]} class scores, num_classes is {num_classes}')
+        if bool((labels >= num_classes).any()):
+            raise ValueError(f'evaluate: the dataset has label {int(labels.max())}, past num_classes ({num_classes})')
+        preds = logits.argmax(-1)
         known = labels >= 0
         confusion += torch.bincount(labels[known] * num_classes + preds[known],
                                     minlength=num_classes ** 2).view(num_classes, num_classes)
