@@ -447,3 +447,48 @@ def test_pretrained_weights_adapt_to_in_chans_with_a_branch_beside_the_stem(tmp_
     assert timm.models.get_model_traits(add_dida(timm.create_model('regnety_004'), stages=(0,), reduction=1))[
         'first_conv'] == 'stem.blocks.conv'
     assert timm.models.get_model_traits(add_dida(timm.create_model('regnety_004')))['first_conv'] == 'stem.conv'
+
+
+def test_features_only_of_a_base_timm_serves_through_its_getter_class():
+    # CSPNeXt's features model is timm's FeatureGetterNet: a flattened feature list lost its top-level stem
+    name = register_dida('cspnext_s')
+    features = timm.create_model(name, features_only=True)
+    static = timm.create_model('cspnext_s', features_only=True)
+    outs = features(torch.randn(1, 3, 64, 64))
+    assert [o.shape[1] for o in outs] == features.feature_info.channels() == static.feature_info.channels()
+    assert [64 // o.shape[-1] for o in outs] == static.feature_info.reduction()
+
+
+def test_a_channels_last_model_is_refused_before_its_height_is_read_as_channels():
+    with pytest.raises(ValueError, match='add_dida needs NCHW feature maps: MambaOut runs its stages in NHWC'):
+        add_dida(timm.create_model('mambaout_femto', device='meta'), stages=(0,))
+
+
+def test_the_probe_falls_back_to_the_input_size_a_model_asserts():
+    # BotNet asserts its 256 px input: the small probe's AssertionError skipped the fallback
+    model = add_dida(timm.create_model('botnet26t_256', num_classes=3), stages=(-2,))
+    assert model(torch.randn(1, 3, 256, 256)).shape == (1, 3)
+
+
+def test_register_dida_refuses_a_base_whose_dida_name_is_another_layout():
+    # dida_resnet18 is the released code's two-unit branch: an add_dida(resnet18) state dict does not load into it
+    with pytest.raises(ValueError, match=r"dida_resnet18 is already a model of its own .* Rebuild that model with "
+                                         r"add_dida"):
+        register_dida('resnet18')
+    assert register_dida('convnext_atto') == 'dida_convnext_atto'  # a family built as add_dida builds it
+
+
+def test_a_static_checkpoint_without_batch_norm_counters_loads_as_into_the_static_twin(tmp_path):
+    # checkpoints before torch's batch norm version 2 (and many converted ones) have no num_batches_tracked: torch
+    # fills them in, and timm's strict load into resnet18 takes such a file
+    state = {k: v for k, v in timm.create_model('resnet18').state_dict().items()
+             if not k.endswith('num_batches_tracked')}
+    path = tmp_path / 'resnet18.safetensors'
+    safetensors.torch.save_file(state, str(path))
+    model = timm.create_model('dida_resnet18', pretrained=True, pretrained_cfg_overlay=dict(file=str(path)))
+    for key, value in state.items():
+        torch.testing.assert_close(model.state_dict()[key.replace('layer4.', 'layer4.blocks.')], value, msg=key)
+    state.pop('layer1.0.bn1.running_mean')  # a statistic the twin has is still required
+    safetensors.torch.save_file(state, str(path))
+    with pytest.raises(RuntimeError, match=r"missing \['layer1.0.bn1.running_mean'\]"):
+        timm.create_model('dida_resnet18', pretrained=True, pretrained_cfg_overlay=dict(file=str(path)))

@@ -1,11 +1,14 @@
 """The DIDA module (docs/METHOD.md section 1): equations, parameter counts, gradients and per-sample kernels."""
 import copy
+import re
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import timm
 import torch
+import torch.nn as nn
 
 import dida_timm  # noqa: F401  registers the models
 from dida_timm.layers import DidaBranch, DidaModule, dida
@@ -256,6 +259,14 @@ def test_static_ablation_has_no_generator_and_learns_depthwise_kernels():
     (dict(dilations=(2, -1)), r"dilations \(a model's dida_dilations\) must be positive integers, got \(2, -1\)"),
     (dict(dilations=(1, 1.5)), r"must be positive integers, got \(1, 1.5\)"),
     (dict(stride=0), r"DidaModule stride must be a positive integer, got 0"),
+    (dict(stride=True), r"DidaModule stride must be a positive integer, got True"),
+    (dict(out_chs=0), r"DidaModule out_chs must be a positive integer, got 0"),
+    (dict(out_chs=-2), r"DidaModule out_chs must be a positive integer, got -2"),
+    (dict(in_chs=0), r"DidaModule in_chs must be a positive integer, got 0"),
+    (dict(in_chs=64.0), r"DidaModule in_chs must be a positive integer, got 64.0"),
+    (dict(kernel_size=3.0), r"kernel_size \(a model's dida_kernel_size\) must be odd positive integers, got 3.0"),
+    (dict(kernel_size=(3, 5.0)), r"must be odd positive integers, got \(3, 5.0\)"),
+    (dict(kernel_size='3'), r"kernel_size \(a model's dida_kernel_size\) must be an int or have one entry per"),
 ])
 def test_bad_options_are_refused_with_a_clear_message(kwargs, message):
     with pytest.raises(ValueError, match=message):
@@ -322,3 +333,22 @@ def test_reparameterized_forward_skips_the_weight_build(device, ops, kernel_ops)
         module(x)
         assert count_top_level_ops(lambda: module(x)) <= ops
         assert count_top_level_ops(lambda: module(x), views=False) <= kernel_ops
+
+
+def test_numpy_integers_are_taken_and_an_input_of_the_wrong_shape_is_refused_naming_the_expected_one():
+    module = DidaModule(np.int64(16), 8, kernel_size=np.int64(3), reduction=np.int64(4))
+    assert module(torch.randn(2, 16, 6, 6)).shape == (2, 8, 6, 6)
+    for x in (torch.randn(16, 6, 6), torch.randn(2, 15, 6, 6)):  # unbatched; one channel short
+        with pytest.raises(ValueError, match=re.escape(f'DidaModule expects input [N, 16, H, W], got {list(x.shape)}')):
+            module(x)
+
+
+@pytest.mark.parametrize('outside', ['sequential', 'branch_as_model'])
+def test_timm_reparameterize_model_on_a_unit_it_cannot_reach_says_what_to_call(outside):
+    if outside == 'sequential':
+        model = nn.Sequential(nn.Conv2d(3, 16, 1), DidaModule(16, 8))
+    else:
+        model = DidaBranch(16, 8, 8)
+    with pytest.raises(RuntimeError, match=r"reparameterize_model reached a DidaModule outside a DidaBranch .* call "
+                                           r"the module's or branch's reparameterize\(\) instead"):
+        timm.utils.reparameterize_model(model)

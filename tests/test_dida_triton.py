@@ -383,3 +383,21 @@ def test_a_channels_last_model_on_the_kernels_gives_the_same_function():
         torch.testing.assert_close(out, out_ref, rtol=0, atol=1e-5)
         _assert_grads_close(grads, grads_ref)
         assert out.is_contiguous(memory_format=torch.channels_last)
+
+
+def test_torch_func_transforms_run_the_eager_unit_under_a_kernel_unit():
+    # the kernels' autograd Function has no vmap or forward-mode rule: per-sample gradients (vmap(grad)) and jvp failed
+    fused, eager = _pair(seed=4)
+    params = [{name: p.detach() for name, p in m.named_parameters()} for m in (fused, eager)]
+    x = torch.randn(3, 32, 6, 6, device=DEVICE)
+
+    def per_sample_grads(module, p):
+        def loss(p, sample):
+            return torch.func.functional_call(module, p, (sample[None],)).square().mean()
+        return torch.func.vmap(torch.func.grad(loss), in_dims=(None, 0))(p, x)
+
+    got, expected = per_sample_grads(fused, params[0]), per_sample_grads(eager, params[1])
+    _assert_grads_close([got[k] for k in expected], list(expected.values()), list(expected))
+    tangent = torch.ones_like(x)
+    torch.testing.assert_close(torch.func.jvp(fused, (x,), (tangent,)), torch.func.jvp(eager, (x,), (tangent,)),
+                               rtol=1e-5, atol=1e-5)

@@ -5,6 +5,7 @@ import pytest
 import safetensors.torch
 import timm
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 from timm.models import load_checkpoint
 from timm.models._manipulate import reinit_non_persistent_buffers
@@ -468,3 +469,15 @@ def test_a_model_with_untrained_branches_is_muted_to_its_static_twin(name, kwarg
         trained = muted_if_untrained(model)
     assert trained is None
     assert muted_if_untrained(twin) is None  # no branch to mute
+
+
+def test_a_branch_whose_last_activation_maps_zero_elsewhere_is_not_passed_off_as_muted():
+    # a zero norm before a sigmoid still adds 0.5 everywhere: that model is not the static twin
+    def stage(act_layer, layer_scale_init=None):
+        return DidaStage(nn.Conv2d(8, 8, 3, padding=1),
+                         DidaBranch(8, 8, 8, act_layer=act_layer, layer_scale_init=layer_scale_init, reduction=4))
+    assert muted_if_untrained(nn.Sequential(stage(nn.Sigmoid))) is None
+    assert muted_if_untrained(nn.Sequential(stage(nn.ReLU), stage(nn.Sigmoid))) is None
+    for model in (nn.Sequential(stage(nn.GELU)), nn.Sequential(stage(nn.Sigmoid, layer_scale_init=1e-5))):
+        x = torch.randn(2, 8, 6, 6)
+        torch.testing.assert_close(muted_if_untrained(model).eval()(x), model[0].blocks(x), rtol=0, atol=0)

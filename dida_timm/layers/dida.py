@@ -27,6 +27,7 @@ detached (gradients reach `conv_kernel*`, `conv_k*` and `conv`), and the ablatio
 kernels, unshared reduction convs, one dilation, a 1x1 kernel on the dilation-1 path) are options.
 """
 import math
+import numbers
 from typing import Any, Final, List, Optional, Sequence, Tuple, Union
 
 import torch
@@ -44,11 +45,14 @@ def _option(name: str) -> str:
 
 
 def _positive_ints(values: Sequence[Any]) -> bool:
-    return all(isinstance(v, int) and v >= 1 for v in values)
+    """Whether every value is an integer >= 1 (Python's or numpy's; not a bool, not a float)."""
+    return all(isinstance(v, numbers.Integral) and not isinstance(v, bool) and v >= 1 for v in values)
 
 
 def _per_dilation(value: Union[int, Sequence[int]], num: int, name: str) -> Tuple[int, ...]:
-    values = (value,) * num if isinstance(value, int) else tuple(value)
+    if not isinstance(value, (numbers.Number, Sequence)):
+        raise ValueError(f'{name} must be an int or have one entry per dilation ({num}), got {value!r}')
+    values = (value,) * num if isinstance(value, numbers.Number) else tuple(value)
     if len(values) != num:
         raise ValueError(f'{name} must be an int or have one entry per dilation ({num}), got {value!r}')
     return values
@@ -88,6 +92,9 @@ def pointwise_conv(
     On CPU one batched matmul (`pointwise_matmul`); elsewhere `F.conv2d`, one dispatch where the matmul and its views
     take six (and one backward where the matmul takes four): eager on a GPU, the unit's cost is dispatches.
     """
+    if x.dim() != 4 or x.shape[1] != weight.shape[1] * groups:
+        # the matmul's own error names its batch2 operand, not the input's channels
+        raise ValueError(f'DidaModule expects input [N, {weight.shape[1] * groups}, H, W], got {list(x.shape)}')
     if x.is_cpu:
         return pointwise_matmul(x, weight, bias, groups)
     return F.conv2d(x, weight, bias, groups=groups)
@@ -171,6 +178,22 @@ def _concatenated_paths(out: torch.Tensor, batch: int, num_paths: int) -> torch.
     return torch.cat(out.view(batch, num_paths, chs, height, width).unbind(1), 1)
 
 
+class _FuseConv(nn.Conv2d):
+    """The unit's shared fuse conv, an `nn.Conv2d` (the module reads its weight and bias; it never calls it).
+
+    timm's `reparameterize_model` calls `fuse()` on every module with an attribute of that name: on a DidaModule
+    outside a DidaBranch (or a branch given to it as the model) it calls this conv without an input, which then says
+    what to do instead of failing on a missing argument.
+    """
+
+    def forward(self, input: Optional[torch.Tensor] = None) -> torch.Tensor:
+        if input is None:
+            raise RuntimeError(
+                "timm's reparameterize_model reached a DidaModule outside a DidaBranch (or a DidaBranch given to it "
+                'as the model) and called its `fuse` conv: call the module\'s or branch\'s reparameterize() instead')
+        return self._conv_forward(input, self.weight, self.bias)
+
+
 class DidaModule(nn.Module):
     """Dynamic instance adaptation module (paper Fig. 3, docs/METHOD.md section 1).
 
@@ -204,6 +227,9 @@ class DidaModule(nn.Module):
         super().__init__()
         dd = {'device': device, 'dtype': dtype}
         dilations = (dilations,) if isinstance(dilations, int) else tuple(dilations)
+        for name, value in (('in_chs', in_chs), ('out_chs', out_chs)):
+            if not _positive_ints((value,)):
+                raise ValueError(f'DidaModule {name} must be a positive integer, got {value!r}')
         if not _positive_ints((stride,)):
             raise ValueError(f'DidaModule stride must be a positive integer, got {stride!r}')
         if not _positive_ints((reduction,)):
@@ -213,8 +239,8 @@ class DidaModule(nn.Module):
         if len(dilations) not in (1, 2):
             raise ValueError(f"DidaModule supports one or two {_option('dilations')}, got {dilations!r}")
         kernel_sizes = _per_dilation(kernel_size, len(dilations), _option('kernel_size'))
-        if any(k % 2 == 0 or k < 1 for k in kernel_sizes):
-            raise ValueError(f"{_option('kernel_size')} must be odd and positive, got {kernel_size!r}")
+        if not _positive_ints(kernel_sizes) or any(k % 2 == 0 for k in kernel_sizes):
+            raise ValueError(f"{_option('kernel_size')} must be odd positive integers, got {kernel_size!r}")
         if out_chs % len(dilations):
             raise ValueError(
                 f"out_chs ({out_chs}) must divide by the number of {_option('dilations')}, got {dilations!r}")
@@ -249,7 +275,7 @@ class DidaModule(nn.Module):
             self.conv_kernel = self._static_kernel(r, kernel_sizes[0], dilations[0], dd)
             if self.two_paths:
                 self.conv_kernel2 = self._static_kernel(r, kernel_sizes[1], dilations[1], dd)
-        self.fuse = nn.Conv2d(r, out_chs // len(dilations), 1, **dd)
+        self.fuse = _FuseConv(r, out_chs // len(dilations), 1, **dd)
         if dynamic:
             # All paths run as one grouped conv: each path's kernels sit in a common S x S window, dilated by
             # dilation / conv_dilation (3x3 at dilations 1 and 2: a 5x5 window, the dilation-2 taps on its even rows

@@ -224,23 +224,27 @@ def _branch_is_untrained(branch: nn.Module) -> bool:
 
 
 @torch.no_grad()
-def _mute(branch: nn.Module) -> None:
-    """Make `branch` output exactly zero: zero its output scale, else the affine of its last norm (the activation
-    after it maps 0 to 0)."""
+def _mute(branch: nn.Module) -> bool:
+    """Make `branch` output exactly zero: zero its output scale, else the affine of its last norm when the activation
+    after it maps 0 to 0 (ReLU, GELU, SiLU; not a sigmoid). Returns whether it could."""
     last = branch[-1]
     if hasattr(last, 'scale'):
         last.scale.gamma.zero_()
-        return
-    norm = last.bn2 if hasattr(last, 'bn2') else last.bn
+        return True
+    norm, act = (last.bn2, last.act2) if hasattr(last, 'bn2') else (last.bn, last.act)
     if getattr(norm, 'weight', None) is None:
         raise ValueError(f'cannot mute a branch whose last norm ({type(norm).__name__}) has no affine parameters')
+    if act(norm.weight.new_zeros(1)).item() != 0:
+        return False
     norm.weight.zero_()
     norm.bias.zero_()
+    return True
 
 
 def muted_if_untrained(model: nn.Module) -> Optional[nn.Module]:
     """A copy of `model` that computes its static twin (every branch outputs zero), if all its DIDA branches are
-    untrained; else None.
+    untrained and can be muted (a branch ending in an activation that maps 0 elsewhere, without a LayerScale, cannot);
+    else None.
 
     A DIDA model loaded from a trained static twin carries a freshly initialised branch: as a model it is the static
     network plus noise, while the network its user trained is the static twin. The copy is that network, in the DIDA
@@ -250,7 +254,5 @@ def muted_if_untrained(model: nn.Module) -> Optional[nn.Module]:
     if not stages or not all(_branch_is_untrained(stage.branch) for stage in stages):
         return None
     muted = copy.deepcopy(model)
-    for stage in muted.modules():
-        if isinstance(stage, DidaStage):
-            _mute(stage.branch)
-    return muted
+    stages = [m for m in muted.modules() if isinstance(m, DidaStage)]
+    return muted if all([_mute(stage.branch) for stage in stages]) else None

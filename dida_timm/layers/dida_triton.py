@@ -56,9 +56,11 @@ _KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 def triton_runs_on(x: Tensor) -> bool:
     """Whether the kernels can run on `x`: a CUDA tensor, or any tensor under Triton's interpreter, of a dtype they
     keep the precision of (not float64); never an FX proxy nor under `torch.jit.trace` (a traced graph keeps the
-    eager unit, which it can record and export)."""
+    eager unit, which it can record and export), nor inside a `torch.func` transform (`vmap(grad(...))` for per-sample
+    gradients, `jvp`: their autograd Function has no vmap or forward-mode rule, the eager unit runs under them)."""
     return (_HAS_TRITON and isinstance(x, Tensor) and (x.is_cuda or _INTERPRET) and x.dtype in _KERNEL_DTYPES
-            and not torch.jit.is_tracing())
+            and not torch.jit.is_tracing()
+            and (torch.compiler.is_compiling() or not torch._C._functorch.is_functorch_wrapped_tensor(x)))
 
 
 def output_size(height: int, width: int, stride: int) -> Tuple[int, int]:

@@ -46,7 +46,10 @@ def static_twin_filter_fn(state_dict: Dict[str, torch.Tensor], model: nn.Module)
     classifier = classifier_name(model) + '.'
     expected = {k for k in model_state if not k.startswith(classifier) and not (twin and is_branch_parameter(k))}
     loaded_keys = {k for k in out if not k.startswith(classifier)}
-    missing, unexpected = sorted(expected - loaded_keys), sorted(loaded_keys - expected)
+    # torch's batch norm fills in a missing counter on load (checkpoints before its version 2 have none), as timm's
+    # strict load into the static twin does
+    missing = sorted(k for k in expected - loaded_keys if not k.endswith('.num_batches_tracked'))
+    unexpected = sorted(loaded_keys - expected)
     if missing or unexpected:
         hint = ''
         if any(k.endswith('.paths_weight') for k in unexpected):

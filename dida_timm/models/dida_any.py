@@ -11,7 +11,7 @@ from typing import Any, Dict
 
 import timm
 import torch.nn as nn
-from timm.models import generate_default_cfgs, register_model
+from timm.models import generate_default_cfgs, model_entrypoint, register_model
 
 from .dida_generic import create_dida, dida_cfgs
 
@@ -36,12 +36,18 @@ def register_dida(base: str) -> str:
         The registered name, 'dida_<base>'.
 
     Raises:
-        ValueError: for a name timm does not know, one with a tag, or a DIDA model.
+        ValueError: for a name timm does not know, one with a tag, or a DIDA model; and for a base whose `dida_` name
+            is already another layout (the DIDA-ResNets: the released code's branch, not `add_dida`'s one unit).
     """
     if base.startswith('dida_') or '.' in base or not timm.is_model(base):
         raise ValueError(f'register_dida needs a timm model name without tag, not a DIDA model; got {base!r}')
     name = f'dida_{base}'
     if timm.is_model(name):
+        if model_entrypoint(name).__module__ not in (__name__, create_dida.__module__):
+            raise ValueError(
+                f"{name} is already a model of its own (built in {model_entrypoint(name).__module__}), whose "
+                f"branch differs from add_dida's: a state dict of add_dida(timm.create_model('{base}')) does not "
+                f"load into it. Rebuild that model with add_dida, or use {name} from the start")
         return name
 
     def entrypoint(pretrained: bool = False, **kwargs: Any) -> nn.Module:

@@ -32,6 +32,7 @@ import torch.nn as nn
 from timm.layers import LayerNorm2d, PatchEmbed, get_act_layer, get_norm_layer
 from timm.models import build_model_with_cfg, generate_default_cfgs, get_pretrained_cfg, register_model
 from timm.models import FeatureHookNet, list_pretrained, model_entrypoint
+from timm.models._features import FeatureGetterNet
 
 from dida_timm.layers import DidaBranch, DidaStage, is_branch_parameter
 
@@ -86,7 +87,7 @@ def _probe_shapes(model: nn.Module, names: Sequence[str]) -> Dict[str, Tuple[Any
             try:
                 model.forward_features(torch.zeros(1, in_chans, size, size, device=param.device, dtype=param.dtype))
                 break
-            except RuntimeError:
+            except (RuntimeError, AssertionError):  # BotNet and HaloNet assert their input size
                 if size == sizes[-1]:
                     raise
     finally:
@@ -147,6 +148,9 @@ def add_dida(
         raise ValueError(f'add_dida needs a timm classification model, got {type(model).__name__} '
                          f'(features_only wrappers: add the branch before wrapping)')
     _refuse_transformer(model)
+    if getattr(model, 'output_fmt', 'NCHW') != 'NCHW':  # MambaOut's stages run channels-last: [N, H, W, C]
+        raise ValueError(f'add_dida needs NCHW feature maps: {type(model).__name__} runs its stages in '
+                         f'{model.output_fmt}')
     feature_info = getattr(model, 'feature_info', None)
     if not isinstance(feature_info, list) or not feature_info:
         raise ValueError(f'{type(model).__name__} has no feature_info list, so add_dida cannot find its stages')
@@ -333,6 +337,8 @@ def _feature_cfg(base: str) -> Dict[str, Any]:
     cfg: Dict[str, Any] = dict(out_indices=tuple(features.feature_info.out_indices))
     if isinstance(features, FeatureHookNet):
         cfg['feature_cls'] = 'hook'
+    elif isinstance(features, FeatureGetterNet):  # CSPNeXt-like bases: their forward_intermediates gives the maps
+        cfg['feature_cls'] = 'getter'
     elif any('.' in name for name in features.feature_info.module_name()):
         cfg['flatten_sequential'] = True
     return cfg
