@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Reproduces the published offline_digits checkpoints: for each domain as the target, the README's main job
 # (train/configs/offline_digits_cpu.yaml) with the other four domains as sources, then the export.
-# About 5-15 minutes per target on 2 CPU cores (machines differ).
+# About 3-30 minutes per target on 2 CPU cores (2.3-6.5 idle; machines and load differ).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 PYTHON=${PYTHON:-python}
