@@ -250,7 +250,8 @@ def test_static_ablation_has_no_generator_and_learns_depthwise_kernels():
 
 @pytest.mark.parametrize('kwargs, message', [
     (dict(dilations=(1, 2, 3)), r"one or two dilations \(a model's dida_dilations\)"),
-    (dict(out_chs=63), r"\(63\) must divide by the number of dilations \(a model's dida_dilations\), got \(1, 2\)"),
+    (dict(out_chs=63), r"\(63\) must divide by the number of dilations \(a model's dida_dilations\), got \(1, 2\) "
+                       r"\(one dilation, e.g. dida_dilations=\(1,\), takes any out_chs\)"),
     (dict(kernel_size=2), r"kernel_size \(a model's dida_kernel_size\) must be odd"),
     (dict(kernel_size=(3, 3, 3)), r"kernel_size \(a model's dida_kernel_size\) must be an int or have one entry per"),
     (dict(reduction=128), r"reduction \(a model's dida_reduction\) 128 leaves no channels of in_chs=64 \(at most 64\)"),

@@ -844,3 +844,16 @@ def test_prediction_refuses_an_edited_label_free_section_naming_the_value_before
     config['label_free'] = original
     (repo / 'config.json').write_text(json.dumps(config))
     assert label_free_config(str(repo), 10) == original
+
+
+def test_prediction_from_a_run_folder_or_a_weights_file_says_what_to_give_instead(trained_run, tmp_path, capsys):
+    images = tmp_path / 'images'
+    images.mkdir()
+    Image.new('RGB', (32, 32)).save(images / 'x.png')
+    out = str(tmp_path / 'preds.csv')
+    assert predict_main(['--model', str(trained_run), '--images', str(images), '--output', out]) == 2
+    assert f'it holds a training run; export it to a model folder with `python hub/export.py {trained_run}' in \
+        capsys.readouterr().err
+    weights = next(trained_run.glob('*.safetensors'))
+    assert predict_main(['--model', str(weights), '--images', str(images), '--output', out]) == 2
+    assert f'{weights} is a file: give the exported folder that holds it' in capsys.readouterr().err

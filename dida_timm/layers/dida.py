@@ -243,7 +243,8 @@ class DidaModule(nn.Module):
             raise ValueError(f"{_option('kernel_size')} must be odd positive integers, got {kernel_size!r}")
         if out_chs % len(dilations):
             raise ValueError(
-                f"out_chs ({out_chs}) must divide by the number of {_option('dilations')}, got {dilations!r}")
+                f"out_chs ({out_chs}) must divide by the number of {_option('dilations')}, got {dilations!r} (one "
+                f"dilation, e.g. dida_dilations=(1,), takes any out_chs)")
         if in_chs // reduction < 1:
             raise ValueError(
                 f"{_option('reduction')} {reduction} leaves no channels of in_chs={in_chs} (at most {in_chs})")

@@ -114,7 +114,11 @@ def read_hub_config(spec: str, cache_dir: Optional[Union[str, Path]] = None) -> 
     if source == 'local-dir':
         path = Path(location) / 'config.json'
         if not path.is_file():
-            raise FileNotFoundError(f'{spec}: no config.json in {path.parent}')
+            hint = ''
+            if (path.parent / 'args.yaml').is_file():  # what train.py writes into a run folder
+                hint = (f': it holds a training run; export it to a model folder with `python hub/export.py '
+                        f'{path.parent} --out DIR --repo-name ORG/NAME` and give DIR')
+            raise FileNotFoundError(f'{spec}: no config.json in {path.parent}{hint}')
         return json.loads(path.read_text())
     if source == 'hf-hub':
         return json.loads(_hf_download(location, 'config.json', cache_dir).read_text())
@@ -166,6 +170,9 @@ def create_model(spec: str, pretrained: bool = False, allow_pickle: bool = False
     """
     if Path(spec).is_dir():
         spec = f'local-dir:{Path(spec).resolve()}'
+    elif Path(spec).is_file():
+        raise ValueError(f'{spec} is a file: give the exported folder that holds it and its config.json, or load the '
+                         f"weights into an architecture with pretrained_cfg_overlay=dict(file='{spec}')")
     # checked where timm will read: another cache may hold other files than the default one
     cache_dir = kwargs.get('cache_dir')
     config = read_hub_config(spec, cache_dir)
