@@ -84,6 +84,7 @@ def _refused(parse, capsys, option):
     (['--decay-epochs', '5'], '--decay-epochs'),  # the cosine schedule has no decay epochs
     (['--sched', 'step', '--decay-epochs', '5', '--decay-rate', '0'], '--decay-rate'),
     (['--decay-rate', '0.5'], '--decay-rate'),  # cosine has none: it would be ignored
+    (['--sched', 'rsqrt'], '--sched rsqrt'),  # timm's timescale is the warm-up: it raised once the data were built
     (['--sched', 'multistep', '--decay-milestones', '8', '4'], '--decay-milestones'),  # timm bisects: wrong lrs
     (['--tsne-per-domain', '-1'], '--tsne-per-domain'),
     (['--tsne-per-domain', '1'], '--tsne-per-domain'),  # 5 points: scikit-learn refused them after training

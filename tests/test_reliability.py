@@ -79,6 +79,18 @@ def test_non_finite_loss_raises_naming_the_step():
         train_one_epoch(model, UdaConfig(method='source_only'), batches, None, opt, epoch=4)
 
 
+def test_weights_an_update_made_non_finite_stop_the_epoch_before_they_are_used():
+    # the loss is finite at every step; the last step's update overflows the weights to inf (an lr of 1e37)
+    model = MultiViewModel(nn.Linear(4, 3))
+    batches = [(torch.randn(2, 4) * 1e3, torch.tensor([0, 1]))]  # one step: its loss is the initial weights'
+    opt = torch.optim.SGD(model.parameters(), lr=1e37)
+    with pytest.raises(NonFiniteLossError, match='the weights are not finite after epoch 3, though its losses were'):
+        train_one_epoch(model, UdaConfig(method='source_only'), batches, None, opt, epoch=2)
+    model = MultiViewModel(nn.Linear(4, 3))  # a sane lr passes
+    train_one_epoch(model, UdaConfig(method='source_only'), batches, None,
+                    torch.optim.SGD(model.parameters(), lr=0.1), epoch=2)
+
+
 @pytest.mark.slow
 def test_nan_during_training_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path):
     # the source-only epoch is fine; an unlabelled-loss weight beyond float32 (inf itself is refused as an

@@ -31,7 +31,8 @@ class MultiViewModel(nn.Module):
 
 
 class NonFiniteLossError(RuntimeError):
-    """The loss became NaN or infinite; the run stops before the weights are used or saved."""
+    """The loss, or the weights after an epoch, became NaN or infinite; the run stops before the weights are used or
+    saved."""
 
 
 def train_one_epoch(
@@ -114,6 +115,13 @@ def train_one_epoch(
             if sums.get('pseudo_kept'):
                 shown['pseudo_acc'] = sums['pseudo_correct'] / sums['pseudo_kept']
             progress(shown)
+    # a finite loss can still take an update to inf (too high an lr): the evaluation after the epoch would score, and
+    # a checkpoint keep, weights that are not numbers
+    weights = list(model.parameters()) + (list(ema.parameters()) if ema is not None else [])
+    if weights and not bool(torch.stack([torch.isfinite(p.detach()).all() for p in weights]).all()):
+        raise NonFiniteLossError(f'the weights are not finite after epoch {epoch + 1}, though its losses were (an '
+                                 'update overflowed: too high a learning rate?); stopping before they are used or '
+                                 'saved (the last checkpoint is the last good state)')
     metrics = torch.tensor([sums.get(k, 0.0) for k in _KEYS] + [steps], dtype=torch.float64, device=device)
     if world_size > 1:
         dist.all_reduce(metrics)

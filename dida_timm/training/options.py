@@ -396,6 +396,9 @@ def check_args(
     if args.min_lr and args.sched in ('step', 'multistep', 'constant'):
         parser.error(f'--min-lr: --sched {args.sched} has no lr floor, timm ignores it (cosine, tanh, poly, wsd and '
                      'rsqrt take one)')
+    if args.sched == 'rsqrt' and not args.warmup_epochs:
+        parser.error('--sched rsqrt: its lr falls as 1 / sqrt(t / timescale), and timm takes the timescale from '
+                     '--warmup-epochs: give --warmup-epochs > 0')
     if args.min_lr > args.lr:
         parser.error(f'--min-lr: {args.min_lr} is above --lr {args.lr}')
     _check_optimiser(args, parser)
