@@ -330,8 +330,9 @@ def counting_device(ops_only: bool) -> Callable[[str], Optional[str]]:
 def main(argv: Optional[List[str]] = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument('--depths', type=int, nargs='+', default=[18, 34, 50, 101, 152], choices=RESNET_DEPTHS)
-    parser.add_argument('--train-depths', type=int, nargs='+', default=[18, 50], choices=RESNET_DEPTHS,
-                        help='ResNet depths (among --depths) whose training step is timed (the digit nets always are)')
+    parser.add_argument('--train-depths', type=int, nargs='+', choices=RESNET_DEPTHS,
+                        help='ResNet depths (among --depths) whose training step is timed (the digit nets always are; '
+                             'default: 18 and 50 where --depths has them)')
     parser.add_argument('--reps', type=int, default=7, help='timed rounds (at least 2: ratios carry their quartiles)')
     parser.add_argument('--device', default='cpu',
                         help='cpu, an accelerator; or meta with --ops-only: tensors without data, so the ops of an '
@@ -356,6 +357,8 @@ def main(argv: Optional[List[str]] = None) -> None:
                         help='DIDA units run their Triton kernels (a CUDA device; on a CPU, --ops-only under '
                              'TRITON_INTERPRET=1)')
     args = parser.parse_args(argv)
+    if args.train_depths is None:
+        args.train_depths = [d for d in (18, 50) if d in args.depths]
     check_options(parser, args, [('device', counting_device(args.ops_only)), ('depths', distinct),
                                  ('train_depths', distinct), ('reps', at_least(2)), ('batch_scale', at_least(1)),
                                  ('batch_size', at_least(2)), ('generic', registered_bases)])

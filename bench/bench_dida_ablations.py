@@ -89,7 +89,9 @@ def main():
     parser.add_argument('--variants', nargs='+', default=list(VARIANTS), choices=VARIANTS,
                         help='DIDA-Net (dida) is always included: the differences are taken against it')
     parser.add_argument('--jobs', type=int, default=1, help='runs side by side (CPU threads are split)')
-    parser.add_argument('--out', type=Path, default=Path('output/uda_accuracy'), help='run folders (resumable)')
+    parser.add_argument('--out', type=Path, default=None,
+                        help="run folders (resumable; default: bench_uda_accuracy.py's for the size, whose DIDA-Net "
+                             'runs are reused)')
     parser.add_argument('--markdown', type=Path, default=None, help='also write the table here')
     args = parser.parse_args()
     check_options(parser, args, [('seeds', at_least(0)), ('seeds', distinct), ('variants', distinct),
@@ -101,7 +103,7 @@ def main():
              for seed in args.seeds for v in variants}
     runs = [study_run(study, names[v, seed], VARIANTS[v][1], args.target, seed, model_kwargs=VARIANTS[v][2],
                       train_args=VARIANTS[v][3]) for v, seed in names]
-    results = run_all(runs, args.out, args.jobs)
+    results = run_all(runs, args.out or Path('output/uda_accuracy' + ('_full' if args.full else '')), args.jobs)
 
     def accs(variant):
         return [results[names[variant, seed]]['target_accuracy'] for seed in args.seeds]

@@ -112,9 +112,15 @@ def main():
     missing = [str(r) for r in runs if not (r / 'model.safetensors').is_file()]
     if missing:
         raise SystemExit(f'error: no finished run (model.safetensors) in {", ".join(missing)}')
+    loaded = [(run, *load_run(run)) for run in runs]
+    without = [str(run) for run, model, _, _ in loaded if not any(isinstance(m, DidaStage) for m in model.modules())]
+    if without:  # FixMatch and source-only runs of a study have no branch to read
+        raise SystemExit(f'error: no DIDA branch in the model of {", ".join(without)}')
+    sizes = sorted({run_args['offline_test_size'] for _, _, run_args, _ in loaded})
 
     lines = [
-        'Trained DIDA branches on the offline digits test images (500 per domain): kernel spread = RMS distance of '
+        f'Trained DIDA branches on the offline digits test images ({" / ".join(map(str, sizes))} per domain): '
+        'kernel spread = RMS distance of '
         'a channel\'s per-image kernels from its mean kernel, relative to the mean kernel (within the target / '
         'over all five domains); domain share = fraction of the kernel codes\' variance between domains; '
         'branch / block = RMS of the branch output over that of the static block beside it (target images).',
@@ -123,8 +129,7 @@ def main():
         '| branch / block |',
         '|---|---|---|---|---|---|',
     ]
-    for run in runs:
-        model, run_args, results = load_run(run)
+    for run, model, run_args, results in loaded:
         stats = branch_statistics(model, run_args)
         cells = ['-', '-', '-']
         if 'codes' in stats:

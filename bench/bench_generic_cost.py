@@ -21,7 +21,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import dida_timm  # noqa: F401  registers the models
 from dida_timm.arguments import at_least, between, check_options
-from dida_timm.layers import DidaStage
+from dida_timm.layers import DidaModule, DidaStage
 from dida_timm.training.run import describe_hardware
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -43,14 +43,22 @@ def branch_macs(model: torch.nn.Module, img_size: int) -> Dict[str, int]:
         h.remove()
     kinds = dict.fromkeys(('reduce', 'depthwise', 'fuse', 'other'), 0)
     for stage in stages:
+        shapes = {}
+        units = [m for m in stage.branch.modules() if isinstance(m, DidaModule)]
+        unit_hooks = [u.register_forward_hook(lambda m, a, out: shapes.__setitem__(m, (a[0].shape, out.shape)))
+                      for u in units]
         with FlopCounterMode(display=False) as counter, torch.no_grad():
             stage.branch(inputs[stage])
+        for h in unit_hooks:
+            h.remove()
         # counts of a module include its children's
         per_module = {name: sum(c.values()) // 2 for name, c in counter.get_flop_counts().items()}
         total = counter.get_total_flops() // 2
         dida = sum(v for n, v in per_module.items() if n.endswith('.dida'))
-        reduce = sum(v for n, v in per_module.items() if n.endswith('.dida.conv'))
-        fuse = sum(v for n, v in per_module.items() if n.endswith('.dida.fuse'))
+        # the unit runs its 1x1s as functions of the conv weights (batched matmuls on CPU), not as its `conv` and
+        # `fuse` submodules, so their MACs are counted from the shapes: input pixels x C x r, output pixels x r x P
+        reduce = sum(inp.numel() * u.reduced_chs for u, (inp, _) in shapes.items())
+        fuse = sum(out.numel() * u.reduced_chs for u, (_, out) in shapes.items())
         kinds['reduce'] += reduce
         kinds['fuse'] += fuse
         kinds['depthwise'] += dida - reduce - fuse

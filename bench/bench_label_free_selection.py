@@ -252,6 +252,8 @@ def main() -> None:
     study = offline_study(args.size)
     check_options(parser, args, [('seeds', at_least(0)), ('seeds', distinct), ('targets', distinct),
                                  ('jobs', at_least(1))])
+    if len(args.targets) < 2:  # before any run trains: the analysis would fail after all of them
+        parser.error('--targets: the rules are graded leaving one target out, fitted on the others: give at least 2')
     out = args.out or Path(f'output/label_free_selection_{args.size}')
     grid = study_grid(args.targets, args.seeds)
     if args.analyse_only:

@@ -92,7 +92,9 @@ def main():
         parser.error(f'--targets {unknown} are not domains of the study {list(study.domains)}')
     if args.shared_start and not study.source_only_epochs:
         parser.error('--shared-start needs a study with a source-only phase to share')
-    out = args.out or Path('output') / ('uda_accuracy' + (f'_{args.config.stem}' if args.config else ''))
+    # one folder per size: finished runs are reused by name, and a cpu-size run must not stand in for a --full one
+    out = args.out or Path('output') / ('uda_accuracy' + ('_full' if args.full else '')
+                                        + (f'_{args.config.stem}' if args.config else ''))
     recipe = tuple(args.train_args)
     methods = [m for m in METHODS if m in args.methods or m == 'DIDA-Net']
     # the baselines DIDA-Net is compared with, by column label

@@ -189,3 +189,22 @@ def test_branch_parts_times_the_triton_unit_with_matmul_1x1s():
     assert 'aten::baddbmm' in names[0] and 'aten::baddbmm' not in names[1]
     assert all('dida_timm::dynamic_paths' in n for n in names)  # both on the kernels
     torch.testing.assert_close(outputs[0], outputs[1], rtol=1e-5, atol=1e-5)
+
+
+def test_default_training_depths_are_those_among_the_depths_asked_for(monkeypatch):
+    import bench_cost
+    timed = {}
+    monkeypatch.setattr(bench_cost, 'print_model_table', lambda depths, train_depths, *a, **k: timed.update(
+        depths=depths, train_depths=train_depths))
+    cost_main(['--depths', '18', '--models-only'])  # refused before: the default also named 50
+    assert timed == dict(depths=[18], train_depths=[18])
+
+
+def test_branch_macs_count_the_units_1x1s_from_their_shapes():
+    import timm
+    from bench_generic_cost import branch_macs
+    model = timm.create_model('dida_regnety_004')
+    unit = next(m for m in model.modules() if isinstance(m, DidaModule))
+    macs = branch_macs(model, 64)  # regnety_004's last stage: 208 -> 440 channels, 4 x 4 -> 2 x 2 at 64 px
+    assert macs['reduce'] == 4 * 4 * 208 * unit.reduced_chs and macs['fuse'] == 2 * 2 * 440 * unit.reduced_chs
+    assert macs['depthwise'] > 0

@@ -291,3 +291,45 @@ def test_a_last_epoch_that_kept_no_pseudo_label_round_trips_the_records_and_show
     restored = finished_results(tmp_path / 'out', ['k'])['k']
     assert restored['history'][-1]['pseudo_accuracy'] is None
     assert pseudo_label_cells([restored])['correct'] == pseudo_label_cells([kept_none])['correct'] == '-'
+
+
+def test_full_size_study_has_its_own_run_folders(monkeypatch, tmp_path):
+    # finished runs are reused by name: a cpu-size run stood in for a --full one
+    import bench_uda_accuracy
+    folders = []
+
+    def fake_run_all(runs, out, jobs):
+        folders.append(out)
+        history = [{'phase': 'fixmatch', 'keep_rate': 0.5, 'pseudo_accuracy': 0.9}]
+        return {r.name: dict(target_accuracy=50.0, source_only_start_target_accuracy=40.0, history=history,
+                             wall_seconds=1.0) for r in runs}
+
+    monkeypatch.setattr(bench_uda_accuracy, 'run_all', fake_run_all)
+    for size in ([], ['--full']):
+        monkeypatch.setattr(sys, 'argv', ['bench_uda_accuracy.py', '--seeds', '0', '--targets', 'mnist', *size,
+                                          '--markdown', str(tmp_path / 't.md')])
+        bench_uda_accuracy.main()
+    assert folders == [Path('output/uda_accuracy'), Path('output/uda_accuracy_full')]
+
+
+def test_label_free_study_refuses_one_target_before_training(monkeypatch, capsys):
+    import bench_label_free_selection
+    monkeypatch.setattr(bench_label_free_selection, 'run_all', lambda *a: pytest.fail('trained'))
+    monkeypatch.setattr(sys, 'argv', ['bench_label_free_selection.py', '--targets', 'mnist', '--seeds', '0'])
+    with pytest.raises(SystemExit):
+        bench_label_free_selection.main()
+    assert '--targets: the rules are graded leaving one target out' in capsys.readouterr().err
+
+
+def test_kernel_study_refuses_a_run_without_a_branch_naming_it(monkeypatch, tmp_path):
+    import safetensors.torch
+    import yaml
+    import bench_dida_kernels
+    run = tmp_path / 'mnistm_style-FixMatch-s0'
+    run.mkdir()
+    (run / 'args.yaml').write_text(yaml.safe_dump(dict(model='digitnet_compact', model_kwargs={})))
+    safetensors.torch.save_file(timm.create_model('digitnet_compact').state_dict(), str(run / 'model.safetensors'))
+    (run / 'results.json').write_text('{}')
+    monkeypatch.setattr(sys, 'argv', ['bench_dida_kernels.py', str(run)])
+    with pytest.raises(SystemExit, match=f'error: no DIDA branch in the model of {run}'):
+        bench_dida_kernels.main()
