@@ -11,12 +11,14 @@ import os
 import time
 from pathlib import Path
 
+import torch
 from torch.utils.data import ConcatDataset, DataLoader
 
 from dida_timm.arguments import at_least, check_options
 from dida_timm.data import (
     CyclingBatchSampler, DomainBalancedSampler, TransformedDataset, TwoViewDataset, create_domain_datasets,
     create_uda_transforms)
+from dida_timm.training.run import describe_hardware
 
 
 def _rss_mb(pid: int) -> float:
@@ -52,7 +54,8 @@ def main():
     target_sampler = CyclingBatchSampler(len(target), args.batch_size, len(source_sampler))
     pid = os.getpid()
     print(f'# loader memory, {args.workers} workers, {len(source_sampler)} steps per epoch, batch '
-          f'{len(domains)} x {args.batch_size} + {args.batch_size} (two views)\n')
+          f'{len(domains)} x {args.batch_size} + {args.batch_size} (two views); {describe_hardware(torch.device("cpu"))}, '
+          f'torch {torch.__version__}\n')
     print('| epoch | steps | RSS main + workers (MB) | max during epoch (MB) | s / epoch |')
     print('|---|---|---|---|---|')
     steps, first = 0, None
