@@ -504,3 +504,12 @@ def test_a_config_naming_another_config_is_refused_unless_it_records_every_optio
     path = tmp_path / 'nested.yaml'
     path.write_text('config: other.yaml\nlr: 0.1\n')
     assert 'names another config' in _refused(lambda: train.parse_args(['-c', str(path)]), capsys, '--config')
+
+
+def test_new_layers_train_at_ten_times_a_pretrained_backbones_rate_unless_told():
+    # the paper's recipe; the default was 1 whatever the backbone, so a pretrained run's fresh branch and classifier
+    # trained at the backbone's small rate
+    assert train.parse_args(['--model', 'dida_resnet18.tv_in1k', '--pretrained']).new_lr_scale == 10.0
+    assert train.parse_args(['--model', 'dida_resnet18']).new_lr_scale == 1.0
+    assert train.parse_args(['--model', 'dida_resnet18.tv_in1k', '--pretrained', '--new-lr-scale', '1']
+                            ).new_lr_scale == 1.0

@@ -82,3 +82,16 @@ def test_strong_view_keeps_the_tensor_shape_for_both_recipes(recipe):
     views = create_uda_transforms(32, (0.5,) * 3, (0.5,) * 3, rand_augment=recipe)
     img = Image.new('RGB', (40, 28), (10, 120, 250))
     assert views['strong'](img).shape == views['weak'](img).shape == (3, 32, 32)
+
+
+@pytest.mark.parametrize('recipe', ['rand-m10-n2-mstd0.5', 'fixmatch'])
+def test_the_strong_view_takes_the_weak_views_resize_and_flip_but_not_its_translation(recipe):
+    # the released strong view: resize, flip, RandAugment (which translates by itself); the weak view's RandomAffine
+    # shifted every strong view by up to 28 px more at 224 px
+    views = create_uda_transforms(64, (0.5,) * 3, (0.5,) * 3, flip=True, translate=0.125, rand_augment=recipe)
+    kinds = {name: [type(t).__name__ for t in views[name].transforms] for name in ('weak', 'strong')}
+    assert kinds['weak'][:3] == ['Resize', 'RandomHorizontalFlip', 'RandomAffine']
+    assert kinds['strong'][:2] == ['Resize', 'RandomHorizontalFlip'] and 'RandomAffine' not in kinds['strong']
+    no_flip = create_uda_transforms(64, (0.5,) * 3, (0.5,) * 3, flip=False, translate=0.0, rand_augment=recipe)
+    assert [type(t).__name__ for t in no_flip['weak'].transforms] == ['Resize', 'ToTensor', 'Normalize']
+    assert 'RandomHorizontalFlip' not in [type(t).__name__ for t in no_flip['strong'].transforms]

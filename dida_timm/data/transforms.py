@@ -126,7 +126,8 @@ def create_uda_transforms(
         mean: Normalisation mean.
         std: Normalisation std.
         flip: Random horizontal flip in the weak and strong views (off for digits).
-        translate: Random translation, as a fraction of the size, in the weak and strong views (0 = off).
+        translate: Random translation, as a fraction of the size, in the weak view (0 = off); the strong view's
+            RandAugment draws its own translations.
         rand_augment: The strong view's RandAugment: 'fixmatch' (FixMatch's op list, with FixMatch's Cutout), a
             timm RandAugment config string (with a Cutout inside the image, in the normalised image), or '' (off).
         cutout: Side in pixels of the Cutout square in the strong view (0 = off).
@@ -134,16 +135,13 @@ def create_uda_transforms(
     """
     test = create_transform(**test_data_config(input_size, mean, std, interpolation), is_training=False)
     resize = T.Resize((input_size, input_size), interpolation=T.InterpolationMode(interpolation))
-    geometric = [resize]
-    if flip:
-        geometric.append(T.RandomHorizontalFlip())
-    if translate:
-        geometric.append(T.RandomAffine(0, translate=(translate, translate)))
+    # the strong view is the weak view's resize and flip, then RandAugment (the released code's): not its translation
+    strong = [resize] + ([T.RandomHorizontalFlip()] if flip else [])
+    weak = strong + ([T.RandomAffine(0, translate=(translate, translate))] if translate else [])
     to_tensor = [T.ToTensor(), T.Normalize(mean, std)]
-    strong = list(geometric)
     if rand_augment == FIXMATCH_RAND_AUGMENT:
         strong += [FixMatchRandAugment()] + ([Cutout(cutout)] if cutout else []) + to_tensor
-        return dict(weak=T.Compose(geometric + to_tensor), strong=T.Compose(strong), test=test)
+        return dict(weak=T.Compose(weak + to_tensor), strong=T.Compose(strong), test=test)
     if rand_augment:
         fill: Tuple[int, ...] = tuple(round(255 * m) for m in mean)
         strong.append(rand_augment_transform(rand_augment, dict(img_mean=fill)))
@@ -151,7 +149,7 @@ def create_uda_transforms(
     if cutout:
         area = min(1.0, cutout ** 2 / input_size ** 2)
         strong.append(T.RandomErasing(p=1.0, scale=(area, area), ratio=(1.0, 1.0), value=0))
-    return dict(weak=T.Compose(geometric + to_tensor), strong=T.Compose(strong), test=test)
+    return dict(weak=T.Compose(weak + to_tensor), strong=T.Compose(strong), test=test)
 
 
 class TransformedDataset(Dataset):

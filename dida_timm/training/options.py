@@ -112,7 +112,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument('--batch-size', type=int, default=32, help='per source domain and for the target, per process')
     g.add_argument('--opt', default='sgd', help='a timm optimizer name (timm.optim.list_optimizers())')
     g.add_argument('--lr', type=float, default=0.05, help='backbone learning rate')
-    g.add_argument('--new-lr-scale', type=float, default=1.0, help='learning-rate multiplier of branch + classifier')
+    g.add_argument('--new-lr-scale', type=float, default=None,
+                   help='learning-rate multiplier of branch + classifier (default: 10 with --pretrained, as the '
+                        'paper trains the new layers beside a pretrained backbone; else 1)')
     g.add_argument('--momentum', type=float, default=0.9)
     g.add_argument('--opt-betas', type=float, nargs=2, default=None)
     g.add_argument('--weight-decay', type=float, default=5e-4)
@@ -246,6 +248,8 @@ def check_args(
     `on_command_line` holds the options the command line set (the rest are a config's or built-in): a recipe's
     FixMatch options stay part of it when the same config runs its source-only baseline.
     """
+    if args.new_lr_scale is None:
+        args.new_lr_scale = 10.0 if args.pretrained else 1.0
     check_options(parser, args, OPTION_RULES)
     try:
         domains = dataset_domains(args.dataset, args.data_dir)
