@@ -270,8 +270,10 @@ def model_card(runs: List[Dict], repo_name: str, license: Optional[str] = None) 
         f"{'' if labelled else '; the target had no labels, so its accuracy is unknown (estimate below)'}:", '',
         '| domain | role | accuracy |', '|---|---|---|',
     ]
+    # a run records the source domains whose test images are their training images (class folders without splits)
+    seen = {d for r in runs for d in r.get('sources_tested_on_training_images', [])}
     for d in domains:
-        role = 'target' if d == target else 'source'
+        role = 'target' if d == target else 'source, on images it trained on' if d in seen else 'source'
         lines.append(f"| {d} | {role} | {_mean_std([r['per_domain_accuracy'][d] for r in runs])} |")
     if first.get('source_only_start_target_accuracy') is not None:
         lines += ['', f"Source-only starting point of the same run on {target}: "

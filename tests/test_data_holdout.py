@@ -10,3 +10,10 @@ def test_a_cap_below_one_image_is_refused_not_an_empty_slice():
     assert [len(part) for part in holdout_split(ds, 0.2, 1, seed=0)] == [9, 1]
     with pytest.raises(ValueError, match='max_items must be >= 1, got 0'):
         holdout_split(ds, 0.2, 0, seed=0)
+
+
+def test_a_domain_too_small_to_hold_a_slice_out_names_the_options_that_set_it():
+    one = ArrayDomainDataset('one', ['a', 'b'], np.zeros((1, 4, 4, 3), np.uint8), np.zeros(1, np.int64))
+    with pytest.raises(ValueError, match=r"domain 'one' has 1 image\(s\): too few to hold 1 out for validation and "
+                                         r"train on the rest \(--target-val-fraction and --source-val-fraction"):
+        holdout_split(one, 0.2, 1000, seed=0)

@@ -389,3 +389,24 @@ def test_a_split_file_saved_with_a_byte_order_mark_reads_its_first_line(tmp_path
     (tmp_path / 'clipart_train.txt').write_text('\ufeffclipart/apple/a.jpg 0\r\n', encoding='utf-8')
     ds, = create_domain_datasets('domainnet', tmp_path, ['clipart'], 'train')
     assert ds.paths == [tmp_path / 'clipart' / 'apple' / 'a.jpg']
+
+
+def test_a_class_the_first_domain_lacks_is_blamed_on_that_domain_not_the_complete_one(tmp_path):
+    _domain(tmp_path / 'red', ['circle', 'square'])
+    _domain(tmp_path / 'green', ['circle', 'square', 'triangle'])
+    with pytest.raises(ValueError, match=r"The class map is the first domain's \('red'\), which has no folder for "
+                                         r"\['triangle'\]: every domain needs the same class folders"):
+        create_domain_datasets('folder', tmp_path, ['red', 'green'], 'train')
+    # given the class map, a domain with a folder outside it is the one named
+    with pytest.raises(ValueError, match=r"green has class folders not in the class map \['circle', 'square'\]: "
+                                         r"\['triangle'\]$"):
+        create_domain_datasets('folder', tmp_path, ['green'], 'train', classes=['circle', 'square'])
+
+
+def test_a_class_folder_whose_files_all_have_other_suffixes_says_which(tmp_path):
+    _domain(tmp_path / 'a', ['cat', 'dog'])
+    for i in range(2):
+        (tmp_path / 'a' / 'dog' / f'dog_{i}.png').rename(tmp_path / 'a' / 'dog' / f'dog_{i}.webp')
+    with pytest.raises(ValueError, match=r"class folders without images \['dog'\]: its 2 files have the suffixes "
+                                         r"\['.webp'\], none of timm's image extensions"):
+        create_domain_datasets('folder', tmp_path, ['a'], 'train')

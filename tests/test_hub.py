@@ -193,6 +193,8 @@ def test_fine_tuning_from_an_exported_folder_reheads_the_classifier(exported, tm
     torch.testing.assert_close(load_model(f'local-dir:{repo}')(x), reference(x))
     card = (repo / 'README.md').read_text()  # its Reproduce command included
     assert str(tmp_path) not in card and f'started from the weights of the local export `{exported.name}`' in card
+    # class folders without splits: the source's "test" images are the ones it trained on, and the card says so
+    assert results['sources_tested_on_training_images'] == ['a'] and '| a | source, on images it trained on |' in card
 
 
 def test_the_cards_command_names_no_folder_of_the_training_machine(trained_run, tmp_path):

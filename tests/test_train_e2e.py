@@ -89,6 +89,23 @@ def test_a_run_named_by_the_clock_resumes_by_that_name(tmp_path, data_dir):
     assert 'resumed from' in result.stdout and (run / 'results.json').exists()
 
 
+def test_a_run_started_with_relative_folders_resumes_from_another_directory(tmp_path, data_dir):
+    # args.yaml recorded the folders as typed: from elsewhere, `-c RUN/args.yaml --resume` looked for them there
+    (tmp_path / 'start').mkdir()
+    (tmp_path / 'elsewhere').mkdir()
+    cache = os.path.relpath(data_dir, tmp_path / 'start')
+    first = subprocess.run([sys.executable, str(TRAIN), '--output', 'out', '--data-dir', cache, *TINY, '--source',
+                            'mnist', '--target', 'uci_digits', '--tsne-per-domain', '0', '--epochs', '1',
+                            '--experiment', 'run'], cwd=tmp_path / 'start', capture_output=True, text=True)
+    assert first.returncode == 0, first.stderr[-3000:]
+    run = tmp_path / 'start' / 'out' / 'run'
+    (run / 'results.json').unlink()  # as a run killed after its last checkpoint leaves it
+    again = subprocess.run([sys.executable, str(TRAIN), '-c', '../start/out/run/args.yaml', '--resume',
+                            '--experiment', 'run'], cwd=tmp_path / 'elsewhere', capture_output=True, text=True)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert 'resumed from' in again.stdout and (run / 'results.json').exists()
+
+
 def test_resume_refuses_options_the_run_was_not_started_with(tmp_path, data_dir):
     # the checkpoint's scheduler and optimizer carry the schedule length and rates: resumed with more epochs, the
     # extra ones ran at the finished schedule's learning rate of 0 while results.json said 3 epochs
@@ -358,6 +375,23 @@ def _flat_unlabelled_folder(folder: Path, data_dir: Path, domain: str, count: in
     (folder / 'broken.png').write_bytes(b'\x89PNG\r\n\x1a\n garbage')
 
 
+def test_sources_with_a_training_split_only_name_the_option_that_picks_their_evaluated_split(tmp_path):
+    from PIL import Image
+    root = tmp_path / 'data'
+    for domain in ('A', 'B'):
+        for label in ('0', '1'):
+            (root / domain / 'Train' / label).mkdir(parents=True)
+            Image.new('RGB', (8, 8)).save(root / domain / 'Train' / label / 'x.png')
+    (tmp_path / 'target').mkdir()
+    Image.new('RGB', (8, 8)).save(tmp_path / 'target' / 'y.png')
+    result = _train(['--dataset', 'folder', '--target-dir', str(tmp_path / 'target'), '--epochs', '1'], tmp_path,
+                    root, check=False, tiny=['--no-progress'])
+    # the user asked for no test split: the message said which split was missing, not which option asks for it
+    assert result.returncode == 2 and 'Traceback' not in result.stderr
+    assert "split 'test' of domain 'A' not found" in result.stderr and \
+        "evaluated on --target-test-split 'test', as the target is: name a split they have" in result.stderr
+
+
 def test_a_target_folder_inside_a_source_domain_or_a_single_class_is_refused_before_training(tmp_path):
     from PIL import Image
     root = tmp_path / 'data'
@@ -434,6 +468,10 @@ def test_an_unreadable_image_of_the_evaluation_folder_is_left_out_with_a_warning
     log = (tmp_path / 'eval' / 'log.txt').read_text()
     assert 'skipping unreadable evaluation image' in log and 'broken.png' in log
     assert '1 unreadable images left out, target accuracy is measured on the other 30' in log
+    # the target folder's files without an image extension are named by suffix, as a source domain's are (a .tif or
+    # .webp target was thinned out with a count only)
+    assert "domain new_domain (train): 1 files left out, not having an image extension" in log and \
+        "suffixes ['.txt']" in log
     results = json.loads((tmp_path / 'eval' / 'results.json').read_text())
     assert results['data_images']['test']['new_domain'] == 30 and results['target_accuracy'] is not None
 
@@ -620,3 +658,14 @@ def test_adapting_without_a_source_only_phase_warns_that_the_guard_reference_is_
     assert 'no source-only phase: the label-free reference' in guarded.stdout + guarded.stderr
     last = _train(common + ['--select', 'last', '--experiment', 'last'], tmp_path, data_dir)
     assert 'no source-only phase' not in last.stdout + last.stderr
+
+
+def test_runs_named_by_the_same_second_get_folders_of_their_own(tmp_path):
+    from dida_timm.training.run import claim_run_folder
+    # two seeds started side by side without --experiment wrote into one folder, each result overwriting the other's
+    names = [claim_run_folder(tmp_path / 'out', '20261204-120000-dida_digitnet_compact-mnist-fixmatch')
+             for _ in range(3)]
+    assert names == ['20261204-120000-dida_digitnet_compact-mnist-fixmatch',
+                     '20261204-120000-dida_digitnet_compact-mnist-fixmatch-2',
+                     '20261204-120000-dida_digitnet_compact-mnist-fixmatch-3']
+    assert all((tmp_path / 'out' / n).is_dir() for n in names)

@@ -35,6 +35,14 @@ __all__ = ['DATASETS', 'DATASET_DOMAINS', 'create_domain_datasets', 'dataset_dom
 PathLike = Union[str, Path]
 
 
+
+class UnknownClassesError(ValueError):
+    """A domain's class folders that the run's class map lacks (`unknown`, their names)."""
+
+    def __init__(self, message: str, unknown: List[str]):
+        super().__init__(message)
+        self.unknown = unknown
+
 def _is_image(path: Path) -> bool:
     return path.suffix.lower() in get_img_extensions(as_set=True)
 
@@ -133,8 +141,8 @@ def read_class_folders(
         twins = [f'folder {ascii(u)} and class {ascii(normalised[n])}' for u in unknown
                  if (n := unicodedata.normalize('NFC', u)) in normalised]
         hint = f'; {", ".join(twins)} differ only in Unicode normalisation: rename one like the other' if twins else ''
-        raise ValueError(f'{root} has class folders not in the class map {classes}: {unknown}{hint}')
-    samples, skipped, empty = [], [], []
+        raise UnknownClassesError(f'{root} has class folders not in the class map {classes}: {unknown}{hint}', unknown)
+    samples, skipped, empty, empty_skipped = [], [], [], []
     for label, name in enumerate(classes):
         if name not in found:
             continue
@@ -142,11 +150,12 @@ def read_class_folders(
         skipped += others
         if not images:
             empty.append(name)
+            empty_skipped += others
         samples += [(p, label) for p in images]
     absent = sorted(set(classes) - set(found))
     if (absent or empty) and not allow_missing_classes:
         lacks = ([f'no folder for the classes {absent}'] if absent else []) + (
-            [f'class folders without images {empty}'] if empty else [])
+            [f'class folders without images {empty}{_not_images(empty_skipped)}'] if empty else [])
         raise ValueError(f'{root} lacks images of classes {sorted(absent + empty)} ({"; ".join(lacks)}): every '
                          f'domain of a run needs images of every class of its class map {classes}')
     if not samples:
@@ -396,10 +405,18 @@ def create_domain_datasets(
             raise ValueError(f'options {sorted(kwargs)} only apply to offline_digits')
     reader = DATASETS[dataset]
     out = []
+    first = None  # the domain whose classes became the class map, when none was given
     for domain in domains:
-        ds = reader(Path(root) if root is not None else None, domain, split, classes, transform, **kwargs)
+        try:
+            ds = reader(Path(root) if root is not None else None, domain, split, classes, transform, **kwargs)
+        except UnknownClassesError as e:
+            if first is None:
+                raise
+            # the domain named has the classes: the one that set the map lacks them
+            raise ValueError(f"{e}. The class map is the first domain's ({first!r}), which has no folder for "
+                             f'{e.unknown}: every domain needs the same class folders') from e
         if classes is None:
-            classes = ds.classes
+            classes, first = ds.classes, domain
         elif ds.classes != list(classes):
             raise ValueError(f'domain {domain!r} has classes {ds.classes}, other domains {list(classes)}')
         out.append(ds)

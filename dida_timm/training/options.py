@@ -412,6 +412,10 @@ def check_args(
         except (AssertionError, ValueError, KeyError, IndexError) as e:
             parser.error(f'--rand-augment: {args.rand_augment!r} is neither {FIXMATCH_RAND_AUGMENT!r} nor a timm '
                          f'RandAugment string such as rand-m10-n2-mstd0.5 ({type(e).__name__}: {e})')
+    # recorded absolute in args.yaml, so that the run resumes (`-c RUN/args.yaml --resume`) from any working directory
+    for dest in ('data_dir', 'output', 'target_dir', 'target_eval_dir', 'init_checkpoint'):
+        if getattr(args, dest):
+            setattr(args, dest, str(Path(getattr(args, dest)).expanduser().resolve()))
     return args
 
 

@@ -90,6 +90,9 @@ class Run:
         name = args.experiment or '-'.join([
             broadcast_from_main(time.strftime('%Y%m%d-%H%M%S')), args.model.replace('/', '_').replace(':', '_'),
             Path(args.target_dir).resolve().name if args.target_dir else args.target, args.method])
+        if not args.experiment:
+            # two runs started in the same second (seeds side by side) got one folder and wrote into each other
+            name = broadcast_from_main(claim_run_folder(Path(args.output), name) if self.is_main else name)
         self.out_dir = Path(args.output) / name
         saved_args = self.out_dir / 'args.yaml'
         if args.resume and saved_args.is_file():
@@ -156,7 +159,14 @@ class Run:
                          f'{len(unreadable)} unreadable images skipped')
         else:
             target, = read([a.target], a.target_train_split, classes=self.classes)
-        test_sets = read(a.source, a.target_test_split, classes=self.classes)
+        try:
+            test_sets = read(a.source, a.target_test_split, classes=self.classes)
+        except FileNotFoundError as e:  # the user asked for no source split but the training one
+            raise FileNotFoundError(f'{e} (the source domains are evaluated on --target-test-split '
+                                    f'{a.target_test_split!r}, as the target is: name a split they have)') from e
+        # a class-folder domain without splits is read whole for both: its test accuracy is on images it trained on
+        self.sources_tested_on_training_images = [
+            s.domain for s, t in zip(sources, test_sets) if _shares_images(s, t, a.source_split == a.target_test_split)]
         evaluated = None
         if a.target_eval_dir:
             # checked now, as the target folder is: a broken image would otherwise end the run at its first
@@ -180,7 +190,7 @@ class Run:
                         f'{option}: {shared[1]} is also an image of the labelled source domain {shared[0]!r}: the '
                         f'run would train with the labels of its target images; leave {shared[0]!r} out of --source '
                         'or keep the folder out of the source domains')
-        for split, datasets in (('train', sources + ([] if a.target_dir else [target])), ('test', test_sets)):
+        for split, datasets in (('train', sources + [target]), ('test', test_sets)):
             for ds in datasets:
                 _warn_of_skipped_files(ds, split)
         self.test_sets = {d.domain: d for d in test_sets}
@@ -525,6 +535,7 @@ class Run:
                 target_held_out_images=len(self.target_val), source_held_out_images=len(self.source_val),
                 reference_epoch=self.monitor.reference_epoch, guard=asdict(self.monitor.guard)),
             per_domain_accuracy={d: r['accuracy'] for d, r in per_domain.items()},
+            sources_tested_on_training_images=self.sources_tested_on_training_images,
             target_per_class_accuracy=dict(zip(self.classes, target['per_class_accuracy'])) if target else None,
             target_confusion=target['confusion'] if target else None,
             history=self.history, world_size=self.world_size, evaluated_weights='ema' if self.ema else 'model',
@@ -568,6 +579,20 @@ def _warn_of_skipped_files(dataset: Dataset, split: str) -> None:
         suffixes = file_suffixes(skipped)
         _logger.warning(f'domain {dataset.domain} ({split}): {len(skipped)} files left out, not having an image '
                         f'extension ({" ".join(sorted(get_img_extensions()))}): suffixes {suffixes}, e.g. {skipped[0]}')
+
+
+def claim_run_folder(output: Path, name: str) -> str:
+    """Create `output/name`, else `output/name-2`, `-3`, ... for one that exists: the name of the folder created,
+    which no other process created (the creation is the claim)."""
+    output.mkdir(parents=True, exist_ok=True)
+    candidate, number = name, 1
+    while True:
+        try:
+            (output / candidate).mkdir()
+            return candidate
+        except FileExistsError:
+            number += 1
+            candidate = f'{name}-{number}'
 
 
 def _holds_a_run(folder: Path) -> bool:
