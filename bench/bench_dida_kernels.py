@@ -14,7 +14,7 @@ Paper: `Dynamic Instance Domain Adaptation` - https://arxiv.org/abs/2203.05028 (
 adapt to each instance, with no domain label).
 
     python bench/bench_dida_kernels.py                                   # the study's mnistm_style DIDA-Net runs
-    python bench/bench_dida_kernels.py output/uda_accuracy/mnistm_style-*-s0 --markdown kernels.md
+    python bench/bench_dida_kernels.py output/uda_accuracy/mnistm_style-DIDA-Net-s0 --markdown kernels.md
 """
 import argparse
 import json

@@ -86,7 +86,10 @@ def label_free_config(spec: str, num_classes: Optional[int] = None) -> Optional[
 
 
 def _is_number(value: object) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    try:
+        return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    except OverflowError:  # an integer past float's range
+        return False
 
 
 def _check_label_free(cfg: object, num_classes: Optional[int], where: str) -> None:
@@ -112,11 +115,15 @@ def _check_label_free(cfg: object, num_classes: Optional[int], where: str) -> No
                                    and _is_number(scores.get('dead_classes'))):
         raise ValueError(f'{where}.target_scores must hold the numbers effective_classes and dead_classes, '
                          f'got {scores!r}')
-    if cfg.get('guard') is not None:
+    guard = cfg.get('guard')
+    if guard is not None:
         try:
-            CollapseGuard(**cfg['guard'])
+            CollapseGuard(**guard)
         except TypeError as e:
-            raise ValueError(f"{where}.guard must hold CollapseGuard's settings, got {cfg['guard']!r} ({e})") from e
+            raise ValueError(f"{where}.guard must hold CollapseGuard's settings, got {guard!r} ({e})") from e
+        bad = {k: v for k, v in guard.items() if not _is_number(v)}
+        if bad:
+            raise ValueError(f'{where}.guard must hold numbers, got {bad}')
 
 
 def label_free_check(probs: torch.Tensor, cfg: dict) -> List[str]:
@@ -289,7 +296,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     """Predict every readable image; unreadable ones go to stderr and to <output>_unreadable.csv.
 
     Exit status: 0 when at least one image was predicted, 1 when none could be read, 2 for a usage error, a model
-    that cannot be loaded or an output that cannot be written.
+    that cannot be loaded, a `label_free` section in its config.json that cannot be used, or an output that cannot be
+    written.
     """
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument('--model', required=True, help='name[.tag], hf-hub:ORG/NAME, local-dir:PATH or a folder')

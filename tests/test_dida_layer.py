@@ -339,6 +339,10 @@ def test_reparameterized_forward_skips_the_weight_build(device, ops, kernel_ops)
 def test_numpy_integers_are_taken_and_an_input_of_the_wrong_shape_is_refused_naming_the_expected_one():
     module = DidaModule(np.int64(16), 8, kernel_size=np.int64(3), reduction=np.int64(4))
     assert module(torch.randn(2, 16, 6, 6)).shape == (2, 8, 6, 6)
+    for kwargs in (dict(kernel_size=np.array([3, 5])), dict(dilations=np.int64(2)), dict(dilations=np.array([1, 2]))):
+        unit = DidaModule(16, 8, reduction=4, **kwargs)
+        assert all(type(v) is int for v in unit.dilations + unit.kernel_sizes)  # numpy's as Python's, in its state
+        assert unit(torch.randn(2, 16, 6, 6)).shape == (2, 8, 6, 6)
     for x in (torch.randn(16, 6, 6), torch.randn(2, 15, 6, 6)):  # unbatched; one channel short
         with pytest.raises(ValueError, match=re.escape(f'DidaModule expects input [N, 16, H, W], got {list(x.shape)}')):
             module(x)

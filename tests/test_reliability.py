@@ -372,7 +372,9 @@ def test_evaluate_refuses_a_model_whose_outputs_are_not_the_class_count():
     # 0%-accurate model scored 75%
     with pytest.raises(ValueError, match='the model gives 5 class scores, num_classes is 3'):
         evaluation.evaluate(AlwaysLast(), torch.utils.data.TensorDataset(images, torch.tensor([0, 0, 0, 1])), 3)
+    model = AlwaysLast().train()
     with pytest.raises(ValueError, match=r'label 5, past num_classes \(5\)'):
-        evaluation.evaluate(AlwaysLast(), torch.utils.data.TensorDataset(images, torch.tensor([0, 5, 0, 1])), 5)
+        evaluation.evaluate(model, torch.utils.data.TensorDataset(images, torch.tensor([0, 5, 0, 1])), 5)
+    assert model.training  # the mode it was given, though the evaluation failed
     assert evaluation.evaluate(AlwaysLast(), torch.utils.data.TensorDataset(images, torch.tensor([4, 4, 0, 1])),
                                5)['accuracy'] == 50.0

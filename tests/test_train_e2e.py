@@ -389,7 +389,7 @@ def test_sources_with_a_training_split_only_name_the_option_that_picks_their_eva
     # the user asked for no test split: the message said which split was missing, not which option asks for it
     assert result.returncode == 2 and 'Traceback' not in result.stderr
     assert "split 'test' of domain 'A' not found" in result.stderr and \
-        "evaluated on --target-test-split 'test', as the target is: name a split they have" in result.stderr
+        "evaluated on --target-test-split 'test': name a split they have" in result.stderr
 
 
 def test_a_target_folder_inside_a_source_domain_or_a_single_class_is_refused_before_training(tmp_path):

@@ -38,8 +38,10 @@ def holdout_split(
     n = len(dataset)
     count = min(max_items, max(1, round(n * fraction)))
     if count >= n:
-        raise ValueError(f'domain {dataset.domain!r} has {n} image(s): too few to hold {count} out for validation '
-                         f'and train on the rest (--target-val-fraction and --source-val-fraction set the shares '
-                         f'held out)')
+        if n < 2:
+            raise ValueError(f'domain {dataset.domain!r} has {n} image(s): a domain needs 2 or more, one held out for '
+                             'validation and the rest trained on')
+        raise ValueError(f'domain {dataset.domain!r} has {n} images: holding {count} out for validation leaves none '
+                         f'to train on (--target-val-fraction and --source-val-fraction set the shares held out)')
     order = np.random.default_rng(seed).permutation(n)
     return dataset.subset(np.sort(order[count:])), dataset.subset(np.sort(order[:count]))

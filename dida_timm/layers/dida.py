@@ -26,6 +26,7 @@ released code so that checkpoints stay convertible. Differences from that code: 
 detached (gradients reach `conv_kernel*`, `conv_k*` and `conv`), and the ablations of the paper (static
 kernels, unshared reduction convs, one dilation, a 1x1 kernel on the dilation-1 path) are options.
 """
+import collections.abc
 import math
 import numbers
 from typing import Any, Final, List, Optional, Sequence, Tuple, Union
@@ -49,10 +50,22 @@ def _positive_ints(values: Sequence[Any]) -> bool:
     return all(isinstance(v, numbers.Integral) and not isinstance(v, bool) and v >= 1 for v in values)
 
 
+def _values(value: Any) -> Tuple[Any, ...]:
+    """An option given as one number or as several (a list, tuple or numpy array), as a tuple."""
+    if isinstance(value, numbers.Number):
+        return (value,)
+    if isinstance(value, str) or not isinstance(value, collections.abc.Iterable):
+        raise TypeError(type(value).__name__)
+    return tuple(value)
+
+
 def _per_dilation(value: Union[int, Sequence[int]], num: int, name: str) -> Tuple[int, ...]:
-    if not isinstance(value, (numbers.Number, Sequence)):
-        raise ValueError(f'{name} must be an int or have one entry per dilation ({num}), got {value!r}')
-    values = (value,) * num if isinstance(value, numbers.Number) else tuple(value)
+    try:
+        values = _values(value)
+    except TypeError:
+        values = ()
+    if isinstance(value, numbers.Number):
+        values *= num
     if len(values) != num:
         raise ValueError(f'{name} must be an int or have one entry per dilation ({num}), got {value!r}')
     return values
@@ -92,7 +105,7 @@ def pointwise_conv(
     On CPU one batched matmul (`pointwise_matmul`); elsewhere `F.conv2d`, one dispatch where the matmul and its views
     take six (and one backward where the matmul takes four): eager on a GPU, the unit's cost is dispatches.
     """
-    if x.dim() != 4 or x.shape[1] != weight.shape[1] * groups:
+    if not torch.jit.is_tracing() and (x.dim() != 4 or x.shape[1] != weight.shape[1] * groups):
         # the matmul's own error names its batch2 operand, not the input's channels
         raise ValueError(f'DidaModule expects input [N, {weight.shape[1] * groups}, H, W], got {list(x.shape)}')
     if x.is_cpu:
@@ -226,7 +239,10 @@ class DidaModule(nn.Module):
     ):
         super().__init__()
         dd = {'device': device, 'dtype': dtype}
-        dilations = (dilations,) if isinstance(dilations, int) else tuple(dilations)
+        try:
+            dilations = _values(dilations)
+        except TypeError:
+            raise ValueError(f"{_option('dilations')} must be an int or a sequence of them, got {dilations!r}") from None
         for name, value in (('in_chs', in_chs), ('out_chs', out_chs)):
             if not _positive_ints((value,)):
                 raise ValueError(f'DidaModule {name} must be a positive integer, got {value!r}')
@@ -241,6 +257,8 @@ class DidaModule(nn.Module):
         kernel_sizes = _per_dilation(kernel_size, len(dilations), _option('kernel_size'))
         if not _positive_ints(kernel_sizes) or any(k % 2 == 0 for k in kernel_sizes):
             raise ValueError(f"{_option('kernel_size')} must be odd positive integers, got {kernel_size!r}")
+        # numpy integers as Python's
+        dilations, kernel_sizes = tuple(map(int, dilations)), tuple(map(int, kernel_sizes))
         if out_chs % len(dilations):
             raise ValueError(
                 f"out_chs ({out_chs}) must divide by the number of {_option('dilations')}, got {dilations!r} (one "

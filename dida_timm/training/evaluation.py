@@ -42,21 +42,28 @@ def evaluate(
     model.eval()
     shard = Subset(dataset, range(rank, len(dataset), world_size)) if world_size > 1 else dataset
     confusion = torch.zeros(num_classes, num_classes, dtype=torch.int64, device=device)
-    for images, labels in DataLoader(shard, batch_size=batch_size, num_workers=num_workers):
-        labels = labels.to(device)
-        logits = model(images.to(device))
-        # a wider output would put predictions past num_classes into the next row of the flat confusion index
-        if logits.shape[-1] != num_classes:
-            raise ValueError(f'evaluate: the model gives {logits.shape[-1]} class scores, num_classes is {num_classes}')
-        if bool((labels >= num_classes).any()):
-            raise ValueError(f'evaluate: the dataset has label {int(labels.max())}, past num_classes ({num_classes})')
-        preds = logits.argmax(-1)
-        known = labels >= 0
-        confusion += torch.bincount(labels[known] * num_classes + preds[known],
-                                    minlength=num_classes ** 2).view(num_classes, num_classes)
-    if world_size > 1:
-        dist.all_reduce(confusion)
-    model.train(was_training)
+    # the largest label past num_classes, reduced over the ranks before any raises (one rank raising alone would
+    # leave the others waiting in all_reduce)
+    past = torch.full((1,), -1, dtype=torch.int64, device=device)
+    try:
+        for images, labels in DataLoader(shard, batch_size=batch_size, num_workers=num_workers):
+            labels = labels.to(device)
+            logits = model(images.to(device))
+            # a wider output would put predictions past num_classes into the next row of the flat confusion index
+            if logits.shape[-1] != num_classes:
+                raise ValueError(f'evaluate: the model gives {logits.shape[-1]} class scores, num_classes is '
+                                 f'{num_classes}')
+            past = torch.maximum(past, torch.where(labels >= num_classes, labels, -1).max(0, keepdim=True).values)
+            known = (labels >= 0) & (labels < num_classes)
+            confusion += torch.bincount(labels[known] * num_classes + logits.argmax(-1)[known],
+                                        minlength=num_classes ** 2).view(num_classes, num_classes)
+        if world_size > 1:
+            dist.all_reduce(confusion)
+            dist.all_reduce(past, op=dist.ReduceOp.MAX)
+    finally:
+        model.train(was_training)
+    if int(past) >= 0:
+        raise ValueError(f'evaluate: the dataset has label {int(past)}, past num_classes ({num_classes})')
     confusion = confusion.cpu().numpy()
     return dict(accuracy_from_confusion(confusion), confusion=confusion.tolist())
 

@@ -162,8 +162,9 @@ class Run:
         try:
             test_sets = read(a.source, a.target_test_split, classes=self.classes)
         except FileNotFoundError as e:  # the user asked for no source split but the training one
+            also = '' if a.target_dir else ', as the target is'
             raise FileNotFoundError(f'{e} (the source domains are evaluated on --target-test-split '
-                                    f'{a.target_test_split!r}, as the target is: name a split they have)') from e
+                                    f'{a.target_test_split!r}{also}: name a split they have)') from e
         # a class-folder domain without splits is read whole for both: its test accuracy is on images it trained on
         self.sources_tested_on_training_images = [
             s.domain for s, t in zip(sources, test_sets) if _shares_images(s, t, a.source_split == a.target_test_split)]
