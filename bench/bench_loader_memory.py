@@ -54,8 +54,8 @@ def main():
     target_sampler = CyclingBatchSampler(len(target), args.batch_size, len(source_sampler))
     pid = os.getpid()
     print(f'# loader memory, {args.workers} workers, {len(source_sampler)} steps per epoch, batch '
-          f'{len(domains)} x {args.batch_size} + {args.batch_size} (two views); {describe_hardware(torch.device("cpu"))}, '
-          f'torch {torch.__version__}\n')
+          f'{len(domains)} x {args.batch_size} + {args.batch_size} (two views); '
+          f'{describe_hardware(torch.device("cpu"))}, torch {torch.__version__}\n')
     print('| epoch | steps | RSS main + workers (MB) | max during epoch (MB) | s / epoch |')
     print('|---|---|---|---|---|')
     steps, first = 0, None

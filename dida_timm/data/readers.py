@@ -35,13 +35,13 @@ __all__ = ['DATASETS', 'DATASET_DOMAINS', 'create_domain_datasets', 'dataset_dom
 PathLike = Union[str, Path]
 
 
-
 class UnknownClassesError(ValueError):
     """A domain's class folders that the run's class map lacks (`unknown`, their names)."""
 
     def __init__(self, message: str, unknown: List[str]):
         super().__init__(message)
         self.unknown = unknown
+
 
 def _is_image(path: Path) -> bool:
     return path.suffix.lower() in get_img_extensions(as_set=True)

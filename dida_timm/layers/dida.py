@@ -50,23 +50,19 @@ def _positive_ints(values: Sequence[Any]) -> bool:
     return all(isinstance(v, numbers.Integral) and not isinstance(v, bool) and v >= 1 for v in values)
 
 
-def _values(value: Any) -> Tuple[Any, ...]:
-    """An option given as one number or as several (a list, tuple or numpy array), as a tuple."""
+def _values(value: Any) -> Optional[Tuple[Any, ...]]:
+    """An option given as one number or as several (a list, tuple or numpy array), as a tuple; None for anything
+    else (a string, None)."""
     if isinstance(value, numbers.Number):
         return (value,)
     if isinstance(value, str) or not isinstance(value, collections.abc.Iterable):
-        raise TypeError(type(value).__name__)
+        return None
     return tuple(value)
 
 
 def _per_dilation(value: Union[int, Sequence[int]], num: int, name: str) -> Tuple[int, ...]:
-    try:
-        values = _values(value)
-    except TypeError:
-        values = ()
-    if isinstance(value, numbers.Number):
-        values *= num
-    if len(values) != num:
+    values = (value,) * num if isinstance(value, numbers.Number) else _values(value)
+    if values is None or len(values) != num:
         raise ValueError(f'{name} must be an int or have one entry per dilation ({num}), got {value!r}')
     return values
 
@@ -239,10 +235,9 @@ class DidaModule(nn.Module):
     ):
         super().__init__()
         dd = {'device': device, 'dtype': dtype}
-        try:
-            dilations = _values(dilations)
-        except TypeError:
-            raise ValueError(f"{_option('dilations')} must be an int or a sequence of them, got {dilations!r}") from None
+        given, dilations = dilations, _values(dilations)
+        if dilations is None:
+            raise ValueError(f"{_option('dilations')} must be an int or a sequence of them, got {given!r}")
         for name, value in (('in_chs', in_chs), ('out_chs', out_chs)):
             if not _positive_ints((value,)):
                 raise ValueError(f'DidaModule {name} must be a positive integer, got {value!r}')

@@ -254,5 +254,5 @@ def muted_if_untrained(model: nn.Module) -> Optional[nn.Module]:
     if not stages or not all(_branch_is_untrained(stage.branch) for stage in stages):
         return None
     muted = copy.deepcopy(model)
-    stages = [m for m in muted.modules() if isinstance(m, DidaStage)]
-    return muted if all([_mute(stage.branch) for stage in stages]) else None
+    muted_stages = [_mute(m.branch) for m in muted.modules() if isinstance(m, DidaStage)]  # every one tried
+    return muted if all(muted_stages) else None

@@ -5,9 +5,10 @@ Each epoch the model predicts a fixed held-out slice of the unlabelled target an
 trained on). The scores (`selection.label_free_scores`), the source validation accuracy and two accuracy
 estimates (ATC, and COT on temperature-scaled predictions) go into the run's history; the probabilities (float32,
 as they were scored: float16 rounds a confident one to 1.0 and moves the ATC threshold) and the target's predicted
-classes are saved to `label_free/epoch-NNNN.npz`, so that any score or rule can be recomputed after the run. The model at the start of adaptation (the end of the source-only
-phase, or the starting weights) is the reference every candidate is compared with and the fallback when the
-collapse guard fires; its weights and those of the currently selected epoch are kept in `selection/`.
+classes are saved to `label_free/epoch-NNNN.npz`, so that any score or rule can be recomputed after the run. The
+model at the start of adaptation (the end of the source-only phase, or the starting weights) is the reference every
+candidate is compared with and the fallback when the collapse guard fires; its weights and those of the currently
+selected epoch are kept in `selection/`.
 """
 import json
 import os
