@@ -55,7 +55,9 @@ def test_target_stream_cycles_to_match_the_source_epoch():
     batches = list(sampler)
     assert len(batches) == 6 and all(len(b) == 4 for b in batches)
     flat = [i for b in batches for i in b]
-    assert sorted(flat[:5]) == list(range(5))  # each pass over the target is a full permutation
+    passes = [flat[k:k + 5] for k in range(0, len(flat) - 4, 5)]  # 24 indices: four whole passes
+    assert len(passes) == 4 and all(sorted(p) == list(range(5)) for p in passes)  # each a full permutation
+    assert len({tuple(p) for p in passes}) > 1  # reshuffled for each pass
 
 
 def test_two_view_dataset_gives_weak_and_strong_views():

@@ -1,9 +1,10 @@
 """The weak / strong / test views, in particular FixMatch's RandAugment and Cutout (`--rand-augment fixmatch`)."""
 import random
 
+import numpy as np
 import pytest
 import torch
-from PIL import Image
+from PIL import Image, ImageEnhance, ImageOps
 
 from dida_timm.data.transforms import FIXMATCH_OPS, Cutout, FixMatchRandAugment, create_uda_transforms
 
@@ -15,11 +16,30 @@ def test_fixmatch_op_list_is_fixmatchs_fourteen_ops_with_their_ranges():
         'Brightness': (0.05, 0.95), 'Color': (0.05, 0.95), 'Contrast': (0.05, 0.95), 'Sharpness': (0.05, 0.95),
         'Posterize': (4, 8), 'Rotate': (-30, 30), 'ShearX': (-0.3, 0.3), 'ShearY': (-0.3, 0.3),
         'Solarize': (0, 256), 'TranslateX': (-0.3, 0.3), 'TranslateY': (-0.3, 0.3)}
-    img = Image.new('RGB', (32, 32), (200, 40, 90))
-    for name, op, span in FIXMATCH_OPS:  # every op runs on a PIL image at both ends of its range
-        for value in ([None] if span is None else span):
+    # what each op does, written with PIL itself (FixMatch's definitions; geometric ops resample bicubically)
+    def affine(i, *coeffs):
+        return i.transform(i.size, Image.AFFINE, coeffs, resample=Image.BICUBIC)
+
+    pil = {
+        'AutoContrast': ImageOps.autocontrast, 'Equalize': ImageOps.equalize, 'Identity': lambda i: i,
+        'Brightness': lambda i, v: ImageEnhance.Brightness(i).enhance(v),
+        'Color': lambda i, v: ImageEnhance.Color(i).enhance(v),
+        'Contrast': lambda i, v: ImageEnhance.Contrast(i).enhance(v),
+        'Sharpness': lambda i, v: ImageEnhance.Sharpness(i).enhance(v),
+        'Posterize': lambda i, v: ImageOps.posterize(i, int(v)),
+        'Rotate': lambda i, v: i.rotate(v, resample=Image.BICUBIC),
+        'ShearX': lambda i, v: affine(i, 1, v, 0, 0, 1, 0), 'ShearY': lambda i, v: affine(i, 1, 0, 0, v, 1, 0),
+        'Solarize': ImageOps.solarize,
+        'TranslateX': lambda i, v: affine(i, 1, 0, v * i.size[0], 0, 1, 0),
+        'TranslateY': lambda i, v: affine(i, 1, 0, 0, 0, 1, v * i.size[1]),
+    }
+    img = Image.fromarray(np.random.default_rng(0).integers(0, 255, (32, 32, 3), dtype=np.uint8))
+    for name, op, span in FIXMATCH_OPS:  # at both ends of its range and inside it
+        for value in ([None] if span is None else [span[0], span[0] + 0.75 * (span[1] - span[0]), span[1]]):
             out = op(img) if value is None else op(img, value)
+            expected = pil[name](img) if value is None else pil[name](img, value)
             assert out.size == img.size and out.mode == 'RGB', name
+            assert np.array_equal(np.asarray(out), np.asarray(expected)), (name, value)
 
 
 def test_two_ops_drawn_with_replacement_always_applied_with_a_uniform_magnitude():

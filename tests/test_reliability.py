@@ -54,11 +54,15 @@ def test_checkpoint_interrupted_while_writing_is_never_picked_up(tmp_path, monke
     with pytest.raises(_Boom):
         save_checkpoint(tmp_path, 2, model, dict(history=[1, 2]))
     monkeypatch.undo()
+    # written aside and renamed into place: no epoch-0002 with half a checkpoint for a later pruning or listing
+    assert sorted(p.name for p in tmp_path.glob('epoch-*')) == ['epoch-0001']
     fresh = nn.Linear(3, 2)
     state = load_last_checkpoint(tmp_path, fresh)
     assert state['epoch'] == 1 and state['history'] == [1]
     for k, v in good.items():
         assert torch.equal(fresh.state_dict()[k], v)
+    save_checkpoint(tmp_path, 2, model, dict(history=[1, 2]))  # the next save clears what the killed one left
+    assert not list(tmp_path.glob('.tmp-*')) and load_last_checkpoint(tmp_path, fresh)['epoch'] == 2
 
 
 def test_non_finite_loss_raises_naming_the_step():

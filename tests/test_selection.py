@@ -41,6 +41,14 @@ def test_uniform_probabilities_have_maximal_entropy_and_no_information():
     assert scores['pseudo_keep_share'] == 0.0
 
 
+def test_information_maximization_is_the_entropy_of_the_mean_less_the_mean_entropy():
+    probs = _one_hot_probs(torch.arange(500) % C, 0.9)  # balanced (mean uniform) and confident
+    mean_entropy = -(probs * probs.log()).sum(1).mean().item()
+    scores = label_free_scores(probs)
+    assert scores['information_maximization'] == pytest.approx(math.log(C) - mean_entropy)
+    assert scores['information_maximization'] > 1.0
+
+
 def test_bnm_is_highest_for_confident_diverse_predictions():
     diverse = label_free_scores(_one_hot_probs(torch.arange(500) % C, 1.0))['bnm']
     collapsed = label_free_scores(_one_hot_probs(torch.zeros(500, dtype=torch.long), 1.0))['bnm']
@@ -65,6 +73,9 @@ def test_pseudo_label_share_and_balance_follow_the_threshold():
     scores = label_free_scores(probs, pseudo_label_threshold=0.95)
     assert scores['pseudo_keep_share'] == pytest.approx(0.4)
     assert scores['pseudo_effective_classes'] == pytest.approx(1.0)  # only class 0 clears the threshold
+    lower = label_free_scores(probs, pseudo_label_threshold=0.4)  # every prediction clears it
+    assert lower['pseudo_keep_share'] == pytest.approx(1.0)
+    assert lower['pseudo_effective_classes'] > 5
 
 
 @pytest.mark.parametrize('score', ['max_prob', 'neg_entropy'])
@@ -145,10 +156,14 @@ def test_a_confident_relabelling_trips_the_agreement_check():
 
 def test_guarded_estimate_picks_the_highest_estimate_among_unflagged_epochs():
     balanced = torch.arange(500) % C
-    rows = [_row(0, balanced, balanced, estimated_accuracy=60.0),
+    collapsed = balanced.clone()
+    collapsed[balanced >= 5] = 0  # five classes die
+    rows = [_row(0, balanced, balanced, confidence=0.6, estimated_accuracy=60.0),
             _row(1, balanced, balanced, estimated_accuracy=75.0),
-            _row(2, balanced, balanced, estimated_accuracy=70.0)]
-    assert select_checkpoint(rows, 'guarded_estimate').epoch == 1
+            _row(2, collapsed, balanced, confidence=0.97, estimated_accuracy=90.0),
+            _row(3, balanced, balanced, estimated_accuracy=70.0)]
+    selection = select_checkpoint(rows, 'guarded_estimate')
+    assert selection.epoch == 1 and set(selection.flagged) == {2}  # not the collapsed epoch's higher estimate
 
 
 def test_an_unknown_rule_is_refused_with_the_choices():
