@@ -22,7 +22,7 @@ from .models.factory import builtin_architectures, create_model, validate_hub_co
 from .training.options import RESUMABLE_CHANGES, differing_options
 
 __all__ = ['PAPER_RESULTS', 'export_runs', 'export_tag', 'initial_weights', 'model_card', 'pre_adaptation_checkpoint',
-           'push_folder', 'read_run', 'run_data_config', 'run_label_free', 'run_license', 'run_model_args',
+           'push_folder', 'read_run', 'run_data_config', 'run_files', 'run_label_free', 'run_license', 'run_model_args',
            'selection_section', 'validate_hub_config']
 
 # published DIDA-Net target accuracies (%) per dataset and target domain (paper Tables I-III, docs/METHOD.md section 4)
@@ -275,7 +275,8 @@ def model_card(runs: List[Dict], repo_name: str, license: Optional[str] = None) 
     for d in domains:
         role = 'target' if d == target else 'source, on images it trained on' if d in seen else 'source'
         lines.append(f"| {d} | {role} | {_mean_std([r['per_domain_accuracy'][d] for r in runs])} |")
-    if first.get('source_only_start_target_accuracy') is not None:
+    # a source-only run has no start of adaptation: its last source-only epoch is the model itself
+    if first.get('source_only_start_target_accuracy') is not None and not source_only:
         lines += ['', f"Source-only starting point of the same run on {target}: "
                       f"{_mean_std([r['source_only_start_target_accuracy'] for r in runs])}."]
     if selection:
@@ -328,8 +329,9 @@ def model_card(runs: List[Dict], repo_name: str, license: Optional[str] = None) 
         '', '## Limitations', '',
         f"- {'Adapted to' if adapted else 'Chosen for'} one target domain; accuracy on other domains is the table "
         'above and nothing more.',
-        '- Pseudo-label training can reinforce its own mistakes on classes the source-only model confuses; '
-        'check the per-class table before relying on a class.',
+        *([] if source_only else [
+            '- Pseudo-label training can reinforce its own mistakes on classes the source-only model confuses; '
+            'check the per-class table before relying on a class.']),
         '- Target labels, where they existed, were used for evaluation only, never for training or for choosing '
         'the checkpoint' + (': the checkpoint was chosen by the label-free rule above.' if selection else
                             ': the reported model is the last epoch.'),
@@ -416,6 +418,11 @@ def export_tag(architecture: str, out_dir: Path, dataset: str, target: str, tag:
     return tag
 
 
+def run_files(folder: Path) -> List[str]:
+    """The files and folders of a training run that `folder` holds (none in a folder `export_runs` wrote)."""
+    return [name for name in ('results.json', 'args.yaml', 'checkpoints', 'log.txt') if (Path(folder) / name).exists()]
+
+
 def export_runs(run_dirs: Sequence[Path], out_dir: Path, repo_name: str, license: Optional[str] = None,
                 tag: Optional[str] = None) -> Path:
     """Write a Hugging Face model repo folder (config.json, model.safetensors, README.md) for runs of one setting.
@@ -430,6 +437,9 @@ def export_runs(run_dirs: Sequence[Path], out_dir: Path, repo_name: str, license
     for r in runs:  # the export would overwrite that run's model.safetensors (with the first run's weights)
         if out_dir.resolve() == Path(r['run_dir']).resolve():
             raise ValueError(f"the output folder {out_dir} is the run folder {r['run_dir']}: export to another one")
+    found = run_files(out_dir)
+    if found:  # another run's: its weights would be replaced, and a push of the folder would send its files too
+        raise ValueError(f'the output folder {out_dir} holds a training run ({", ".join(found)}): export to another one')
     keys = ('model', 'dataset', 'sources', 'target', 'method', 'classes')
     for r in runs[1:]:
         differing = [k for k in keys if r[k] != runs[0][k]]
@@ -518,6 +528,11 @@ def push_folder(folder: Path, repo_id: str, private: bool = False, dry_run: bool
     missing = {'config.json', 'model.safetensors', 'README.md'} - set(files)
     if missing:
         raise FileNotFoundError(f'{folder} is not an exported repo folder: missing {sorted(missing)}')
+    found = run_files(folder)
+    if found:
+        raise ValueError(f'{folder} holds a training run ({", ".join(found)}: paths of this machine, pickled '
+                         'training state), not only an export: export the run with hub/export.py into a folder of '
+                         'its own and push that')
     # the card's title and loading snippet name the repo it was exported for: pushed elsewhere, it would send its
     # readers to that other repo
     title = re.search(r'^# (\S+/\S+)\s*$', (folder / 'README.md').read_text(), re.MULTILINE)

@@ -500,6 +500,15 @@ def test_a_runs_own_args_yaml_parses_to_resume_it(argv, tmp_path):
     assert train.changed_run_options(yaml.safe_load(path.read_text()), resumed) == []
 
 
+def test_a_resume_may_change_where_and_how_fast_a_run_goes_but_not_what_it_computes():
+    saved = yaml.safe_load(yaml.safe_dump(vars(train.parse_args([])), sort_keys=False))
+    free = ['--resume', '--experiment', 'run', '--eval-batch-size', '7', '--keep-checkpoints', '1', '--no-progress', '--deterministic']
+    assert train.changed_run_options(saved, train.parse_args(free)) == []
+    # checkpointed blocks rerun their forward in train mode: their batch norms' running statistics move twice
+    assert train.changed_run_options(saved, train.parse_args(['--resume', '--experiment', 'run', '--grad-checkpointing'])) == [
+        '--grad-checkpointing False -> True']
+
+
 def test_a_config_naming_another_config_is_refused_unless_it_records_every_option(tmp_path, capsys):
     path = tmp_path / 'nested.yaml'
     path.write_text('config: other.yaml\nlr: 0.1\n')

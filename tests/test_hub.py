@@ -548,6 +548,11 @@ def test_card_and_config_say_when_the_shipped_weights_were_never_adapted(trained
     card = model_card([source_only], 'dida-timm/x')
     assert 'trained on the labelled sources only, without adaptation: a baseline for the **mnistm_style**' in card
     assert 'without target labels, with DIDA-Net' not in card
+    # no start of adaptation to compare with, and no pseudo-labels to mislead it
+    assert source_only['source_only_start_target_accuracy'] is not None
+    assert 'Source-only starting point' not in card and 'Pseudo-label training' not in card
+    adapted_card = model_card([read_run(run)], 'dida-timm/x')
+    assert 'Source-only starting point of the same run' in adapted_card and 'Pseudo-label training' in adapted_card
 
 
 def test_every_shipped_checkpoint_from_before_adaptation_says_so():
@@ -656,6 +661,15 @@ def test_export_refuses_to_write_into_a_run_folder(trained_run, tmp_path):
     with pytest.raises(ValueError, match=f'the output folder {other} is the run folder {other}'):
         export_runs([trained_run, other], other, 'dida-timm/x')
     assert (other / 'model.safetensors').read_bytes() == weights and not (other / 'README.md').exists()
+    # another run's folder (not among the exported runs): its weights stay, and the folder is not pushed either
+    with pytest.raises(ValueError, match=f'the output folder {other} holds a training run \\(results.json, '
+                                         'args.yaml, checkpoints'):
+        export_runs([trained_run], other, 'dida-timm/x')
+    assert (other / 'model.safetensors').read_bytes() == weights and not (other / 'README.md').exists()
+    for name in ('README.md', 'config.json'):  # as if exported into it with an earlier version
+        (other / name).write_text('# dida-timm/x\n' if name == 'README.md' else '{}')
+    with pytest.raises(ValueError, match='holds a training run .*export the run with hub/export.py into a folder'):
+        push_folder(other, 'dida-timm/x', dry_run=True)
 
 
 def test_card_of_several_seeds_names_the_epoch_each_selected(trained_run):
@@ -860,3 +874,19 @@ def test_prediction_from_a_run_folder_or_a_weights_file_says_what_to_give_instea
     weights = next(trained_run.glob('*.safetensors'))
     assert predict_main(['--model', str(weights), '--images', str(images), '--output', out]) == 2
     assert f'{weights} is a file: give the exported folder that holds it' in capsys.readouterr().err
+
+
+def test_an_export_with_cut_short_weights_or_config_is_refused_naming_the_file(exported, tmp_path):
+    from dida_timm.models.factory import create_model
+    broken = tmp_path / 'repo'
+    shutil.copytree(exported, broken)
+    weights = broken / 'model.safetensors'
+    weights.write_bytes(weights.read_bytes()[:len(weights.read_bytes()) // 2])  # a copy cut short
+    with pytest.raises(ValueError, match=r'its weights \(model.safetensors\) cannot be read'):
+        create_model(str(broken), pretrained=True)
+    out = tmp_path / 'pred.csv'
+    assert predict_main(['--model', str(broken), '--images', str(tmp_path), '--output', str(out)]) == 2
+    shutil.copy(exported / 'model.safetensors', weights)
+    (broken / 'config.json').write_text('{"architecture": "dida_digitnet_compact",')
+    with pytest.raises(ValueError, match=f'{re.escape(str(broken / "config.json"))} is not valid JSON'):
+        create_model(str(broken), pretrained=True)

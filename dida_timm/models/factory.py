@@ -17,6 +17,7 @@ from typing import Dict, List, Optional, Tuple, Union
 
 import timm
 import torch
+from safetensors import SafetensorError
 
 from .dida_any import register_dida
 
@@ -119,10 +120,14 @@ def read_hub_config(spec: str, cache_dir: Optional[Union[str, Path]] = None) -> 
                 hint = (f': it holds a training run; export it to a model folder with `python hub/export.py '
                         f'{path.parent} --out DIR --repo-name ORG/NAME` and give DIR')
             raise FileNotFoundError(f'{spec}: no config.json in {path.parent}{hint}')
+    elif source == 'hf-hub':
+        path = _hf_download(location, 'config.json', cache_dir)
+    else:
+        return None
+    try:
         return json.loads(path.read_text())
-    if source == 'hf-hub':
-        return json.loads(_hf_download(location, 'config.json', cache_dir).read_text())
-    return None
+    except json.JSONDecodeError as e:
+        raise ValueError(f'{spec}: {path} is not valid JSON ({e})') from e
 
 
 def require_safetensors(spec: str, cache_dir: Optional[Union[str, Path]] = None) -> None:
@@ -185,6 +190,8 @@ def create_model(spec: str, pretrained: bool = False, allow_pickle: bool = False
         register_dida(arch[len('dida_'):])
     try:
         return timm.create_model(spec, pretrained=pretrained, **kwargs)
+    except SafetensorError as e:  # a copy or download cut short: timm's error names neither the spec nor the file
+        raise ValueError(f'{spec}: its weights (model.safetensors) cannot be read: {e}') from e
     except RuntimeError as e:
         if 'Unknown model' in str(e):
             known = builtin_architectures()

@@ -135,7 +135,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument('--dist-timeout', type=float, default=600, help='seconds a rank waits for the others (torchrun)')
     g.add_argument('--amp', action=argparse.BooleanOptionalAction, default=False,
                    help='autocast (bfloat16 on CPU, float16 + scaler on CUDA)')
-    g.add_argument('--grad-checkpointing', action=argparse.BooleanOptionalAction, default=False)
+    g.add_argument('--grad-checkpointing', action=argparse.BooleanOptionalAction, default=False,
+                   help='recompute the blocks in the backward to save memory; the recomputation moves the batch '
+                        "norms' running statistics a second time each step, so the run differs from one without it")
     g.add_argument('--channels-last', action=argparse.BooleanOptionalAction, default=False)
     g.add_argument('--compile', action=argparse.BooleanOptionalAction, default=False, help='torch.compile the model')
     g.add_argument('--seed', type=int, default=0)
@@ -421,11 +423,11 @@ def check_args(
 
 # options a resumed run may change: where things are, how fast they run and the run's name, not what it computes
 # (not --workers: the strong view's random draws come from each loader worker's own generator, so another count
-# draws other augmentations)
+# draws other augmentations; not --grad-checkpointing: torch's checkpoint reruns the blocks' forward in train mode,
+# which updates their batch norms' running statistics again)
 RESUMABLE_CHANGES = frozenset({
     'resume', 'experiment', 'data_dir', 'output', 'device', 'dist_timeout', 'compile', 'channels_last',
-    'grad_checkpointing', 'deterministic', 'eval_batch_size', 'keep_checkpoints', 'no_progress', 'tsne_per_domain',
-    'config'})
+    'deterministic', 'eval_batch_size', 'keep_checkpoints', 'no_progress', 'tsne_per_domain', 'config'})
 # options holding a path: equal when they name the same file or folder
 _PATH_OPTIONS = frozenset({'target_dir', 'target_eval_dir', 'init_checkpoint'})
 
