@@ -36,7 +36,8 @@ from uda_runs import (  # noqa: E402
 from dida_timm.arguments import at_least, check_options, distinct  # noqa: E402
 from dida_timm.data.offline_digits import DOMAINS  # noqa: E402
 from dida_timm.training.selection import (  # noqa: E402
-    LABEL_FREE_KEYS, RULES, CollapseGuard, atc_estimate, cot_estimate, fit_atc_threshold, fit_temperature)
+    LABEL_FREE_KEYS, RULES, CollapseGuard, atc_estimate, cot_estimate, fit_atc_threshold, fit_atc_tie_share,
+    fit_temperature)
 
 METHODS = ('FixMatch', 'DIDA-Net')
 # every epoch's checkpoint stays, so the pick of any rule can be exported afterwards
@@ -92,12 +93,15 @@ def estimates(run_dir: Path, epoch: int) -> Dict[str, float]:
     the drop in mean confidence), and COT on the raw and on the temperature-scaled predictions (what runs report
     since 2026-12-02)."""
     dump = np.load(run_dir / 'label_free' / f'epoch-{epoch:04d}.npz')
-    target = torch.from_numpy(dump['target_probs']).float()
-    source = torch.from_numpy(dump['source_probs']).float()
+    # as stored: float64 since 2026-12-05 (float32, float16 before), where converting would round confident ones
+    target = torch.from_numpy(dump['target_probs']).double()
+    source = torch.from_numpy(dump['source_probs']).double()
     labels = torch.from_numpy(dump['source_labels'])
     out = {}
     for score in ('max_prob', 'neg_entropy'):
-        out[f'ATC ({score})'] = atc_estimate(target, fit_atc_threshold(source, labels, score), score)
+        threshold = fit_atc_threshold(source, labels, score)
+        out[f'ATC ({score})'] = atc_estimate(target, threshold, score,
+                                             fit_atc_tie_share(source, labels, threshold, score))
     out['AC'] = float(target.max(-1).values.mean() * 100)
     source_acc = float((source.argmax(-1) == labels).float().mean() * 100)
     drop = float(source.max(-1).values.mean() - target.max(-1).values.mean()) * 100

@@ -205,9 +205,11 @@ def config_defaults(parser: argparse.ArgumentParser, path: Path) -> Dict[str, An
     if not path.is_file():
         parser.error(f'--config: file not found: {path}')
     try:
-        cfg = yaml.load(path.read_text(), Loader=_UniqueKeyLoader) or {}
+        cfg = yaml.load(path.read_text(), Loader=_UniqueKeyLoader)
     except yaml.YAMLError as e:
         parser.error(f'--config: {path} is not valid YAML: {e}')
+    if cfg is None:  # a run's args.yaml cut short by a crash read as no options: a run of the defaults elsewhere
+        parser.error(f'--config: {path} holds no option (an empty file?)')
     if not isinstance(cfg, dict):
         parser.error(f'--config: {path} must hold a mapping of option: value')
     actions = {a.dest: a for a in parser._actions}

@@ -504,7 +504,7 @@ def run_label_free(run: Dict) -> Optional[Dict]:
     scores = selection['label_free_scores']
     return dict(
         atc_score=label_free['atc_score'], atc_threshold=label_free['atc_threshold'], target=run['target'],
-        **{k: label_free[k] for k in ('temperature', 'label_share') if label_free.get(k) is not None},
+        **{k: label_free[k] for k in ('atc_tie_share', 'temperature', 'label_share') if label_free.get(k) is not None},
         target_scores={k: scores[k] for k in ('effective_classes', 'dead_classes', 'mean_confidence')},
         guard=label_free['guard'],
         selection={k: selection[k] for k in ('rule', 'epoch', 'reason', 'guard_fired')},

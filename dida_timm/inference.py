@@ -101,6 +101,9 @@ def _check_label_free(cfg: object, num_classes: Optional[int], where: str) -> No
         raise ValueError(f"{where}.atc_threshold must be a number, got {cfg.get('atc_threshold')!r}")
     if cfg.get('atc_score') not in ATC_SCORES:
         raise ValueError(f"{where}.atc_score must be one of {ATC_SCORES}, got {cfg.get('atc_score')!r}")
+    tie_share = cfg.get('atc_tie_share', 1.0)  # exports before 2026-12-05 counted every tie
+    if not (_is_number(tie_share) and 0 <= tie_share <= 1):
+        raise ValueError(f'{where}.atc_tie_share must be a number in [0, 1], got {tie_share!r}')
     temperature, share = cfg.get('temperature'), cfg.get('label_share')
     if temperature is not None and not (_is_number(temperature) and temperature > 0):
         raise ValueError(f'{where}.temperature must be a positive number, got {temperature!r}')
@@ -144,7 +147,7 @@ def label_free_check(probs: torch.Tensor, cfg: dict) -> List[str]:
         cot = cot_estimate(probs, torch.tensor(cfg['label_share'], dtype=torch.float64), cfg['temperature'])
         lines.append(f'estimated accuracy by COT on these {len(probs)} images: {cot:.1f}% (predictions at temperature '
                      f'{cfg["temperature"]:.3f}, transported onto labels in the source domains\' class shares{sample})')
-    estimate = atc_estimate(probs, cfg['atc_threshold'], cfg['atc_score'])
+    estimate = atc_estimate(probs, cfg['atc_threshold'], cfg['atc_score'], cfg.get('atc_tie_share', 1.0))
     lines.append(
         f'estimated accuracy by ATC on these {len(probs)} images: {estimate:.1f}% (the share of images whose '
         f'{cfg["atc_score"]} clears {cfg["atc_threshold"]:.4f}, the threshold fitted on the source domains at '
@@ -228,7 +231,7 @@ def predict_images(
 
     A file that cannot be read (corrupt, empty, not an image) gets the row {'image': path, 'error': why} and
     the others are predicted. `progress` (default: when stderr is a terminal) shows a bar. When `probabilities`
-    is a list, each batch's full softmax output is appended to it (for the label-free check).
+    is a list, each batch's full softmax output is appended to it, in float64 (for the label-free check).
     """
     # the model's own preprocessing: an export records the evaluation transform of its training run (resize to the
     # input size, no centre crop), any other timm model keeps its crop
@@ -268,9 +271,10 @@ def _predicted_rows(
             yield {'image': str(paths[index]), 'error': why}
         if images is None:
             continue
-        probs = model(images.to(weight.device, weight.dtype)).float().softmax(-1)
-        if probabilities is not None:
-            probabilities.append(probs.cpu())
+        logits = model(images.to(weight.device, weight.dtype))
+        probs = logits.float().softmax(-1)
+        if probabilities is not None:  # as the run scored them (`predict_probs`)
+            probabilities.append(logits.cpu().double().softmax(-1))
         top_p, top_i = probs.topk(min(topk, probs.shape[-1]), dim=-1)
         for index, p_row, i_row in zip(indices, top_p.tolist(), top_i.tolist()):
             row = {'image': str(paths[index])}

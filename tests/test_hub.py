@@ -417,7 +417,7 @@ def test_prediction_preprocesses_as_the_models_own_config_says(tmp_path):
         rows = list(predict_images(model, tmp_path, probabilities=probabilities))
         with torch.no_grad():
             expected = model(torch.stack([transform(Image.open(r['image']).convert('RGB')) for r in rows]))
-        torch.testing.assert_close(torch.cat(probabilities), expected.softmax(-1))
+        torch.testing.assert_close(torch.cat(probabilities), expected.double().softmax(-1))  # as the run scores them
 
 
 def test_prediction_skips_unreadable_files_and_lists_them_with_the_reason(tmp_path, capsys):
@@ -851,7 +851,7 @@ def test_prediction_refuses_an_edited_label_free_section_naming_the_value_before
     assert 'label_free.label_share must list 10 non-negative class shares' in capsys.readouterr().err
     assert not out.exists()
     original = dict(config['label_free'], label_share=[0.1] * 10)
-    for key, value in (('atc_score', 'confidence'), ('atc_threshold', None), ('temperature', -1.0),
+    for key, value in (('atc_score', 'confidence'), ('atc_threshold', None), ('atc_tie_share', 1.5), ('temperature', -1.0),
                        ('guard', {'min_ratio': 1}), ('guard', {'min_effective_ratio': '0.95'}),
                        ('target_scores', {'effective_classes': 9.5})):
         config['label_free'] = dict(original, **{key: value})

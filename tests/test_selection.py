@@ -7,8 +7,8 @@ import torch
 
 from dida_timm.inference import label_free_check
 from dida_timm.training.selection import (
-    CollapseGuard, atc_estimate, cot_estimate, fit_atc_threshold, fit_temperature, label_free_scores,
-    select_checkpoint)
+    CollapseGuard, atc_estimate, cot_estimate, fit_atc_threshold, fit_atc_tie_share, fit_temperature,
+    label_free_scores, select_checkpoint)
 
 C = 10
 
@@ -99,6 +99,42 @@ def test_atc_recovers_the_target_accuracy_when_correctness_follows_the_confidenc
     assert atc_estimate(source_probs, threshold, score) == pytest.approx(source_acc, abs=0.1)
     assert target_acc == pytest.approx(20.0, abs=1.0)
     assert atc_estimate(target_probs, threshold, score) == pytest.approx(target_acc, abs=0.5)
+
+
+def test_atc_counts_images_tied_at_its_threshold_in_part():
+    # a confident model: its maximum probability rounds to 1.0 on 95% of 90%-accurate source images (ties at the
+    # threshold), counted whole, ATC estimated those very images at 95%
+    n = 1000
+    labels = torch.arange(n) % C
+    predicted = labels.clone()
+    predicted[:100] = (predicted[:100] + 1) % C
+    margin = torch.full((n,), 60.0)
+    margin[:50] = 3.0
+    logits = torch.zeros(n, C, dtype=torch.float64)
+    logits[torch.arange(n), predicted] = margin.double()
+    probs = logits.softmax(-1)
+    assert (probs.max(-1).values == 1).double().mean() == 0.95
+    threshold = fit_atc_threshold(probs, labels)
+    share = fit_atc_tie_share(probs, labels, threshold)
+    assert threshold == 1.0 and share == pytest.approx(900 / 950)
+    assert atc_estimate(probs, threshold, tie_share=share) == pytest.approx(90.0)
+    assert atc_estimate(probs, threshold) == pytest.approx(95.0)  # every tie counted, as exports before it do
+    # without ties the share changes nothing
+    smooth = _one_hot_probs(labels, 0.9) + torch.rand(n, 1) * 1e-3
+    t = fit_atc_threshold(smooth, labels)
+    assert fit_atc_tie_share(smooth, labels, t) == 1.0
+
+
+def test_label_free_probabilities_keep_a_confident_models_margins_apart():
+    from torch.utils.data import TensorDataset
+
+    from dida_timm.training.evaluation import predict_probs
+    logits = torch.zeros(3, 4)
+    logits[:, 0] = torch.tensor([18.0, 22.0, 30.0])  # each a maximum probability float32 rounds to 1.0
+    probs, _ = predict_probs(torch.nn.Identity(), TensorDataset(logits, torch.zeros(3)))
+    assert probs.dtype == torch.float64 and (logits.softmax(-1).max(-1).values == 1).all()
+    top = probs.max(-1).values
+    assert (top < 1).all() and top[0] < top[1] < top[2]
 
 
 def test_atc_of_a_perfect_source_model_keeps_every_source_image():
@@ -249,6 +285,10 @@ def test_the_folder_check_reports_cot_first_and_atc_without_an_exported_temperat
     lines = label_free_check(collapsed, dict(cfg, temperature=1.0, label_share=[0.25] * 4))
     assert lines[0].startswith('estimated accuracy by COT on these 8 images: 25.')  # COT charges it
     assert lines[1].startswith('estimated accuracy by ATC')
+    # every image at the threshold: the export's tie share counts them in part (exports without it count them all)
+    at = float(collapsed.double().max())
+    lines = label_free_check(collapsed, dict(atc_threshold=at, atc_score='max_prob', atc_tie_share=0.25))
+    assert lines[0].startswith('estimated accuracy by ATC on these 8 images: 25.0%')
 
 
 def test_the_folder_check_makes_no_collapse_comparison_on_too_few_images():
@@ -296,7 +336,8 @@ def test_the_saved_probabilities_recompute_the_logged_scores_exactly(monkeypatch
     from torch.utils.data import TensorDataset
 
     import dida_timm.training.label_free as label_free
-    from dida_timm.training.selection import atc_estimate, cot_estimate, fit_atc_threshold, fit_temperature
+    from dida_timm.training.selection import (
+        atc_estimate, cot_estimate, fit_atc_threshold, fit_atc_tie_share, fit_temperature)
     # confident predictions, as a trained model gives: float16 rounded many to exactly 1.0, which moved the threshold
     gen = torch.Generator().manual_seed(0)
     source_probs = torch.softmax(torch.randn(200, 4, generator=gen) * 12, -1)
@@ -312,6 +353,7 @@ def test_the_saved_probabilities_recompute_the_logged_scores_exactly(monkeypatch
     saved = {k: torch.from_numpy(v) for k, v in np.load(monitor._dump(1)).items()}
     threshold = fit_atc_threshold(saved['source_probs'], saved['source_labels'], monitor.atc_score)
     temperature = fit_temperature(saved['source_probs'], saved['source_labels'])
-    assert (threshold, temperature) == (row['atc_threshold'], row['temperature'])
-    assert atc_estimate(saved['target_probs'], threshold, monitor.atc_score) == row['estimated_accuracy']
+    tie_share = fit_atc_tie_share(saved['source_probs'], saved['source_labels'], threshold, monitor.atc_score)
+    assert (threshold, tie_share, temperature) == (row['atc_threshold'], row['atc_tie_share'], row['temperature'])
+    assert atc_estimate(saved['target_probs'], threshold, monitor.atc_score, tie_share) == row['estimated_accuracy']
     assert cot_estimate(saved['target_probs'], share, temperature) == row['cot_estimated_accuracy']

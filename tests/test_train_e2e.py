@@ -121,6 +121,36 @@ def test_resume_refuses_options_the_run_was_not_started_with(tmp_path, data_dir)
     own = re.search(r'resume it with its own \((.*?)\), or start another', result.stderr).group(1)
     result = _train(shlex.split(own) + ['--device', 'cpu'], tmp_path, data_dir)
     assert 'resumed from' in result.stdout  # --device may change
+    # the command that started the run is the one that reproduces it (the card's); the resume's is kept beside it
+    results = json.loads((tmp_path / 'run' / 'results.json').read_text())
+    started, = json.loads((tmp_path / 'run' / 'commands.json').read_text())[:1]
+    assert results['command'] == started and '--resume' not in started
+    assert '--epochs 1 --select last' in started and results['resumed_with'] == [
+        json.loads((tmp_path / 'run' / 'commands.json').read_text())[1]]
+    assert '-c ' in results['resumed_with'][0] and '--resume' in results['resumed_with'][0]
+
+
+def test_a_run_folder_in_use_or_with_a_cut_short_args_yaml_is_refused(tmp_path, data_dir):
+    from dida_timm.training.run import hold_run_folder
+    common = ['--source', 'mnist', '--target', 'uci_digits', '--tsne-per-domain', '0', '--experiment', 'run',
+              '--epochs', '1']
+    lock = hold_run_folder(tmp_path / 'run')  # as a run still going holds it
+    result = _train(common, tmp_path, data_dir, check=False)
+    assert result.returncode == 2 and f'{tmp_path / "run"} is in use by another train.py process' in result.stderr
+    lock.close()
+    _train(common, tmp_path, data_dir)
+    lock = hold_run_folder(tmp_path / 'run')
+    result = _train(common + ['--resume'], tmp_path, data_dir, check=False)
+    assert result.returncode == 2 and 'is in use by another train.py process' in result.stderr
+    lock.close()
+    (tmp_path / 'run' / 'args.yaml').write_text('')  # a write cut short by an older version
+    result = _train(common + ['--resume'], tmp_path, data_dir, check=False)
+    assert result.returncode == 2 and 'Traceback' not in result.stderr
+    assert f'{tmp_path / "run" / "args.yaml"} does not hold the options the run was started with' in result.stderr
+    # nor does it pass as a config of no options (a run of the defaults in ./output)
+    result = _train(['-c', str(tmp_path / 'run' / 'args.yaml'), '--resume', '--experiment', 'run'], tmp_path,
+                    data_dir, check=False)
+    assert result.returncode == 2 and 'holds no option (an empty file?)' in result.stderr
 
 
 def test_resume_refuses_a_changed_target_folder_world_size_or_damaged_checkpoint_naming_it(tmp_path):
@@ -669,3 +699,31 @@ def test_runs_named_by_the_same_second_get_folders_of_their_own(tmp_path):
                      '20261204-120000-dida_digitnet_compact-mnist-fixmatch-2',
                      '20261204-120000-dida_digitnet_compact-mnist-fixmatch-3']
     assert all((tmp_path / 'out' / n).is_dir() for n in names)
+
+
+def test_a_run_killed_while_finishing_does_not_pass_for_finished(tmp_path, data_dir, monkeypatch):
+    # results.json tells a finished run (bench/uda_runs.py skips it, hub/export.py exports it): it comes last
+    import dida_timm.training.run as run_module
+
+    def killed(*args, **kwargs):
+        raise KeyboardInterrupt('killed while writing the report')
+
+    monkeypatch.setattr(run_module, 'write_report', killed)
+    argv = ['--output', str(tmp_path), '--data-dir', str(data_dir), *TINY, '--source', 'mnist', '--target',
+            'uci_digits', '--tsne-per-domain', '0', '--epochs', '1', '--experiment', 'run']
+    with pytest.raises(KeyboardInterrupt):
+        run_module.main(argv)
+    run = tmp_path / 'run'
+    assert (run / 'model.safetensors').is_file() and not (run / 'results.json').exists()
+    assert not list(run.glob('.*.tmp'))
+    monkeypatch.undo()
+    assert run_module.main(argv + ['--resume']) == 0  # and main let go of the run folder's lock
+    assert json.loads((run / 'results.json').read_text())['epochs'] == 1
+
+
+def test_soft_weighting_logs_every_pseudo_label_as_kept(tmp_path, data_dir):
+    # it trains on all of them, weighted by confidence: a keep share at --threshold described another recipe
+    _train(['--source', 'mnist', '--target', 'uci_digits', '--tsne-per-domain', '0', '--epochs', '1',
+            '--soft-weighting', '--experiment', 'soft'], tmp_path, data_dir)
+    last = json.loads((tmp_path / 'soft' / 'results.json').read_text())['history'][-1]
+    assert last['phase'] == 'fixmatch' and last['pseudo_keep_share'] == 1.0

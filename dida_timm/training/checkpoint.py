@@ -10,17 +10,34 @@ import pickle
 import shutil
 import uuid
 from pathlib import Path
-from typing import Any, Dict, Optional
+from typing import Any, Callable, Dict, Optional
 
 import safetensors.torch
 import torch
 import torch.nn as nn
 
-__all__ = ['save_checkpoint', 'load_last_checkpoint']
+__all__ = ['save_checkpoint', 'load_last_checkpoint', 'replace_file', 'save_weights']
 
 
 def _weights(model: nn.Module) -> Dict[str, torch.Tensor]:
     return {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+
+
+def replace_file(path: Path, write: Callable[[Path], None]) -> None:
+    """Write `path` by `write(tmp)` to a temporary file beside it, renamed into place: a run killed meanwhile (or a
+    full disk) leaves the old file or the new one, never a part of it."""
+    path = Path(path)
+    tmp = path.with_name(f'.{path.name}-{uuid.uuid4().hex[:8]}.tmp')
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def save_weights(model: nn.Module, path: Path) -> None:
+    """`model`'s state dict as a safetensors file, written by `replace_file`."""
+    replace_file(path, lambda tmp: safetensors.torch.save_file(_weights(model), str(tmp)))
 
 
 def save_checkpoint(

@@ -99,12 +99,16 @@ def predict_probs(
         batch_size: int = 256,
         device: torch.device = torch.device('cpu'),
 ) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Softmax outputs [N, C] (float32, on the CPU) and labels [N] (UNLABELLED where unknown) of a dataset."""
+    """Softmax outputs [N, C] (float64, on the CPU) and labels [N] (UNLABELLED where unknown) of a dataset.
+
+    float64: the label-free scores threshold the probabilities, and float32's round a confident image's maximum to
+    1.0 (from a logit margin of about 17), tying it with every other such image.
+    """
     was_training = model.training
     model.eval()
     probs, labels = [], []
     for images, y in DataLoader(dataset, batch_size=batch_size):
-        probs.append(model(images.to(device)).float().softmax(-1).cpu())
+        probs.append(model(images.to(device)).cpu().double().softmax(-1))  # on the CPU: MPS has no float64
         labels.append(torch.as_tensor(y))
     model.train(was_training)
     return torch.cat(probs), torch.cat(labels)

@@ -3,15 +3,15 @@ weights of the checkpoint the selection rule picks.
 
 Each epoch the model predicts a fixed held-out slice of the unlabelled target and of the source domains (never
 trained on). The scores (`selection.label_free_scores`), the source validation accuracy and two accuracy
-estimates (ATC, and COT on temperature-scaled predictions) go into the run's history; the probabilities (float32,
-as they were scored: float16 rounds a confident one to 1.0 and moves the ATC threshold) and the target's predicted
+estimates (ATC, and COT on temperature-scaled predictions) go into the run's history; the probabilities (float64,
+as they were scored: float32 rounds a maximum probability to 1.0 from a logit margin of about 17 on, float64 from
+about 37, and ties move the ATC threshold) and the target's predicted
 classes are saved to `label_free/epoch-NNNN.npz`, so that any score or rule can be recomputed after the run. The
 model at the start of adaptation (the end of the source-only phase, or the starting weights) is the reference every
 candidate is compared with and the fallback when the collapse guard fires; its weights and those of the currently
 selected epoch are kept in `selection/`.
 """
 import json
-import os
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
@@ -21,18 +21,13 @@ import torch
 import torch.nn as nn
 from torch.utils.data import Dataset
 
+from .checkpoint import replace_file, save_weights
 from .evaluation import predict_probs
 from .selection import (
-    CollapseGuard, Selection, atc_estimate, cot_estimate, fit_atc_threshold, fit_temperature, label_free_scores,
-    select_checkpoint)
+    CollapseGuard, Selection, atc_estimate, cot_estimate, fit_atc_threshold, fit_atc_tie_share, fit_temperature,
+    label_free_scores, select_checkpoint)
 
 __all__ = ['LabelFreeMonitor']
-
-
-def _save_weights(model: nn.Module, path: Path) -> None:
-    tmp = path.with_name(f'.{path.name}.tmp')
-    safetensors.torch.save_file({k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}, str(tmp))
-    os.replace(tmp, path)
 
 
 class LabelFreeMonitor:
@@ -49,7 +44,7 @@ class LabelFreeMonitor:
         rule: Selection rule (a key of `selection.RULES`).
         guard: Collapse guard of the guarded rules.
         atc_score: Confidence score of ATC ('max_prob' or 'neg_entropy').
-        pseudo_label_threshold: FixMatch's tau.
+        pseudo_label_threshold: FixMatch's tau (0 under soft weighting, which keeps every pseudo-label).
         batch_size: Evaluation batch size.
         device: Device of the model.
     """
@@ -95,13 +90,15 @@ class LabelFreeMonitor:
         target_probs, target_labels = predict_probs(model, self.target_val, self.batch_size, self.device)
         source_probs, source_labels = predict_probs(model, self.source_val, self.batch_size, self.device)
         threshold = fit_atc_threshold(source_probs, source_labels, self.atc_score)
+        tie_share = fit_atc_tie_share(source_probs, source_labels, threshold, self.atc_score)
         temperature = fit_temperature(source_probs, source_labels)
         self._scored = (epoch, target_probs.argmax(-1))
         row = dict(
             source_val_accuracy=float((source_probs.argmax(-1) == source_labels).double().mean() * 100),
             **label_free_scores(target_probs, self.reference_predictions, self.pseudo_label_threshold),
             atc_threshold=threshold,
-            estimated_accuracy=atc_estimate(target_probs, threshold, self.atc_score),
+            atc_tie_share=tie_share,
+            estimated_accuracy=atc_estimate(target_probs, threshold, self.atc_score, tie_share),
             temperature=temperature,
             cot_estimated_accuracy=cot_estimate(target_probs, self.label_share, temperature),
         )
@@ -109,7 +106,8 @@ class LabelFreeMonitor:
             np.savez_compressed(
                 self._dump(epoch), target_probs=target_probs.numpy(), target_labels=target_labels.numpy(),
                 source_probs=source_probs.numpy(), source_labels=source_labels.numpy(),
-                # runs before 2026-12-04 stored float16 probabilities, whose rounding ties close ones
+                # runs before 2026-12-04 stored float16 probabilities, before 2026-12-05 float32 ones: rounding
+                # ties close ones
                 target_predictions=self._scored[1].numpy())
         return row
 
@@ -122,7 +120,7 @@ class LabelFreeMonitor:
             self.reference_predictions = predict_probs(model, self.target_val, self.batch_size, self.device)[0].argmax(-1)
         row['agreement'] = 100.0
         if self.write:
-            _save_weights(model, self.out_dir / 'selection' / 'reference.safetensors')
+            save_weights(model, self.out_dir / 'selection' / 'reference.safetensors')
 
     def restore_reference(self, epoch: int) -> None:
         """On resume: the reference's predictions, read back from its saved predicted classes."""
@@ -155,8 +153,9 @@ class LabelFreeMonitor:
         selection = self.select(history)
         newest = history[-1]['epoch']
         if self.write and selection.epoch == newest and newest != self.reference_epoch:
-            _save_weights(model, self.out_dir / 'selection' / 'selected.safetensors')
-            (self.out_dir / 'selection' / 'selected.json').write_text(json.dumps(dict(epoch=newest)))
+            save_weights(model, self.out_dir / 'selection' / 'selected.safetensors')
+            replace_file(self.out_dir / 'selection' / 'selected.json',
+                         lambda tmp: tmp.write_text(json.dumps(dict(epoch=newest))))
         return selection
 
     def selected_weights(self, selection: Selection) -> Dict[str, torch.Tensor]:

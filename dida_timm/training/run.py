@@ -21,10 +21,9 @@ import traceback
 from dataclasses import asdict
 from functools import cached_property, partial
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import IO, Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
-import safetensors.torch
 import timm
 import torch
 import yaml
@@ -43,7 +42,7 @@ from ..layers import DidaModule, muted_if_untrained
 from ..layers.dida_triton import triton_runs_on
 from ..models import static_twin_filter_fn
 from ..models.factory import create_model
-from .checkpoint import load_last_checkpoint, save_checkpoint
+from .checkpoint import load_last_checkpoint, replace_file, save_checkpoint, save_weights
 from .distributed import broadcast_from_main, init_distributed
 from .evaluation import evaluate, extract_features
 from .label_free import LabelFreeMonitor
@@ -58,6 +57,11 @@ from .step import UdaConfig
 __all__ = ['Run', 'RunError', 'describe_hardware', 'main', 'print_result_table']
 
 _logger = logging.getLogger('train')
+
+# in a run folder: the train.py commands that started and resumed the run, a JSON list; the file a running
+# process holds locked
+COMMANDS = 'commands.json'
+LOCK = '.lock'
 
 
 class RunError(Exception):
@@ -81,7 +85,6 @@ class Run:
 
     def __init__(self, args: argparse.Namespace, command: str = ''):
         self.args = args
-        self.command = command
         self.device, self.rank, self.world_size = init_distributed(args.device, args.dist_timeout)
         self.is_main = self.rank == 0
         if args.deterministic:
@@ -94,15 +97,42 @@ class Run:
             # two runs started in the same second (seeds side by side) got one folder and wrote into each other
             name = broadcast_from_main(claim_run_folder(Path(args.output), name) if self.is_main else name)
         self.out_dir = Path(args.output) / name
+        self._lock = hold_run_folder(self.out_dir) if self.is_main else None
+        try:
+            self._open(name, command)
+        except BaseException:
+            self.close()
+            raise
+
+    def close(self) -> None:
+        """Let another process use the run folder (the end of the run; a process that ends lets it too)."""
+        if self._lock is not None:
+            self._lock.close()
+            self._lock = None
+
+    def _open(self, name: str, command: str) -> None:
+        """Check the run folder against the options, then build the data, the model and the inputs."""
+        args = self.args
         saved_args = self.out_dir / 'args.yaml'
         if args.resume and saved_args.is_file():
-            changed = changed_run_options(yaml.safe_load(saved_args.read_text()), args)
+            try:
+                saved = yaml.safe_load(saved_args.read_text())
+            except yaml.YAMLError:
+                saved = None
+            if not isinstance(saved, dict):  # written by a version that could leave it cut short
+                raise RunError(f'--resume: {saved_args} does not hold the options the run was started with (a write '
+                               f'cut short?): delete it and resume with the command that started the run (the first of '
+                               f'{self.out_dir / COMMANDS}, where a newer version started it)')
+            changed = changed_run_options(saved, args)
             if changed:
                 # the run's name too: a run named by the clock recorded `experiment: ''`
                 own = shlex.join(['-c', str(saved_args), '--resume', '--experiment', name])
                 raise RunError(f'--resume: the run in {self.out_dir} was started with other options ('
                                f'{"; ".join(changed)}); resume it with its own ({own}), or start another run with '
                                f'--experiment')
+        # the commands that started and resumed the run: the first reproduces it
+        recorded = self.out_dir / COMMANDS
+        self.commands = (json.loads(recorded.read_text()) if args.resume and recorded.is_file() else []) + [command]
         if self.is_main:
             if _holds_a_run(self.out_dir) and not args.resume:
                 raise RunError(f'{self.out_dir} already holds a run; pass --resume to continue it or '
@@ -241,7 +271,9 @@ class Run:
         self.monitor = LabelFreeMonitor(
             self.out_dir, self.is_main, TransformedDataset(self.target_val, tf['test']),
             TransformedDataset(self.source_val, tf['test']), self.source_label_share, a.select, atc_score=a.atc_score,
-            pseudo_label_threshold=a.threshold, batch_size=a.eval_batch_size, device=self.device)
+            # soft weighting trains on every pseudo-label (weighted by its confidence): none is dropped
+            pseudo_label_threshold=0.0 if a.soft_weighting else a.threshold, batch_size=a.eval_batch_size,
+            device=self.device)
         cfg = self.uda_cfg
         self.source_train = ConcatDataset([
             TwoViewDataset(ds, tf['weak'], tf['strong']) if cfg.needs_source_strong
@@ -478,15 +510,25 @@ class Run:
         self.monitor.set_reference(reference, epoch0, row)
         _logger.info(f'reference for the label-free scores: the model after epoch {epoch0} ({row["phase"]})')
 
+    def record_start(self) -> None:
+        """Write the run's options (args.yaml, which a resume compares its own with) and the commands that started
+        and resumed it (COMMANDS), once the run is built."""
+        options = yaml.safe_dump(vars(self.args), sort_keys=False)
+        replace_file(self.out_dir / 'args.yaml', lambda tmp: tmp.write_text(options))
+        replace_file(self.out_dir / COMMANDS, lambda tmp: tmp.write_text(json.dumps(self.commands, indent=1)))
+
     def _write_summary(self, selected_epoch: Optional[int] = None) -> None:
         """Per-epoch history as CSV; at the end, the `selected` column marks the checkpoint the run reports."""
         rows = [dict(h, selected=int(h['epoch'] == selected_epoch)) if selected_epoch is not None else h
                 for h in self.history]
         keys = sorted({k for row in rows for k in row}, key=lambda k: (k != 'epoch', k != 'phase', k))
-        with open(self.out_dir / 'summary.csv', 'w', newline='') as f:
-            writer = csv.DictWriter(f, fieldnames=keys)
-            writer.writeheader()
-            writer.writerows(rows)
+
+        def write(path: Path) -> None:
+            with open(path, 'w', newline='') as f:
+                writer = csv.DictWriter(f, fieldnames=keys)
+                writer.writeheader()
+                writer.writerows(rows)
+        replace_file(self.out_dir / 'summary.csv', write)
 
     def select(self) -> Selection:
         """The checkpoint this run reports, exports and ships (a source-only run: its last epoch)."""
@@ -531,6 +573,7 @@ class Run:
                 k: chosen[k] for k in LABEL_FREE_KEYS if k in chosen}),
             label_free=dict(
                 atc_score=a.atc_score, atc_threshold=chosen.get('atc_threshold'),
+                atc_tie_share=chosen.get('atc_tie_share'),
                 temperature=chosen.get('temperature'),
                 label_share=self.source_label_share.tolist(),
                 target_held_out_images=len(self.target_val), source_held_out_images=len(self.source_val),
@@ -542,7 +585,9 @@ class Run:
             history=self.history, world_size=self.world_size, evaluated_weights='ema' if self.ema else 'model',
             wall_seconds=sum(h.get('epoch_seconds', 0.0) for h in self.history),
             versions=dict(torch=torch.__version__, timm=timm.__version__, dida_timm=dida_timm.__version__),
-            device=str(self.device), hardware=describe_hardware(self.device), command=self.command,
+            device=str(self.device), hardware=describe_hardware(self.device),
+            # the command that started the run reproduces it (a resume's may name files of the run folder)
+            command=self.commands[0], resumed_with=self.commands[1:],
             dida_kernels=_dida_unit_backend(self.model, self.device),
             # what the weights started from and the preprocessing they were trained and evaluated with
             pretrained_weights=_pretrained_name(a.model, self.model) if a.pretrained else None,
@@ -552,10 +597,8 @@ class Run:
             # the arguments that rebuild the network (an export's own, such as dida_reduction, included)
             model_args=timm.models.get_model_args(self.model),
         )
-        (self.out_dir / 'results.json').write_text(json.dumps(results, indent=2))
         self._write_summary(selection.epoch)
-        safetensors.torch.save_file({k: v.contiguous().cpu() for k, v in model.state_dict().items()},
-                                    str(self.out_dir / 'model.safetensors'))
+        save_weights(model, self.out_dir / 'model.safetensors')
 
         def tsne_features():
             feats, labels = {}, {}
@@ -570,6 +613,8 @@ class Run:
                      f'{a.model} on {self.target_name}: {target["accuracy"]:.1f}% (epoch {selection.epoch})'
                      if target else '', self.history, tsne_features if a.tsne_per_domain else None,
                      self.target_name, a.seed, selected_epoch=selection.epoch)
+        # last, whole or not at all: its presence tells a finished run (bench/uda_runs.py, hub/export.py)
+        replace_file(self.out_dir / 'results.json', lambda tmp: tmp.write_text(json.dumps(results, indent=2)))
         return results
 
 
@@ -596,13 +641,36 @@ def claim_run_folder(output: Path, name: str) -> str:
             candidate = f'{name}-{number}'
 
 
+def hold_run_folder(folder: Path) -> Optional[IO]:
+    """Create `folder` and lock it for this process (an exclusive lock on its LOCK file, held while the returned
+    file is open; None where the system has no `fcntl`).
+
+    Raises:
+        RunError: if another process holds it: two processes writing one run folder overwrite each other's
+            checkpoints and results (the same command started twice, or a resume of a run still going).
+    """
+    try:
+        import fcntl
+    except ImportError:  # Windows
+        return None
+    folder.mkdir(parents=True, exist_ok=True)
+    handle = open(folder / LOCK, 'a')
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as e:
+        handle.close()
+        raise RunError(f'{folder} is in use by another train.py process (a run still going, or the same command '
+                       f'started twice): wait for it to end, or start another run with --experiment') from e
+    return handle
+
+
 def _holds_a_run(folder: Path) -> bool:
     """Whether `folder` holds anything but what a start that failed before training leaves (its log and the empty
     label-free folders): a corrected command may then use its name again."""
     if not folder.is_dir():
         return False
     left = {p.name: p for p in folder.iterdir()}
-    return not (set(left) <= {'log.txt', 'label_free', 'selection'} and
+    return not (set(left) <= {'log.txt', 'label_free', 'selection', LOCK} and
                 all(left[n].is_dir() and not any(left[n].iterdir()) for n in ('label_free', 'selection') if n in left))
 
 
@@ -702,10 +770,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             world != per_node else []
         launcher = ['torchrun'] + nodes + [f'--nproc_per_node={per_node}']
     command = shlex.join(launcher + ['train/train.py'] + argv)
+    run = None
     try:
         run = Run(args, command)
         if run.is_main:
-            (run.out_dir / 'args.yaml').write_text(yaml.safe_dump(vars(args), sort_keys=False))
+            run.record_start()
         results = run.train()
     except NonFiniteLossError as e:
         _logger.error(f'error: {e}')
@@ -714,6 +783,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         # user mistakes (data, model names, weights, run folders) end with their message, not a stack trace
         print(f'error: {e}', file=sys.stderr)
         return 2
+    finally:
+        if run is not None:
+            run.close()
     if results:
         print_result_table(results)
         print(f'report, checkpoint and results: {run.out_dir}')

@@ -12,9 +12,10 @@ Every function is pure: probabilities in, numbers out, so each is testable on ha
 
 - `label_free_scores`: entropy, entropy of the mean, IM, BNM, effective classes, dead classes, agreement with
   the source-only model, pseudo-label keep share and balance on a held-out slice of the target.
-- `fit_atc_threshold` / `atc_estimate`: average thresholded confidence (ATC, Garg et al., "Leveraging unlabeled
-  data to predict out-of-distribution performance", ICLR 2022): the threshold at which the share of source
-  validation images scoring above it equals their accuracy; the target's share above it estimates accuracy.
+- `fit_atc_threshold` / `fit_atc_tie_share` / `atc_estimate`: average thresholded confidence (ATC, Garg et al.,
+  "Leveraging unlabeled data to predict out-of-distribution performance", ICLR 2022): the threshold at which the
+  share of source validation images scoring above it equals their accuracy (images tied at it counted in part); the
+  target's share above it estimates accuracy.
 - `fit_temperature` / `cot_estimate`: confidence optimal transport (COT, Lu et al., "Characterizing
   out-of-distribution error via optimal transport", NeurIPS 2023) on predictions temperature-scaled on the source
   validation images (Guo et al., "On calibration of modern neural networks", ICML 2017). Unlike ATC it charges a
@@ -30,7 +31,8 @@ import torch.nn.functional as F
 
 __all__ = [
     'ATC_SCORES', 'COT_MAX_IMAGES', 'LABEL_FREE_KEYS', 'RULES', 'CollapseGuard', 'Selection', 'atc_estimate',
-    'atc_score', 'cot_estimate', 'fit_atc_threshold', 'fit_temperature', 'label_free_scores', 'select_checkpoint',
+    'atc_score', 'cot_estimate', 'fit_atc_threshold', 'fit_atc_tie_share', 'fit_temperature', 'label_free_scores',
+    'select_checkpoint',
 ]
 
 # a class predicted for fewer than this share of the images counts as dead
@@ -42,7 +44,7 @@ ATC_SCORES = ('max_prob', 'neg_entropy')
 LABEL_FREE_KEYS = (
     'source_val_accuracy', 'mean_confidence', 'mean_entropy', 'entropy_of_mean', 'information_maximization', 'bnm',
     'effective_classes', 'dead_classes', 'pseudo_keep_share', 'pseudo_effective_classes', 'agreement',
-    'atc_threshold', 'estimated_accuracy', 'temperature', 'cot_estimated_accuracy')
+    'atc_threshold', 'atc_tie_share', 'estimated_accuracy', 'temperature', 'cot_estimated_accuracy')
 
 # COT solves an assignment whose cost grows with the cube of the images: larger sets are estimated on a sample
 COT_MAX_IMAGES = 2000
@@ -91,9 +93,27 @@ def fit_atc_threshold(probs: torch.Tensor, labels: torch.Tensor, score: str = 'm
     return float(torch.quantile(s, error)) if error > 0 else float(s.min())
 
 
-def atc_estimate(probs: torch.Tensor, threshold: float, score: str = 'max_prob') -> float:
-    """Estimated accuracy (%) of unlabelled images: the share whose score clears the fitted threshold."""
-    return float((atc_score(probs.double(), score) >= threshold).double().mean() * 100)
+def fit_atc_tie_share(probs: torch.Tensor, labels: torch.Tensor, threshold: float, score: str = 'max_prob') -> float:
+    """The share of the images scoring exactly `threshold` that ATC counts as right: the one that makes the
+    labelled images' count equal their accuracy.
+
+    Scores tie where probabilities saturate (a confident model's maximum probability rounds to 1.0) or a model rounds
+    its outputs: with the threshold among them, counting every tied image overstates the accuracy (90%-accurate source
+    images, 95% of them at 1.0, were estimated at 95%). 1.0 where none ties.
+    """
+    s = atc_score(probs.double(), score)
+    tied = int((s == threshold).sum())
+    if tied == 0:
+        return 1.0
+    right = int((probs.argmax(-1) == labels).sum())
+    return min(max((right - int((s > threshold).sum())) / tied, 0.0), 1.0)
+
+
+def atc_estimate(probs: torch.Tensor, threshold: float, score: str = 'max_prob', tie_share: float = 1.0) -> float:
+    """Estimated accuracy (%) of unlabelled images: the share whose score clears the fitted threshold, those exactly
+    at it counted `tie_share` each (`fit_atc_tie_share`)."""
+    s = atc_score(probs.double(), score)
+    return float(((s > threshold).double().sum() + tie_share * (s == threshold).double().sum()) / len(s) * 100)
 
 
 def fit_temperature(probs: torch.Tensor, labels: torch.Tensor) -> float:
