@@ -50,7 +50,7 @@ def _refused(parse, capsys, option):
     (['--eval-batch-size', '0'], '--eval-batch-size'),
     (['--new-lr-scale', '-1'], '--new-lr-scale'),
     (['--momentum', '1'], '--momentum'),
-    (['--opt-betas', '0.9', '1.0'], '--opt-betas'),
+    (['--opt', 'adamw', '--lr', '0.001', '--opt-betas', '0.9', '1.0'], '--opt-betas'),  # sgd refuses any betas
     (['--weight-decay=-1e-4'], '--weight-decay'),
     (['--warmup-epochs', '10'], '--warmup-epochs'),
     (['--source-only-epochs', '2', '--warmup-epochs', '2'], '--warmup-epochs'),
@@ -113,21 +113,21 @@ def test_train_refuses_a_value_that_makes_no_sense(argv, option, capsys):
     _refused(lambda: train.parse_args(argv), capsys, option)
 
 
-@pytest.mark.parametrize('config, option', [
-    ('epochs: -1', '--epochs'),
-    ('source: [mnist, mnist]', '--source'),
-    ('cutout: 64', '--cutout'),
-    ('lr: fast', '--lr'),
-    ('batch_size: 2.5', '--batch-size'),
-    ('flip: maybe', '--flip'),
-    ('method: supervised', '--method'),
-    ('opt_betas: [0.9]', '--opt-betas'),
-    ('target: [svhn_style, mnist]', '--target'),
+@pytest.mark.parametrize('config, option, says', [
+    ('epochs: -1', '--epochs', 'must be >= 1'),
+    ('source: [mnist, mnist]', '--source', 'mnist given twice'),
+    ('cutout: 64', '--cutout', 'covers the whole 32 px input'),
+    ('lr: fast', '--lr', 'must be a number'),
+    ('batch_size: 2.5', '--batch-size', 'must be an integer'),
+    ('flip: maybe', '--flip', 'must be true or false'),
+    ('method: supervised', '--method', "'supervised' is not one of"),
+    ('{opt: adamw, lr: 0.001, opt_betas: [0.9]}', '--opt-betas', 'needs 2 values'),
+    ('target: [svhn_style, mnist]', '--target', 'takes one value'),
 ])
-def test_a_config_file_is_checked_like_the_command_line(config, option, tmp_path, capsys):
+def test_a_config_file_is_checked_like_the_command_line(config, option, says, tmp_path, capsys):
     path = tmp_path / 'config.yaml'
     path.write_text(config + '\n')
-    _refused(lambda: train.parse_args(['-c', str(path)]), capsys, option)
+    assert says in _refused(lambda: train.parse_args(['-c', str(path)]), capsys, option)
 
 
 def test_model_kwargs_that_are_not_yaml_are_refused_quoting_them(capsys):

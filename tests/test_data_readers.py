@@ -183,7 +183,8 @@ def test_every_image_mode_loads_as_rgb(tmp_path, mode):
     path = tmp_path / 'a' / 'cat' / 'img.png'
     path.parent.mkdir(parents=True)
     if mode == 'I;16':
-        Image.fromarray(np.full((5, 6), 65535, np.uint16)).save(path)
+        # 16-bit levels spread over the range: level 257 k + 128 is 8-bit level k
+        Image.fromarray((257 * np.arange(0, 240, 8).reshape(5, 6) + 128).astype(np.uint16)).save(path)
     elif mode == 'CMYK':
         path = path.with_suffix('.jpg')
         Image.new('CMYK', (6, 5), (0, 0, 0, 0)).save(path)
@@ -192,7 +193,8 @@ def test_every_image_mode_loads_as_rgb(tmp_path, mode):
     img, label = read_class_folders(tmp_path / 'a', 'a')[0]
     assert img.mode == 'RGB' and label == 0
     if mode == 'I;16':
-        assert np.asarray(img).min() == 255  # rescaled, not clipped to a wrong value
+        # rescaled, not clipped (which gives 255 from level 255 on) nor wrapped
+        assert np.array_equal(np.asarray(img)[..., 0], np.arange(0, 240, 8).reshape(5, 6))
 
 
 @pytest.mark.parametrize('mode, key', [('L', 255), ('RGB', (255, 255, 255)), ('P', 0), ('RGBA', None)])

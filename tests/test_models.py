@@ -184,15 +184,25 @@ def test_group_matcher_puts_each_branch_after_its_stage_blocks():
 def test_grad_checkpointing_keeps_outputs_and_gradients(name):
     # ResNet checkpoints per stage, ConvNeXt and RegNet flag each stage, EfficientNet checkpoints block by block
     model = timm.create_model(name).train()
+    units = [m for m in model.modules() if isinstance(m, DidaModule)]
+    calls = []
+    for unit in units:
+        unit.register_forward_hook(lambda *_: calls.append(1))
     x = torch.randn(SMALL_INPUT)
     torch.manual_seed(0)
     expected = model(x)
+    expected.sum().backward()
+    grads = [p.grad.clone() for p in model.branch_parameters()]
+    model.zero_grad()
     model.set_grad_checkpointing(True)
+    calls.clear()
     torch.manual_seed(0)
     out = model(x)
     torch.testing.assert_close(out, expected)
     out.sum().backward()
-    assert all(p.grad is not None for p in model.branch_parameters())
+    assert len(calls) == 2 * len(units)  # checkpointed: the backward ran every unit's forward again
+    for p, grad in zip(model.branch_parameters(), grads):
+        torch.testing.assert_close(p.grad, grad, rtol=1e-4, atol=1e-5)
 
 
 def test_factory_kwargs_place_every_tensor():

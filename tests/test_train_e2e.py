@@ -180,6 +180,14 @@ def test_resume_refuses_a_changed_target_folder_world_size_or_damaged_checkpoint
     Image.new('RGB', (8, 8)).save(target / 'new.png')
     assert 'the target images held out for its label-free scores changed' in resume()
     (target / 'new.png').unlink()
+    # one source image swapped for another: as many images and steps, but the held-out slice drawn anew among
+    # images the run trained on
+    os.replace(root / 'A' / '0' / '0.png', tmp_path / 'aside.png')
+    Image.new('RGB', (8, 8), (0, 250, 0)).save(root / 'A' / '1' / '9.png')
+    message = resume()
+    assert 'the source images held out for its label-free scores changed' in message and 'steps' not in message
+    (root / 'A' / '1' / '9.png').unlink()
+    os.replace(tmp_path / 'aside.png', root / 'A' / '0' / '0.png')
     # resumed on another number of processes: the schedule counted steps per process
     state_file = run / 'checkpoints' / 'epoch-0002' / 'state.pt'
     state = torch.load(state_file, weights_only=True)
@@ -429,10 +437,11 @@ def test_a_target_folder_inside_a_source_domain_or_a_single_class_is_refused_bef
         for label in ('0', '1'):
             for i in range(3):
                 (root / domain / label).mkdir(parents=True, exist_ok=True)
-                Image.new('RGB', (8, 8), (40 * i, 0, 0)).save(root / domain / label / f'{domain}{label}{i}.png')
+                colour = (40 * i, 60 * 'ABC'.index(domain), 100 * int(label))  # no two alike: copies are shared images
+                Image.new('RGB', (8, 8), colour).save(root / domain / label / f'{domain}{label}{i}.png')
     unlabelled = tmp_path / 'C_photos'
     unlabelled.mkdir()
-    Image.new('RGB', (8, 8)).save(unlabelled / 'x.png')
+    Image.new('RGB', (8, 8), (1, 2, 3)).save(unlabelled / 'x.png')
     common = ['--dataset', 'folder', '--source-only-epochs', '1', '--epochs', '1', '--batch-size', '2']
     # the labelled evaluation folder is domain C, which every domain of --data-dir being a source makes a source
     result = _train(common + ['--target-dir', str(unlabelled), '--target-eval-dir', str(root / 'C')], tmp_path,
@@ -445,6 +454,18 @@ def test_a_target_folder_inside_a_source_domain_or_a_single_class_is_refused_bef
     result = _train(common + ['--target-dir', str(tmp_path / 'B_link'), '--source', 'A', 'B'], tmp_path, root,
                     check=False, tiny=['--no-progress'])
     assert result.returncode == 2 and "--target-dir: " in result.stderr and "source domain 'B'" in result.stderr
+    # under other names: a link to one of B's images, then a copy of it (a folder anonymised to hide its labels)
+    renamed = tmp_path / 'renamed'
+    renamed.mkdir()
+    Image.new('RGB', (8, 8), (9, 9, 9)).save(renamed / 'own.png')
+    (renamed / 'img_001.png').symlink_to(root / 'B' / '1' / 'B11.png')
+    for _ in ('link', 'copy'):
+        result = _train(common + ['--target-dir', str(renamed), '--source', 'A', 'B'], tmp_path, root, check=False,
+                        tiny=['--no-progress'])
+        assert result.returncode == 2 and re.search(r"--target-dir: .*B11\.png is also an image of the labelled "
+                                                    r"source domain 'B'", result.stderr), result.stderr
+        (renamed / 'img_001.png').unlink()
+        shutil.copy(root / 'B' / '1' / 'B11.png', renamed / 'img_001.png')
     # one class: its softmax is always 1, so every accuracy would read 100%
     for domain in ('A', 'B', 'C'):
         shutil.rmtree(root / domain / '1')
@@ -554,9 +575,18 @@ def test_a_run_is_transductive_when_its_target_evaluates_images_it_trained_on(tm
     from dida_timm.data import ArrayDomainDataset, FileDomainDataset
     from dida_timm.training.run import _shares_images
     files = [(tmp_path / f'{i}.png', 0) for i in range(4)]
+    for i, (path, _) in enumerate(files):
+        path.write_bytes(bytes([i]) * 8)
+    (tmp_path / 'x').mkdir()
     domain = lambda samples: FileDomainDataset('d', ['a'], samples)  # noqa: E731
     assert _shares_images(domain(files[:3]), domain([(tmp_path / 'x' / '..' / '2.png', 0)]), same_split=False)
     assert not _shares_images(domain(files[:2]), domain(files[2:]), same_split=True)
+    # a labelled folder of copies (the usual way to label a few of one's own images): by content, where asked
+    (tmp_path / 'x' / 'labelled.png').write_bytes((tmp_path / '1.png').read_bytes())
+    copy = domain([(tmp_path / 'x' / 'labelled.png', 0)])
+    assert _shares_images(domain(files), copy, same_split=False, by_content=True)
+    assert not _shares_images(domain(files), copy, same_split=False)
+    assert not _shares_images(domain(files[2:]), copy, same_split=False, by_content=True)
     assert not _shares_images(domain(files), None, same_split=True)  # an unlabelled target: nothing evaluated
     arrays = ArrayDomainDataset('d', ['a'], np.zeros((2, 4, 4, 3), np.uint8), np.zeros(2, np.int64))
     assert _shares_images(arrays, arrays, same_split=True) and not _shares_images(arrays, arrays, same_split=False)
@@ -727,3 +757,24 @@ def test_soft_weighting_logs_every_pseudo_label_as_kept(tmp_path, data_dir):
             '--soft-weighting', '--experiment', 'soft'], tmp_path, data_dir)
     last = json.loads((tmp_path / 'soft' / 'results.json').read_text())['history'][-1]
     assert last['phase'] == 'fixmatch' and last['pseudo_keep_share'] == 1.0
+
+
+def test_a_loaded_classifier_answers_the_datas_classes_in_their_order(caplog):
+    import timm
+
+    from dida_timm.training.run import head_for_classes
+    torch.manual_seed(0)
+    model = timm.create_model('digitnet_compact', num_classes=3).eval()
+    model.pretrained_cfg = dict(model.pretrained_cfg, label_names=['b', 'c', 'a'])
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        before = model(x)
+    assert head_for_classes(model, ['a', 'b', 'c'])  # the same names in another order: the rows follow them
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), before[:, [2, 0, 1]])
+    assert model.pretrained_cfg['label_names'] == ['a', 'b', 'c'] and head_for_classes(model, ['a', 'b', 'c'])
+    # other names (a digits checkpoint fine-tuned on folders named zero..two): its rows meant other classes
+    weight = model.get_classifier().weight.detach().clone()
+    assert not head_for_classes(model, ['one', 'two', 'zero'])
+    assert not torch.equal(model.get_classifier().weight, weight)
+    assert "classify ['a', 'b', 'c'], not the data's classes ['one', 'two', 'zero']" in caplog.text

@@ -215,7 +215,7 @@ class Run:
             test_sets += read([a.target], a.target_test_split, classes=self.classes)
         if a.target_dir:  # folders of the user's own: either may lie inside a labelled source domain
             for option, folder in (('--target-dir', target), ('--target-eval-dir', evaluated)):
-                shared = _shared_image(sources, folder)
+                shared = _shared_image(sources, folder, by_content=True)
                 if shared:
                     raise RunError(
                         f'{option}: {shared[1]} is also an image of the labelled source domain {shared[0]!r}: the '
@@ -229,7 +229,8 @@ class Run:
         self.data_images = dict(train={d.domain: len(d) for d in sources + [target]},
                                 test={d.domain: len(d) for d in test_sets})
         self.target_test = self.test_sets.get(self.target_name)
-        self.transductive = _shares_images(target, self.target_test, a.target_train_split == a.target_test_split)
+        self.transductive = _shares_images(target, self.target_test, a.target_train_split == a.target_test_split,
+                                           by_content=bool(a.target_eval_dir))
         # held-out slices for the label-free scores: never trained on, fixed by the seed
         val_seed = a.seed * 7 + 3
         self.target_train, self.target_val = holdout_split(target, a.target_val_fraction, a.val_max_images, val_seed)
@@ -296,6 +297,9 @@ class Run:
         a = self.args
         model = create_model(a.model, pretrained=a.pretrained, allow_pickle=a.allow_pickle,
                              num_classes=len(self.classes), **a.model_kwargs)
+        # timm keeps a pretrained classifier only at its own class count; kept, it must answer these classes
+        self.pretrained_head = a.pretrained and model.pretrained_cfg.get('num_classes') == len(self.classes) and \
+            head_for_classes(model, self.classes)
         if a.init_checkpoint:
             if not Path(a.init_checkpoint).is_file():
                 raise RunError(f'--init-checkpoint {a.init_checkpoint} is not a file')
@@ -375,13 +379,13 @@ class Run:
     @cached_property
     def resumable(self) -> Dict[str, Any]:
         """What a resumed run must find as the run left it, beyond its options: the processes and steps per epoch
-        its schedule counted, and the target images held out for the label-free scores (a folder's may change).
-        Fixed once the inputs are built: computed once, saved with every checkpoint."""
-        root = self.args.target_dir or self.args.data_dir
-        paths = getattr(self.target_val, 'paths', None)
-        names = [os.path.relpath(p, root) for p in paths] if paths is not None and root else [str(len(self.target_val))]
+        its schedule counted, and the target and source images held out for the label-free scores (folders may
+        change: an image added to a domain draws its held-out slice anew, among images trained on). Fixed once the
+        inputs are built: computed once, saved with every checkpoint."""
+        a = self.args
         return dict(world_size=self.world_size, steps_per_epoch=self.steps_per_epoch,
-                    target_held_out=hashlib.sha1('\n'.join(names).encode()).hexdigest()[:16])
+                    target_held_out=_fingerprint([self.target_val], a.target_dir or a.data_dir),
+                    source_held_out=_fingerprint(self.source_val.datasets, a.data_dir))
 
     def _check_resumable(self, saved: Dict[str, Any]) -> None:
         """Refuse a resume whose processes, steps per epoch or held-out target images differ from the run's."""
@@ -392,7 +396,9 @@ class Run:
             steps_per_epoch=f'its epochs had {saved.get("steps_per_epoch")} steps, now {now["steps_per_epoch"]}: '
                             f'the source images changed',
             target_held_out=f'the target images held out for its label-free scores changed (images added to or '
-                            f'removed from {self.args.target_dir or "the target"}?)')
+                            f'removed from {self.args.target_dir or "the target"}?)',
+            source_held_out='the source images held out for its label-free scores changed (images added to or '
+                            'removed from a source domain?)')
         changed = [why[k] for k in why if k in saved and saved[k] != now[k]]
         if changed:
             raise RunError(f'--resume: the run in {self.out_dir} cannot continue here; ' + '; '.join(changed))
@@ -490,9 +496,7 @@ class Run:
             row = rows[0]
         else:  # no source-only phase: score the starting weights as epoch 0
             a = self.args
-            # timm keeps a pretrained classifier only at its own class count
-            trained_head = a.init_checkpoint or (
-                a.pretrained and getattr(self.model, 'pretrained_cfg', {}).get('num_classes') == len(self.classes))
+            trained_head = a.init_checkpoint or self.pretrained_head
             muted = muted_if_untrained(reference) if trained_head else None
             if muted is not None:
                 # trained static weights with a fresh branch: the source-only model is the static network
@@ -664,6 +668,44 @@ def hold_run_folder(folder: Path) -> Optional[IO]:
     return handle
 
 
+def head_for_classes(model: torch.nn.Module, classes: Sequence[str]) -> bool:
+    """Make the classifier `model` was loaded with answer `classes`, in their order, where its weights name their
+    own (`label_names`): its rows reordered for the same names in another order, re-made for other names (their
+    rows meant other classes: kept, the run would start from, and could fall back to, a head that mislabels every
+    image). Returns whether the loaded classifier is kept."""
+    names = model.pretrained_cfg.get('label_names')
+    if names is None or list(names) == list(classes):
+        return True
+    head = model.get_classifier()
+    weight, bias = getattr(head, 'weight', None), getattr(head, 'bias', None)
+    if sorted(names) == sorted(classes) and weight is not None and weight.shape[0] == len(classes):
+        order = [list(names).index(c) for c in classes]
+        with torch.no_grad():
+            for param in (weight, bias):
+                if param is not None:
+                    param.copy_(param[order])
+        _logger.info(f'the classifier of the loaded weights lists the classes in another order: its rows reordered '
+                     f'to the data\'s ({", ".join(classes)})')
+        kept = True
+    else:
+        model.reset_classifier(len(classes))
+        _logger.warning(f'the loaded weights classify {list(names)}, not the data\'s classes {list(classes)}: their '
+                        'classifier is re-made (trained from scratch)')
+        kept = False
+    model.pretrained_cfg = dict(model.pretrained_cfg, label_names=list(classes))
+    return kept
+
+
+def _fingerprint(datasets: Sequence[Dataset], root: str) -> str:
+    """A short hash of the images of `datasets`: their paths relative to `root` where they read files (the data may
+    move), else their sizes."""
+    names = []
+    for ds in datasets:
+        paths = getattr(ds, 'paths', None)
+        names += [os.path.relpath(p, root) for p in paths] if paths is not None and root else [str(len(ds))]
+    return hashlib.sha1('\n'.join(names).encode()).hexdigest()[:16]
+
+
 def _holds_a_run(folder: Path) -> bool:
     """Whether `folder` holds anything but what a start that failed before training leaves (its log and the empty
     label-free folders): a corrected command may then use its name again."""
@@ -682,29 +724,44 @@ def _without_unreadable(dataset: FileDomainDataset, what: str) -> Tuple[FileDoma
     return readable, unreadable
 
 
-def _shared_image(datasets: List[Dataset], folder: Optional[Dataset]) -> Optional[Tuple[str, Path]]:
-    """(domain, path) of an image of `datasets` that is also an image of `folder`, where both read files (compared
-    as resolved files, those with a name the folder has only, so that large domains are not resolved file by
-    file), else None."""
+def _shared_image(datasets: List[Dataset], folder: Optional[Dataset],
+                  by_content: bool = False) -> Optional[Tuple[str, Path]]:
+    """(domain, path) of an image of `datasets` that is also an image of `folder`, where both read files, else None:
+    the same file under any name or link (its device and inode), and with `by_content` a copy of it too (the same
+    size, then the same bytes: a folder of the user's own may hold copies of images it was built from)."""
     if not isinstance(folder, FileDomainDataset):
         return None
-    names, files = {p.name for p in folder.paths}, {p.resolve() for p in folder.paths}
+    files, sizes = set(), {}
+    for path in folder.paths:
+        stat = path.stat()
+        files.add((stat.st_dev, stat.st_ino))
+        sizes.setdefault(stat.st_size, []).append(path)
+    digests: Dict[Path, bytes] = {}
+
+    def digest(path: Path) -> bytes:
+        if path not in digests:
+            digests[path] = hashlib.sha256(path.read_bytes()).digest()
+        return digests[path]
+
     for dataset in datasets:
         if isinstance(dataset, FileDomainDataset):
-            shared = next((p for p in dataset.paths if p.name in names and p.resolve() in files), None)
-            if shared is not None:
-                return dataset.domain, shared
+            for path in dataset.paths:
+                stat = path.stat()
+                if (stat.st_dev, stat.st_ino) in files or by_content and any(
+                        digest(path) == digest(other) for other in sizes.get(stat.st_size, ())):
+                    return dataset.domain, path
     return None
 
 
-def _shares_images(train: Dataset, test: Optional[Dataset], same_split: bool) -> bool:
-    """Whether the target's evaluated images include images it trained on (without labels): by file where both
-    are files (a dataset without splits, such as Office-Home's original release or a class-folder domain, reads the
-    same folder for both; a --target-eval-dir may overlap --target-dir), else by split name."""
+def _shares_images(train: Dataset, test: Optional[Dataset], same_split: bool, by_content: bool = False) -> bool:
+    """Whether a domain's evaluated images include images it trained on: by file (`_shared_image`) where both are
+    files (a dataset without splits, such as Office-Home's original release or a class-folder domain, reads the same
+    folder for both; a --target-eval-dir may overlap --target-dir, or hold copies of its images), else by split
+    name."""
     if test is None:
         return False
     if isinstance(train, FileDomainDataset) and isinstance(test, FileDomainDataset):
-        return _shared_image([train], test) is not None
+        return _shared_image([train], test, by_content) is not None
     return same_split
 
 
