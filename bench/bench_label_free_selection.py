@@ -228,7 +228,8 @@ def analyse(results: Dict[Tuple[int, str, str], dict], out: Path, names: Dict, c
               '|---|---|---|---|']
     for key in LABEL_FREE_KEYS:
         # fitted constants are no scores; runs from before a score existed do not have it
-        if key in ('atc_threshold', 'temperature') or any(key not in c for r in results.values() for c in candidates(r)):
+        if key in ('atc_threshold', 'atc_tie_share', 'temperature') or any(
+                key not in c for r in results.values() for c in candidates(r)):
             continue
         cells = []
         for method in METHODS + ('all',):

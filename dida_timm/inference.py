@@ -22,7 +22,8 @@ from .arguments import at_least, check_options, usable_device
 from .data import read_unlabelled_folder
 from .data.domain_dataset import READ_ERRORS, read_error_reason
 from .models._published import published_folder
-from .models.factory import create_model, read_hub_config  # create_model re-exported: it used to live here
+# create_model and label_names re-exported: they used to live here
+from .models.factory import create_model, label_names, read_hub_config
 from .training.selection import (ATC_SCORES, COT_MAX_IMAGES, MIN_IMAGES_PER_CLASS, CollapseGuard, atc_estimate,
                                  cot_estimate, label_free_scores)
 
@@ -147,7 +148,9 @@ def label_free_check(probs: torch.Tensor, cfg: dict) -> List[str]:
         cot = cot_estimate(probs, torch.tensor(cfg['label_share'], dtype=torch.float64), cfg['temperature'])
         lines.append(f'estimated accuracy by COT on these {len(probs)} images: {cot:.1f}% (predictions at temperature '
                      f'{cfg["temperature"]:.3f}, transported onto labels in the source domains\' class shares{sample})')
-    estimate = atc_estimate(probs, cfg['atc_threshold'], cfg['atc_score'], cfg.get('atc_tie_share', 1.0))
+    # an export without a tie share fitted its threshold on float32 probabilities (confident ones rounded to 1.0)
+    atc_probs = probs if 'atc_tie_share' in cfg else probs.float()
+    estimate = atc_estimate(atc_probs, cfg['atc_threshold'], cfg['atc_score'], cfg.get('atc_tie_share', 1.0))
     lines.append(
         f'estimated accuracy by ATC on these {len(probs)} images: {estimate:.1f}% (the share of images whose '
         f'{cfg["atc_score"]} clears {cfg["atc_threshold"]:.4f}, the threshold fitted on the source domains at '
@@ -176,23 +179,6 @@ def label_free_check(probs: torch.Tensor, cfg: dict) -> List[str]:
 def load_model(spec: str, device: str = 'cpu', allow_pickle: bool = False, **kwargs) -> torch.nn.Module:
     """A pretrained model in eval mode, from any spec `create_model` takes (pickled weights refused by default)."""
     return create_model(spec, pretrained=True, allow_pickle=allow_pickle, **kwargs).eval().to(device)
-
-
-def label_names(model: torch.nn.Module) -> List[str]:
-    """The name of each class index: the config's `label_names`, a list or timm's id -> name map, else the index.
-
-    Raises:
-        ValueError: when the names do not name each of the model's classes once.
-    """
-    names = model.pretrained_cfg.get('label_names')
-    if not names:
-        return [str(i) for i in range(model.num_classes)]
-    if isinstance(names, dict):
-        names = [names.get(str(i), names.get(i)) for i in range(len(names))]
-    if len(names) != model.num_classes or any(n is None for n in names):
-        raise ValueError(f"the model's label_names {list(names)[:5]}... do not name its {model.num_classes} classes "
-                         'each once (a list in class order, or ids 0 to num_classes - 1)')
-    return [str(n) for n in names]
 
 
 class _ReadOrReason(Dataset):

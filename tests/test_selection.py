@@ -289,6 +289,15 @@ def test_the_folder_check_reports_cot_first_and_atc_without_an_exported_temperat
     at = float(collapsed.double().max())
     lines = label_free_check(collapsed, dict(atc_threshold=at, atc_score='max_prob', atc_tie_share=0.25))
     assert lines[0].startswith('estimated accuracy by ATC on these 8 images: 25.0%')
+    # an export from before the tie share fitted its threshold on float32 probabilities, confident ones rounded to
+    # 1.0: scored so again, not in the float64 the prediction now gives
+    logits = torch.zeros(8, 4, dtype=torch.float64)
+    logits[:, 0] = 20.0
+    confident = logits.softmax(-1)
+    assert label_free_check(confident, dict(atc_threshold=1.0, atc_score='max_prob'))[0].startswith(
+        'estimated accuracy by ATC on these 8 images: 100.0%')
+    assert label_free_check(confident, dict(atc_threshold=1.0, atc_score='max_prob', atc_tie_share=1.0))[0].startswith(
+        'estimated accuracy by ATC on these 8 images: 0.0%')
 
 
 def test_the_folder_check_makes_no_collapse_comparison_on_too_few_images():

@@ -143,6 +143,8 @@ def test_a_run_folder_in_use_or_with_a_cut_short_args_yaml_is_refused(tmp_path, 
     result = _train(common + ['--resume'], tmp_path, data_dir, check=False)
     assert result.returncode == 2 and 'is in use by another train.py process' in result.stderr
     lock.close()
+    # a refused resume is not recorded as one of the run's commands
+    assert len(json.loads((tmp_path / 'run' / 'commands.json').read_text())) == 1
     (tmp_path / 'run' / 'args.yaml').write_text('')  # a write cut short by an older version
     result = _train(common + ['--resume'], tmp_path, data_dir, check=False)
     assert result.returncode == 2 and 'Traceback' not in result.stderr
@@ -756,7 +758,7 @@ def test_soft_weighting_logs_every_pseudo_label_as_kept(tmp_path, data_dir):
     _train(['--source', 'mnist', '--target', 'uci_digits', '--tsne-per-domain', '0', '--epochs', '1',
             '--soft-weighting', '--experiment', 'soft'], tmp_path, data_dir)
     last = json.loads((tmp_path / 'soft' / 'results.json').read_text())['history'][-1]
-    assert last['phase'] == 'fixmatch' and last['pseudo_keep_share'] == 1.0
+    assert last['phase'] == 'fixmatch' and last['pseudo_keep_share'] == 1.0 and last['keep_rate'] == 1.0
 
 
 def test_a_loaded_classifier_answers_the_datas_classes_in_their_order(caplog):
@@ -773,8 +775,45 @@ def test_a_loaded_classifier_answers_the_datas_classes_in_their_order(caplog):
     with torch.no_grad():
         torch.testing.assert_close(model(x), before[:, [2, 0, 1]])
     assert model.pretrained_cfg['label_names'] == ['a', 'b', 'c'] and head_for_classes(model, ['a', 'b', 'c'])
+    model.pretrained_cfg['label_names'] = {'0': 'c', '1': 'a', '2': 'b'}  # timm's id -> name map
+    with torch.no_grad():
+        before = model(x)
+    assert head_for_classes(model, ['a', 'b', 'c'])
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), before[:, [1, 2, 0]])
     # other names (a digits checkpoint fine-tuned on folders named zero..two): its rows meant other classes
     weight = model.get_classifier().weight.detach().clone()
     assert not head_for_classes(model, ['one', 'two', 'zero'])
     assert not torch.equal(model.get_classifier().weight, weight)
     assert "classify ['a', 'b', 'c'], not the data's classes ['one', 'two', 'zero']" in caplog.text
+
+
+def test_the_run_folder_lock_is_not_held_by_forked_children_or_where_locks_do_not_work(tmp_path, monkeypatch, caplog):
+    # a killed run's loader workers live on for seconds: holding its lock, they refused the resume the README gives
+    import errno
+    import fcntl
+    import multiprocessing
+
+    from dida_timm.training.run import RunError, hold_run_folder
+    lock = hold_run_folder(tmp_path / 'run')
+    child = multiprocessing.get_context('fork').Process(target=time.sleep, args=(30,))
+    child.start()
+    try:
+        lock.close()  # the run is gone, its forked worker not yet
+        probe = subprocess.run([sys.executable, '-c', 'import sys; from pathlib import Path; '
+                                'from dida_timm.training.run import hold_run_folder; '
+                                'hold_run_folder(Path(sys.argv[1]))', str(tmp_path / 'run')],
+                               capture_output=True, text=True)
+        assert probe.returncode == 0, probe.stderr
+    finally:
+        child.kill()
+        child.join()
+    # a file system without POSIX locks: a warning, and the run goes on unlocked
+    def unsupported(*args):
+        raise OSError(errno.ENOLCK, 'No locks available')
+
+    monkeypatch.setattr(fcntl, 'lockf', unsupported)
+    assert hold_run_folder(tmp_path / 'other') is None and 'cannot be locked (No locks available)' in caplog.text
+    monkeypatch.setattr(fcntl, 'lockf', lambda *args: (_ for _ in ()).throw(OSError(errno.EAGAIN, 'busy')))
+    with pytest.raises(RunError, match='is in use by another train.py process'):
+        hold_run_folder(tmp_path / 'other')

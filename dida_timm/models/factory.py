@@ -21,7 +21,7 @@ from safetensors import SafetensorError
 
 from .dida_any import register_dida
 
-__all__ = ['create_model', 'read_hub_config', 'require_safetensors', 'validate_hub_config']
+__all__ = ['create_model', 'label_names', 'read_hub_config', 'require_safetensors', 'validate_hub_config']
 
 
 # constructor arguments a downloaded config may not set: they would redirect what gets loaded
@@ -199,3 +199,20 @@ def create_model(spec: str, pretrained: bool = False, allow_pickle: bool = False
                 f'{spec}: {e}. dida-timm architectures are registered by `import dida_timm`, which must come '
                 f'before timm.create_model; this install registers {known}') from e
         raise
+
+
+def label_names(model: torch.nn.Module) -> List[str]:
+    """The name of each class index: the config's `label_names`, a list or timm's id -> name map, else the index.
+
+    Raises:
+        ValueError: when the names do not name each of the model's classes once.
+    """
+    names = model.pretrained_cfg.get('label_names')
+    if not names:
+        return [str(i) for i in range(model.num_classes)]
+    if isinstance(names, dict):
+        names = [names.get(str(i), names.get(i)) for i in range(len(names))]
+    if len(names) != model.num_classes or any(n is None for n in names):
+        raise ValueError(f"the model's label_names {list(names)[:5]}... do not name its {model.num_classes} classes "
+                         'each once (a list in class order, or ids 0 to num_classes - 1)')
+    return [str(n) for n in names]

@@ -27,7 +27,8 @@ def replace_file(path: Path, write: Callable[[Path], None]) -> None:
     """Write `path` by `write(tmp)` to a temporary file beside it, renamed into place: a run killed meanwhile (or a
     full disk) leaves the old file or the new one, never a part of it."""
     path = Path(path)
-    tmp = path.with_name(f'.{path.name}-{uuid.uuid4().hex[:8]}.tmp')
+    # one name per file: a process killed while writing leaves one stale copy, which the next write replaces
+    tmp = path.with_name(f'.{path.name}.tmp')
     try:
         write(tmp)
         os.replace(tmp, path)

@@ -365,11 +365,11 @@ def check_args(
     elif args.cutout >= size:
         parser.error(f'--cutout: a {args.cutout} px square covers the whole {size} px input; use less than {size} '
                      '(0 turns Cutout off)')
-    # the confidence weights keep every pseudo-label: the threshold would only change the logged keep rates (a
-    # source-only run's label-free scores count the pseudo-labels kept at it, and it weights none)
+    # the confidence weights keep every pseudo-label: the threshold would change nothing (a source-only run's
+    # label-free scores count the pseudo-labels kept at it, and it weights none)
     if args.method == 'fixmatch' and args.soft_weighting and 'threshold' in asked and _given(args, 'threshold'):
         parser.error(f'--threshold: --soft-weighting weights every pseudo-label by its confidence and drops none, so '
-                     f'{args.threshold} would not change the loss (only the keep rates logged); give one of the two')
+                     f'{args.threshold} would change nothing; give one of the two')
     phases = [n for n in (args.source_only_epochs, args.epochs) if n]
     if args.warmup_epochs and args.warmup_epochs >= min(phases):
         parser.error(f'--warmup-epochs: {args.warmup_epochs} warm-up epochs leave nothing of a {min(phases)}-epoch '

@@ -8,6 +8,7 @@ unlabelled target; after each epoch the target accuracy (where target labels exi
 keeps its pick; at the end the selected checkpoint is evaluated, saved and reported.
 """
 import argparse
+import errno
 import csv
 import json
 import hashlib
@@ -41,7 +42,7 @@ from ..data import (
 from ..layers import DidaModule, muted_if_untrained
 from ..layers.dida_triton import triton_runs_on
 from ..models import static_twin_filter_fn
-from ..models.factory import create_model
+from ..models.factory import create_model, label_names
 from .checkpoint import load_last_checkpoint, replace_file, save_checkpoint, save_weights
 from .distributed import broadcast_from_main, init_distributed
 from .evaluation import evaluate, extract_features
@@ -425,6 +426,8 @@ class Run:
             _logger.info(f'resumed from {ckpt_dir} after epoch {done}')
         elif a.resume:
             _logger.info(f'--resume: no checkpoint in {ckpt_dir} yet, starting from scratch')
+        if self.is_main:  # a start that goes on (a refused resume leaves the run's record as it was)
+            self.record_start()
         epoch0 = 0
         progress_on = self.is_main and not a.no_progress and sys.stderr.isatty()
         for phase_index, (phase, cfg, epochs) in enumerate(self.phases()):
@@ -516,7 +519,7 @@ class Run:
 
     def record_start(self) -> None:
         """Write the run's options (args.yaml, which a resume compares its own with) and the commands that started
-        and resumed it (COMMANDS), once the run is built."""
+        and resumed it (COMMANDS), once the run is built and any checkpoint it resumes from accepted."""
         options = yaml.safe_dump(vars(self.args), sort_keys=False)
         replace_file(self.out_dir / 'args.yaml', lambda tmp: tmp.write_text(options))
         replace_file(self.out_dir / COMMANDS, lambda tmp: tmp.write_text(json.dumps(self.commands, indent=1)))
@@ -646,8 +649,9 @@ def claim_run_folder(output: Path, name: str) -> str:
 
 
 def hold_run_folder(folder: Path) -> Optional[IO]:
-    """Create `folder` and lock it for this process (an exclusive lock on its LOCK file, held while the returned
-    file is open; None where the system has no `fcntl`).
+    """Create `folder` and lock it for this process (a POSIX lock on its LOCK file, held while the returned file is
+    open and not passed to forked children such as loader workers, which may outlive a killed run by seconds; None
+    where the system or the file system has no such locks).
 
     Raises:
         RunError: if another process holds it: two processes writing one run folder overwrite each other's
@@ -660,9 +664,13 @@ def hold_run_folder(folder: Path) -> Optional[IO]:
     folder.mkdir(parents=True, exist_ok=True)
     handle = open(folder / LOCK, 'a')
     try:
-        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        fcntl.lockf(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError as e:
         handle.close()
+        if e.errno not in (errno.EACCES, errno.EAGAIN):
+            _logger.warning(f'{folder} cannot be locked ({e.strerror}): nothing stops another train.py from writing '
+                            'into it meanwhile')
+            return None
         raise RunError(f'{folder} is in use by another train.py process (a run still going, or the same command '
                        f'started twice): wait for it to end, or start another run with --experiment') from e
     return handle
@@ -673,13 +681,15 @@ def head_for_classes(model: torch.nn.Module, classes: Sequence[str]) -> bool:
     own (`label_names`): its rows reordered for the same names in another order, re-made for other names (their
     rows meant other classes: kept, the run would start from, and could fall back to, a head that mislabels every
     image). Returns whether the loaded classifier is kept."""
-    names = model.pretrained_cfg.get('label_names')
-    if names is None or list(names) == list(classes):
+    if not model.pretrained_cfg.get('label_names'):
+        return True
+    names = label_names(model)  # a list, or timm's id -> name map
+    if names == list(classes):
         return True
     head = model.get_classifier()
     weight, bias = getattr(head, 'weight', None), getattr(head, 'bias', None)
     if sorted(names) == sorted(classes) and weight is not None and weight.shape[0] == len(classes):
-        order = [list(names).index(c) for c in classes]
+        order = [names.index(c) for c in classes]
         with torch.no_grad():
             for param in (weight, bias):
                 if param is not None:
@@ -689,7 +699,7 @@ def head_for_classes(model: torch.nn.Module, classes: Sequence[str]) -> bool:
         kept = True
     else:
         model.reset_classifier(len(classes))
-        _logger.warning(f'the loaded weights classify {list(names)}, not the data\'s classes {list(classes)}: their '
+        _logger.warning(f'the loaded weights classify {names}, not the data\'s classes {list(classes)}: their '
                         'classifier is re-made (trained from scratch)')
         kept = False
     model.pretrained_cfg = dict(model.pretrained_cfg, label_names=list(classes))
@@ -736,20 +746,22 @@ def _shared_image(datasets: List[Dataset], folder: Optional[Dataset],
         stat = path.stat()
         files.add((stat.st_dev, stat.st_ino))
         sizes.setdefault(stat.st_size, []).append(path)
-    digests: Dict[Path, bytes] = {}
+    contents: Dict[int, set] = {}  # by size, the digests of the folder's files of that size, made when first asked
 
     def digest(path: Path) -> bytes:
-        if path not in digests:
-            digests[path] = hashlib.sha256(path.read_bytes()).digest()
-        return digests[path]
+        return hashlib.sha256(path.read_bytes()).digest()
 
     for dataset in datasets:
         if isinstance(dataset, FileDomainDataset):
             for path in dataset.paths:
                 stat = path.stat()
-                if (stat.st_dev, stat.st_ino) in files or by_content and any(
-                        digest(path) == digest(other) for other in sizes.get(stat.st_size, ())):
+                if (stat.st_dev, stat.st_ino) in files:
                     return dataset.domain, path
+                if by_content and stat.st_size in sizes:
+                    if stat.st_size not in contents:
+                        contents[stat.st_size] = {digest(other) for other in sizes[stat.st_size]}
+                    if digest(path) in contents[stat.st_size]:
+                        return dataset.domain, path
     return None
 
 
@@ -830,8 +842,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     run = None
     try:
         run = Run(args, command)
-        if run.is_main:
-            run.record_start()
         results = run.train()
     except NonFiniteLossError as e:
         _logger.error(f'error: {e}')

@@ -145,7 +145,7 @@ def uda_step(
 
     n_target = len(target_weak)
     target_pseudo = pseudo.labels[-n_target:]
-    kept = pseudo.confidence[-n_target:] >= cfg.threshold
+    kept = pseudo.weight[-n_target:] > 0  # the hard mask, or (soft weighting) every pseudo-label
     out = dict(
         loss=source_loss + cfg.unlabelled_weight * unlabelled_loss,
         source_loss=source_loss.detach(),
