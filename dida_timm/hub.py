@@ -22,8 +22,8 @@ from .models.factory import builtin_architectures, create_model, validate_hub_co
 from .training.options import RESUMABLE_CHANGES, differing_options
 
 __all__ = ['PAPER_RESULTS', 'export_runs', 'export_tag', 'initial_weights', 'model_card', 'pre_adaptation_checkpoint',
-           'push_folder', 'read_run', 'run_data_config', 'run_files', 'run_label_free', 'run_license', 'run_model_args',
-           'selection_section', 'validate_hub_config']
+           'push_folder', 'read_run', 'run_data_config', 'run_files', 'run_label_free', 'run_license',
+           'run_model_args', 'selection_section', 'validate_hub_config']
 
 # published DIDA-Net target accuracies (%) per dataset and target domain (paper Tables I-III, docs/METHOD.md section 4)
 PAPER_RESULTS: Dict[str, Dict[str, float]] = {
@@ -439,7 +439,8 @@ def export_runs(run_dirs: Sequence[Path], out_dir: Path, repo_name: str, license
             raise ValueError(f"the output folder {out_dir} is the run folder {r['run_dir']}: export to another one")
     found = run_files(out_dir)
     if found:  # another run's: its weights would be replaced, and a push of the folder would send its files too
-        raise ValueError(f'the output folder {out_dir} holds a training run ({", ".join(found)}): export to another one')
+        raise ValueError(f'the output folder {out_dir} holds a training run ({", ".join(found)}): export to another '
+                         'one')
     keys = ('model', 'dataset', 'sources', 'target', 'method', 'classes')
     for r in runs[1:]:
         differing = [k for k in keys if r[k] != runs[0][k]]

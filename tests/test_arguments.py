@@ -441,7 +441,7 @@ def test_a_run_started_before_the_combination_checks_resumes(tmp_path):
 
 def test_a_threshold_is_refused_with_soft_weighting_which_drops_no_pseudo_label(capsys):
     err = _refused(lambda: train.parse_args(['--soft-weighting', '--threshold', '0.8']), capsys, '--threshold')
-    assert 'would not change the loss' in err
+    assert 'would change nothing' in err
     assert train.parse_args(['--soft-weighting']).soft_weighting
 
 

@@ -851,8 +851,8 @@ def test_prediction_refuses_an_edited_label_free_section_naming_the_value_before
     assert 'label_free.label_share must list 10 non-negative class shares' in capsys.readouterr().err
     assert not out.exists()
     original = dict(config['label_free'], label_share=[0.1] * 10)
-    for key, value in (('atc_score', 'confidence'), ('atc_threshold', None), ('atc_tie_share', 1.5), ('temperature', -1.0),
-                       ('guard', {'min_ratio': 1}), ('guard', {'min_effective_ratio': '0.95'}),
+    for key, value in (('atc_score', 'confidence'), ('atc_threshold', None), ('atc_tie_share', 1.5),
+                       ('temperature', -1.0), ('guard', {'min_ratio': 1}), ('guard', {'min_effective_ratio': '0.95'}),
                        ('target_scores', {'effective_classes': 9.5})):
         config['label_free'] = dict(original, **{key: value})
         (repo / 'config.json').write_text(json.dumps(config))

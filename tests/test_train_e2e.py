@@ -179,7 +179,7 @@ def test_resume_refuses_a_changed_target_folder_world_size_or_damaged_checkpoint
         assert result.returncode == 2 and 'Traceback' not in result.stderr, result.stderr
         return result.stderr
     # images added to the target folder: another held-out slice, whose scores the run's reference does not match
-    Image.new('RGB', (8, 8)).save(target / 'new.png')
+    Image.new('RGB', (8, 8), (1, 2, 3)).save(target / 'new.png')  # like no source image: not a copy of one
     assert 'the target images held out for its label-free scores changed' in resume()
     (target / 'new.png').unlink()
     # one source image swapped for another: as many images and steps, but the held-out slice drawn anew among

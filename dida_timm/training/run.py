@@ -8,8 +8,8 @@ unlabelled target; after each epoch the target accuracy (where target labels exi
 keeps its pick; at the end the selected checkpoint is evaluated, saved and reported.
 """
 import argparse
-import errno
 import csv
+import errno
 import json
 import hashlib
 import logging
