@@ -5,11 +5,11 @@ Each epoch the model predicts a fixed held-out slice of the unlabelled target an
 trained on). The scores (`selection.label_free_scores`), the source validation accuracy and two accuracy
 estimates (ATC, and COT on temperature-scaled predictions) go into the run's history; the probabilities (float64,
 as they were scored: float32 rounds a maximum probability to 1.0 from a logit margin of about 17 on, float64 from
-about 37, and ties move the ATC threshold) and the target's predicted
-classes are saved to `label_free/epoch-NNNN.npz`, so that any score or rule can be recomputed after the run. The
-model at the start of adaptation (the end of the source-only phase, or the starting weights) is the reference every
-candidate is compared with and the fallback when the collapse guard fires; its weights and those of the currently
-selected epoch are kept in `selection/`.
+about 37, and ties move the ATC threshold) and the target's predicted classes are saved to
+`label_free/epoch-NNNN.npz`, so that any score or rule can be recomputed after the run. The model at the start of
+adaptation (the end of the source-only phase, or the starting weights) is the reference every candidate is compared
+with and the fallback when the collapse guard fires; its weights and those of the currently selected epoch are kept
+in `selection/`.
 """
 import json
 from pathlib import Path
@@ -103,11 +103,11 @@ class LabelFreeMonitor:
             cot_estimated_accuracy=cot_estimate(target_probs, self.label_share, temperature),
         )
         if self.write:
+            # runs before 2026-12-04 stored float16 probabilities, before 2026-12-05 float32 ones: rounding ties
+            # close ones
             np.savez_compressed(
                 self._dump(epoch), target_probs=target_probs.numpy(), target_labels=target_labels.numpy(),
                 source_probs=source_probs.numpy(), source_labels=source_labels.numpy(),
-                # runs before 2026-12-04 stored float16 probabilities, before 2026-12-05 float32 ones: rounding
-                # ties close ones
                 target_predictions=self._scored[1].numpy())
         return row
 
